@@ -1,0 +1,219 @@
+"""The local ledger layout of SPEC section 3, and streaming reads of it.
+
+::
+
+    <root>/logs/<log_id>/segments/<YYYY-MM-DD>/<first_seq:020d>.jsonl[.zst]
+    <root>/logs/<log_id>/checkpoints/<tree_size:020d>.checkpoint
+
+Besides those, a writer keeps ``<root>/logs/<log_id>/writer.json`` (its compact range at the
+last checkpoint, so that a restart need not re-read the log) and moves a torn final line left
+by a crash to ``<root>/logs/<log_id>/torn/``. Verifiers need neither.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from ._errors import ConfigError, StoreError
+
+LOG_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl(\.zst)?$")
+_CHECKPOINT_RE = re.compile(r"^(\d{20})\.checkpoint$")
+_READ_CHUNK = 1 << 20
+
+
+def check_log_id(log_id: str) -> str:
+    """Return ``log_id`` if it matches ``[a-z0-9][a-z0-9._-]{0,63}``, else raise ConfigError."""
+    if not LOG_ID_RE.match(log_id) or log_id in {".", ".."}:
+        raise ConfigError(f"log id {log_id!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
+    return log_id
+
+
+def log_dir(root: Path, log_id: str) -> Path:
+    """The folder of one log."""
+    return root / "logs" / check_log_id(log_id)
+
+
+def segments_dir(root: Path, log_id: str) -> Path:
+    """The folder of one log's segments."""
+    return log_dir(root, log_id) / "segments"
+
+
+def checkpoints_dir(root: Path, log_id: str) -> Path:
+    """The folder of one log's checkpoints."""
+    return log_dir(root, log_id) / "checkpoints"
+
+
+def segment_name(first_seq: int) -> str:
+    """The file name of an uncompressed segment starting at ``first_seq``."""
+    return f"{first_seq:020d}.jsonl"
+
+
+def checkpoint_name(size: int) -> str:
+    """The file name of the checkpoint for tree size ``size``."""
+    return f"{size:020d}.checkpoint"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    """One segment of a log: where it is and how it is stored.
+
+    ``plain`` and ``packed`` are the ``.jsonl`` and ``.jsonl.zst`` files; either may be absent,
+    and when both exist they must hold the same content.
+    """
+
+    date: str
+    first_seq: int
+    plain: Path | None
+    packed: Path | None
+
+    @property
+    def path(self) -> Path:
+        """The file a finding names: the plain file when present."""
+        found = self.plain or self.packed
+        assert found is not None
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What a log's folders hold: segments in order, checkpoints by size, and stray files."""
+
+    segments: list[SegmentRef]
+    checkpoints: dict[int, Path]
+    strays: list[Path]
+
+
+def list_logs(root: Path) -> list[str]:
+    """The log ids under ``root``, sorted; raises StoreError if ``root`` is not a ledger."""
+    logs = root / "logs"
+    if not root.is_dir():
+        raise StoreError(f"ledger directory {root} does not exist")
+    if not logs.is_dir():
+        raise StoreError(f"{root} is not a tokentrail ledger (no logs/ folder)")
+    return sorted(p.name for p in logs.iterdir() if p.is_dir())
+
+
+def list_log(root: Path, log_id: str) -> Listing:
+    """Segments (sorted by date folder then first seq), checkpoints and stray files of a log."""
+    seg_root = segments_dir(root, log_id)
+    cp_root = checkpoints_dir(root, log_id)
+    found: dict[tuple[str, int], dict[str, Path]] = {}
+    strays: list[Path] = []
+    for date_dir in _sorted_dir(seg_root):
+        if not (date_dir.is_dir() and _DATE_RE.match(date_dir.name)):
+            strays.append(date_dir)
+            continue
+        for path in _sorted_dir(date_dir):
+            if path.name.endswith(".tmp"):
+                continue
+            m = _SEGMENT_RE.match(path.name)
+            if not m or not path.is_file():
+                strays.append(path)
+                continue
+            kind = "packed" if m.group(2) else "plain"
+            found.setdefault((date_dir.name, int(m.group(1))), {})[kind] = path
+    segments = [
+        SegmentRef(date, first, kinds.get("plain"), kinds.get("packed"))
+        for (date, first), kinds in sorted(found.items())
+    ]
+    checkpoints: dict[int, Path] = {}
+    for path in _sorted_dir(cp_root):
+        if path.name.endswith(".tmp"):
+            continue
+        m = _CHECKPOINT_RE.match(path.name)
+        if m and path.is_file():
+            checkpoints[int(m.group(1))] = path
+        else:
+            strays.append(path)
+    return Listing(segments, checkpoints, strays)
+
+
+def _sorted_dir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StoreError(f"cannot list {path}: {exc.strerror}") from exc
+
+
+def read_bytes(path: Path) -> bytes:
+    """A whole file's bytes, decompressed if it is a ``.zst`` file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    if path.name.endswith(".zst"):
+        try:
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        except zstandard.ZstdError as exc:
+            raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
+    return data
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """Stream ``(offset, line, complete)`` from a segment file, decompressing ``.zst``.
+
+    ``line`` excludes the newline; ``complete`` is false only for a final line with no newline.
+    Memory stays within one read chunk plus the longest line.
+    """
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    with fh:
+        reader: Any = fh
+        if path.name.endswith(".zst"):
+            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+        offset = 0
+        rest = b""
+        try:
+            while True:
+                chunk = reader.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                buf = rest + chunk if rest else chunk
+                start = 0
+                while True:
+                    nl = buf.find(b"\n", start)
+                    if nl < 0:
+                        break
+                    yield offset + start, buf[start:nl], True
+                    start = nl + 1
+                offset += start
+                rest = buf[start:]
+        except zstandard.ZstdError as exc:
+            raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
+        if rest:
+            yield offset, rest, False
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries durable (a new or renamed file in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` via a fsynced ``.tmp`` file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    if exclusive and path.exists():
+        raise StoreError(f"{path} already exists; refusing to replace it")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,603 @@
+"""The ledger writer: one append-only log per writer, on the local store (SPEC section 3).
+
+An append encodes the record's content outside any lock, then, under a short lock, gives it the
+next ``seq`` and the ``prev_hash`` of the record before and queues its line. One flusher thread
+writes whatever is queued in one ``write`` and one ``fsync`` (group commit: every append that
+arrived while the previous fsync ran shares the next one), extends the Merkle compact range, and
+then releases the waiters. It also rotates segments (UTC midnight, size) and seals a signed
+checkpoint at least every ``seal_interval_s`` while there are new records, and on close.
+
+:class:`LedgerWriter` is the one implementation; :class:`Ledger` (blocking) and
+:class:`AsyncLedger` (asyncio) are thin layers over it.
+
+Restart: the writer reads back its tail from the last checkpoint it sealed (``writer.json``
+holds the compact range there), checks every line's ``seq`` and ``prev_hash``, moves a torn
+final line (a write the crash cut short, never acknowledged) to ``torn/``, and refuses to continue
+a log whose tail is otherwise damaged. Any unsealed records it inherits are sealed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import zstandard
+
+from ._checkpoint import Checkpoint, Signer, open_note
+from ._errors import ConfigError, DamagedLogError, StoreError, TokentrailError, VerificationError
+from ._layout import (
+    checkpoint_name,
+    checkpoints_dir,
+    fsync_dir,
+    iter_lines,
+    list_log,
+    log_dir,
+    segment_name,
+    segments_dir,
+    write_atomic,
+)
+from ._merkle import CompactRange, leaf_hash
+from ._record import SCHEMA, ZERO_HASH, Exchange, Record
+
+log = logging.getLogger("tokentrail.ledger")
+
+Durability = Literal["strict", "async"]
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """How a writer writes one log."""
+
+    root: Path
+    log_id: str
+    signer: Signer
+    durability: Durability = "strict"
+    seal_interval_s: float = 60.0
+    max_segment_bytes: int = 64 << 20
+    compress_sealed: bool = False
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.durability not in ("strict", "async"):
+            raise ConfigError(f"durability must be 'strict' or 'async', not {self.durability!r}")
+        if self.seal_interval_s <= 0:
+            raise ConfigError("seal interval must be positive")
+        if self.max_segment_bytes < 1024:
+            raise ConfigError("max segment size must be at least 1024 bytes")
+
+    @property
+    def origin(self) -> str:
+        """The checkpoint origin ``<key name>/<log_id>``."""
+        return f"{self.signer.name}/{self.log_id}"
+
+
+Waiter = concurrent.futures.Future[Record] | asyncio.Future[Record]
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    line: bytes  # with the trailing newline
+    lhash: bytes
+    waiter: Waiter | None
+    loop: asyncio.AbstractEventLoop | None  # set when ``waiter`` is an asyncio future
+    record: Record
+
+
+def _settle(items: list[_Pending], error: BaseException | None) -> None:
+    """Resolve waiters; for asyncio ones this runs on their loop, once per batch."""
+    for item in items:
+        waiter = item.waiter
+        if waiter is None or waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(item.record)
+        else:
+            waiter.set_exception(error)
+
+
+def _release(items: list[_Pending], error: BaseException | None = None) -> None:
+    """Release a batch's waiters: thread futures at once, each event loop with one wake-up."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+    direct: list[_Pending] = []
+    for item in items:
+        if item.loop is not None:
+            by_loop.setdefault(item.loop, []).append(item)
+        elif item.waiter is not None:
+            direct.append(item)
+    _settle(direct, error)
+    for loop, group in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle, group, error)
+
+
+def _utc_date(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+class LedgerWriter:
+    """The single writer of one log; thread-safe; see the module docstring."""
+
+    def __init__(self, config: LedgerConfig) -> None:
+        self.config = config
+        self._dir = log_dir(config.root, config.log_id)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: list[_Pending] = []
+        self._closing = False
+        self._error: TokentrailError | None = None
+        # Chain state as appends see it (may run ahead of the disk).
+        self._next_seq = 0
+        self._prev_hex = ZERO_HASH
+        # Durable state, owned by the flusher thread.
+        self._tree = CompactRange()
+        self._durable_prev_hex = ZERO_HASH
+        self._signed_size = 0
+        self._last_seal = config.clock()
+        self._segment_fd: int | None = None
+        self._segment_path: Path | None = None
+        self._segment_bytes = 0
+        self._segment_date = ""
+        self._compressor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._flusher: threading.Thread | None = None
+        self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, config: LedgerConfig) -> LedgerWriter:
+        """Recover the log's tail (or start it), seal what was inherited, start the flusher."""
+        writer = cls(config)
+        try:
+            for sub in (
+                segments_dir(config.root, config.log_id),
+                checkpoints_dir(config.root, config.log_id),
+            ):
+                sub.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create ledger folders under {config.root}: {exc.strerror}"
+            ) from exc
+        writer._recover()
+        if writer._tree.size > writer._signed_size:
+            writer._seal()
+        if config.compress_sealed:
+            writer._compressor = concurrent.futures.ThreadPoolExecutor(1, "tokentrail-zstd")
+        writer._flusher = threading.Thread(
+            target=writer._run, name=f"tokentrail-flush-{config.log_id}", daemon=True
+        )
+        writer._flusher.start()
+        return writer
+
+    def close(self) -> None:
+        """Flush everything queued, seal a final checkpoint and stop the flusher."""
+        with self._wake:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+        if self._compressor is not None:
+            self._compressor.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def size(self) -> int:
+        """How many records are durable on disk."""
+        return self._tree.size
+
+    @property
+    def signed_size(self) -> int:
+        """The tree size of the last checkpoint this log has."""
+        return self._signed_size
+
+    # ------------------------------------------------------------------ appends
+
+    def submit(
+        self,
+        exchange: Exchange,
+        waiter: Waiter | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Record:
+        """Queue one record and return it; ``waiter`` is resolved once it is on disk."""
+        content = orjson.dumps(exchange.fields())
+        log_id = self.config.log_id
+        with self._wake:
+            if self._error is not None:
+                raise self._error
+            if self._closing:
+                raise StoreError(f"ledger {log_id} is closed")
+            seq = self._next_seq
+            # Same bytes as orjson.dumps of the merged dict, without encoding the content twice.
+            line = (
+                b'{"schema":"'
+                + SCHEMA.encode()
+                + b'","log_id":"'
+                + log_id.encode()
+                + b'","seq":'
+                + str(seq).encode()
+                + b',"prev_hash":"'
+                + self._prev_hex.encode()
+                + b'",'
+                + content[1:]
+            )
+            lhash = leaf_hash(line)
+            record = Record(log_id, seq, exchange.event_id, line, lhash)
+            self._queue.append(_Pending(seq, line + b"\n", lhash, waiter, loop, record))
+            self._next_seq = seq + 1
+            self._prev_hex = lhash.hex()
+            if len(self._queue) == 1:
+                self._wake.notify()
+        return record
+
+    def append(self, exchange: Exchange) -> Record:
+        """Append and, under strict durability, return only once the record is on disk."""
+        if self.config.durability != "strict":
+            return self.submit(exchange)
+        waiter: concurrent.futures.Future[Record] = concurrent.futures.Future()
+        self.submit(exchange, waiter)
+        return waiter.result()
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is on disk."""
+        with self._wake:
+            if self._error is not None:
+                raise self._error
+            target = self._next_seq
+        while self._tree.size < target:
+            if self._error is not None:
+                raise self._error
+            time.sleep(0.001)
+
+    def seal(self) -> Checkpoint | None:
+        """Flush, then sign a checkpoint now (``None`` if nothing new); for tests and tools."""
+        self.flush()
+        done: concurrent.futures.Future[Checkpoint | None] = concurrent.futures.Future()
+        with self._wake:
+            self._seal_requests.append(done)
+            self._wake.notify()
+        return done.result()
+
+    # ------------------------------------------------------------------ flusher thread
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._queue or self._closing or self._seal_requests):
+                    timeout = None
+                    if self._tree.size > self._signed_size:
+                        timeout = max(
+                            0.0, self._last_seal + self.config.seal_interval_s - self.config.clock()
+                        )
+                        if timeout == 0.0:
+                            break
+                    if not self._wake.wait(timeout):
+                        break
+                batch, self._queue = self._queue, []
+                closing = self._closing
+                requests, self._seal_requests = self._seal_requests, []
+            if batch:
+                self._write(batch)
+            due = self.config.clock() - self._last_seal >= self.config.seal_interval_s
+            sealed: Checkpoint | None = None
+            if (requests or closing or due) and self._tree.size > self._signed_size:
+                try:
+                    sealed = self._seal()
+                except TokentrailError as exc:
+                    log.error("cannot seal checkpoint for %s: %s", self.config.log_id, exc)
+                    self._last_seal = self.config.clock()  # retry at the next interval
+            for req in requests:
+                req.set_result(sealed)
+            if closing:
+                with self._wake:
+                    if not self._queue:
+                        break
+        self._close_segment()
+
+    def _write(self, batch: list[_Pending]) -> None:
+        try:
+            self._write_batch(batch)
+        except OSError as exc:
+            error = StoreError(
+                f"cannot write ledger {self.config.log_id} at seq {batch[0].seq}: {exc.strerror}"
+            )
+            self._fail(batch, error)
+            return
+        for item in batch:
+            self._tree.append(item.lhash)
+        self._durable_prev_hex = batch[-1].lhash.hex()
+        _release(batch)
+
+    def _fail(self, batch: list[_Pending], error: StoreError) -> None:
+        """Fail this batch and everything queued behind it; rewind the chain to the disk."""
+        with self._wake:
+            failed = batch + self._queue
+            self._queue = []
+            self._next_seq = self._tree.size
+            self._prev_hex = self._durable_prev_hex
+        log.error("%s", error)
+        _release(failed, error)
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        start = 0
+        while start < len(batch):
+            fd = self._segment_for(batch[start].seq)
+            budget = self.config.max_segment_bytes - self._segment_bytes
+            end = start
+            size = 0
+            while end < len(batch) and (end == start or size + len(batch[end].line) <= budget):
+                size += len(batch[end].line)
+                end += 1
+            data = b"".join(item.line for item in batch[start:end])
+            pos = self._segment_bytes
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # Leave no partial line behind, so the log can go on when the disk recovers.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, pos)
+                raise
+            self._segment_bytes += size
+            start = end
+
+    def _segment_for(self, seq: int) -> int:
+        """The open segment to append ``seq`` to, rotating at UTC midnight and by size."""
+        today = max(_utc_date(self.config.clock()), self._segment_date)
+        if self._segment_fd is not None and (
+            today != self._segment_date or self._segment_bytes >= self.config.max_segment_bytes
+        ):
+            self._close_segment()
+        if self._segment_fd is None:
+            folder = segments_dir(self.config.root, self.config.log_id) / today
+            new_folder = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / segment_name(seq)
+            self._segment_fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644
+            )
+            fsync_dir(folder)
+            if new_folder:
+                fsync_dir(folder.parent)
+            self._segment_path = path
+            self._segment_bytes = 0
+            self._segment_date = today
+        return self._segment_fd
+
+    def _close_segment(self) -> None:
+        if self._segment_fd is None:
+            return
+        os.close(self._segment_fd)
+        self._segment_fd = None
+        path = self._segment_path
+        if self._compressor is not None and path is not None and self._segment_bytes:
+            self._compressor.submit(compress_segment, path)
+
+    def _seal(self) -> Checkpoint | None:
+        size = self._tree.size
+        if size == 0 or size <= self._signed_size:
+            return None
+        checkpoint = Checkpoint(self.config.origin, size, self._tree.root())
+        note = self.config.signer.sign_note(checkpoint.to_text())
+        cp_path = checkpoints_dir(self.config.root, self.config.log_id) / checkpoint_name(size)
+        try:
+            write_atomic(cp_path, note, exclusive=True)
+            state = {
+                "origin": checkpoint.origin,
+                "tree": self._tree.to_json(),
+                "last_leaf_hash": self._durable_prev_hex,
+            }
+            write_atomic(self._dir / "writer.json", orjson.dumps(state))
+        except OSError as exc:
+            raise StoreError(f"cannot write checkpoint {cp_path}: {exc.strerror}") from exc
+        self._signed_size = size
+        self._last_seal = self.config.clock()
+        return checkpoint
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        """Read back the tail from the last sealed state, checking seq and prev_hash."""
+        listing = list_log(self.config.root, self.config.log_id)
+        if listing.checkpoints:
+            self._signed_size = max(listing.checkpoints)
+        tree, prev_hex = self._load_state(listing.checkpoints)
+        roots_to_check = {s: p for s, p in listing.checkpoints.items() if s > tree.size}
+        for seg in listing.segments:
+            if seg.plain is None:
+                if seg.first_seq < tree.size:
+                    continue  # compressed segments are sealed and below the state we trust
+                path = seg.path
+            else:
+                path = seg.plain
+            next_first = _next_first(listing.segments, seg)
+            if next_first is not None and next_first <= tree.size:
+                continue
+            for offset, line, complete in iter_lines(path):
+                if not complete:
+                    self._quarantine_torn(path, offset, line)
+                    break
+                seq, prev = _parse_chain_fields(line, path, self.config.log_id)
+                if seq < tree.size:
+                    continue
+                if seq != tree.size or prev != prev_hex:
+                    raise DamagedLogError(
+                        f"{path}: record at offset {offset} (seq {seq}) does not continue the"
+                        f" chain at seq {tree.size}; refusing to continue log {self.config.log_id}"
+                    )
+                lhash = leaf_hash(line)
+                tree.append(lhash)
+                prev_hex = lhash.hex()
+                if tree.size in roots_to_check:
+                    self._check_root(tree, roots_to_check[tree.size])
+        if self._signed_size > tree.size:
+            raise DamagedLogError(
+                f"log {self.config.log_id}: checkpoint covers {self._signed_size} records but only"
+                f" {tree.size} are on disk; refusing to continue"
+            )
+        self._tree = tree
+        self._durable_prev_hex = prev_hex
+        self._next_seq = tree.size
+        self._prev_hex = prev_hex
+        if listing.segments:
+            self._segment_date = listing.segments[-1].date
+
+    def _load_state(self, checkpoints: dict[int, Path]) -> tuple[CompactRange, str]:
+        path = self._dir / "writer.json"
+        if not path.exists():
+            return CompactRange(), ZERO_HASH
+        try:
+            state = orjson.loads(path.read_bytes())
+            tree = CompactRange.from_json(state["tree"])
+            prev = state["last_leaf_hash"]
+            assert isinstance(prev, str) and len(prev) == 64
+        except (
+            OSError,
+            orjson.JSONDecodeError,
+            KeyError,
+            AssertionError,
+            VerificationError,
+        ) as exc:
+            log.warning("ignoring unreadable %s (%s); re-reading the log from seq 0", path, exc)
+            return CompactRange(), ZERO_HASH
+        cp = checkpoints.get(tree.size)
+        if cp is None:
+            return CompactRange(), ZERO_HASH
+        self._check_root(tree, cp)
+        return tree, prev
+
+    def _check_root(self, tree: CompactRange, cp_path: Path) -> None:
+        try:
+            text, _ = open_note(cp_path.read_bytes(), [self.config.signer.verifier])
+            checkpoint = Checkpoint.from_text(text)
+        except (OSError, VerificationError) as exc:
+            raise DamagedLogError(f"{cp_path}: cannot read own checkpoint: {exc}") from exc
+        if checkpoint.root != tree.root() or checkpoint.origin != self.config.origin:
+            raise DamagedLogError(
+                f"{cp_path}: checkpoint does not match the records on disk; refusing to continue"
+                f" log {self.config.log_id}"
+            )
+
+    def _quarantine_torn(self, path: Path, offset: int, fragment: bytes) -> None:
+        torn_dir = self._dir / "torn"
+        torn_dir.mkdir(exist_ok=True)
+        keep = torn_dir / f"{path.name}.{offset}.torn"
+        keep.write_bytes(fragment)
+        with path.open("r+b") as fh:
+            fh.truncate(offset)
+            os.fsync(fh.fileno())
+        log.warning("moved a torn final line of %s (%d bytes) to %s", path, len(fragment), keep)
+
+
+def _next_first(segments: list[Any], seg: Any) -> int | None:
+    idx = segments.index(seg)
+    return segments[idx + 1].first_seq if idx + 1 < len(segments) else None
+
+
+def _parse_chain_fields(line: bytes, path: Path, log_id: str) -> tuple[int, str]:
+    try:
+        obj = orjson.loads(line)
+        seq, prev = obj["seq"], obj["prev_hash"]
+        if obj["log_id"] != log_id or not isinstance(seq, int) or not isinstance(prev, str):
+            raise TypeError("wrong log_id, seq or prev_hash")
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DamagedLogError(
+            f"{path}: unreadable record line ({exc}); refusing to continue log {log_id}"
+        ) from exc
+    return seq, prev
+
+
+def compress_segment(path: Path) -> Path:
+    """Replace a sealed ``.jsonl`` segment by ``.jsonl.zst`` (tmp, fsync, rename, unlink)."""
+    packed = path.with_name(path.name + ".zst")
+    tmp = packed.with_name(packed.name + ".tmp")
+    cctx = zstandard.ZstdCompressor(level=3)
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        cctx.copy_stream(src, dst)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, packed)
+    fsync_dir(packed.parent)
+    path.unlink()
+    fsync_dir(packed.parent)
+    return packed
+
+
+class Ledger:
+    """The blocking API over :class:`LedgerWriter`, for programs without an event loop."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+
+    @classmethod
+    def open(cls, config: LedgerConfig) -> Ledger:
+        """Open (or start) the log described by ``config``."""
+        return cls(LedgerWriter.open(config))
+
+    def append(self, exchange: Exchange) -> Record:
+        """Append one record (see :meth:`LedgerWriter.append`)."""
+        return self.writer.append(exchange)
+
+    def seal(self) -> Checkpoint | None:
+        """Sign a checkpoint over everything appended so far."""
+        return self.writer.seal()
+
+    def close(self) -> None:
+        """Flush, seal and stop."""
+        self.writer.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncLedger:
+    """The asyncio API over the same :class:`LedgerWriter`."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, config: LedgerConfig) -> AsyncLedger:
+        """Open (or start) the log, recovering its tail off the event loop."""
+        return cls(await asyncio.to_thread(LedgerWriter.open, config))
+
+    async def append(self, exchange: Exchange) -> Record:
+        """Append; under strict durability, resume only once the record is on disk."""
+        if self.writer.config.durability != "strict":
+            return self.writer.submit(exchange)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Record] = loop.create_future()
+        self.writer.submit(exchange, waiter, loop)
+        return await waiter
+
+    async def seal(self) -> Checkpoint | None:
+        """Sign a checkpoint over everything appended so far."""
+        return await asyncio.to_thread(self.writer.seal)
+
+    async def close(self) -> None:
+        """Flush, seal and stop."""
+        await asyncio.to_thread(self.writer.close)
+
+    async def __aenter__(self) -> AsyncLedger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

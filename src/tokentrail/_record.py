@@ -1,0 +1,215 @@
+"""The audit record of SPEC section 2: fields, content hashes and the stored line.
+
+The seed's validation script recomputes ``sha256(json.dumps(tokens).encode()).hexdigest()`` for
+``input_tokens`` and ``output_tokens``; :func:`tokens_json` produces exactly those bytes, taking
+a faster path for the common case (a list of ints) where orjson's compact output differs from
+``json.dumps`` only by the missing space after each comma.
+
+An :class:`Exchange` is what capture produces; the ledger turns it into a :class:`Record` by
+adding ``log_id``, ``seq`` and ``prev_hash`` and serialising it to one line (the leaf).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import orjson
+
+from ._errors import ConfigError
+
+SCHEMA = "tokentrail.record/v1"
+ZERO_HASH = "0" * 64
+
+#: A token is an id, a UTF-8 piece, or the byte values of a piece that is not valid UTF-8.
+Token: TypeAlias = int | str | list[int]
+TokenList: TypeAlias = list[Token]
+
+APIS = frozenset({"ollama.generate", "ollama.chat", "openai.chat", "openai.completions", "sdk"})
+TOOL_STOP_REASONS = frozenset({"client_disconnect", "upstream_error", "interrupted"})
+
+#: The seed's fields, in the seed's order, then tokentrail's own; ``Record`` lines keep it.
+SEED_FIELDS = (
+    "event_id",
+    "timestamp",
+    "session_id",
+    "user_id",
+    "model",
+    "model_version",
+    "input_tokens",
+    "output_tokens",
+    "input_hash",
+    "output_hash",
+    "request_duration_ms",
+    "stop_reason",
+)
+REQUIRED_FIELDS = (
+    "schema",
+    "log_id",
+    "seq",
+    "prev_hash",
+    *SEED_FIELDS,
+    "api",
+    "input_token_source",
+    "output_token_source",
+    "input_text",
+    "output_text",
+    "input_text_hash",
+    "output_text_hash",
+)
+
+
+def tokens_json(tokens: TokenList | None) -> bytes:
+    """The bytes of ``json.dumps(tokens).encode()``, fast for lists of ints."""
+    if tokens is None:
+        return b"null"
+    try:
+        compact = orjson.dumps(tokens)
+    except TypeError:  # e.g. an int beyond 64 bits: let the stdlib say what it says
+        return json.dumps(tokens).encode()
+    # A flat list of ints is the only case where orjson's compact form differs from json.dumps
+    # by nothing but the space after each comma: digits, signs and commas, one pair of brackets.
+    if compact.translate(None, b"0123456789-,") != b"[]":
+        return json.dumps(tokens).encode()
+    return compact.replace(b",", b", ")
+
+
+def token_hash(tokens: TokenList | None) -> str:
+    """``sha256(json.dumps(tokens).encode()).hexdigest()``, the seed's hash."""
+    return hashlib.sha256(tokens_json(tokens)).hexdigest()
+
+
+def text_hash(text: str | None) -> str | None:
+    """``sha256(text.encode("utf-8")).hexdigest()``, or ``None`` for ``None``."""
+    if text is None:
+        return None
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def piece(raw: bytes) -> str | list[int]:
+    """A token piece as SPEC stores it: a string if valid UTF-8, else its byte values."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+def clean_text(text: str) -> str:
+    """Text that encodes to UTF-8: lone surrogates (from ``\\ud800`` escapes) become U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def rfc3339(moment: datetime | float) -> str:
+    """RFC 3339 UTC with microseconds and a ``Z`` suffix, from a datetime or epoch seconds."""
+    if isinstance(moment, float | int):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def now_rfc3339() -> str:
+    """The current time as :func:`rfc3339`."""
+    return rfc3339(datetime.now(UTC))
+
+
+def new_event_id() -> str:
+    """A fresh event id (a random UUID), fixed before the first write attempt."""
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One captured exchange with an LLM, before the ledger gives it a place in a log.
+
+    ``extra`` carries every further field (request body, usage, timing, …) under its
+    OpenTelemetry GenAI name where one exists; it must not repeat a required field.
+    """
+
+    model: str | None
+    api: str
+    stop_reason: str
+    input_tokens: TokenList | None = None
+    output_tokens: TokenList | None = None
+    input_token_source: str = "none"
+    output_token_source: str = "none"
+    input_text: str | None = None
+    output_text: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    model_version: str | None = None
+    request_duration_ms: float = 0.0
+    timestamp: str = field(default_factory=now_rfc3339)
+    event_id: str = field(default_factory=new_event_id)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ConfigError(f"unknown api {self.api!r}; expected one of {sorted(APIS)}")
+        if not isinstance(self.stop_reason, str):
+            raise ConfigError("stop_reason must be a string")
+        clash = set(self.extra).intersection(REQUIRED_FIELDS)
+        if clash:
+            raise ConfigError(f"extra fields may not replace record fields: {sorted(clash)}")
+
+    def fields(self) -> dict[str, Any]:
+        """The record's content fields with their hashes, in stored order (no chain fields)."""
+        input_text = None if self.input_text is None else clean_text(self.input_text)
+        output_text = None if self.output_text is None else clean_text(self.output_text)
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "timestamp": self.timestamp,
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "model": self.model,
+            "model_version": self.model_version,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "input_hash": token_hash(self.input_tokens),
+            "output_hash": token_hash(self.output_tokens),
+            "request_duration_ms": float(self.request_duration_ms),
+            "stop_reason": self.stop_reason,
+            "api": self.api,
+            "input_token_source": self.input_token_source,
+            "output_token_source": self.output_token_source,
+            "input_text": input_text,
+            "output_text": output_text,
+            "input_text_hash": text_hash(input_text),
+            "output_text_hash": text_hash(output_text),
+        }
+        out.update(self.extra)
+        return out
+
+
+def encode_line(log_id: str, seq: int, prev_hash: str, content: Mapping[str, Any]) -> bytes:
+    """Serialise one record to its leaf bytes (one line of I-JSON, no trailing newline)."""
+    obj = {"schema": SCHEMA, "log_id": log_id, "seq": seq, "prev_hash": prev_hash, **content}
+    try:
+        return orjson.dumps(obj)
+    except TypeError as exc:  # a value orjson cannot encode (e.g. a lone surrogate, a set)
+        raise ConfigError(
+            f"record for event {content.get('event_id')} is not I-JSON: {exc}"
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record as stored: its place in a log and its exact leaf bytes."""
+
+    log_id: str
+    seq: int
+    event_id: str
+    leaf: bytes
+    leaf_hash: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored record parsed back into a dict."""
+        parsed: dict[str, Any] = orjson.loads(self.leaf)
+        return parsed
