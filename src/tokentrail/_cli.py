@@ -1,0 +1,317 @@
+"""The ``tokentrail`` command: a thin shell over the library.
+
+Each command opens the library object, calls it, and turns library errors into one line on
+stderr. Exit status: 0 success or a valid ledger, 1 an integrity violation, 2 could not run.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from . import __version__
+from ._checkpoint import Signer, Verifier, load_verifiers, propose_key_name
+from ._errors import ConfigError, TokentrailError, VerificationError
+from ._layout import list_log, list_logs, read_bytes
+from ._paths import DEFAULT_LEDGER, default_signing_key, default_verifier_key
+from ._proof import build_bundle, check_bundle
+from ._verify import VerifyOptions, default_state_dir, verify_local
+
+EXIT_INVALID = 1
+EXIT_CANNOT_RUN = 2
+
+LEDGER_OPTION = click.option(
+    "--ledger",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_LEDGER,
+    show_default=True,
+    envvar="TOKENTRAIL_LEDGER",
+    help="Ledger directory [env TOKENTRAIL_LEDGER].",
+)
+PUBLIC_KEY_OPTION = click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    envvar="TOKENTRAIL_PUBLIC_KEY",
+    help="Verifier key (name+id+key) or a file of them; repeat for rotated keys"
+    " [default: the keygen verifier.pub; env TOKENTRAIL_PUBLIC_KEY].",
+)
+
+
+def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
+    """Print one line to stderr and exit."""
+    click.echo(f"tokentrail: error: {message}", err=True)
+    sys.exit(code)
+
+
+def resolve_verifiers(specs: tuple[str, ...]) -> list[Verifier]:
+    """The verifier keys named, or the default keygen one."""
+    if not specs:
+        default = default_verifier_key()
+        if not default.exists():
+            raise ConfigError(
+                "no verifier key: pass --public-key KEY_OR_FILE (keygen prints it), or create"
+                f" one with `tokentrail keygen` ({default})"
+            )
+        specs = (str(default),)
+    return load_verifiers(specs)
+
+
+def parse_moment(value: str, option: str) -> datetime:
+    """An RFC 3339 time or a YYYY-MM-DD date, as aware UTC."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{option} {value!r} is not a date (YYYY-MM-DD) or RFC 3339 time"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class _Main(click.Group):
+    """The command group, printing every error as one line."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            fail("aborted")
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            hint = ""
+            ctx = getattr(exc, "ctx", None)
+            if isinstance(exc, click.UsageError) and ctx is not None:
+                hint = f" (see: {ctx.command_path} --help)"
+            fail(exc.format_message() + hint, EXIT_CANNOT_RUN)
+        except TokentrailError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tokentrail")
+def main() -> None:
+    """tokentrail: a token-level, tamper-evident audit trail of every exchange with an LLM.
+
+    \b
+    Quick start (no Ollama, no AWS needed):
+      tokentrail demo
+    The daily check, for cron:
+      0 6 * * * tokentrail verify --ledger /var/lib/tokentrail --days 1 >> /var/log/audit-validation.log 2>&1
+    """
+
+
+@main.command()
+@click.option("--name", help="Key name (unique to this deployment) [default: proposed].")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Private key file to write (mode 0600) [default: ~/.config/tokentrail/signing.key].",
+)
+def keygen(name: str | None, out: Path | None) -> None:
+    """Create the deployment's Ed25519 signing key and print its verifier key.
+
+    \b
+    Example:
+      tokentrail keygen --name acme-prod-audit
+    The verifier key is also written beside the private key as verifier.pub; publish it to
+    auditors. The private key never goes inside a ledger.
+    """
+    signer = Signer.generate(name or propose_key_name())
+    key_path = out or default_signing_key()
+    signer.save(key_path)
+    pub_path = key_path.with_name("verifier.pub")
+    if not pub_path.exists():
+        pub_path.write_text(signer.verifier.to_text() + "\n")
+    click.echo(f"wrote signing key {key_path} (mode 0600) and {pub_path}", err=True)
+    click.echo(signer.verifier.to_text())
+
+
+@main.command()
+@LEDGER_OPTION
+@PUBLIC_KEY_OPTION
+@click.option("--days", type=click.IntRange(min=1), help="Check records of the last N days.")
+@click.option("--since", help="Check records from this time (YYYY-MM-DD or RFC 3339).")
+@click.option("--until", help="Check records before this time (YYYY-MM-DD or RFC 3339).")
+@click.option("--all", "full", is_flag=True, help="Re-read every log from seq 0.")
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="TOKENTRAIL_STATE",
+    help="Witness state directory [default: ~/.local/state/tokentrail/witness].",
+)
+@click.option("--require-sealed", is_flag=True, help="Treat any unsealed record as a finding.")
+@click.option(
+    "--seal-grace",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds an unsealed record may be young before it is a finding.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def verify(
+    ledger: Path,
+    public_keys: tuple[str, ...],
+    days: int | None,
+    since: str | None,
+    until: str | None,
+    full: bool,
+    state_dir: Path | None,
+    require_sealed: bool,
+    seal_grace: float,
+    as_json: bool,
+) -> None:
+    """Verify a ledger: hashes, chain, checkpoints, and consistency with the last run.
+
+    Exit status 0 when valid, 1 on any integrity violation, 2 when it could not run.
+    Prints one summary line, then one line per finding or warning.
+
+    \b
+    Examples:
+      tokentrail verify --ledger ./tokentrail-ledger --public-key verifier.pub
+      tokentrail verify --days 1 >> /var/log/audit-validation.log 2>&1
+    """
+    if days is not None and since is not None:
+        raise ConfigError("give --days or --since, not both")
+    now = datetime.now(UTC)
+    since_at = parse_moment(since, "--since") if since else None
+    if days is not None:
+        since_at = now - timedelta(days=days)
+    options = VerifyOptions(
+        verifiers=resolve_verifiers(public_keys),
+        since=since_at,
+        until=parse_moment(until, "--until") if until else None,
+        full=full,
+        require_sealed=require_sealed,
+        seal_grace_s=seal_grace,
+        state_dir=state_dir or default_state_dir(),
+        now=now,
+    )
+    report = verify_local(ledger, options)
+    if as_json:
+        click.echo(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(report.summary())
+        for item in report.findings + report.warnings:
+            click.echo(item.to_line())
+        suppressed = sum(lg.suppressed for lg in report.logs)
+        if suppressed:
+            click.echo(f"FINDING: {suppressed} more findings not shown")
+    sys.exit(0 if report.ok else EXIT_INVALID)
+
+
+@main.command()
+@LEDGER_OPTION
+@click.option(
+    "--date",
+    "day",
+    default="today",
+    show_default=True,
+    help="UTC day (YYYY-MM-DD or 'today') whose appended records to count.",
+)
+@click.option("--min", "minimum", type=int, default=None, help="Exit 1 if fewer records than this.")
+def count(ledger: Path, day: str, minimum: int | None) -> None:
+    """Count the records appended on one UTC day (the seed's verification step).
+
+    \b
+    Example:
+      tokentrail count --date today --min 1
+    """
+    if day == "today":
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+    try:
+        datetime.strptime(day, "%Y-%m-%d")
+    except ValueError:
+        raise ConfigError(f"--date {day!r} is not YYYY-MM-DD or 'today'") from None
+    total = 0
+    for log_id in list_logs(ledger):
+        for seg in list_log(ledger, log_id).segments:
+            if seg.date == day:
+                total += read_bytes(seg.path).count(b"\n")
+    click.echo(str(total))
+    if minimum is not None and total < minimum:
+        sys.exit(EXIT_INVALID)
+
+
+@main.command()
+@LEDGER_OPTION
+@click.argument("event_id")
+@click.option("--tree-size", type=click.IntRange(min=1), help="Prove against this checkpoint.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the proof bundle here [default: stdout].",
+)
+def prove(ledger: Path, event_id: str, tree_size: int | None, out: Path | None) -> None:
+    """Prove one record's inclusion in a signed checkpoint (RFC 9162 section 2.1.3).
+
+    \b
+    Example:
+      tokentrail prove 0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e --out proof.json
+      tokentrail verify-proof proof.json --public-key verifier.pub
+    """
+    bundle = build_bundle(ledger, event_id, tree_size)
+    data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
+    if out is None:
+        click.echo(data.decode(), nl=False)
+    else:
+        out.write_bytes(data)
+        click.echo(f"wrote inclusion proof of {event_id} to {out}", err=True)
+
+
+@main.command("verify-proof")
+@click.argument("bundle_path", type=click.Path(path_type=Path, dir_okay=False))
+@PUBLIC_KEY_OPTION
+def verify_proof(bundle_path: Path, public_keys: tuple[str, ...]) -> None:
+    """Check an inclusion proof bundle with nothing but the verifier key.
+
+    \b
+    Example:
+      tokentrail verify-proof proof.json --public-key verifier.pub
+    """
+    try:
+        bundle = orjson.loads(bundle_path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {bundle_path}: {exc.strerror}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{bundle_path} is not JSON") from exc
+    verifiers = resolve_verifiers(public_keys)
+    try:
+        record = check_bundle(bundle, verifiers)
+    except VerificationError as exc:
+        click.echo(f"INVALID: {bundle_path}: {exc}")
+        sys.exit(EXIT_INVALID)
+    click.echo(
+        f"OK: record {record.get('event_id')} is seq {record.get('seq')} of log"
+        f" {record.get('log_id')}, included in the signed checkpoint of size"
+        f" {bundle.get('tree_size')}"
+    )
+
+
+def _register_optional() -> None:
+    """Commands whose modules are optional or still being built."""
+    try:
+        from ._sim import sim_command
+    except ImportError:
+        pass
+    else:
+        main.add_command(sim_command, "sim")
+    try:
+        from ._proxy import serve_command
+    except ImportError:
+        pass
+    else:
+        main.add_command(serve_command, "serve")
+
+
+_register_optional()

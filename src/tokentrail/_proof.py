@@ -1,0 +1,109 @@
+"""Inclusion proofs of one record against a signed checkpoint (RFC 9162 section 2.1.3).
+
+A proof bundle is a JSON object holding everything an auditor needs and nothing else: the
+record's stored line, its log and index, the audit path and the signed checkpoint. Checking it
+(:func:`check_bundle`) needs only the verifier key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ._checkpoint import Checkpoint, Verifier, open_note
+from ._errors import StoreError, VerificationError
+from ._layout import iter_lines, list_log, list_logs
+from ._merkle import inclusion_proof, leaf_hash, verify_inclusion
+from ._verify import check_record
+
+BUNDLE_FORMAT = "tokentrail.inclusion-proof/v1"
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a record is: its log, seq and stored line."""
+
+    log_id: str
+    seq: int
+    leaf: bytes
+    location: str
+
+
+def find_record(root: Path, event_id: str) -> Located:
+    """Find the record with ``event_id`` in any log of the ledger at ``root``."""
+    needle = b'"event_id":"' + event_id.encode() + b'"'
+    for log_id in list_logs(root):
+        for seg in list_log(root, log_id).segments:
+            for _, line, complete in iter_lines(seg.path):
+                if complete and needle in line:
+                    obj = orjson.loads(line)
+                    if obj.get("event_id") == event_id:
+                        return Located(log_id, obj["seq"], line, str(seg.path))
+    raise StoreError(f"no record with event_id {event_id} in {root}")
+
+
+def build_bundle(root: Path, event_id: str, tree_size: int | None = None) -> dict[str, Any]:
+    """An inclusion proof bundle for ``event_id`` against the newest (or given) checkpoint."""
+    found = find_record(root, event_id)
+    listing = list_log(root, found.log_id)
+    sizes = sorted(s for s in listing.checkpoints if s > found.seq)
+    if tree_size is not None:
+        sizes = [s for s in sizes if s == tree_size]
+    if not sizes:
+        raise StoreError(
+            f"record {event_id} (log {found.log_id}, seq {found.seq}) is not covered by a"
+            " checkpoint yet; wait for the writer to seal (at most a minute) and try again"
+        )
+    size = sizes[-1]
+    note = listing.checkpoints[size].read_bytes()
+    hashes: list[bytes] = []
+    for seg in listing.segments:
+        for _, line, complete in iter_lines(seg.path):
+            if not complete or len(hashes) >= size:
+                break
+            hashes.append(leaf_hash(line))
+    if len(hashes) < size:
+        raise StoreError(f"log {found.log_id} has fewer records than its checkpoint of {size}")
+    proof = inclusion_proof(found.seq, hashes)
+    return {
+        "format": BUNDLE_FORMAT,
+        "log_id": found.log_id,
+        "index": found.seq,
+        "tree_size": size,
+        "record": found.leaf.decode("utf-8"),
+        "proof": [base64.b64encode(p).decode() for p in proof],
+        "checkpoint": note.decode("utf-8"),
+    }
+
+
+def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
+    """Check a bundle with nothing but the verifier keys; return the proven record."""
+    try:
+        if bundle.get("format") != BUNDLE_FORMAT:
+            raise VerificationError(f"not a {BUNDLE_FORMAT} bundle")
+        leaf = bundle["record"].encode("utf-8")
+        index, size = int(bundle["index"]), int(bundle["tree_size"])
+        proof = [base64.b64decode(p, validate=True) for p in bundle["proof"]]
+        note = bundle["checkpoint"].encode("utf-8")
+    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise VerificationError(f"malformed proof bundle: {exc!r}") from exc
+    text, _ = open_note(note, verifiers)
+    checkpoint = Checkpoint.from_text(text)
+    if checkpoint.size != size:
+        raise VerificationError(f"bundle says tree size {size}, checkpoint says {checkpoint.size}")
+    record = orjson.loads(leaf)
+    if record.get("seq") != index or not checkpoint.origin.endswith(
+        "/" + str(record.get("log_id"))
+    ):
+        raise VerificationError("record's log and seq do not match the proof")
+    verify_inclusion(index, size, leaf_hash(leaf), proof, checkpoint.root)
+    problems = check_record(record, str(record.get("log_id")))
+    if problems:
+        raise VerificationError(f"record fails its own hashes: {'; '.join(problems)}")
+    parsed: dict[str, Any] = record
+    return parsed

@@ -1,0 +1,622 @@
+"""Verification of a ledger (SPEC section 4), streamed one log at a time.
+
+For each log, in numbered stages:
+
+1. every checkpoint file is parsed and its signed note checked under the verifier keys;
+2. the witness state (the last checkpoint verified before, with its compact range) is compared
+   with the store, catching a rollback to an older checkpoint or a rewritten one;
+3. the records are streamed in ``seq`` order from the start position — seq 0 on a first run or
+   with ``--all``, else the remembered size, or earlier when the asked range reaches back —
+   checking every content hash, ``seq`` contiguity, the ``prev_hash`` chain (including the link
+   into the range) and, at every checkpoint size, the Merkle root;
+4. checkpoints that cover records that are not there, and the unsealed tail, are reported;
+5. the witness state moves forward to the newest checkpoint verified, when nothing was found.
+
+Memory stays flat: one line, the compact range and the findings at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from ._checkpoint import Checkpoint, Verifier, open_note
+from ._errors import StoreError, TokentrailError, VerificationError
+from ._layout import Listing, SegmentRef, iter_lines, list_log, list_logs
+from ._merkle import CompactRange, leaf_hash
+from ._record import REQUIRED_FIELDS, SCHEMA, ZERO_HASH, text_hash, tokens_json
+
+MAX_FINDINGS_PER_LOG = 100
+Level = Literal["finding", "warning"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One integrity violation (``finding``) or notice (``warning``), with where it is."""
+
+    level: Level
+    message: str
+    log_id: str | None = None
+    seq: int | None = None
+    event_id: str | None = None
+    location: str | None = None
+
+    def to_line(self) -> str:
+        """One line for a cron log: ``FINDING log=… seq=… event_id=… file=…: message``."""
+        parts = [self.level.upper()]
+        for key, value in (
+            ("log", self.log_id),
+            ("seq", self.seq),
+            ("event_id", self.event_id),
+            ("file", self.location),
+        ):
+            if value is not None:
+                parts.append(f"{key}={value}")
+        return " ".join(parts) + f": {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return {
+            "level": self.level,
+            "message": self.message,
+            "log_id": self.log_id,
+            "seq": self.seq,
+            "event_id": self.event_id,
+            "location": self.location,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What to verify and how."""
+
+    verifiers: Sequence[Verifier]
+    since: datetime | None = None
+    until: datetime | None = None
+    full: bool = False
+    require_sealed: bool = False
+    seal_grace_s: float = 300.0
+    state_dir: Path | None = None
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class LogReport:
+    """What verification found in one log."""
+
+    log_id: str
+    records_read: int = 0
+    in_range: int = 0
+    verified_size: int = 0
+    checkpoints: int = 0
+    unsealed: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    suppressed: int = 0
+
+    def add(self, finding: Finding) -> None:
+        """Keep a finding, or count it once the per-log cap is reached."""
+        if len(self.findings) < MAX_FINDINGS_PER_LOG:
+            self.findings.append(finding)
+        else:
+            self.suppressed += 1
+
+
+@dataclass
+class Report:
+    """The outcome of one verification run."""
+
+    store: str
+    logs: list[LogReport]
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every integrity violation, in log order."""
+        return [f for lg in self.logs for f in lg.findings if f.level == "finding"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        """Every warning, in log order."""
+        return [f for lg in self.logs for f in lg.findings if f.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing violates integrity."""
+        return not self.findings and not any(lg.suppressed for lg in self.logs)
+
+    def summary(self) -> str:
+        """One summary line."""
+        records = sum(lg.records_read for lg in self.logs)
+        sealed = sum(lg.verified_size for lg in self.logs)
+        unsealed = sum(lg.unsealed for lg in self.logs)
+        checkpoints = sum(lg.checkpoints for lg in self.logs)
+        suppressed = sum(lg.suppressed for lg in self.logs)
+        verdict = "OK" if self.ok else "FAIL"
+        return (
+            f"tokentrail verify {verdict}: {self.store}: {len(self.logs)} logs, {records} records"
+            f" read, {sealed} sealed under {checkpoints} checkpoints, {unsealed} unsealed,"
+            f" {len(self.findings) + suppressed} findings, {len(self.warnings)} warnings"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form for ``--json``."""
+        return {
+            "ok": self.ok,
+            "store": self.store,
+            "summary": self.summary(),
+            "logs": [
+                {
+                    "log_id": lg.log_id,
+                    "records_read": lg.records_read,
+                    "records_in_range": lg.in_range,
+                    "verified_size": lg.verified_size,
+                    "checkpoints": lg.checkpoints,
+                    "unsealed": lg.unsealed,
+                    "findings_suppressed": lg.suppressed,
+                }
+                for lg in self.logs
+            ],
+            "findings": [f.to_json() for f in self.findings],
+            "warnings": [f.to_json() for f in self.warnings],
+        }
+
+
+# ---------------------------------------------------------------------- witness state
+
+
+@dataclass(frozen=True)
+class WitnessState:
+    """The last checkpoint verified for one origin, with the tree's compact range."""
+
+    origin: str
+    tree: CompactRange
+    root: bytes
+    last_leaf_hash: str
+    verified_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return {
+            "origin": self.origin,
+            "size": self.tree.size,
+            "root": self.root.hex(),
+            "tree": self.tree.to_json(),
+            "last_leaf_hash": self.last_leaf_hash,
+            "verified_at": self.verified_at,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> WitnessState:
+        """Parse :meth:`to_json` output; the compact range must give the root."""
+        try:
+            tree = CompactRange.from_json(obj["tree"])
+            state = cls(
+                obj["origin"],
+                tree,
+                bytes.fromhex(obj["root"]),
+                obj["last_leaf_hash"],
+                obj["verified_at"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VerificationError(f"malformed witness state: {exc!r}") from exc
+        if tree.root() != state.root:
+            raise VerificationError("witness state's compact range does not give its root")
+        return state
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/tokentrail/witness``, else ``~/.local/state/tokentrail/witness``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tokentrail" / "witness"
+
+
+def _state_path(state_dir: Path, origin: str) -> Path:
+    return state_dir / (hashlib.sha256(origin.encode()).hexdigest()[:32] + ".json")
+
+
+def load_state(state_dir: Path, origin: str) -> WitnessState | None:
+    """The witness state for ``origin``, or ``None`` on a first run."""
+    path = _state_path(state_dir, origin)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read witness state {path}: {exc.strerror}") from exc
+    try:
+        state = WitnessState.from_json(orjson.loads(data))
+    except orjson.JSONDecodeError as exc:
+        raise StoreError(f"witness state {path} is not JSON; remove it to start over") from exc
+    except VerificationError as exc:
+        raise StoreError(f"witness state {path}: {exc}; remove it to start over") from exc
+    if state.origin != origin:
+        raise StoreError(f"witness state {path} is for origin {state.origin!r}, not {origin!r}")
+    return state
+
+
+def save_state(state_dir: Path, state: WitnessState) -> None:
+    """Write the witness state atomically."""
+    path = _state_path(state_dir, state.origin)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(state.to_json(), option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StoreError(f"cannot write witness state {path}: {exc.strerror}") from exc
+
+
+# ---------------------------------------------------------------------- record checks
+
+
+def check_record(obj: Any, log_id: str) -> list[str]:
+    """The content problems of one parsed record: missing fields, wrong hashes."""
+    if not isinstance(obj, dict):
+        return ["record is not a JSON object"]
+    missing = [name for name in REQUIRED_FIELDS if name not in obj]
+    if missing:
+        return [f"record lacks required fields {missing}"]
+    problems = []
+    if obj["schema"] != SCHEMA:
+        problems.append(f"unknown schema {obj['schema']!r}")
+    if obj["log_id"] != log_id:
+        problems.append(f"record names log {obj['log_id']!r}, stored in log {log_id!r}")
+    if obj.get("content_sealed") is True:
+        return problems  # keyed hashes (SPEC section 7): not recomputable without the key
+    for tokens, hashed in (("input_tokens", "input_hash"), ("output_tokens", "output_hash")):
+        try:
+            expected = hashlib.sha256(tokens_json(obj[tokens])).hexdigest()
+        except (TypeError, ValueError):
+            problems.append(f"{tokens} cannot be encoded")
+            continue
+        if obj[hashed] != expected:
+            problems.append(f"{hashed} does not match {tokens}")
+    for text, hashed in (("input_text", "input_text_hash"), ("output_text", "output_text_hash")):
+        value = obj[text]
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{text} is not a string")
+        elif obj[hashed] != text_hash(value):
+            problems.append(f"{hashed} does not match {text}")
+    return problems
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------- one log
+
+
+class _LogVerifier:
+    """Verifies one log of a local store; see the module docstring for the stages."""
+
+    def __init__(self, root: Path, log_id: str, options: VerifyOptions) -> None:
+        self.root = root
+        self.log_id = log_id
+        self.options = options
+        self.report = LogReport(log_id)
+        self.listing: Listing = list_log(root, log_id)
+        self.checkpoints: dict[int, Checkpoint] = {}
+        self.cp_files: dict[int, str] = {}
+        self.origin: str | None = None
+        self.state: WitnessState | None = None
+        self.new_state: WitnessState | None = None
+
+    def finding(self, message: str, **where: Any) -> None:
+        self.report.add(Finding("finding", message, self.log_id, **where))
+
+    def warning(self, message: str, **where: Any) -> None:
+        self.report.add(Finding("warning", message, self.log_id, **where))
+
+    def run(self) -> LogReport:
+        for stray in self.listing.strays:
+            self.finding("unexpected file in the ledger layout", location=str(stray))
+        self._load_checkpoints()
+        self._load_state()
+        self._coverage(self._stream(self._start_position()))
+        if (
+            self.options.state_dir is not None
+            and self.new_state is not None
+            and not any(f.level == "finding" for f in self.report.findings)
+            and not self.report.suppressed
+        ):
+            save_state(self.options.state_dir, self.new_state)
+        return self.report
+
+    # stage 1
+    def _load_checkpoints(self) -> None:
+        suffix = "/" + self.log_id
+        for size, path in sorted(self.listing.checkpoints.items()):
+            where = str(path)
+            try:
+                text, _ = open_note(path.read_bytes(), self.options.verifiers)
+                checkpoint = Checkpoint.from_text(text)
+            except OSError as exc:
+                self.finding(f"cannot read checkpoint: {exc.strerror}", location=where)
+                continue
+            except VerificationError as exc:
+                self.finding(f"checkpoint rejected: {exc}", location=where)
+                continue
+            if checkpoint.size != size:
+                self.finding(
+                    f"checkpoint file name says size {size}, body says {checkpoint.size}",
+                    location=where,
+                )
+                continue
+            if not checkpoint.origin.endswith(suffix):
+                self.finding(
+                    f"checkpoint origin {checkpoint.origin!r} is not for this log", location=where
+                )
+                continue
+            if size == 0:
+                self.finding("checkpoint of size 0", location=where)
+                continue
+            self.checkpoints[size] = checkpoint
+            self.cp_files[size] = where
+            self.origin = checkpoint.origin
+
+    # stage 2
+    def _load_state(self) -> None:
+        if self.options.state_dir is None:
+            return
+        origins = {cp.origin for cp in self.checkpoints.values()}
+        states = [s for o in origins if (s := load_state(self.options.state_dir, o)) is not None]
+        if not states:
+            return
+        state = max(states, key=lambda s: s.tree.size)
+        self.state = state
+        size = state.tree.size
+        newest = max(self.checkpoints, default=0)
+        if newest < size:
+            self.finding(
+                f"rollback: the newest valid checkpoint covers {newest} records, but a checkpoint"
+                f" of {size} records was verified on {state.verified_at}",
+                location=str(self.root / "logs" / self.log_id / "checkpoints"),
+            )
+        same = self.checkpoints.get(size)
+        if same is not None and same.root != state.root:
+            self.finding(
+                f"checkpoint for size {size} differs from the one verified on"
+                f" {state.verified_at} (rewritten history)",
+                location=self.cp_files[size],
+            )
+
+    def _start_position(self) -> int:
+        if self.options.full or self.state is None:
+            return 0
+        start = self.state.tree.size
+        since = self.options.since
+        if since is not None:
+            first_day = (since - timedelta(days=1)).strftime("%Y-%m-%d")
+            for seg in self.listing.segments:
+                if seg.date >= first_day:
+                    start = min(start, seg.first_seq)
+                    break
+        return start
+
+    # stage 3
+    def _stream(self, start: int) -> int:
+        """Read records from ``start`` in seq order; return the seq after the last one."""
+        state = None if self.options.full else self.state
+        tree: CompactRange | None = None  # None: below the remembered state, chain checks only
+        prev_hex: str | None = None  # None: taken from record start-1 (the link into the range)
+        if start == 0:
+            tree, prev_hex = CompactRange(), ZERO_HASH
+        elif state is not None and start == state.tree.size:
+            tree, prev_hex = state.tree.copy(), state.last_leaf_hash
+        expected = start
+        broken = False
+        since, until = self.options.since, self.options.until
+        segments = self.listing.segments
+        for idx, seg in enumerate(segments):
+            next_first = segments[idx + 1].first_seq if idx + 1 < len(segments) else None
+            if start > 0 and next_first is not None and next_first <= start - 1:
+                continue
+            where = str(seg.path)
+            self._check_pair(seg)
+            first_line = True
+            for offset, line, complete in iter_lines(seg.path):
+                if not complete:
+                    self._torn(seg, offset, is_last=next_first is None)
+                    break
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    obj = None
+                if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
+                    self.finding(
+                        f"unreadable record at byte {offset}", seq=expected, location=where
+                    )
+                    broken, first_line = True, False
+                    expected += 1
+                    prev_hex = leaf_hash(line).hex()
+                    continue
+                seq: int = obj["seq"]
+                event_id = obj.get("event_id")
+                at = {"seq": seq, "event_id": event_id, "location": where}
+                if first_line and seq != seg.first_seq:
+                    self.finding(
+                        f"segment named for seq {seg.first_seq} starts with seq {seq}", **at
+                    )
+                first_line = False
+                if seq < start:
+                    if seq == start - 1 and prev_hex is None:
+                        prev_hex = leaf_hash(line).hex()
+                    continue
+                lhash = leaf_hash(line)
+                if seq != expected:
+                    if seq < expected:
+                        msg = f"record duplicated or out of order: expected seq {expected}"
+                    else:
+                        msg = f"records missing: expected seq {expected}, found {seq}"
+                    self.finding(msg, **at)
+                    broken = True
+                elif prev_hex is not None and obj.get("prev_hash") != prev_hex:
+                    self.finding(
+                        "prev_hash does not match the record before it (an edited, inserted,"
+                        " deleted or reordered record)",
+                        **at,
+                    )
+                    broken = True
+                for problem in check_record(obj, self.log_id):
+                    self.finding(problem, **at)
+                self.report.records_read += 1
+                ts = _parse_ts(obj.get("timestamp"))
+                if (
+                    ts is not None
+                    and (since is None or ts >= since)
+                    and (until is None or ts < until)
+                ):
+                    self.report.in_range += 1
+                expected = max(expected, seq + 1)
+                prev_hex = lhash.hex()
+                if tree is None:
+                    if state is not None and expected == state.tree.size:
+                        if prev_hex != state.last_leaf_hash:
+                            self.finding(
+                                "record differs from the one verified before (rewritten history)",
+                                **at,
+                            )
+                            broken = True
+                        tree = state.tree.copy()
+                    continue
+                if broken:
+                    continue
+                tree.append(lhash)
+                cp = self.checkpoints.get(tree.size)
+                if cp is None:
+                    continue
+                if cp.root != tree.root():
+                    self.finding(
+                        f"checkpoint of size {tree.size} does not match the records (edited or"
+                        " forged records, or a forged checkpoint)",
+                        seq=seq,
+                        event_id=event_id,
+                        location=self.cp_files[tree.size],
+                    )
+                    broken = True
+                    continue
+                stamp = self.options.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                self.new_state = WitnessState(cp.origin, tree.copy(), cp.root, prev_hex, stamp)
+        return expected
+
+    def _check_pair(self, seg: SegmentRef) -> None:
+        if seg.plain is None or seg.packed is None:
+            return
+        digests = []
+        for path in (seg.plain, seg.packed):
+            h = hashlib.sha256()
+            for _, line, complete in iter_lines(path):
+                h.update(line + (b"\n" if complete else b""))
+            digests.append(h.digest())
+        if digests[0] != digests[1]:
+            self.finding(
+                f"{seg.plain.name} and {seg.packed.name} hold different content",
+                location=str(seg.packed),
+            )
+
+    def _torn(self, seg: SegmentRef, offset: int, is_last: bool) -> None:
+        where = str(seg.path)
+        age = self.options.now.timestamp() - _mtime(seg.path)
+        if is_last and age < self.options.seal_grace_s and not self.options.require_sealed:
+            self.warning(
+                f"incomplete final line at byte {offset} (a write in progress?)", location=where
+            )
+        else:
+            self.finding(f"segment truncated: incomplete line at byte {offset}", location=where)
+
+    # stage 4
+    def _coverage(self, size: int) -> None:
+        for cp_size in sorted(self.checkpoints):
+            if cp_size > size:
+                self.finding(
+                    f"checkpoint covers {cp_size} records but only {size} are present (deleted"
+                    " or truncated records or segments)",
+                    location=self.cp_files[cp_size],
+                )
+                break
+        self.report.checkpoints = len(self.checkpoints)
+        sealed = 0
+        if self.new_state is not None:
+            sealed = self.new_state.tree.size
+        elif self.state is not None and not self.options.full and self.state.tree.size <= size:
+            sealed = self.state.tree.size
+        self.report.verified_size = sealed
+        unsealed = max(0, size - sealed)
+        self.report.unsealed = unsealed
+        if unsealed == 0:
+            return
+        location, event_id, ts = self._first_unsealed(sealed)
+        age = None if ts is None else (self.options.now - ts).total_seconds()
+        msg = f"{unsealed} records after the last verified checkpoint are not sealed"
+        at = {"seq": sealed, "event_id": event_id, "location": location}
+        if self.options.require_sealed or age is None or age >= self.options.seal_grace_s:
+            age_text = "of unknown age" if age is None else f"the oldest {age:.0f}s old"
+            self.finding(f"{msg} ({age_text}: a dead writer or a forgery)", **at)
+        else:
+            grace = self.options.seal_grace_s
+            self.warning(f"{msg} (younger than the {grace:.0f}s seal grace)", **at)
+
+    def _first_unsealed(self, seq: int) -> tuple[str | None, str | None, datetime | None]:
+        for idx, seg in enumerate(self.listing.segments):
+            nxt = (
+                self.listing.segments[idx + 1].first_seq
+                if idx + 1 < len(self.listing.segments)
+                else None
+            )
+            if nxt is not None and nxt <= seq:
+                continue
+            for _, line, complete in iter_lines(seg.path):
+                if not complete:
+                    break
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict) and obj.get("seq") == seq:
+                    return str(seg.path), obj.get("event_id"), _parse_ts(obj.get("timestamp"))
+        return None, None, None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def verify_local(root: Path, options: VerifyOptions) -> Report:
+    """Verify every log of the local ledger at ``root``; raises StoreError if it is unreadable."""
+    log_ids = list_logs(root)
+    if not log_ids:
+        raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
+    reports = []
+    for log_id in log_ids:
+        try:
+            reports.append(_LogVerifier(root, log_id, options).run())
+        except StoreError as exc:
+            report = LogReport(log_id)
+            report.add(Finding("finding", f"cannot read log: {exc}", log_id))
+            reports.append(report)
+        except TokentrailError:
+            raise
+    return Report(str(root), reports)
+
+
+def iter_records(root: Path, log_id: str) -> Iterator[tuple[SegmentRef, int, bytes]]:
+    """Every complete record line of a log in stored order, with its segment and offset."""
+    for seg in list_log(root, log_id).segments:
+        for offset, line, complete in iter_lines(seg.path):
+            if complete:
+                yield seg, offset, line
