@@ -54,6 +54,9 @@ log = logging.getLogger("tokentrail.ledger")
 
 Durability = Literal["strict", "async"]
 
+#: How long the flusher may wait for the appenders its last fsync released (see ``_run``).
+COMMIT_DELAY_S = 0.001
+
 
 @dataclass(frozen=True)
 class LedgerConfig:
@@ -152,6 +155,7 @@ class LedgerWriter:
         self._compressor: concurrent.futures.ThreadPoolExecutor | None = None
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
+        self._last_batch = 1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -213,7 +217,7 @@ class LedgerWriter:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Record:
         """Queue one record and return it; ``waiter`` is resolved once it is on disk."""
-        content = orjson.dumps(exchange.fields())
+        content = exchange.content_bytes()
         log_id = self.config.log_id
         with self._wake:
             if self._error is not None:
@@ -239,7 +243,7 @@ class LedgerWriter:
             self._queue.append(_Pending(seq, line + b"\n", lhash, waiter, loop, record))
             self._next_seq = seq + 1
             self._prev_hex = lhash.hex()
-            if len(self._queue) == 1:
+            if len(self._queue) == 1 or len(self._queue) >= self._last_batch:
                 self._wake.notify()
         return record
 
@@ -286,7 +290,17 @@ class LedgerWriter:
                             break
                     if not self._wake.wait(timeout):
                         break
+                # Group commit: the appenders the last fsync released are about to append again;
+                # wait (briefly) for as many of them as there were, so one fsync serves them all.
+                deadline = time.monotonic() + COMMIT_DELAY_S
+                while (
+                    0 < len(self._queue) < self._last_batch
+                    and not self._closing
+                    and (left := deadline - time.monotonic()) > 0
+                ):
+                    self._wake.wait(left)
                 batch, self._queue = self._queue, []
+                self._last_batch = len(batch)
                 closing = self._closing
                 requests, self._seal_requests = self._seal_requests, []
             if batch:

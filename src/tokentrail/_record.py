@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,19 +66,24 @@ REQUIRED_FIELDS = (
 )
 
 
-def tokens_json(tokens: TokenList | None) -> bytes:
-    """The bytes of ``json.dumps(tokens).encode()``, fast for lists of ints."""
+def _encode_tokens(tokens: TokenList | None) -> tuple[bytes, bytes | None]:
+    """``json.dumps(tokens).encode()``, and orjson's compact bytes when those are cheap to keep."""
     if tokens is None:
-        return b"null"
+        return b"null", None
     try:
         compact = orjson.dumps(tokens)
     except TypeError:  # e.g. an int beyond 64 bits: let the stdlib say what it says
-        return json.dumps(tokens).encode()
+        return json.dumps(tokens).encode(), None
     # A flat list of ints is the only case where orjson's compact form differs from json.dumps
     # by nothing but the space after each comma: digits, signs and commas, one pair of brackets.
     if compact.translate(None, b"0123456789-,") != b"[]":
-        return json.dumps(tokens).encode()
-    return compact.replace(b",", b", ")
+        return json.dumps(tokens).encode(), None
+    return compact.replace(b",", b", "), compact
+
+
+def tokens_json(tokens: TokenList | None) -> bytes:
+    """The bytes of ``json.dumps(tokens).encode()``, fast for lists of ints."""
+    return _encode_tokens(tokens)[0]
 
 
 def token_hash(tokens: TokenList | None) -> str:
@@ -120,9 +127,20 @@ def now_rfc3339() -> str:
     return rfc3339(datetime.now(UTC))
 
 
+_random_pool = bytearray()
+_random_lock = threading.Lock()
+# A forked child must never hand out the ids its parent will also hand out.
+os.register_at_fork(after_in_child=_random_pool.clear)
+
+
 def new_event_id() -> str:
-    """A fresh event id (a random UUID), fixed before the first write attempt."""
-    return str(uuid.uuid4())
+    """A fresh event id (a random version 4 UUID), fixed before the first write attempt."""
+    with _random_lock:  # one getrandom() call per 256 ids instead of one per id
+        if not _random_pool:
+            _random_pool.extend(os.urandom(16 * 256))
+        raw = bytes(_random_pool[-16:])
+        del _random_pool[-16:]
+    return str(uuid.UUID(bytes=raw, version=4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +179,23 @@ class Exchange:
 
     def fields(self) -> dict[str, Any]:
         """The record's content fields with their hashes, in stored order (no chain fields)."""
+        return self._fields(fragments=False)
+
+    def content_bytes(self) -> bytes:
+        """The content fields as compact JSON (an object), encoding each token list once."""
+        try:
+            return orjson.dumps(self._fields(fragments=True))
+        except TypeError as exc:  # a value orjson cannot encode (e.g. a set in ``extra``)
+            raise ConfigError(f"record for event {self.event_id} is not I-JSON: {exc}") from exc
+
+    def _fields(self, *, fragments: bool) -> dict[str, Any]:
+        in_seed, in_compact = _encode_tokens(self.input_tokens)
+        out_seed, out_compact = _encode_tokens(self.output_tokens)
+        in_value: Any = self.input_tokens
+        out_value: Any = self.output_tokens
+        if fragments:
+            in_value = orjson.Fragment(in_compact) if in_compact is not None else in_value
+            out_value = orjson.Fragment(out_compact) if out_compact is not None else out_value
         input_text = None if self.input_text is None else clean_text(self.input_text)
         output_text = None if self.output_text is None else clean_text(self.output_text)
         out: dict[str, Any] = {
@@ -170,10 +205,10 @@ class Exchange:
             "user_id": self.user_id,
             "model": self.model,
             "model_version": self.model_version,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "input_hash": token_hash(self.input_tokens),
-            "output_hash": token_hash(self.output_tokens),
+            "input_tokens": in_value,
+            "output_tokens": out_value,
+            "input_hash": hashlib.sha256(in_seed).hexdigest(),
+            "output_hash": hashlib.sha256(out_seed).hexdigest(),
             "request_duration_ms": float(self.request_duration_ms),
             "stop_reason": self.stop_reason,
             "api": self.api,

@@ -1,0 +1,54 @@
+"""Shared helpers for the benchmarks: realistic exchanges and a table printer."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Sequence
+
+from tokentrail import Exchange
+
+
+def exchange(rng: random.Random, n_in: int = 1000, n_out: int = 300) -> Exchange:
+    """An exchange of ``n_in`` input and ``n_out`` output token ids, with its texts."""
+    input_tokens = [rng.randrange(0, 128_000) for _ in range(n_in)]
+    output_tokens = [rng.randrange(0, 128_000) for _ in range(n_out)]
+    return Exchange(
+        model="llama3.2:1b",
+        model_version="sha256:a80c4f17acd5",
+        api="ollama.generate",
+        stop_reason="stop",
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        input_token_source="upstream-context",
+        output_token_source="upstream-context",
+        input_text="lorem ipsum " * (n_in // 3),
+        output_text="dolor sit amet " * (n_out // 4),
+        user_id=f"user-{rng.randrange(50)}",
+        session_id=f"session-{rng.randrange(1000)}",
+        request_duration_ms=812.5,
+    )
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of ``values``."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean, or NaN for no values."""
+    return statistics.fmean(values) if values else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, so the output can be pasted into the README as it is."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
