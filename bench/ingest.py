@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from _common import exchange, pct, table
-
 from tokentrail import AsyncLedger, Ledger, LedgerConfig, Signer
 
 

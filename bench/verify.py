@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from _common import exchange, table
-
 from tokentrail import AsyncLedger, LedgerConfig, Signer
 from tokentrail._ledger import compress_segment
 
