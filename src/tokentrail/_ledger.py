@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -54,6 +55,11 @@ log = logging.getLogger("tokentrail.ledger")
 
 Durability = Literal["strict", "async"]
 
+#: Names the segment a live writer still appends to: ``<date>/<file name>``.
+OPEN_SEGMENT_FILE = "open-segment"
+#: Held (flock) by the one live writer of a log.
+LOCK_FILE = "writer.lock"
+
 #: How long the flusher may wait for the appenders its last fsync released (see ``_run``).
 COMMIT_DELAY_S = 0.001
 
@@ -68,6 +74,7 @@ class LedgerConfig:
     durability: Durability = "strict"
     seal_interval_s: float = 60.0
     max_segment_bytes: int = 64 << 20
+    rotate_interval_s: float | None = None
     compress_sealed: bool = False
     clock: Callable[[], float] = field(default=time.time, repr=False)
 
@@ -78,6 +85,8 @@ class LedgerConfig:
             raise ConfigError("seal interval must be positive")
         if self.max_segment_bytes < 1024:
             raise ConfigError("max segment size must be at least 1024 bytes")
+        if self.rotate_interval_s is not None and self.rotate_interval_s <= 0:
+            raise ConfigError("rotate interval must be positive")
 
     @property
     def origin(self) -> str:
@@ -152,6 +161,8 @@ class LedgerWriter:
         self._segment_path: Path | None = None
         self._segment_bytes = 0
         self._segment_date = ""
+        self._segment_opened = 0.0
+        self._lock_fd: int | None = None
         self._compressor: concurrent.futures.ThreadPoolExecutor | None = None
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
@@ -173,9 +184,17 @@ class LedgerWriter:
             raise StoreError(
                 f"cannot create ledger folders under {config.root}: {exc.strerror}"
             ) from exc
-        writer._recover()
-        if writer._tree.size > writer._signed_size:
-            writer._seal()
+        writer._take_lock()
+        try:
+            writer._recover()
+            # A restarted writer never appends to a segment it did not open: the old one is closed.
+            with contextlib.suppress(FileNotFoundError):
+                (writer._dir / OPEN_SEGMENT_FILE).unlink()
+            if writer._tree.size > writer._signed_size:
+                writer._seal()
+        except BaseException:
+            writer._unlock()
+            raise
         if config.compress_sealed:
             writer._compressor = concurrent.futures.ThreadPoolExecutor(1, "tokentrail-zstd")
         writer._flusher = threading.Thread(
@@ -183,6 +202,24 @@ class LedgerWriter:
         )
         writer._flusher.start()
         return writer
+
+    def _take_lock(self) -> None:
+        """Take the log's writer lock: two live writers would fork one log."""
+        fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"log {self.config.log_id} under {self.config.root} already has a live writer;"
+                " give each writer its own --log-id"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def close(self) -> None:
         """Flush everything queued, seal a final checkpoint and stop the flusher."""
@@ -195,6 +232,7 @@ class LedgerWriter:
             self._flusher.join()
         if self._compressor is not None:
             self._compressor.shutdown(wait=True)
+        self._unlock()
         if self._error is not None:
             raise self._error
 
@@ -281,14 +319,8 @@ class LedgerWriter:
         while True:
             with self._wake:
                 while not (self._queue or self._closing or self._seal_requests):
-                    timeout = None
-                    if self._tree.size > self._signed_size:
-                        timeout = max(
-                            0.0, self._last_seal + self.config.seal_interval_s - self.config.clock()
-                        )
-                        if timeout == 0.0:
-                            break
-                    if not self._wake.wait(timeout):
+                    timeout = self._next_timer()
+                    if timeout == 0.0 or not self._wake.wait(timeout):
                         break
                 # Group commit: the appenders the last fsync released are about to append again;
                 # wait (briefly) for as many of them as there were, so one fsync serves them all.
@@ -305,6 +337,8 @@ class LedgerWriter:
                 requests, self._seal_requests = self._seal_requests, []
             if batch:
                 self._write(batch)
+            elif self._rotation_due():
+                self._close_segment()
             due = self.config.clock() - self._last_seal >= self.config.seal_interval_s
             sealed: Checkpoint | None = None
             if (requests or closing or due) and self._tree.size > self._signed_size:
@@ -320,6 +354,24 @@ class LedgerWriter:
                     if not self._queue:
                         break
         self._close_segment()
+
+    def _next_timer(self) -> float | None:
+        """Seconds until the next seal or timed rotation is due (``None``: nothing pending)."""
+        now = self.config.clock()
+        timers = []
+        if self._tree.size > self._signed_size:
+            timers.append(self._last_seal + self.config.seal_interval_s - now)
+        if self._segment_fd is not None and self.config.rotate_interval_s is not None:
+            timers.append(self._segment_opened + self.config.rotate_interval_s - now)
+        return max(0.0, min(timers)) if timers else None
+
+    def _rotation_due(self) -> bool:
+        interval = self.config.rotate_interval_s
+        return (
+            self._segment_fd is not None
+            and interval is not None
+            and self.config.clock() - self._segment_opened >= interval
+        )
 
     def _write(self, batch: list[_Pending]) -> None:
         try:
@@ -374,7 +426,9 @@ class LedgerWriter:
         """The open segment to append ``seq`` to, rotating at UTC midnight and by size."""
         today = max(_utc_date(self.config.clock()), self._segment_date)
         if self._segment_fd is not None and (
-            today != self._segment_date or self._segment_bytes >= self.config.max_segment_bytes
+            today != self._segment_date
+            or self._segment_bytes >= self.config.max_segment_bytes
+            or self._rotation_due()
         ):
             self._close_segment()
         if self._segment_fd is None:
@@ -391,6 +445,9 @@ class LedgerWriter:
             self._segment_path = path
             self._segment_bytes = 0
             self._segment_date = today
+            self._segment_opened = self.config.clock()
+            # Out-of-process shippers leave the open segment alone until it is closed.
+            write_atomic(self._dir / OPEN_SEGMENT_FILE, f"{today}/{path.name}\n".encode())
         return self._segment_fd
 
     def _close_segment(self) -> None:
@@ -398,6 +455,8 @@ class LedgerWriter:
             return
         os.close(self._segment_fd)
         self._segment_fd = None
+        with contextlib.suppress(FileNotFoundError):
+            (self._dir / OPEN_SEGMENT_FILE).unlink()
         path = self._segment_path
         if self._compressor is not None and path is not None and self._segment_bytes:
             self._compressor.submit(compress_segment, path)

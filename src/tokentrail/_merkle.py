@@ -93,15 +93,23 @@ class CompactRange:
     @classmethod
     def from_json(cls, obj: object) -> CompactRange:
         """Parse :meth:`to_json` output, raising :class:`VerificationError` on bad input."""
+        if not isinstance(obj, dict):
+            raise VerificationError("malformed compact range: not an object")
+        size, hex_roots = obj.get("size"), obj.get("roots")
+        if type(size) is not int or size < 0 or not isinstance(hex_roots, list):
+            raise VerificationError("malformed compact range: bad size or roots")
         try:
-            assert isinstance(obj, dict)
-            size = obj["size"]
-            roots = [bytes.fromhex(r) for r in obj["roots"]]
-            assert isinstance(size, int) and size >= 0
-            assert all(len(r) == 32 for r in roots)
-        except (AssertionError, KeyError, TypeError, ValueError) as exc:
-            raise VerificationError(f"malformed compact range: {exc!r}") from exc
+            roots = [bytes.fromhex(r) for r in hex_roots]
+        except (TypeError, ValueError) as exc:
+            raise VerificationError(f"malformed compact range: {exc}") from exc
+        if any(len(r) != 32 for r in roots):
+            raise VerificationError("malformed compact range: a root is not 32 bytes")
         return cls(size, roots)
+
+
+def _check_hashes(*hashes: bytes) -> None:
+    if any(len(h) != 32 for h in hashes):
+        raise VerificationError("a hash in the proof is not 32 bytes (SHA-256)")
 
 
 def inclusion_proof(index: int, hashes: Sequence[bytes]) -> list[bytes]:
@@ -119,6 +127,7 @@ def inclusion_proof(index: int, hashes: Sequence[bytes]) -> list[bytes]:
 
 def root_from_inclusion_proof(index: int, size: int, lhash: bytes, proof: Sequence[bytes]) -> bytes:
     """The root implied by an inclusion proof (RFC 9162 section 2.1.3.2)."""
+    _check_hashes(lhash, *proof)
     if not 0 <= index < size:
         raise VerificationError(f"leaf index {index} outside tree of size {size}")
     fn, sn = index, size - 1
@@ -145,6 +154,7 @@ def verify_inclusion(
     index: int, size: int, lhash: bytes, proof: Sequence[bytes], root: bytes
 ) -> None:
     """Raise :class:`VerificationError` unless ``proof`` puts ``lhash`` at ``index``."""
+    _check_hashes(root)
     found = root_from_inclusion_proof(index, size, lhash, proof)
     if found != root:
         raise VerificationError(
@@ -176,6 +186,8 @@ def verify_consistency(
     old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
 ) -> None:
     """Check a consistency proof (RFC 9162 section 2.1.4.2), raising on failure."""
+    if old_size < 0 or new_size < 0:
+        raise VerificationError("tree sizes cannot be negative")
     if old_size > new_size:
         raise VerificationError(f"old tree size {old_size} is larger than new size {new_size}")
     if old_size == new_size:
@@ -188,6 +200,7 @@ def verify_consistency(
         if proof:
             raise VerificationError("consistency proof from the empty tree must be empty")
         return
+    _check_hashes(old_root, new_root, *proof)
     path = list(proof)
     if old_size & (old_size - 1) == 0:  # a power of two: the old root is the first node
         path.insert(0, old_root)

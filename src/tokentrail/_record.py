@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -106,20 +107,38 @@ def piece(raw: bytes) -> str | list[int]:
         return list(raw)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def clean_text(text: str) -> str:
-    """Text that encodes to UTF-8: lone surrogates (from ``\\ud800`` escapes) become U+FFFD."""
+    """Text that encodes to UTF-8: a lone surrogate (a ``\\ud800`` escape) becomes U+FFFD."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return _SURROGATE.sub("\ufffd", text)
     return text
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with :func:`clean_text` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    if isinstance(value, Mapping):
+        return {clean_text(str(k)): _scrub(v) for k, v in value.items()}
+    return value
 
 
 def rfc3339(moment: datetime | float) -> str:
     """RFC 3339 UTC with microseconds and a ``Z`` suffix, from a datetime or epoch seconds."""
     if isinstance(moment, float | int):
         moment = datetime.fromtimestamp(moment, UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    m = moment.astimezone(UTC)
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+        f".{m.microsecond:06d}Z"
+    )
 
 
 def now_rfc3339() -> str:
@@ -185,6 +204,28 @@ class Exchange:
         """The content fields as compact JSON (an object), encoding each token list once."""
         try:
             return orjson.dumps(self._fields(fragments=True))
+        except TypeError:
+            pass
+        # A lone surrogate (a client's "\\ud800" escape) cannot be UTF-8: store U+FFFD instead,
+        # and hash what is stored, so the record stays self-consistent.
+        scrubbed = replace(
+            self,
+            **{
+                name: _scrub(getattr(self, name))
+                for name in (
+                    "model",
+                    "stop_reason",
+                    "input_tokens",
+                    "output_tokens",
+                    "user_id",
+                    "session_id",
+                    "model_version",
+                    "extra",
+                )
+            },
+        )
+        try:
+            return orjson.dumps(scrubbed._fields(fragments=True))
         except TypeError as exc:  # a value orjson cannot encode (e.g. a set in ``extra``)
             raise ConfigError(f"record for event {self.event_id} is not I-JSON: {exc}") from exc
 
