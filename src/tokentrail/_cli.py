@@ -104,8 +104,9 @@ def main() -> None:
     \b
     Quick start (no Ollama, no AWS needed):
       tokentrail demo
-    The daily check, for cron:
-      0 6 * * * tokentrail verify --ledger /var/lib/tokentrail --days 1 >> /var/log/audit-validation.log 2>&1
+    The daily check, for cron (see deploy/):
+      0 6 * * * tokentrail verify --ledger /var/lib/tokentrail --days 1 \
+          >> /var/log/audit-validation.log 2>&1
     """
 
 
