@@ -1,0 +1,284 @@
+"""Capture of the OpenAI-compatible API: ``POST /v1/chat/completions`` and ``/v1/completions``.
+
+Wire format (OpenAI API reference, "Chat Completions" and the legacy "Completions"): a
+non-streamed response is one ``chat.completion`` (or ``text_completion``) object with ``id``,
+``model``, ``system_fingerprint``, ``choices[]`` (``message`` or ``text``, ``logprobs``,
+``finish_reason``) and ``usage`` (``prompt_tokens``, ``completion_tokens``). With
+``"stream": true`` it is Server-Sent Events: ``data: <chunk>`` events of
+``chat.completion.chunk`` objects whose ``choices[].delta`` carries fragments (``content``,
+``tool_calls[]`` by ``index`` with ``function.arguments`` in pieces), a last chunk with the
+``finish_reason``, an extra ``choices: []`` chunk with ``usage`` when the request set
+``stream_options.include_usage``, and ``data: [DONE]``. Errors are ``{"error": {"message",
+"type", "param", "code"}}``, as the body or as an event of a stream.
+
+Token data, best first:
+
+- vLLM ``return_token_ids`` (vLLM 0.10.2+): ``prompt_token_ids`` (top level for chat, on the
+  choice for completions; first chunk only when streamed) and ``choices[].token_ids`` per chunk
+  → ``upstream-ids``;
+- llama.cpp server: ``logprobs.content[].id`` → ``upstream-ids``;
+- ``logprobs.content[].bytes`` / ``.token`` (chat), ``logprobs.tokens`` (legacy completions,
+  with OpenAI's ``bytes:\\xNN`` and vLLM's ``token_id:N`` spellings decoded) → ``upstream-pieces``.
+
+``model_version`` is the response ``model`` + ``"@"`` + ``system_fingerprint`` when the
+fingerprint is present, else the response ``model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._record import Exchange, TokenList
+from ._common import (
+    SOURCE_IDS,
+    SOURCE_NONE,
+    Capture,
+    Meta,
+    TokenTrack,
+    compact_json,
+    render_messages,
+)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+class _Choice:
+    """What one ``choices[index]`` has produced so far."""
+
+    __slots__ = ("finish_reason", "logprobs", "reasoning", "reported", "text", "tool_calls")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.reported = TokenTrack()  # vLLM token_ids
+        self.logprobs = TokenTrack()  # logprobs entries
+
+    def tokens(self) -> tuple[TokenList | None, str]:
+        if self.reported.seen and self.reported.ids_ok:
+            return list(self.reported.ids), SOURCE_IDS
+        return self.logprobs.best()
+
+
+class OpenAICapture(Capture):
+    """An accumulator for one ``/v1/chat/completions`` or ``/v1/completions`` exchange."""
+
+    def __init__(self, request: Mapping[str, Any], *, chat: bool) -> None:
+        super().__init__(request)
+        self.chat = chat
+        self.api = "openai.chat" if chat else "openai.completions"
+        self.choices: dict[int, _Choice] = {}
+        self.prompt_ids = TokenTrack()
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.fingerprint: str | None = None
+        self.usage: Mapping[str, Any] | None = None
+
+    def feed(self, chunk: Any) -> bool:
+        """Take one SSE ``data:`` payload (or the whole non-streamed body) as parsed JSON."""
+        self.chunks += 1
+        if not isinstance(chunk, Mapping):
+            return False
+        err = chunk.get("error")
+        if err is not None and not chunk.get("choices"):
+            msg = err.get("message") if isinstance(err, Mapping) else err
+            self.error = msg if isinstance(msg, str) else compact_json(err)
+            return False
+        if isinstance(chunk.get("id"), str):
+            self.response_id = chunk["id"]
+        if isinstance(chunk.get("model"), str):
+            self.response_model = chunk["model"]
+        if isinstance(chunk.get("system_fingerprint"), str):
+            self.fingerprint = chunk["system_fingerprint"]
+        if isinstance(chunk.get("usage"), Mapping):
+            self.usage = chunk["usage"]
+        self.prompt_ids.add_ids(chunk.get("prompt_token_ids"))
+        produced = False
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for raw in choices:
+                if isinstance(raw, Mapping):
+                    produced = self._feed_choice(raw) or produced
+        if chunk.get("object") in ("chat.completion", "text_completion") or not self.stream:
+            self.finished = True
+        return produced
+
+    def _feed_choice(self, raw: Mapping[str, Any]) -> bool:
+        index = raw.get("index", 0)
+        index = index if isinstance(index, int) else 0
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = _Choice()
+        self.prompt_ids.add_ids(raw.get("prompt_token_ids"))  # vLLM completions: on the choice
+        produced = False
+        if self.chat:
+            msg = raw.get("delta", raw.get("message"))
+            msg = msg if isinstance(msg, Mapping) else {}
+            content = msg.get("content")
+            reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+            if isinstance(reasoning, str) and reasoning:
+                choice.reasoning.append(reasoning)
+                produced = True
+            calls = msg.get("tool_calls")
+            if isinstance(calls, list) and calls:
+                produced = True
+                for pos, call in enumerate(calls):
+                    self._merge_call(choice, pos, call)
+        else:
+            content = raw.get("text")
+        if isinstance(content, str) and content:
+            choice.text.append(content)
+            produced = True
+        had_ids = choice.reported.add_ids(raw.get("token_ids"))
+        had_lp = self._feed_logprobs(choice, raw.get("logprobs"))
+        if produced and not had_ids:
+            choice.reported.missing()
+        if produced and not had_lp:
+            choice.logprobs.missing()
+        reason = raw.get("finish_reason")
+        if isinstance(reason, str):
+            choice.finish_reason = reason
+            self.finished = True
+        return produced
+
+    def _feed_logprobs(self, choice: _Choice, logprobs: Any) -> bool:
+        if not isinstance(logprobs, Mapping):
+            return False
+        if self.chat or "content" in logprobs:
+            return choice.logprobs.add_entries(logprobs.get("content"))
+        tokens, lps = logprobs.get("tokens"), logprobs.get("token_logprobs")
+        if not isinstance(tokens, list):
+            return False
+        lps = lps if isinstance(lps, list) else []
+        entries = [
+            {"token": t, "logprob": lps[i] if i < len(lps) else None} for i, t in enumerate(tokens)
+        ]
+        return choice.logprobs.add_entries(entries) if entries else False
+
+    @staticmethod
+    def _merge_call(choice: _Choice, pos: int, call: Any) -> None:
+        if not isinstance(call, Mapping):
+            return
+        idx = call.get("index", pos)
+        idx = idx if isinstance(idx, int) else pos
+        slot = choice.tool_calls.setdefault(idx, {"id": None, "name": None, "arguments": ""})
+        if isinstance(call.get("id"), str):
+            slot["id"] = call["id"]
+        fn = call.get("function")
+        if isinstance(fn, Mapping):
+            if isinstance(fn.get("name"), str):
+                slot["name"] = fn["name"]
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                slot["arguments"] += args
+            elif args is not None:
+                slot["arguments"] = args
+
+    def default_model_version(self) -> str | None:
+        """``model@system_fingerprint`` when the fingerprint is known, else the response model."""
+        if self.response_model is not None and self.fingerprint:
+            return f"{self.response_model}@{self.fingerprint}"
+        return self.response_model
+
+    def finish(self, meta: Meta, stop_reason: str | None = None) -> Exchange:
+        """The exchange, from the first choice; every choice is in ``gen_ai.output.messages``."""
+        first = self.choices[min(self.choices)] if self.choices else _Choice()
+        output_tokens, output_source = first.tokens()
+        input_tokens: TokenList | None = None
+        input_source = SOURCE_NONE
+        if self.prompt_ids.seen and self.prompt_ids.ids_ok:
+            input_tokens, input_source = list(self.prompt_ids.ids), SOURCE_IDS
+
+        extra = self.base_extra(meta)
+        extra["gen_ai.operation.name"] = "chat" if self.chat else "text_completion"
+        if self.response_id is not None:
+            extra["gen_ai.response.id"] = self.response_id
+        if self.response_model is not None:
+            extra["gen_ai.response.model"] = self.response_model
+        if self.fingerprint is not None:
+            extra["openai.response.system_fingerprint"] = self.fingerprint
+        if self.usage is not None:
+            p = _count(self.usage.get("prompt_tokens"))
+            c = _count(self.usage.get("completion_tokens"))
+            if p is not None:
+                extra["gen_ai.usage.input_tokens"] = p
+            if c is not None:
+                extra["gen_ai.usage.output_tokens"] = c
+        reasons = [self.choices[i].finish_reason for i in sorted(self.choices)]
+        if any(r is not None for r in reasons):
+            extra["gen_ai.response.finish_reasons"] = reasons
+        if first.logprobs.logprobs and output_source != SOURCE_NONE:
+            extra["output_logprobs"] = list(first.logprobs.logprobs)
+        extra["gen_ai.output.messages"] = [
+            self._output_message(self.choices[i]) for i in sorted(self.choices)
+        ]
+        extra.update(meta.extra)
+
+        if stop_reason is None:
+            if self.error is not None:
+                stop_reason = "upstream_error"
+            elif first.finish_reason is not None:
+                stop_reason = first.finish_reason
+            else:
+                stop_reason = "upstream_error"  # a stream that ended before any finish_reason
+
+        if self.chat:
+            input_text = render_messages(self.request.get("messages"))
+        else:
+            input_text = _prompt_text(self.request.get("prompt"))
+        model_version = meta.model_version or self.default_model_version()
+        return Exchange(
+            model=self.model,
+            api=self.api,
+            stop_reason=stop_reason,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            input_token_source=input_source,
+            output_token_source=output_source,
+            input_text=input_text,
+            output_text="".join(first.text),
+            user_id=meta.user_id,
+            session_id=meta.session_id,
+            model_version=model_version,
+            request_duration_ms=meta.request_duration_ms,
+            timestamp=meta.timestamp,
+            event_id=meta.event_id,
+            extra=extra,
+        )
+
+    @staticmethod
+    def _output_message(choice: _Choice) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = []
+        if choice.reasoning:
+            parts.append({"type": "reasoning", "content": "".join(choice.reasoning)})
+        text = "".join(choice.text)
+        if text or not (choice.reasoning or choice.tool_calls):
+            parts.append({"type": "text", "content": text})
+        for idx in sorted(choice.tool_calls):
+            call = choice.tool_calls[idx]
+            part: dict[str, Any] = {"type": "tool_call", "name": call["name"]}
+            if call["id"] is not None:
+                part["id"] = call["id"]
+            part["arguments"] = call["arguments"]
+            parts.append(part)
+        message: dict[str, Any] = {"role": "assistant", "parts": parts}
+        if choice.finish_reason is not None:
+            message["finish_reason"] = choice.finish_reason
+        return message
+
+
+def _prompt_text(prompt: Any) -> str | None:
+    """``input_text`` of a legacy completion: the ``prompt`` string.
+
+    A one-element list of strings counts as that string; a prompt given as token ids, or a batch
+    of several prompts, has no single prompt text (``null``); the body is stored either way.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    return None

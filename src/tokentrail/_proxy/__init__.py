@@ -1,0 +1,350 @@
+"""``tokentrail serve``: the auditing reverse proxy, as a library and as a click command.
+
+::
+
+    ProxyConfig ──► Proxy.start() ──► (serving) ──► Proxy.close()      programmatic
+    serve_command ──► run(config) ──► serve(config) ──► the same Proxy   CLI
+
+``Proxy.start`` opens the ledger (loading, or creating, the signing key), the upstream session
+and the listening socket; ``Proxy.close`` stops accepting, lets in-flight exchanges finish for
+``shutdown_grace_s`` (what is still running then is recorded as ``interrupted``), and closes the
+ledger, which seals a final checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+from aiohttp import web
+
+from .._checkpoint import Signer
+from .._errors import TokentrailError
+from .._ledger import AsyncLedger, LedgerConfig
+from ._config import (
+    DEFAULT_LEDGER,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_BODY,
+    DEFAULT_UPSTREAM,
+    DEFAULT_UPSTREAM_TIMEOUT,
+    ProxyConfig,
+    api_key_table,
+    load_api_keys,
+    load_toml,
+    parse_listen,
+)
+from ._server import ProxyApp
+
+
+def load_or_create_key(path: Path) -> tuple[Signer, bool]:
+    """The signing key at ``path``, generated there (mode 0600) when missing; True if new."""
+    if path.exists():
+        return Signer.load(path), False
+    signer = Signer.generate()
+    signer.save(path)
+    return signer, True
+
+
+class Proxy:
+    """One running proxy: ledger, upstream session, listening socket."""
+
+    def __init__(self, config: ProxyConfig, *, ledger: AsyncLedger | None = None) -> None:
+        self.config = config
+        self.ledger = ledger
+        self._own_ledger = ledger is None
+        self.signer: Signer | None = None
+        self.key_created = False
+        self.session: aiohttp.ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+        self.app: ProxyApp | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        """Open everything and start listening; returns the base URL (``http://host:port``)."""
+        if self.ledger is None:
+            self.signer, self.key_created = load_or_create_key(self.config.key_path)
+            self.ledger = await AsyncLedger.open(
+                LedgerConfig(
+                    root=self.config.ledger,
+                    log_id=self.config.effective_log_id,
+                    signer=self.signer,
+                    durability=self.config.durability,
+                    seal_interval_s=self.config.seal_interval_s,
+                )
+            )
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+        self.app = ProxyApp(self.config, self.ledger, self.session)
+        self.runner = web.AppRunner(
+            self.app.build(),
+            access_log=None,
+            handler_cancellation=False,
+            shutdown_timeout=self.config.shutdown_grace_s,
+        )
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return self.url
+
+    async def close(self) -> None:
+        """Drain in-flight exchanges, then close the session and the ledger (final seal)."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self.ledger is not None and self._own_ledger:
+            await self.ledger.close()
+            self.ledger = None
+
+    async def __aenter__(self) -> Proxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(
+    config: ProxyConfig, *, ledger: AsyncLedger | None = None
+) -> AsyncIterator[Proxy]:
+    """``async with running_proxy(config) as proxy:`` — ``proxy.url`` is its base URL."""
+    proxy = Proxy(config, ledger=ledger)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+async def serve(config: ProxyConfig, *, announce: bool = True) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    proxy = Proxy(config)
+    await proxy.start()
+    try:
+        if announce:
+            assert proxy.signer is not None
+            if proxy.key_created:
+                click.echo(f"tokentrail: created signing key {config.key_path}", err=True)
+            click.echo(f"tokentrail: verifier key {proxy.signer.verifier.to_text()}", err=True)
+            click.echo(
+                f"tokentrail: ledger {config.ledger} log {config.effective_log_id}"
+                f" ({config.durability}), upstream {config.upstream}",
+                err=True,
+            )
+            click.echo(f"tokentrail: listening on {proxy.url}", err=True)
+        await stop.wait()
+    finally:
+        await proxy.close()
+
+
+def run(config: ProxyConfig) -> None:
+    """Blocking :func:`serve`, for the CLI."""
+    asyncio.run(serve(config))
+
+
+# -- the click command --------------------------------------------------------------------------
+
+
+def _norm(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--config FILE``: TOML values become defaults under the options and env vars."""
+    if value is None:
+        return None
+    try:
+        data = _norm(load_toml(Path(value)))
+    except TokentrailError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    table = data.pop("api_keys", None)
+    if table is not None and not isinstance(table, dict):
+        data["api_keys"] = table  # a path
+    elif table is not None:
+        ctx.meta["tokentrail.api_key_table"] = table
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+@click.command(
+    "serve",
+    epilog="""\b
+Examples:
+  tokentrail serve
+  tokentrail serve --upstream http://gpu:11434 --listen 0.0.0.0:11435 --ledger /var/lib/tt
+  tokentrail serve --upstream http://127.0.0.1:8000 --request-token-data ids   # vLLM
+  TOKENTRAIL_UPSTREAM=http://127.0.0.1:8080 tokentrail serve --config /etc/tokentrail.toml
+  OLLAMA_HOST=http://127.0.0.1:11435 ollama run llama3.2      # point clients at the proxy
+""",
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    envvar="TOKENTRAIL_CONFIG",
+    help="TOML file with the same option names (and an [api_keys] table).",
+)
+@click.option(
+    "--upstream",
+    default=DEFAULT_UPSTREAM,
+    show_default=True,
+    envvar="TOKENTRAIL_UPSTREAM",
+    help="Base URL of the Ollama or OpenAI-compatible server.",
+)
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    envvar="TOKENTRAIL_LISTEN",
+    help="HOST:PORT to listen on (port 0: any free port).",
+)
+@click.option(
+    "--ledger",
+    default=DEFAULT_LEDGER,
+    show_default=True,
+    envvar="TOKENTRAIL_LEDGER",
+    type=click.Path(file_okay=False),
+    help="Local ledger directory.",
+)
+@click.option(
+    "--key",
+    default=None,
+    envvar="TOKENTRAIL_KEY",
+    type=click.Path(dir_okay=False),
+    help="Signing key file; created if missing [default: ~/.config/tokentrail/signing.key].",
+)
+@click.option(
+    "--log-id",
+    default=None,
+    envvar="TOKENTRAIL_LOG_ID",
+    help="This writer's log id [default: <hostname>-<port>].",
+)
+@click.option(
+    "--durability",
+    type=click.Choice(["strict", "async"]),
+    default="strict",
+    show_default=True,
+    envvar="TOKENTRAIL_DURABILITY",
+    help="strict: the final chunk waits until the record is fsynced.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BODY,
+    show_default=True,
+    envvar="TOKENTRAIL_MAX_BODY_BYTES",
+    help="Larger audited request bodies are refused with 413.",
+)
+@click.option(
+    "--upstream-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_UPSTREAM_TIMEOUT,
+    show_default=True,
+    envvar="TOKENTRAIL_UPSTREAM_TIMEOUT",
+    help="Seconds the upstream may stay silent (before answering or mid-stream).",
+)
+@click.option(
+    "--request-token-data",
+    type=click.Choice(["off", "logprobs", "ids", "all"]),
+    default="off",
+    show_default=True,
+    is_flag=False,
+    flag_value="logprobs",
+    envvar="TOKENTRAIL_REQUEST_TOKEN_DATA",
+    help="Ask the upstream for logprobs (and/or vLLM token ids) and hide them from "
+    "the client. Alone: logprobs.",
+)
+@click.option(
+    "--api-keys",
+    "api_keys",
+    default=None,
+    envvar="TOKENTRAIL_API_KEYS",
+    type=click.Path(dir_okay=False),
+    help='TOML file of "<api key or sha256:hex>" = "<user_id>" pairs.',
+)
+@click.option(
+    "--trust-identity-headers",
+    is_flag=True,
+    default=False,
+    envvar="TOKENTRAIL_TRUST_IDENTITY_HEADERS",
+    help="Honour X-Tokentrail-User / X-Tokentrail-Session (only behind a trusted network).",
+)
+@click.option(
+    "--require-identity",
+    is_flag=True,
+    default=False,
+    envvar="TOKENTRAIL_REQUIRE_IDENTITY",
+    help="Refuse (401) requests without a known user.",
+)
+@click.pass_context
+def serve_command(ctx: click.Context, /, **options: Any) -> None:
+    """Run the auditing proxy: every exchange lands in the ledger, token by token.
+
+    Clients change only their base URL. Ollama-native (/api/generate, /api/chat) and
+    OpenAI-compatible (/v1/chat/completions, /v1/completions) requests are recorded; every
+    other path is passed through untouched.
+    """
+    try:
+        config = build_config(options, ctx.meta.get("tokentrail.api_key_table"))
+        run(config)
+    except TokentrailError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def build_config(
+    options: Mapping[str, Any], key_table: Mapping[str, Any] | None = None
+) -> ProxyConfig:
+    """A :class:`ProxyConfig` from the command's options (and a config file's key table)."""
+    host, port = parse_listen(options["listen"])
+    api_keys: dict[str, str] = {}
+    if key_table:
+        api_keys.update(api_key_table(key_table, "config [api_keys]"))
+    if options.get("api_keys"):
+        api_keys.update(load_api_keys(Path(options["api_keys"])))
+    return ProxyConfig(
+        upstream=options["upstream"],
+        host=host,
+        port=port,
+        ledger=Path(options["ledger"]),
+        key=Path(options["key"]) if options.get("key") else None,
+        log_id=options.get("log_id"),
+        durability=options["durability"],
+        max_body_bytes=options["max_body_bytes"],
+        upstream_timeout=options["upstream_timeout"],
+        request_token_data=options["request_token_data"],
+        api_keys=api_keys,
+        trust_identity_headers=options["trust_identity_headers"],
+        require_identity=options["require_identity"],
+    )
+
+
+__all__ = [
+    "Proxy",
+    "ProxyConfig",
+    "build_config",
+    "load_or_create_key",
+    "run",
+    "running_proxy",
+    "serve",
+    "serve_command",
+]

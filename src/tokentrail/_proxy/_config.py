@@ -1,0 +1,143 @@
+"""The proxy's configuration: one frozen value built from options, a TOML file and environment.
+
+Precedence, highest first: command-line option, ``TOKENTRAIL_*`` environment variable, the
+``--config`` TOML file (same option names, dashes or underscores), the default. The TOML file may
+also hold an ``[api_keys]`` table (API key → ``user_id``); ``--api-keys FILE`` names a TOML file
+of such pairs (top level or under ``[api_keys]``). A key may be written as ``"sha256:<hex>"`` so
+that the configuration never holds a usable key; only the SHA-256 of each key is kept in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .._errors import ConfigError
+from .._layout import check_log_id
+
+TokenData = Literal["off", "logprobs", "ids", "all"]
+
+DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
+DEFAULT_LISTEN = "127.0.0.1:11435"
+DEFAULT_LEDGER = "./tokentrail-ledger"
+DEFAULT_MAX_BODY = 16 << 20
+DEFAULT_UPSTREAM_TIMEOUT = 300.0
+_SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+
+
+def default_key_path() -> Path:
+    """Where ``serve`` keeps its signing key when ``--key`` is not given."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tokentrail" / "signing.key"
+
+
+def default_log_id(port: int) -> str:
+    """A log id stable across restarts of the same proxy: ``<host>-<port>``, sanitised."""
+    host = re.sub(r"[^a-z0-9._-]+", "-", socket.gethostname().lower()).strip("-._") or "proxy"
+    return f"{host[:50]}-{port}"
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 hex of an API key: what the proxy keeps and may log instead of the key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen must be HOST:PORT, not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_upstream(value: str) -> str:
+    """An ``http://`` or ``https://`` base URL without a trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"--upstream must be an http(s) URL, not {value!r}")
+    return value.rstrip("/")
+
+
+def api_key_table(table: Mapping[str, Any], where: str) -> dict[str, str]:
+    """A key → user table as digest → user, refusing anything but string pairs."""
+    out: dict[str, str] = {}
+    for key, user in table.items():
+        if not isinstance(user, str) or not user:
+            raise ConfigError(f"{where}: user id for an API key must be a non-empty string")
+        m = _SHA256_RE.match(key)
+        out[m.group(1).lower() if m else key_digest(key)] = user
+    return out
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, mapping failures to ConfigError."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+
+
+def load_api_keys(path: Path) -> dict[str, str]:
+    """An ``--api-keys`` file: ``"<key>" = "<user_id>"`` pairs (top level or ``[api_keys]``)."""
+    data = load_toml(path)
+    table = data.get("api_keys", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [api_keys] must be a table")
+    return api_key_table(table, str(path))
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything ``tokentrail serve`` needs, validated."""
+
+    upstream: str = DEFAULT_UPSTREAM
+    host: str = "127.0.0.1"
+    port: int = 11435
+    ledger: Path = Path(DEFAULT_LEDGER)
+    key: Path | None = None
+    log_id: str | None = None
+    durability: Literal["strict", "async"] = "strict"
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    connect_timeout: float = 10.0
+    request_token_data: TokenData = "off"
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # sha256(key) hex → user_id
+    trust_identity_headers: bool = False
+    require_identity: bool = False
+    seal_interval_s: float = 60.0
+    tags_ttl_s: float = 60.0
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upstream", check_upstream(self.upstream))
+        if self.log_id is not None:
+            check_log_id(self.log_id)
+        if self.durability not in ("strict", "async"):
+            raise ConfigError("--durability must be strict or async")
+        if self.request_token_data not in ("off", "logprobs", "ids", "all"):
+            raise ConfigError("--request-token-data must be off, logprobs, ids or all")
+        if self.max_body_bytes < 1:
+            raise ConfigError("--max-body-bytes must be positive")
+        if self.upstream_timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+
+    @property
+    def effective_log_id(self) -> str:
+        """The configured log id, or the default for this host and port."""
+        return self.log_id or default_log_id(self.port)
+
+    @property
+    def key_path(self) -> Path:
+        """The signing key file (created on first start when missing)."""
+        return self.key or default_key_path()

@@ -1,0 +1,636 @@
+"""The auditing reverse proxy: aiohttp in front, an aiohttp client session behind.
+
+Audited paths (``POST /api/generate``, ``/api/chat``, ``/v1/chat/completions``,
+``/v1/completions``) are parsed and recorded; every other request is passed through untouched
+(method, path, query, headers except hop-by-hop ones, body and response streamed both ways).
+
+For an audited request the upstream's response bytes are relayed as they arrive; a copy of each
+complete NDJSON line (Ollama) or SSE ``data:`` line (OpenAI) is parsed and fed to the capture.
+Under strict durability the final piece (Ollama's ``"done": true`` line, the SSE
+``data: [DONE]`` event, an error event, or the whole body of a non-streamed response) is held
+until the record is on disk, then released; every other chunk goes out at once.
+
+Failures, each leaving exactly one record once the request was sent upstream:
+
+- the upstream cannot be reached: 502 in the client's dialect, no record (nothing was sent);
+- it fails or stalls past ``--upstream-timeout`` before answering: 502/504, ``upstream_error``;
+- it answers with an error status: relayed as it is, ``upstream_error`` with the status;
+- it cuts or stalls a stream: an error event in the dialect ends the stream, ``upstream_error``
+  with the tokens so far;
+- the client goes away mid-stream: the upstream request is closed, ``client_disconnect`` with the
+  tokens so far;
+- the proxy shuts down with the exchange in flight: ``interrupted``.
+
+Bodies the proxy cannot parse (bad JSON, bad UTF-8, not an object) or larger than
+``--max-body-bytes`` are refused (400 / 413 in the dialect) and never forwarded: forwarding what
+cannot be audited would let a parser difference carry content past the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .._capture import PATHS, Capture, Meta, loads, new_capture
+from .._ledger import AsyncLedger
+from .._record import new_event_id, now_rfc3339
+from ._config import ProxyConfig
+from ._identity import IDEMPOTENCY_HEADER, SESSION_HEADER, USER_HEADER, IdentityResolver, RetryIndex
+from ._tokendata import Strip, plan, strip_json, strip_line
+
+log = logging.getLogger("tokentrail.proxy")
+
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
+    )
+)
+_NOT_FORWARDED = frozenset(
+    h.lower() for h in ("Host", "Content-Length", USER_HEADER, SESSION_HEADER)
+)
+_ENCODINGS_WE_READ = ("gzip", "deflate", "identity")
+
+
+def _hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
+    extra = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
+    return _HOP_BY_HOP | extra
+
+
+def upstream_request_headers(headers: CIMultiDictProxy[str], *, audited: bool) -> CIMultiDict[str]:
+    """The client's headers as forwarded: no hop-by-hop, no Host, no identity headers."""
+    drop = _hop_by_hop(headers) | _NOT_FORWARDED
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    if audited and "Accept-Encoding" in out:
+        # Keep only encodings whose bytes the proxy can read a copy of.
+        accepted = [
+            t.strip()
+            for t in out.getone("Accept-Encoding").split(",")
+            if t.strip().split(";")[0].strip().lower() in _ENCODINGS_WE_READ
+        ]
+        out.popall("Accept-Encoding")
+        out["Accept-Encoding"] = ", ".join(accepted) if accepted else "identity"
+    return out
+
+
+def client_response_headers(
+    headers: CIMultiDictProxy[str], *, keep_length: bool
+) -> CIMultiDict[str]:
+    """The upstream's response headers as relayed: no hop-by-hop (and no length if re-framed)."""
+    drop = _hop_by_hop(headers)
+    if not keep_length:
+        drop = drop | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def dialect_of(path: str) -> str:
+    """``openai`` for ``/v1/...`` paths, else ``ollama``: the dialect of error bodies."""
+    return "openai" if path.startswith("/v1/") or path == "/v1" else "ollama"
+
+
+def error_body(
+    dialect: str, message: str, *, kind: str = "api_error", code: str | None = None
+) -> bytes:
+    """A JSON error in the client's dialect."""
+    if dialect == "openai":
+        return orjson.dumps(
+            {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        )
+    return orjson.dumps({"error": message})
+
+
+def error_response(
+    dialect: str, status: int, message: str, *, kind: str = "api_error", code: str | None = None
+) -> web.Response:
+    """A complete error response in the client's dialect."""
+    return web.Response(
+        status=status,
+        body=error_body(dialect, message, kind=kind, code=code),
+        content_type="application/json",
+    )
+
+
+class ModelDigests:
+    """Ollama model digests from ``GET /api/tags``, cached and refreshed after ``ttl`` seconds."""
+
+    def __init__(self, session: aiohttp.ClientSession, upstream: str, ttl: float) -> None:
+        self.session = session
+        self.url = upstream + "/api/tags"
+        self.ttl = ttl
+        self._digests: dict[str, str] = {}
+        self._fetched = float("-inf")
+        self._lock = asyncio.Lock()
+
+    def cached(self, model: str | None) -> str | None:
+        """The digest if it is known and fresh, without waiting (the common case)."""
+        if model and time.monotonic() - self._fetched <= self.ttl:
+            return self._find(model)
+        return None
+
+    async def lookup(self, model: str | None) -> str | None:
+        """The digest of ``model`` (``name`` or ``name:latest``), or None when unknown."""
+        if not model:
+            return None
+        found = self._find(model)
+        if found is None or time.monotonic() - self._fetched > self.ttl:
+            await self._refresh()
+            found = self._find(model)
+        return found
+
+    def _find(self, model: str) -> str | None:
+        return self._digests.get(model) or self._digests.get(f"{model}:latest")
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._fetched < 1.0:
+                return  # another request just refreshed
+            try:
+                timeout = aiohttp.ClientTimeout(total=5)
+                async with self.session.get(self.url, timeout=timeout) as resp:
+                    if resp.status != 200:
+                        return
+                    data = loads(await resp.read())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.debug("cannot read %s: %s", self.url, exc)
+                return
+            finally:
+                self._fetched = time.monotonic()
+            digests: dict[str, str] = {}
+            models = data.get("models") if isinstance(data, dict) else None
+            for m in models if isinstance(models, list) else []:
+                if isinstance(m, dict) and isinstance(m.get("digest"), str):
+                    for name in (m.get("name"), m.get("model")):
+                        if isinstance(name, str):
+                            digests[name] = m["digest"]
+            self._digests = digests
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _send(out: web.StreamResponse, data: bytes) -> None:
+    """Write to the client, turning a closed connection into :class:`_ClientGone`."""
+    try:
+        await out.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+        raise _ClientGone from exc
+
+
+@dataclass
+class _Exchange:
+    """The per-request state a handler carries to the record."""
+
+    api: str
+    dialect: str
+    capture: Capture
+    meta_base: dict[str, Any]
+    started: float
+    timestamp: str
+    event_id: str
+    user_id: str | None
+    session_id: str | None
+    digest_task: asyncio.Task[str | None] | None
+    first_token: float | None = None
+    status: int | None = None
+    recorded: bool = False
+
+
+class ProxyApp:
+    """The request handlers, bound to one ledger and one upstream session."""
+
+    def __init__(
+        self, config: ProxyConfig, ledger: AsyncLedger, session: aiohttp.ClientSession
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.session = session
+        self.identity = IdentityResolver(
+            config.api_keys, trust_headers=config.trust_identity_headers
+        )
+        self.retries = RetryIndex()
+        self.digests = ModelDigests(session, config.upstream, config.tags_ttl_s)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.upstream_timeout
+        )
+        self.records = 0
+
+    def build(self) -> web.Application:
+        """The aiohttp application: one catch-all route."""
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Dispatch: audited paths to :meth:`audited`, everything else passed through."""
+        ident = self.identity.resolve(request.headers)
+        if self.config.require_identity and ident.user_id is None:
+            return error_response(
+                dialect_of(request.path),
+                401,
+                "tokentrail: a known API key (or trusted identity header) is required",
+                kind="invalid_request_error",
+                code="invalid_api_key",
+            )
+        api = PATHS.get(request.path) if request.method == "POST" else None
+        if api is None:
+            return await self.passthrough(request)
+        return await self.audited(request, api, ident.user_id, ident.session_id)
+
+    # -- pass-through -------------------------------------------------------------------------
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Relay a request the proxy does not audit, streaming both bodies."""
+        url = self.config.upstream + request.raw_path
+        headers = upstream_request_headers(request.headers, audited=False)
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        data = request.content if request.body_exists else None
+        try:
+            upstream = await self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=self.timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status = 504 if isinstance(exc, TimeoutError) else 502
+            return error_response(dialect_of(request.path), status, f"tokentrail: upstream: {exc}")
+        async with upstream:
+            out = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=client_response_headers(upstream.headers, keep_length=True),
+            )
+            await out.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await _send(out, chunk)
+                await out.write_eof()
+            except _ClientGone:
+                pass
+            except (aiohttp.ClientError, TimeoutError):
+                if request.transport is not None:
+                    request.transport.close()  # mirror the upstream's cut to the client
+            return out
+
+    # -- audited ------------------------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.read(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+
+    async def audited(
+        self, request: web.Request, api: str, user_id: str | None, session_id: str | None
+    ) -> web.StreamResponse:
+        """Relay one audited exchange and record it."""
+        started = time.perf_counter()
+        timestamp = now_rfc3339()
+        dialect = "openai" if api.startswith("openai.") else "ollama"
+        try:
+            raw = await self._read_body(request)
+        except _BodyTooLarge:
+            resp = error_response(
+                dialect,
+                413,
+                f"tokentrail: request body exceeds {self.config.max_body_bytes} bytes",
+                kind="invalid_request_error",
+            )
+            resp.force_close()
+            return resp
+        try:
+            body = loads(raw)
+        except ValueError as exc:
+            return error_response(
+                dialect,
+                400,
+                f"tokentrail: request body is not valid JSON: {exc}",
+                kind="invalid_request_error",
+            )
+        if not isinstance(body, dict):
+            return error_response(
+                dialect,
+                400,
+                "tokentrail: request body must be a JSON object",
+                kind="invalid_request_error",
+            )
+
+        capture = new_capture(api, body)
+        new_body, strip = plan(api, body, self.config.request_token_data)
+        send = raw if new_body is None else orjson.dumps(new_body)
+        event_id = new_event_id()
+        meta_base: dict[str, Any] = {"stream": capture.stream}
+        if new_body is not None:
+            meta_base["token_data_requested"] = sorted(set(new_body) - set(body))
+        peer = request.remote
+        if peer:
+            meta_base["client.address"] = peer
+        idem = request.headers.get(IDEMPOTENCY_HEADER)
+        if idem:
+            idem = idem.strip()[:256]
+            meta_base["idempotency_key"] = idem
+            earlier = self.retries.claim(user_id, idem, event_id)
+            if earlier is not None:
+                meta_base["retry_of"] = earlier
+        digest_task = None
+        if dialect == "ollama":
+            known = self.digests.cached(capture.model)
+            if known is not None:
+                meta_base["_model_version"] = known
+            else:  # resolve beside the exchange, not before it
+                digest_task = asyncio.ensure_future(self.digests.lookup(capture.model))
+        ex = _Exchange(
+            api,
+            dialect,
+            capture,
+            meta_base,
+            started,
+            timestamp,
+            event_id,
+            user_id,
+            session_id,
+            digest_task,
+        )
+        headers = upstream_request_headers(request.headers, audited=True)
+        if strip:
+            headers["Accept-Encoding"] = "identity"  # the proxy edits the bytes it relays
+        try:
+            return await self._exchange(request, ex, send, headers, strip)
+        except asyncio.CancelledError:
+            if not ex.recorded:
+                await asyncio.shield(self._record(ex, "interrupted"))
+            raise
+        finally:
+            if digest_task is not None and not digest_task.done():
+                digest_task.cancel()
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        send: bytes,
+        headers: CIMultiDict[str],
+        strip: Strip,
+    ) -> web.StreamResponse:
+        url = self.config.upstream + request.raw_path
+        try:
+            upstream = await self.session.post(
+                url, data=send, headers=headers, timeout=self.timeout
+            )
+        except aiohttp.ClientConnectorError as exc:
+            self._release(ex)
+            return error_response(ex.dialect, 502, f"tokentrail: upstream unreachable: {exc}")
+        except TimeoutError:
+            ex.capture.error = f"upstream did not answer within {self.config.upstream_timeout:g}s"
+            await self._record(ex, "upstream_error", status=504)
+            return error_response(ex.dialect, 504, f"tokentrail: {ex.capture.error}")
+        except aiohttp.ClientError as exc:
+            ex.capture.error = f"upstream failed: {exc}"
+            await self._record(ex, "upstream_error", status=502)
+            return error_response(ex.dialect, 502, f"tokentrail: {ex.capture.error}")
+        async with upstream:
+            ex.status = upstream.status
+            ctype = upstream.headers.get("Content-Type", "")
+            if "ndjson" in ctype or "event-stream" in ctype:
+                return await self._relay_stream(
+                    request, ex, upstream, strip, sse="event-stream" in ctype
+                )
+            return await self._relay_body(request, ex, upstream, strip)
+
+    async def _relay_body(
+        self, request: web.Request, ex: _Exchange, upstream: aiohttp.ClientResponse, strip: Strip
+    ) -> web.StreamResponse:
+        try:
+            raw = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stalled = isinstance(exc, TimeoutError)
+            ex.capture.error = f"upstream {'stalled' if stalled else 'failed'}: {exc}"
+            await self._record(ex, "upstream_error")
+            return error_response(
+                ex.dialect, 504 if stalled else 502, f"tokentrail: {ex.capture.error}"
+            )
+        text = _decoded(raw, upstream.headers.get("Content-Encoding"))
+        try:
+            ex.capture.feed(loads(text))
+        except ValueError:
+            ex.capture.error = f"upstream sent a body that is not JSON (HTTP {upstream.status})"
+        if upstream.status >= 400 and ex.capture.error is None:
+            ex.capture.error = f"HTTP {upstream.status}"
+        stop = "upstream_error" if upstream.status >= 400 else None
+        if request.transport is None or request.transport.is_closing():
+            stop = "client_disconnect"
+        out_body = strip_json(raw, strip) if strip else raw
+        await self._record(ex, stop)
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            body=out_body,
+            headers=client_response_headers(upstream.headers, keep_length=False),
+        )
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        upstream: aiohttp.ClientResponse,
+        strip: Strip,
+        *,
+        sse: bool,
+    ) -> web.StreamResponse:
+        encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+        inflate = _inflater(encoding)
+        out = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream.headers, keep_length=not strip),
+        )
+        strict = self.config.durability == "strict"
+        capture = ex.capture
+        pending = b""  # decoded bytes of an incomplete line
+        held: list[bytes] = []  # the final piece, released after the record (strict)
+        holding = False
+        stop: str | None = None
+        try:
+            await out.prepare(request)
+            async for data in upstream.content.iter_any():
+                pending += inflate(data) if inflate is not None else data
+                cut = pending.rfind(b"\n") + 1
+                lines: list[bytes] = []
+                if cut:
+                    lines = pending[:cut].splitlines(keepends=True)
+                    pending = pending[cut:]
+                if inflate is not None:
+                    # Compressed bytes cannot be split at a line: relay or hold whole chunks.
+                    for line in lines:
+                        if not holding:
+                            holding = self._feed_line(ex, line, sse) and strict
+                    if holding:
+                        held.append(data)
+                    else:
+                        await _send(out, data)
+                    continue
+                relay: list[bytes] = []
+                for line in lines:
+                    if not holding:
+                        holding = self._feed_line(ex, line, sse) and strict
+                    (held if holding else relay).append(
+                        strip_line(line, strip, sse=sse) if strip else line
+                    )
+                if relay:
+                    await _send(out, b"".join(relay))
+            if pending:  # a last line without its newline
+                if not holding:
+                    holding = self._feed_line(ex, pending, sse) and strict
+                if inflate is None:
+                    tail = strip_line(pending, strip, sse=sse) if strip else pending
+                    if holding:
+                        held.append(tail)
+                    else:
+                        await _send(out, tail)
+        except _ClientGone:
+            stop = "client_disconnect"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stalled = isinstance(exc, TimeoutError)
+            capture.error = f"upstream {'stalled' if stalled else 'closed the stream'}: {exc}"
+            stop = "upstream_error"
+            held.append(self._error_event(ex, capture.error, sse))
+        if stop is None and not capture.finished and capture.error is None:
+            capture.error = "upstream closed the stream before its end"
+            stop = "upstream_error"
+            held.append(self._error_event(ex, capture.error, sse))
+        if stop == "client_disconnect":
+            upstream.close()
+        await self._record(ex, stop)
+        if stop == "client_disconnect":
+            return out
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            if held:
+                await out.write(b"".join(held))
+            await out.write_eof()
+        return out
+
+    def _feed_line(self, ex: _Exchange, line: bytes, sse: bool) -> bool:
+        """Feed one line's JSON to the capture; True when it is the stream's final piece."""
+        body = line.strip()
+        if sse:
+            if not body.startswith(b"data:"):
+                return False
+            body = body[5:].strip()
+            if body == b"[DONE]":
+                ex.capture.finished = True
+                return True
+        if not body:
+            return False
+        try:
+            chunk = loads(body)
+        except ValueError:
+            return False
+        if ex.capture.feed(chunk) and ex.first_token is None:
+            ex.first_token = time.perf_counter()
+        if ex.capture.error is not None:
+            return True
+        return (not sse) and ex.capture.finished
+
+    def _error_event(self, ex: _Exchange, message: str, sse: bool) -> bytes:
+        body = error_body(ex.dialect, f"tokentrail: {message}", kind="api_error")
+        return b"data: " + body + b"\n\n" if sse else body + b"\n"
+
+    def _release(self, ex: _Exchange) -> None:
+        key = ex.meta_base.get("idempotency_key")
+        if isinstance(key, str):
+            self.retries.release(ex.user_id, key, ex.event_id)
+
+    async def _record(self, ex: _Exchange, stop: str | None, *, status: int | None = None) -> None:
+        """Build the exchange and append it (strict: returns once it is on disk)."""
+        if ex.recorded:
+            return
+        ex.recorded = True
+        now = time.perf_counter()
+        model_version = ex.meta_base.pop("_model_version", None)
+        if ex.digest_task is not None:
+            try:
+                model_version = await asyncio.wait_for(asyncio.shield(ex.digest_task), 2.0)
+            except (TimeoutError, asyncio.CancelledError):
+                model_version = None
+        meta = Meta(
+            timestamp=ex.timestamp,
+            event_id=ex.event_id,
+            request_duration_ms=(now - ex.started) * 1000.0,
+            time_to_first_token_ms=None
+            if ex.first_token is None
+            else (ex.first_token - ex.started) * 1000.0,
+            user_id=ex.user_id,
+            session_id=ex.session_id,
+            model_version=model_version,
+            status=status if status is not None else ex.status,
+            extra=ex.meta_base,
+        )
+        exchange = ex.capture.finish(meta, stop)
+        try:
+            await self.ledger.append(exchange)
+        except Exception:
+            log.exception("could not record exchange %s", ex.event_id)
+            raise
+        self.records += 1
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _inflater(encoding: str) -> Any:
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        d = zlib.decompressobj(47)  # zlib or gzip header, detected
+        return d.decompress
+    return None
+
+
+def _decoded(raw: bytes, encoding: str | None) -> bytes:
+    if encoding and encoding.lower() in ("gzip", "x-gzip", "deflate"):
+        with contextlib.suppress(zlib.error):
+            return zlib.decompress(raw, 47)
+    return raw

@@ -1,0 +1,758 @@
+"""Unit tests of the capture dialects, fed wire samples copied from the upstream API docs.
+
+Sources of the samples:
+- Ollama ``docs/api.md`` ("Generate a completion", "Generate a chat completion" examples);
+- OpenAI API reference, "The chat completion object", "The chat completion chunk object",
+  "The completion object" and the ``logprobs`` example of "Create chat completion";
+- llama.cpp ``tools/server/README.md`` (``probs`` entries with ``id``, ``token``, ``bytes``);
+- vLLM ``protocol.py`` (``return_token_ids``: ``prompt_token_ids`` in the first chunk,
+  ``token_ids`` per chunk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import pytest
+
+from tokentrail._capture import (
+    Meta,
+    OllamaCapture,
+    OpenAICapture,
+    entry_token,
+    loads,
+    new_capture,
+    render_messages,
+    split_context,
+)
+from tokentrail._record import Exchange, clean_text, token_hash
+
+META = Meta(timestamp="2024-01-01T00:00:00.000000Z", event_id="e-1", request_duration_ms=12.5)
+
+
+def run(capture: Any, chunks: list[Any], **kw: Any) -> Exchange:
+    for chunk in chunks:
+        capture.feed(chunk)
+    exchange: Exchange = capture.finish(META, **kw)
+    exchange.fields()  # serialisable, no clash with record fields
+    return exchange
+
+
+class TestOllamaGenerate:
+    """``/api/generate``, streamed and not."""
+
+    STREAM: ClassVar[list[dict[str, Any]]] = [
+        {
+            "model": "llama3.2",
+            "created_at": "2023-08-04T08:52:19.385406455-07:00",
+            "response": "The",
+            "done": False,
+        },
+        {
+            "model": "llama3.2",
+            "created_at": "2023-08-04T08:52:19.385406455-07:00",
+            "response": " sky",
+            "done": False,
+        },
+        {
+            "model": "llama3.2",
+            "created_at": "2023-08-04T19:22:45.499127Z",
+            "response": "",
+            "done": True,
+            "done_reason": "stop",
+            "context": [10, 11, 12, 13, 20, 21],
+            "total_duration": 10706818083,
+            "load_duration": 6338219291,
+            "prompt_eval_count": 4,
+            "prompt_eval_duration": 130079000,
+            "eval_count": 2,
+            "eval_duration": 4232710000,
+        },
+    ]
+
+    def test_stream_text_context_and_counts(self) -> None:
+        """The fragments join into the output; the context splits at prompt_eval_count."""
+        ex = run(
+            OllamaCapture({"model": "llama3.2", "prompt": "Why is the sky blue?"}, chat=False),
+            self.STREAM,
+        )
+        assert (ex.output_text, ex.input_text) == ("The sky", "Why is the sky blue?")
+        assert (ex.input_tokens, ex.output_tokens) == ([10, 11, 12, 13], [20, 21])
+        assert (
+            ex.input_token_source,
+            ex.output_token_source,
+        ) == ("upstream-context", "upstream-context")
+        assert ex.stop_reason == "stop"
+        assert ex.extra["gen_ai.usage.input_tokens"] == 4
+        assert ex.extra["gen_ai.usage.output_tokens"] == 2
+        assert ex.extra["gen_ai.response.finish_reasons"] == ["stop"]
+        assert ex.extra["ollama.context_split"]["counts_agree"] is True
+
+    def test_docs_placeholder_context(self) -> None:
+        """The docs' ``[1, 2, 3]`` context cannot hold 26 + 290 tokens: all input, no output."""
+        final = {
+            "model": "llama3.2",
+            "created_at": "2023-08-04T19:22:45.499127Z",
+            "response": "The sky is blue because it is the color of the sky.",
+            "done": True,
+            "context": [1, 2, 3],
+            "total_duration": 5043500667,
+            "load_duration": 5025959,
+            "prompt_eval_count": 26,
+            "prompt_eval_duration": 325953000,
+            "eval_count": 290,
+            "eval_duration": 4709213000,
+        }
+        ex = run(
+            OllamaCapture({"model": "llama3.2", "prompt": "Why?", "stream": False}, chat=False),
+            [final],
+        )
+        assert ex.input_tokens == [1, 2, 3]
+        assert (ex.output_tokens, ex.output_token_source) == (None, "none")
+        assert ex.stop_reason == "stop"  # done without done_reason (before 0.1.32)
+
+    def test_logprobs_beat_context_for_output(self) -> None:
+        """Ollama >= 0.12.11 logprobs give pieces; bytes that are not UTF-8 stay byte lists."""
+        chunks = [
+            {
+                "model": "m",
+                "response": "Hi",
+                "done": False,
+                "logprobs": [{"token": "Hi", "logprob": -0.1}],
+            },
+            {
+                "model": "m",
+                "response": "\ufffd",
+                "done": False,
+                "logprobs": [{"token": "\ufffd", "logprob": -0.2, "bytes": [0xE2, 0x80]}],
+            },
+            {
+                "model": "m",
+                "response": "",
+                "done": True,
+                "done_reason": "length",
+                "context": [1, 2, 3, 4],
+                "prompt_eval_count": 2,
+                "eval_count": 2,
+            },
+        ]
+        ex = run(OllamaCapture({"model": "m", "prompt": "p"}, chat=False), chunks)
+        assert (
+            ex.output_tokens,
+            ex.output_token_source,
+        ) == (["Hi", [0xE2, 0x80]], "upstream-pieces")
+        assert (ex.input_tokens, ex.input_token_source) == ([1, 2], "upstream-context")
+        assert ex.extra["output_logprobs"] == [-0.1, -0.2]
+        assert ex.stop_reason == "length"
+
+    def test_partial_logprobs_are_not_reported(self) -> None:
+        """A chunk with output but no logprobs makes the piece sequence incomplete: none."""
+        chunks = [
+            {
+                "model": "m",
+                "response": "a",
+                "done": False,
+                "logprobs": [{"token": "a", "logprob": 0.0}],
+            },
+            {"model": "m", "response": "b", "done": False},
+            {"model": "m", "response": "", "done": True, "done_reason": "stop"},
+        ]
+        ex = run(OllamaCapture({"model": "m", "prompt": "p"}, chat=False), chunks)
+        assert (ex.output_tokens, ex.output_token_source) == (None, "none")
+        assert token_hash(None) == ex.fields()["output_hash"]
+
+    def test_cut_stream_is_upstream_error(self) -> None:
+        """A stream that ends before ``done`` keeps its text and says upstream_error."""
+        ex = run(OllamaCapture({"model": "m", "prompt": "p"}, chat=False), self.STREAM[:1])
+        assert (ex.output_text, ex.stop_reason) == ("The", "upstream_error")
+
+    def test_error_line(self) -> None:
+        """An ``{"error": ...}`` line is recorded with its message."""
+        ex = run(
+            OllamaCapture({"model": "m", "prompt": "p"}, chat=False),
+            [{"error": "model 'm' not found"}],
+        )
+        assert ex.stop_reason == "upstream_error"
+        assert ex.extra["error_message"] == "model 'm' not found"
+
+    def test_override_stop_reason(self) -> None:
+        """The caller's stop reason (client_disconnect) wins over the upstream's."""
+        ex = run(
+            OllamaCapture({"model": "m", "prompt": "p"}, chat=False),
+            self.STREAM[:2],
+            stop_reason="client_disconnect",
+        )
+        assert (ex.output_text, ex.stop_reason) == ("The sky", "client_disconnect")
+
+
+class TestOllamaChat:
+    """``/api/chat``."""
+
+    def test_tool_call_response(self) -> None:
+        """The docs' tool-call example: empty text, the call in the output messages."""
+        body = {
+            "model": "llama3.2",
+            "created_at": "2024-07-22T20:33:28.123648Z",
+            "message": {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "function": {
+                            "name": "get_current_weather",
+                            "arguments": {"format": "celsius", "location": "Paris, FR"},
+                        }
+                    }
+                ],
+            },
+            "done_reason": "stop",
+            "done": True,
+            "total_duration": 885095291,
+            "load_duration": 3753500,
+            "prompt_eval_count": 122,
+            "prompt_eval_duration": 328493000,
+            "eval_count": 33,
+            "eval_duration": 552222000,
+        }
+        req = {
+            "model": "llama3.2",
+            "stream": False,
+            "messages": [{"role": "user", "content": "What is the weather today in Paris?"}],
+        }
+        ex = run(OllamaCapture(req, chat=True), [body])
+        assert ex.input_text == "user: What is the weather today in Paris?"
+        assert (ex.output_text, ex.output_token_source, ex.api) == ("", "none", "ollama.chat")
+        parts = ex.extra["gen_ai.output.messages"][0]["parts"]
+        expected = {
+            "type": "tool_call",
+            "name": "get_current_weather",
+            "arguments": {"format": "celsius", "location": "Paris, FR"},
+        }
+        assert [expected] == parts
+        assert ex.extra["gen_ai.usage.input_tokens"] == 122
+
+    def test_stream_chat(self) -> None:
+        """Streamed chat fragments join; the request body is stored as sent."""
+        req = {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": "why is the sky blue?"}],
+        }
+        chunks = [
+            {
+                "model": "llama3.2",
+                "created_at": "2023-08-04T08:52:19.385406455-07:00",
+                "message": {"role": "assistant", "content": "The", "images": None},
+                "done": False,
+            },
+            {
+                "model": "llama3.2",
+                "created_at": "2023-08-04T19:22:45.499127Z",
+                "done": True,
+                "total_duration": 4883583458,
+                "load_duration": 1334875,
+                "prompt_eval_count": 26,
+                "prompt_eval_duration": 342546000,
+                "eval_count": 282,
+                "eval_duration": 4535599000,
+            },
+        ]
+        ex = run(OllamaCapture(req, chat=True), chunks)
+        assert ("The", req) == (ex.output_text, ex.extra["request_body"])
+        assert None is ex.input_tokens
+
+
+class TestSplitContext:
+    """The documented context split rule."""
+
+    @pytest.mark.parametrize(
+        ("p", "e", "split"),
+        [
+            (4, 2, 4),  # counts agree
+            (5, 2, 5),  # p counts a BOS the context lacks: trust p
+            (4, 3, 4),  # e counts an EOS (or a trimmed stop sequence): trust p
+            (2, 2, 4),  # p short (cached prefix uncounted): n - e
+            (None, 2, 4),  # only e
+            (4, None, 4),  # only p
+            (None, None, 6),  # nothing known: all input
+            (9, 9, 6),  # nonsense counts: all input
+        ],
+    )
+    def test_split(self, p: int | None, e: int | None, split: int) -> None:
+        """Input + output is always the context, split where the rule says."""
+        ctx = [1, 2, 3, 4, 5, 6]
+        inp, out, how = split_context(ctx, p, e)
+        assert split == how["split_at"]
+        assert ctx == inp + (out or [])
+        assert ctx[:split] == inp
+
+
+class TestOpenAIChat:
+    """``/v1/chat/completions``."""
+
+    BODY: ClassVar[dict[str, Any]] = {
+        "id": "chatcmpl-123",
+        "object": "chat.completion",
+        "created": 1677652288,
+        "model": "gpt-4o-mini",
+        "system_fingerprint": "fp_44709d6fcb",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "\n\nHello there, how may I assist you today?",
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
+    }
+    REQ: ClassVar[dict[str, Any]] = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Hello!"},
+        ],
+    }
+
+    def test_non_streamed(self) -> None:
+        """The reference's chat.completion object: text, usage, id, model@fingerprint."""
+        ex = run(OpenAICapture(self.REQ, chat=True), [self.BODY])
+        assert ex.output_text == "\n\nHello there, how may I assist you today?"
+        assert ex.input_text == "system: You are helpful.\nuser: Hello!"
+        assert ex.model_version == "gpt-4o-mini@fp_44709d6fcb"
+        assert (
+            ex.extra["gen_ai.response.id"],
+            ex.extra["gen_ai.usage.input_tokens"],
+            ex.extra["gen_ai.usage.output_tokens"],
+        ) == ("chatcmpl-123", 9, 12)
+        assert (
+            ex.stop_reason,
+            ex.input_token_source,
+            ex.output_token_source,
+        ) == ("stop", "none", "none")
+
+    def test_stream_with_logprobs_and_usage(self) -> None:
+        """Chunks with logprobs ``bytes`` give pieces; the include_usage chunk gives counts."""
+        base = {
+            "id": "chatcmpl-123",
+            "object": "chat.completion.chunk",
+            "created": 1694268190,
+            "model": "gpt-4o-mini",
+            "system_fingerprint": "fp_44709d6fcb",
+        }
+        chunks = [
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": {"content": []},
+                        "finish_reason": None,
+                    }
+                ],
+                "usage": None,
+            },
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": "Hello"},
+                        "logprobs": {
+                            "content": [
+                                {
+                                    "token": "Hello",
+                                    "logprob": -0.31725305,
+                                    "bytes": [72, 101, 108, 108, 111],
+                                    "top_logprobs": [],
+                                }
+                            ]
+                        },
+                        "finish_reason": None,
+                    }
+                ],
+                "usage": None,
+            },
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": "!"},
+                        "logprobs": {
+                            "content": [
+                                {
+                                    "token": "!",
+                                    "logprob": -0.02380986,
+                                    "bytes": [33],
+                                    "top_logprobs": [],
+                                }
+                            ]
+                        },
+                        "finish_reason": None,
+                    }
+                ],
+                "usage": None,
+            },
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+                "usage": None,
+            },
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+            },
+        ]
+        cap = OpenAICapture({**self.REQ, "stream": True, "logprobs": True}, chat=True)
+        ex = run(cap, chunks)
+        assert (ex.output_tokens, ex.output_token_source) == (["Hello", "!"], "upstream-pieces")
+        assert (
+            ex.output_text,
+            ex.stop_reason,
+            ex.extra["gen_ai.usage.output_tokens"],
+        ) == ("Hello!", "stop", 2)
+
+    def test_stream_tool_call_pieces(self) -> None:
+        """Tool-call arguments streamed in pieces are joined per call index."""
+        chunks = [
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "call_1",
+                                    "type": "function",
+                                    "function": {"name": "get_weather", "arguments": ""},
+                                }
+                            ],
+                        },
+                        "finish_reason": None,
+                    }
+                ],
+            },
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"loc'}}]},
+                        "finish_reason": None,
+                    }
+                ],
+            },
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [{"index": 0, "function": {"arguments": '":"Paris"}'}}]
+                        },
+                        "finish_reason": None,
+                    }
+                ],
+            },
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": "m",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+            },
+        ]
+        ex = run(OpenAICapture({"model": "m", "messages": [], "stream": True}, chat=True), chunks)
+        call = ex.extra["gen_ai.output.messages"][0]["parts"][0]
+        assert call == {
+            "type": "tool_call",
+            "name": "get_weather",
+            "id": "call_1",
+            "arguments": '{"loc":"Paris"}',
+        }
+        assert (ex.stop_reason, ex.model_version) == ("tool_calls", "m")
+
+    def test_llamacpp_ids(self) -> None:
+        """llama.cpp logprobs entries carry ``id``: upstream-ids beat pieces."""
+        body = {
+            "id": "x",
+            "object": "chat.completion",
+            "model": "llama",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hi there"},
+                    "logprobs": {
+                        "content": [
+                            {
+                                "id": 13347,
+                                "token": "Hi",
+                                "bytes": [72, 105],
+                                "logprob": -0.5,
+                                "top_logprobs": [],
+                            },
+                            {
+                                "id": 1070,
+                                "token": " there",
+                                "bytes": [32, 116, 104, 101, 114, 101],
+                                "logprob": -0.1,
+                                "top_logprobs": [],
+                            },
+                        ]
+                    },
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        ex = run(OpenAICapture({"model": "llama", "messages": []}, chat=True), [body])
+        assert (ex.output_tokens, ex.output_token_source) == ([13347, 1070], "upstream-ids")
+
+    def test_vllm_token_ids_stream(self) -> None:
+        """vLLM return_token_ids: prompt ids in the first chunk, token_ids in each."""
+        chunks = [
+            {
+                "id": "v",
+                "object": "chat.completion.chunk",
+                "model": "q",
+                "prompt_token_ids": [1, 2, 3],
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                        "token_ids": [],
+                    }
+                ],
+            },
+            {
+                "id": "v",
+                "object": "chat.completion.chunk",
+                "model": "q",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": "Yes"},
+                        "logprobs": None,
+                        "finish_reason": None,
+                        "token_ids": [9454],
+                    }
+                ],
+            },
+            {
+                "id": "v",
+                "object": "chat.completion.chunk",
+                "model": "q",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": "."},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                        "token_ids": [13],
+                    }
+                ],
+            },
+        ]
+        ex = run(OpenAICapture({"model": "q", "messages": [], "stream": True}, chat=True), chunks)
+        assert (ex.input_tokens, ex.input_token_source) == ([1, 2, 3], "upstream-ids")
+        assert (ex.output_tokens, ex.output_token_source) == ([9454, 13], "upstream-ids")
+
+    def test_error_body(self) -> None:
+        """An OpenAI error object is recorded as upstream_error with its message."""
+        err = {
+            "error": {
+                "message": "The model `x` does not exist",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+        }
+        ex = run(OpenAICapture({"model": "x", "messages": []}, chat=True), [err])
+        assert (
+            ex.stop_reason,
+            ex.extra["error_message"],
+        ) == ("upstream_error", "The model `x` does not exist")
+
+
+class TestOpenAICompletions:
+    """``/v1/completions``."""
+
+    def test_reference_object(self) -> None:
+        """The reference's text_completion object."""
+        body = {
+            "id": "cmpl-uqkvlQyYK7bGYrRHQ0eXlWi7",
+            "object": "text_completion",
+            "created": 1589478378,
+            "model": "gpt-3.5-turbo-instruct",
+            "system_fingerprint": "fp_44709d6fcb",
+            "choices": [
+                {
+                    "text": "\n\nThis is indeed a test",
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        }
+        ex = run(
+            OpenAICapture(
+                {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test"}, chat=False
+            ),
+            [body],
+        )
+        assert (
+            ex.input_text,
+            ex.output_text,
+            ex.stop_reason,
+        ) == ("Say this is a test", "\n\nThis is indeed a test", "length")
+        assert ex.api == "openai.completions"
+
+    def test_legacy_logprobs(self) -> None:
+        """Legacy ``logprobs.tokens`` give pieces, decoding ``bytes:\\xNN``."""
+        body = {
+            "id": "c",
+            "object": "text_completion",
+            "model": "m",
+            "choices": [
+                {
+                    "text": "a\u2019",
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "logprobs": {
+                        "tokens": ["a", "bytes:\\xe2\\x80", "bytes:\\x99"],
+                        "token_logprobs": [-1.0, -2.0, -3.0],
+                        "top_logprobs": None,
+                        "text_offset": [0, 1, 1],
+                    },
+                }
+            ],
+        }
+        ex = run(OpenAICapture({"model": "m", "prompt": ["p"]}, chat=False), [body])
+        assert (
+            ex.output_tokens,
+            ex.output_token_source,
+        ) == (["a", [0xE2, 0x80], [0x99]], "upstream-pieces")
+        assert ex.input_text == "p"
+
+    def test_vllm_prompt_ids_on_choice(self) -> None:
+        """vLLM completions put prompt_token_ids on the choice."""
+        body = {
+            "id": "c",
+            "object": "text_completion",
+            "model": "m",
+            "choices": [
+                {
+                    "text": "x",
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                    "prompt_token_ids": [5, 6],
+                    "token_ids": [7],
+                }
+            ],
+        }
+        ex = run(OpenAICapture({"model": "m", "prompt": "p"}, chat=False), [body])
+        assert (ex.input_tokens, ex.output_tokens) == ([5, 6], [7])
+
+
+class TestHelpers:
+    """Pieces, rendering and parsing."""
+
+    @pytest.mark.parametrize(
+        ("entry", "expected"),
+        [
+            ({"token": "Hi", "bytes": [72, 105]}, (None, "Hi")),
+            ({"token": "?", "bytes": [0xFF]}, (None, [0xFF])),
+            ({"token": "token_id:42"}, (42, None)),
+            ({"id": 7, "token": "x"}, (7, "x")),
+            ({"token": "bytes:\\xe2"}, (None, [0xE2])),
+            ({"logprob": 0.0}, (None, None)),
+        ],
+    )
+    def test_entry_token(self, entry: dict[str, Any], expected: tuple[Any, Any]) -> None:
+        """Bytes win over token text; ids are read from ``id`` and ``token_id:N``."""
+        assert expected == entry_token(entry)
+
+    def test_render_messages(self) -> None:
+        """Parts, images and tool calls render as documented."""
+        msgs = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "x"}},
+                ],
+            },
+            {"role": "user", "content": "this", "images": ["b64"]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"a":1}'},
+                    }
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "g", "arguments": {"b": "é"}}}],
+            },
+        ]
+        expected = (
+            "user: look[image_url]\nuser: this [image]\n"
+            'assistant:  [tool_call f {"a":1}]\nassistant:  [tool_call g {"b":"é"}]'
+        )
+        assert expected == render_messages(msgs)
+        assert None is render_messages("nope")
+
+    def test_loads_lone_surrogate(self) -> None:
+        """A lone surrogate escape parses (cleaned as the record cleans text) instead of failing."""
+        assert {"a": clean_text("x\ud800")} == loads(b'{"a": "x\\ud800"}')
+        with pytest.raises(ValueError):
+            loads(b"\xff{")
+
+    def test_new_capture(self) -> None:
+        """Each api gets its dialect."""
+        assert new_capture("ollama.chat", {}).api == "ollama.chat"
+        with pytest.raises(ValueError):
+            new_capture("nope", {})
+
+    def test_record_roundtrip(self) -> None:
+        """A captured exchange serialises to I-JSON with the seed hash over its tokens."""
+        ex = run(
+            OllamaCapture({"model": "m", "prompt": "p", "stream": False}, chat=False),
+            [
+                {
+                    "model": "m",
+                    "response": "r",
+                    "done": True,
+                    "done_reason": "stop",
+                    "context": [1, 2],
+                    "prompt_eval_count": 1,
+                    "eval_count": 1,
+                }
+            ],
+        )
+        fields = ex.fields()
+        assert hashlib.sha256(json.dumps([1]).encode()).hexdigest() == fields["input_hash"]

@@ -1,0 +1,708 @@
+"""The real proxy, as a subprocess, in front of the simulator, driven by the official clients.
+
+Each test asserts that (a) the client receives what it receives from the simulator directly
+(raw bytes compared with httpx, apart from connection headers and the values the simulator
+makes up per response: ids, timestamps, durations, OpenAI's ``obfuscation`` padding), and
+(b) exactly one record per exchange that reached the upstream lands in the ledger, with the
+right tokens and sources, chained by ``prev_hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tokentrail._proxy import build_config, serve_command
+from tokentrail._proxy._config import key_digest
+from tokentrail._sim import SimConfig, sim_in_thread
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MODEL = "llama3.2:1b"
+OLLAMA_MODES = ("ollama-0.4", "ollama")
+OPENAI_MODES = ("openai", "llamacpp", "vllm")
+CONNECTION_HEADERS = {
+    "date",
+    "server",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "content-length",
+}
+_VOLATILE = [
+    (re.compile(rb'"(created_at|expires_at|id)":"[^"]*"'), rb'"\1":"*"'),
+    (re.compile(rb'"(created|[a-z_]*duration)":\d+'), rb'"\1":0'),
+    (re.compile(rb'"obfuscation":"[^"]*"'), rb'"obfuscation":"*"'),
+    (re.compile(rb'"timings":\{[^}]*\}'), rb'"timings":{}'),
+]
+
+
+def normalize(data: bytes) -> bytes:
+    """The bytes with the simulator's per-response values (ids, clocks) blanked."""
+    for pattern, repl in _VOLATILE:
+        data = pattern.sub(repl, data)
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ProxyProc:
+    """A proxy subprocess and its ledger."""
+
+    url: str
+    ledger: Path
+    log_id: str
+    proc: subprocess.Popen[bytes]
+    stderr: list[str] = field(default_factory=list)
+    verifier: str = ""
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the log, in order, after checking seq and the prev_hash chain."""
+        files = sorted((self.ledger / "logs" / self.log_id / "segments").glob("*/*.jsonl"))
+        lines = [ln for f in files for ln in f.read_bytes().split(b"\n") if ln]
+        out: list[dict[str, Any]] = []
+        prev = "0" * 64
+        for seq, line in enumerate(lines):
+            rec = json.loads(line)
+            assert (seq, prev) == (rec["seq"], rec["prev_hash"])
+            assert (
+                rec["input_hash"]
+                == hashlib.sha256(json.dumps(rec["input_tokens"]).encode()).hexdigest()
+            )
+            assert (
+                rec["output_hash"]
+                == hashlib.sha256(json.dumps(rec["output_tokens"]).encode()).hexdigest()
+            )
+            prev = hashlib.sha256(b"\x00" + line).hexdigest()
+            out.append(rec)
+        return out
+
+    def new_records(self, before: int) -> list[dict[str, Any]]:
+        """Records appended after the first ``before``."""
+        return self.records()[before:]
+
+    def verify(self, state: Path) -> subprocess.CompletedProcess[str]:
+        """``tokentrail verify`` over this proxy's ledger with its verifier key."""
+        return subprocess.run(
+            [sys.executable, "-m", "tokentrail", "verify", "--ledger", str(self.ledger),
+             "--public-key", self.verifier, "--state", str(state), "--require-sealed"],
+            env=_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def start_proxy(tmp: Path, upstream: str, *args: str, log_id: str = "test") -> ProxyProc:
+    """Start ``tokentrail serve`` in a subprocess on a free port; wait until it listens."""
+    ledger = tmp / "ledger"
+    cmd = [
+        sys.executable,
+        "-m", "tokentrail", "serve",
+        "--upstream", upstream,
+        "--listen", "127.0.0.1:0",
+        "--ledger", str(ledger),
+        "--key", str(tmp / "signing.key"),
+        "--log-id", log_id,
+        *args,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    url = None
+    for raw in proc.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        lines.append(line)
+        if "listening on " in line:
+            url = line.split("listening on ", 1)[1].strip()
+            break
+    if url is None:
+        proc.wait()
+        raise AssertionError("proxy did not start:\n" + "\n".join(lines))
+    verifier = next(ln.split("verifier key ", 1)[1] for ln in lines if "verifier key " in ln)
+    stream = proc.stderr
+
+    def drain() -> None:
+        for raw in stream:
+            lines.append(raw.decode(errors="replace").rstrip())
+
+    threading.Thread(target=drain, daemon=True).start()
+    return ProxyProc(url, ledger, log_id, proc, lines, verifier)
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[dict[str, str]]:
+    """One simulator per mode, in background threads (deterministic, no delays)."""
+    with ExitStack() as stack:
+        yield {
+            m: stack.enter_context(sim_in_thread(SimConfig(mode=m)))
+            for m in (*OLLAMA_MODES, *OPENAI_MODES)
+        }
+
+
+@pytest.fixture(scope="module")
+def proxies(
+    sims: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ProxyProc]]:
+    """One proxy (strict durability) per simulator mode."""
+    procs = {m: start_proxy(tmp_path_factory.mktemp(m), url) for m, url in sims.items()}
+    try:
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+    for m, p in procs.items():  # every ledger the module wrote verifies after a clean stop
+        result = p.verify(tmp_path_factory.mktemp(f"state-{m}"))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start extra proxies with their own options; stopped after the test."""
+    started: list[ProxyProc] = []
+
+    def make(upstream: str, *args: str) -> ProxyProc:
+        p = start_proxy(tmp_path / f"p{len(started)}", upstream, *args)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def same_response(direct: httpx.Response, proxied: httpx.Response) -> None:
+    """Status, headers (apart from connection headers) and normalised bytes agree."""
+    assert direct.status_code == proxied.status_code
+    d = {k: v for k, v in direct.headers.items() if k.lower() not in CONNECTION_HEADERS}
+    p = {k: v for k, v in proxied.headers.items() if k.lower() not in CONNECTION_HEADERS}
+    assert d == p
+    assert normalize(direct.content) == normalize(proxied.content)
+
+
+OLLAMA_CASES = [
+    ("/api/generate", {"model": MODEL, "prompt": "Why is the sky blue?"}),
+    ("/api/generate", {"model": MODEL, "prompt": "Why is the sky blue?", "stream": False}),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}]}),
+    (
+        "/api/chat",
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "stream": False},
+    ),
+]
+OPENAI_CASES = [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True},
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time"}),
+    ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "stream": True}),
+]
+ALL_CASES = [(m, path, body) for m in OLLAMA_MODES for path, body in OLLAMA_CASES] + [
+    (m, path, body) for m in OPENAI_MODES for path, body in OPENAI_CASES
+]
+
+
+class TestTransparency:
+    """The client's bytes are unchanged and each exchange leaves one record."""
+
+    @pytest.mark.parametrize(("mode", "path", "body"), ALL_CASES)
+    def test_raw_bytes(
+        self,
+        sims: dict[str, str],
+        proxies: dict[str, ProxyProc],
+        mode: str,
+        path: str,
+        body: dict[str, Any],
+    ) -> None:
+        """Raw response bytes through the proxy equal those from the simulator directly."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims[mode] + path, json=body)
+            proxied = client.post(proxy.url + path, json=body)
+        same_response(direct, proxied)
+        (rec,) = proxy.new_records(before)
+        assert body == rec["request_body"]
+        assert (rec["model"], rec["http.response.status_code"]) == (MODEL, 200)
+        assert rec["stop_reason"] in ("stop", "length")
+        assert rec["output_text"]
+        if path == "/api/generate":  # both Ollama versions still return context
+            assert (
+                rec["input_token_source"],
+                rec["output_token_source"],
+            ) == ("upstream-context", "upstream-context")
+            last = json.loads(proxied.content.strip().split(b"\n")[-1])
+            assert last["context"] == rec["input_tokens"] + rec["output_tokens"]
+            assert rec["ollama.context_split"]["counts_agree"]
+        else:
+            assert (rec["output_token_source"], rec["output_tokens"]) == ("none", None)
+
+    def test_passthrough_paths(self, sims: dict[str, str], proxies: dict[str, ProxyProc]) -> None:
+        """Unaudited paths (and an unknown one) pass through untouched, with no record."""
+        cases = [
+            ("ollama", "GET", "/api/tags"),
+            ("ollama", "GET", "/api/version"),
+            ("ollama", "POST", "/api/show"),
+            ("ollama", "GET", "/api/nope"),
+            ("openai", "GET", "/v1/models"),
+            ("openai", "GET", "/no/such/path"),
+        ]
+        for mode, method, path in cases:
+            proxy = proxies[mode]
+            before = len(proxy.records())
+            with httpx.Client(timeout=30) as client:
+                body = {"model": MODEL} if method == "POST" else None
+                direct = client.request(method, sims[mode] + path, json=body)
+                proxied = client.request(method, proxy.url + path, json=body)
+            same_response(direct, proxied)
+            assert proxy.new_records(before) == []
+
+
+class TestOfficialClients:
+    """The ``ollama`` and ``openai`` packages see the same answers through the proxy."""
+
+    @pytest.mark.parametrize("mode", OLLAMA_MODES)
+    def test_ollama_client(
+        self, sims: dict[str, str], proxies: dict[str, ProxyProc], mode: str
+    ) -> None:
+        """generate and chat, streamed and not; one record each, model digest as version."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        direct, through = ollama.Client(host=sims[mode]), ollama.Client(host=proxy.url)
+        msgs = [{"role": "user", "content": "Tell me about audits"}]
+        for client_out in (direct, through):
+            client_out.generate(model=MODEL, prompt="Write a haiku")  # warm: same answers both ways
+        results = []
+        for c in (direct, through):
+            results.append(
+                (
+                    c.generate(model=MODEL, prompt="Write a haiku").response,
+                    "".join(
+                        p.response or ""
+                        for p in c.generate(model=MODEL, prompt="Stream it", stream=True)
+                    ),
+                    c.chat(model=MODEL, messages=msgs).message.content,
+                    "".join(
+                        p.message.content or ""
+                        for p in c.chat(model=MODEL, messages=msgs, stream=True)
+                    ),
+                )
+            )
+        assert results[0] == results[1]
+        recs = proxy.new_records(before)
+        assert len(recs) == 5
+        digest = next(m.digest for m in direct.list().models if m.model == MODEL)
+        assert {digest} == {r["model_version"] for r in recs}
+        assert list(results[1]) == [r["output_text"] for r in recs[1:]]
+        assert recs[3]["input_text"] == "user: Tell me about audits"
+        assert {r["user_id"] for r in recs} == {None}
+
+    @pytest.mark.parametrize("mode", OPENAI_MODES)
+    def test_openai_client(
+        self, sims: dict[str, str], proxies: dict[str, ProxyProc], mode: str
+    ) -> None:
+        """chat and completions, streamed and not; one record each."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        msgs: Any = [{"role": "user", "content": "Tell me about audits"}]
+        texts = []
+        for base in (sims[mode], proxy.url):
+            c = openai.OpenAI(base_url=base + "/v1", api_key="sk-test")
+            chat = c.chat.completions.create(model=MODEL, messages=msgs)
+            stream = c.chat.completions.create(
+                model=MODEL, messages=msgs, stream=True, stream_options={"include_usage": True}
+            )
+            streamed = "".join((ch.choices[0].delta.content or "") for ch in stream if ch.choices)
+            comp = c.completions.create(model=MODEL, prompt="Once")
+            texts.append((chat.choices[0].message.content, streamed, comp.choices[0].text))
+        assert texts[0] == texts[1]
+        recs = proxy.new_records(before)
+        assert len(recs) == 3
+        assert [r["api"] for r in recs] == ["openai.chat", "openai.chat", "openai.completions"]
+        assert list(texts[1]) == [r["output_text"] for r in recs]
+        assert recs[1]["gen_ai.usage.output_tokens"] > 0
+        assert all("sk-test" not in json.dumps(r) for r in recs)
+
+
+class TestRequestTokenData:
+    """``--request-token-data``: token data captured, and hidden from the client."""
+
+    @pytest.mark.parametrize(("mode", "path", "body"), ALL_CASES)
+    def test_hidden_and_captured(
+        self, sims: dict[str, str], proxy_factory: Any, mode: str, path: str, body: dict[str, Any]
+    ) -> None:
+        """Bytes equal the direct answer without token data; the record has the best source."""
+        opt = "all" if mode == "vllm" else "logprobs"
+        proxy = proxy_factory(sims[mode], "--request-token-data", opt)
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims[mode] + path, json=body)
+            proxied = client.post(proxy.url + path, json=body)
+        same_response(direct, proxied)
+        (rec,) = proxy.records()
+        expected = {
+            "ollama-0.4": "upstream-context" if path == "/api/generate" else "none",
+            "ollama": "upstream-pieces",
+            "openai": "upstream-pieces",
+            "llamacpp": "upstream-ids",
+            "vllm": "upstream-ids",
+        }[mode]
+        assert expected == rec["output_token_source"]
+        if expected != "none":
+            assert rec["output_tokens"]
+        if mode == "vllm":
+            assert (rec["input_token_source"], bool(rec["input_tokens"])) == ("upstream-ids", True)
+
+
+class TestBadInput:
+    """Input the proxy refuses never reaches the upstream and leaves no record."""
+
+    @pytest.mark.parametrize(
+        ("mode", "path"), [("ollama", "/api/generate"), ("openai", "/v1/chat/completions")]
+    )
+    @pytest.mark.parametrize(
+        ("content", "status"),
+        [
+            (b'{"model": "x", "prompt": ', 400),  # malformed JSON
+            (b'["not", "an", "object"]', 400),
+            (b'{"model": "x", "prompt": "\xff\xfe"}', 400),  # invalid UTF-8
+        ],
+    )
+    def test_refused(
+        self, proxies: dict[str, ProxyProc], mode: str, path: str, content: bytes, status: int
+    ) -> None:
+        """400 in the client's dialect, no record, and the proxy keeps serving."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        r = httpx.post(
+            proxy.url + path, content=content, headers={"Content-Type": "application/json"}
+        )
+        assert status == r.status_code
+        err = r.json()["error"]
+        assert isinstance(err, dict) if mode == "openai" else isinstance(err, str)
+        assert proxy.new_records(before) == []
+        ok = httpx.post(
+            proxy.url + path,
+            json={
+                "model": MODEL,
+                "prompt": "x",
+                "stream": False,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
+        assert ok.status_code == 200
+
+    def test_body_too_large(self, proxies: dict[str, ProxyProc]) -> None:
+        """A 50 MB body is refused with 413 (default limit 16 MiB), no record."""
+        proxy = proxies["ollama"]
+        before = len(proxy.records())
+        big = b'{"model": "x", "prompt": "' + b"a" * (50 << 20) + b'"}'
+        try:
+            r = httpx.post(proxy.url + "/api/generate", content=big, timeout=30)
+            assert r.status_code == 413
+            assert "exceeds" in r.json()["error"]
+        except httpx.WriteError:
+            pass  # the proxy may close before the client has finished sending
+        assert proxy.new_records(before) == []
+
+
+class TestFaults:
+    """Upstream and client failures: a clear error, one record when the upstream was reached."""
+
+    def test_upstream_down(self, proxy_factory: Any) -> None:
+        """502 in each dialect, no record (nothing was sent)."""
+        proxy = proxy_factory(f"http://127.0.0.1:{free_port()}")
+        r = httpx.post(proxy.url + "/api/generate", json={"model": MODEL, "prompt": "x"})
+        assert (502, str) == (r.status_code, type(r.json()["error"]))
+        r = httpx.post(proxy.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+        assert r.status_code == 502 and "message" in r.json()["error"]
+        assert proxy.records() == []
+
+    @pytest.mark.parametrize(
+        ("mode", "path", "body"),
+        [
+            ("ollama", "/api/generate", {"model": MODEL, "prompt": "x"}),
+            (
+                "openai",
+                "/v1/chat/completions",
+                {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+            ),
+        ],
+    )
+    def test_upstream_500(
+        self,
+        sims: dict[str, str],
+        proxies: dict[str, ProxyProc],
+        mode: str,
+        path: str,
+        body: dict[str, Any],
+    ) -> None:
+        """The upstream's 500 is relayed as it is and recorded as upstream_error."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        h = {"X-Sim-Fault": "500"}
+        direct = httpx.post(sims[mode] + path, json=body, headers=h)
+        proxied = httpx.post(proxy.url + path, json=body, headers=h)
+        same_response(direct, proxied)
+        (rec,) = proxy.new_records(before)
+        assert (rec["stop_reason"], rec["http.response.status_code"]) == ("upstream_error", 500)
+
+    @pytest.mark.parametrize(
+        ("mode", "path", "body"),
+        [
+            ("ollama-0.4", "/api/generate", {"model": MODEL, "prompt": "a long answer please"}),
+            (
+                "vllm",
+                "/v1/chat/completions",
+                {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+            ),
+        ],
+    )
+    def test_upstream_cut_mid_stream(
+        self, proxies: dict[str, ProxyProc], mode: str, path: str, body: dict[str, Any]
+    ) -> None:
+        """A cut stream ends with an error event in the dialect; the record keeps the text."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        r = httpx.post(proxy.url + path, json=body, headers={"X-Sim-Fault": "cut:3"}, timeout=30)
+        last = r.content.strip().split(b"\n")[-1]
+        if mode.startswith("ollama"):
+            assert "tokentrail" in json.loads(last)["error"]
+        else:
+            assert "tokentrail" in json.loads(last.removeprefix(b"data: "))["error"]["message"]
+        (rec,) = proxy.new_records(before)
+        assert rec["stop_reason"] == "upstream_error"
+        assert rec["output_text"]
+        with pytest.raises((ollama.ResponseError, openai.APIError)):
+            if mode.startswith("ollama"):
+                client = ollama.Client(host=proxy.url, headers={"X-Sim-Fault": "cut:3"})
+                list(client.generate(model=MODEL, prompt="x", stream=True))
+            else:
+                oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+                list(
+                    oai.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": "x"}],
+                        stream=True,
+                        extra_headers={"X-Sim-Fault": "cut:3"},
+                    )
+                )
+
+    def test_upstream_stall(self, sims: dict[str, str], proxy_factory: Any) -> None:
+        """Stalls past --upstream-timeout: 504 before the answer, an error event mid-stream."""
+        proxy = proxy_factory(sims["ollama"], "--upstream-timeout", "0.5")
+        body = {"model": MODEL, "prompt": "x"}
+        r = httpx.post(
+            proxy.url + "/api/generate",
+            json=body,
+            headers={"X-Sim-Fault": "stall:2000"},
+            timeout=30,
+        )
+        assert (504, str) == (r.status_code, type(r.json()["error"]))
+        r = httpx.post(
+            proxy.url + "/api/generate",
+            json=body,
+            headers={"X-Sim-Fault": "stall-mid:2000"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        assert "stalled" in json.loads(r.content.strip().split(b"\n")[-1])["error"]
+        recs = proxy.records()
+        assert [x["stop_reason"] for x in recs] == ["upstream_error", "upstream_error"]
+        assert recs[0]["http.response.status_code"] == 504
+        ok = httpx.post(proxy.url + "/api/generate", json={**body, "stream": False}, timeout=30)
+        assert ok.status_code == 200
+
+    @pytest.mark.parametrize("mode", ["ollama", "openai"])
+    def test_client_disconnect(self, tmp_path: Path, mode: str, proxy_factory: Any) -> None:
+        """A client that leaves mid-stream still leaves a record with the tokens so far."""
+        with sim_in_thread(SimConfig(mode=mode, token_ms=20)) as slow:
+            proxy = proxy_factory(slow, "--request-token-data", "logprobs")
+            if mode == "ollama":
+                path, body = (
+                    "/api/generate",
+                    {"model": MODEL, "prompt": "a long answer", "options": {"num_predict": 200}},
+                )
+            else:
+                path, body = (
+                    "/v1/chat/completions",
+                    {
+                        "model": MODEL,
+                        "stream": True,
+                        "max_tokens": 200,
+                        "messages": [{"role": "user", "content": "a long answer"}],
+                    },
+                )
+            with (
+                httpx.Client(timeout=30) as client,
+                client.stream("POST", proxy.url + path, json=body) as r,
+            ):
+                for got, _ in enumerate(r.iter_raw(), 1):
+                    if got >= 3:
+                        break
+            deadline = time.time() + 10
+            while not proxy.records() and time.time() < deadline:
+                time.sleep(0.05)
+            (rec,) = proxy.records()
+            assert rec["stop_reason"] == "client_disconnect"
+            assert rec["output_tokens"] and rec["output_token_source"] == "upstream-pieces"
+
+
+class TestIdentity:
+    """API keys, trusted headers, required identity and retries."""
+
+    def test_api_keys_and_retries(
+        self, sims: dict[str, str], proxy_factory: Any, tmp_path: Path
+    ) -> None:
+        """A key maps to its user (never stored); an Idempotency-Key links retries."""
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'"sk-alice" = "alice"\n"sha256:{key_digest("sk-bob")}" = "bob"\n')
+        proxy = proxy_factory(sims["openai"], "--api-keys", str(keys))
+        for key, idem in (
+            ("sk-alice", "req-1"),
+            ("sk-bob", None),
+            ("sk-alice", "req-1"),
+            ("sk-eve", None),
+        ):
+            c = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
+            extra = {"Idempotency-Key": idem} if idem else None
+            c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], extra_headers=extra
+            )
+        recs = proxy.records()
+        assert [r["user_id"] for r in recs] == ["alice", "bob", "alice", None]
+        assert recs[0]["event_id"] == recs[2]["retry_of"]
+        assert (recs[2]["idempotency_key"], recs[0].get("retry_of")) == ("req-1", None)
+        text = b"".join(f.read_bytes() for f in proxy.ledger.rglob("*.jsonl"))
+        assert b"sk-alice" not in text and b"sk-bob" not in text
+
+    def test_trusted_headers_only_when_configured(
+        self, sims: dict[str, str], proxy_factory: Any
+    ) -> None:
+        """X-Tokentrail-User is ignored unless --trust-identity-headers, and never forwarded."""
+        h = {"X-Tokentrail-User": "mallory", "X-Tokentrail-Session": "s1"}
+        body = {"model": MODEL, "prompt": "x", "stream": False}
+        plain = proxy_factory(sims["ollama"])
+        trusting = proxy_factory(sims["ollama"], "--trust-identity-headers")
+        httpx.post(plain.url + "/api/generate", json=body, headers=h)
+        httpx.post(trusting.url + "/api/generate", json=body, headers=h)
+        assert (plain.records()[0]["user_id"], plain.records()[0]["session_id"]) == (None, None)
+        assert (
+            trusting.records()[0]["user_id"],
+            trusting.records()[0]["session_id"],
+        ) == ("mallory", "s1")
+
+    def test_require_identity(self, sims: dict[str, str], proxy_factory: Any) -> None:
+        """Anonymous requests get 401 in the dialect and leave no record."""
+        proxy = proxy_factory(sims["openai"], "--require-identity")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(
+                base_url=proxy.url + "/v1", api_key="nobody", max_retries=0
+            ).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        r = httpx.post(proxy.url + "/api/generate", json={"model": MODEL, "prompt": "x"})
+        assert (401, str) == (r.status_code, type(r.json()["error"]))
+        assert proxy.records() == []
+
+
+class TestDurability:
+    """Strict mode: the record is on disk before the client has its answer."""
+
+    def test_record_before_response(self, proxies: dict[str, ProxyProc]) -> None:
+        """Right after each response completes, its record is already in the segment file."""
+        proxy = proxies["ollama"]
+        for stream in (False, True):
+            before = len(proxy.records())
+            r = httpx.post(
+                proxy.url + "/api/generate", json={"model": MODEL, "prompt": "x", "stream": stream}
+            )
+            assert r.status_code == 200
+            assert len(proxy.new_records(before)) == 1
+
+    def test_async_durability_and_seal_on_shutdown(
+        self, sims: dict[str, str], proxy_factory: Any
+    ) -> None:
+        """--durability async still records; SIGTERM seals a checkpoint over everything."""
+        proxy = proxy_factory(sims["ollama"], "--durability", "async")
+        for _ in range(3):
+            httpx.post(
+                proxy.url + "/api/chat",
+                json={
+                    "model": MODEL,
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            )
+        proxy.stop()
+        assert len(proxy.records()) == 3
+        cps = sorted((proxy.ledger / "logs" / proxy.log_id / "checkpoints").glob("*.checkpoint"))
+        assert cps and cps[-1].name == f"{3:020d}.checkpoint"
+
+
+class TestConfig:
+    """Options, environment and the TOML file."""
+
+    def test_precedence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Command line beats TOKENTRAIL_* beats the config file beats the default."""
+        cfg = tmp_path / "tt.toml"
+        cfg.write_text(
+            'upstream = "http://file:1"\nlisten = "127.0.0.1:9"\nmax-body-bytes = 123\n'
+            'durability = "async"\n[api_keys]\n"k1" = "u1"\n'
+        )
+        monkeypatch.setenv("TOKENTRAIL_LISTEN", "127.0.0.1:8")
+        ctx = serve_command.make_context("serve", ["--config", str(cfg), "--durability", "strict"])
+        config = build_config(ctx.params, ctx.meta.get("tokentrail.api_key_table"))
+        assert (
+            config.upstream,
+            config.port,
+            config.max_body_bytes,
+            config.durability,
+        ) == ("http://file:1", 8, 123, "strict")
+        assert {key_digest("k1"): "u1"} == dict(config.api_keys)
