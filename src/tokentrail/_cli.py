@@ -20,6 +20,8 @@ from ._errors import ConfigError, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
 from ._paths import DEFAULT_LEDGER, default_signing_key, default_verifier_key
 from ._proof import build_bundle, check_bundle
+from ._proxy import serve_command
+from ._sim import sim_command
 from ._verify import VerifyOptions, default_state_dir, verify_local
 
 EXIT_INVALID = 1
@@ -299,20 +301,28 @@ def verify_proof(bundle_path: Path, public_keys: tuple[str, ...]) -> None:
     )
 
 
-def _register_optional() -> None:
-    """Commands whose modules are optional or still being built."""
-    try:
-        from ._sim import sim_command
-    except ImportError:
-        pass
-    else:
-        main.add_command(sim_command, "sim")
-    try:
-        from ._proxy import serve_command
-    except ImportError:
-        pass
-    else:
-        main.add_command(serve_command, "serve")
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where to put the demo's keys and ledger [default: a new temporary directory].",
+)
+@click.option("--exchanges", type=click.IntRange(min=3), default=36, show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def demo(directory: Path | None, exchanges: int, no_progress: bool) -> None:
+    """Run the whole product end to end: simulator, proxy, official clients, ledger, verify.
+
+    No Ollama, no AWS and no network needed.
+
+    \b
+    Example:
+      tokentrail demo --dir ./demo --exchanges 60
+    """
+    from ._demo import demo_main
+
+    sys.exit(0 if demo_main(directory, exchanges, not no_progress) else EXIT_INVALID)
 
 
-_register_optional()
+main.add_command(sim_command, "sim")
+main.add_command(serve_command, "serve")
