@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +59,9 @@ Durability = Literal["strict", "async"]
 OPEN_SEGMENT_FILE = "open-segment"
 #: Held (flock) by the one live writer of a log.
 LOCK_FILE = "writer.lock"
+#: Exchanges begun whose records are not yet on disk (see :meth:`LedgerWriter.begin`).
+JOURNAL_FILE = "inflight.jsonl"
+_JOURNAL_COMPACT_BYTES = 4 << 20
 
 #: How long the flusher may wait for the appenders its last fsync released (see ``_run``).
 COMMIT_DELAY_S = 0.001
@@ -167,6 +170,9 @@ class LedgerWriter:
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
+        self._journal_fd: int | None = None
+        self._journal_bytes = 0
+        self._intents: dict[str, bytes] = {}  # event id -> journal line, until durable
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -201,7 +207,64 @@ class LedgerWriter:
             target=writer._run, name=f"tokentrail-flush-{config.log_id}", daemon=True
         )
         writer._flusher.start()
+        writer._replay_journal()
         return writer
+
+    def _replay_journal(self) -> None:
+        """Record, as ``interrupted``, every exchange a dead writer began but never recorded."""
+        path = self._dir / JOURNAL_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        intents: dict[str, tuple[int, dict[str, Any]]] = {}
+        for line in data.split(b"\n"):
+            try:
+                obj = orjson.loads(line)
+                fields = obj["exchange"]
+                intents[fields["event_id"]] = (int(obj["seq_hint"]), fields)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a torn last line: the exchange had not even been noted
+        if intents:
+            recorded = self._event_ids_since(min(hint for hint, _ in intents.values()))
+            last_alive = _mtime(path)
+            for event_id, (_, fields) in intents.items():
+                if event_id in recorded:
+                    continue
+                exchange = Exchange.from_fields(fields)
+                started = _epoch(exchange.timestamp)
+                duration = max(0.0, (last_alive - started) * 1000.0) if started else 0.0
+                extra = dict(exchange.extra)
+                extra["tokentrail.interrupted"] = {
+                    "recovered_by": "writer restart",
+                    "request_duration_is_lower_bound": True,
+                }
+                self.append(
+                    replace(
+                        exchange,
+                        stop_reason="interrupted",
+                        request_duration_ms=duration,
+                        extra=extra,
+                    )
+                )
+                log.warning("recorded exchange %s as interrupted (in flight at a crash)", event_id)
+        path.unlink()
+        fsync_dir(self._dir)
+
+    def _event_ids_since(self, seq: int) -> set[str]:
+        """Event ids of the records from ``seq`` on (the tail a crash may have cut)."""
+        found: set[str] = set()
+        listing = list_log(self.config.root, self.config.log_id)
+        for idx, seg in enumerate(listing.segments):
+            nxt = listing.segments[idx + 1].first_seq if idx + 1 < len(listing.segments) else None
+            if nxt is not None and nxt <= seq:
+                continue
+            for _, line, complete in iter_lines(seg.path):
+                if complete:
+                    obj = orjson.loads(line)
+                    if obj.get("seq", -1) >= seq:
+                        found.add(obj.get("event_id"))
+        return found
 
     def _take_lock(self) -> None:
         """Take the log's writer lock: two live writers would fork one log."""
@@ -232,6 +295,9 @@ class LedgerWriter:
             self._flusher.join()
         if self._compressor is not None:
             self._compressor.shutdown(wait=True)
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
         self._unlock()
         if self._error is not None:
             raise self._error
@@ -284,6 +350,35 @@ class LedgerWriter:
             if len(self._queue) == 1 or len(self._queue) >= self._last_batch:
                 self._wake.notify()
         return record
+
+    def begin(self, provisional: Exchange) -> None:
+        """Note an exchange that has started, so a crash before its record still leaves one.
+
+        ``provisional`` holds what is known at the start (its ``stop_reason`` should be
+        ``interrupted``). If the process dies before the exchange's own record is on disk, the
+        next writer on this log appends ``provisional`` instead. The note is a write to the
+        page cache, not an fsync: it survives the process, not the machine.
+        """
+        line = (
+            b'{"seq_hint":'
+            + str(self._next_seq).encode()
+            + b',"exchange":'
+            + provisional.content_bytes()
+            + b"}\n"
+        )
+        with self._wake:
+            if self._journal_fd is None:
+                self._journal_fd = os.open(
+                    self._dir / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+                )
+            os.write(self._journal_fd, line)
+            self._journal_bytes += len(line)
+            self._intents[provisional.event_id] = line
+
+    def abandon(self, event_id: str) -> None:
+        """Forget a begun exchange that will have no record (it never reached the upstream)."""
+        with self._wake:
+            self._intents.pop(event_id, None)
 
     def append(self, exchange: Exchange) -> Record:
         """Append and, under strict durability, return only once the record is on disk."""
@@ -386,6 +481,31 @@ class LedgerWriter:
             self._tree.append(item.lhash)
         self._durable_prev_hex = batch[-1].lhash.hex()
         _release(batch)
+        if self._journal_fd is not None:
+            self._settle_journal(batch)
+
+    def _settle_journal(self, batch: list[_Pending]) -> None:
+        """Drop the intents whose records are now durable; keep the journal small."""
+        with self._wake:
+            for item in batch:
+                self._intents.pop(item.record.event_id, None)
+            fd = self._journal_fd
+            if fd is None:
+                return
+            try:
+                if not self._intents:
+                    os.ftruncate(fd, 0)
+                    self._journal_bytes = 0
+                elif self._journal_bytes > _JOURNAL_COMPACT_BYTES:
+                    keep = b"".join(self._intents.values())
+                    write_atomic(self._dir / JOURNAL_FILE, keep)
+                    os.close(fd)
+                    self._journal_fd = os.open(
+                        self._dir / JOURNAL_FILE, os.O_WRONLY | os.O_APPEND, 0o644
+                    )
+                    self._journal_bytes = len(keep)
+            except OSError as exc:
+                log.warning("cannot compact %s: %s", JOURNAL_FILE, exc.strerror)
 
     def _fail(self, batch: list[_Pending], error: StoreError) -> None:
         """Fail this batch and everything queued behind it; rewind the chain to the disk."""
@@ -595,6 +715,20 @@ def _parse_chain_fields(line: bytes, path: Path, log_id: str) -> tuple[int, str]
     return seq, prev
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _epoch(timestamp: str) -> float | None:
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def compress_segment(path: Path) -> Path:
     """Replace a sealed ``.jsonl`` segment by ``.jsonl.zst`` (tmp, fsync, rename, unlink)."""
     packed = path.with_name(path.name + ".zst")
@@ -621,6 +755,10 @@ class Ledger:
     def open(cls, config: LedgerConfig) -> Ledger:
         """Open (or start) the log described by ``config``."""
         return cls(LedgerWriter.open(config))
+
+    def begin(self, provisional: Exchange) -> None:
+        """Note a started exchange (see :meth:`LedgerWriter.begin`)."""
+        self.writer.begin(provisional)
 
     def append(self, exchange: Exchange) -> Record:
         """Append one record (see :meth:`LedgerWriter.append`)."""
@@ -651,6 +789,14 @@ class AsyncLedger:
     async def open(cls, config: LedgerConfig) -> AsyncLedger:
         """Open (or start) the log, recovering its tail off the event loop."""
         return cls(await asyncio.to_thread(LedgerWriter.open, config))
+
+    def begin(self, provisional: Exchange) -> None:
+        """Note a started exchange (see :meth:`LedgerWriter.begin`); a quick page-cache write."""
+        self.writer.begin(provisional)
+
+    def abandon(self, event_id: str) -> None:
+        """Forget a begun exchange that will have no record."""
+        self.writer.abandon(event_id)
 
     async def append(self, exchange: Exchange) -> Record:
         """Append; under strict durability, resume only once the record is on disk."""

@@ -200,6 +200,30 @@ class Exchange:
         """The record's content fields with their hashes, in stored order (no chain fields)."""
         return self._fields(fragments=False)
 
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> Exchange:
+        """The exchange back from :meth:`fields` output (hashes are recomputed, not kept)."""
+        known = {
+            "model",
+            "api",
+            "stop_reason",
+            "input_tokens",
+            "output_tokens",
+            "input_token_source",
+            "output_token_source",
+            "input_text",
+            "output_text",
+            "user_id",
+            "session_id",
+            "model_version",
+            "request_duration_ms",
+            "timestamp",
+            "event_id",
+        }
+        derived = {"input_hash", "output_hash", "input_text_hash", "output_text_hash"}
+        extra = {k: v for k, v in fields.items() if k not in known | derived}
+        return cls(**{k: v for k, v in fields.items() if k in known}, extra=extra)
+
     def content_bytes(self) -> bytes:
         """The content fields as compact JSON (an object), encoding each token list once."""
         try:

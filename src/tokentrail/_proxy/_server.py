@@ -397,6 +397,8 @@ class ProxyApp:
         headers = upstream_request_headers(request.headers, audited=True)
         if strip:
             headers["Accept-Encoding"] = "identity"  # the proxy edits the bytes it relays
+        # Should this process die mid-exchange, the next writer records it as interrupted.
+        self.ledger.begin(capture.finish(self._meta(ex, time.perf_counter(), None), "interrupted"))
         try:
             return await self._exchange(request, ex, send, headers, strip)
         except asyncio.CancelledError:
@@ -579,6 +581,8 @@ class ProxyApp:
         return b"data: " + body + b"\n\n" if sse else body + b"\n"
 
     def _release(self, ex: _Exchange) -> None:
+        """Forget an exchange that will have no record (the upstream never saw it)."""
+        self.ledger.abandon(ex.event_id)
         key = ex.meta_base.get("idempotency_key")
         if isinstance(key, str):
             self.retries.release(ex.user_id, key, ex.event_id)
@@ -595,7 +599,19 @@ class ProxyApp:
                 model_version = await asyncio.wait_for(asyncio.shield(ex.digest_task), 2.0)
             except (TimeoutError, asyncio.CancelledError):
                 model_version = None
-        meta = Meta(
+        exchange = ex.capture.finish(self._meta(ex, now, model_version, status), stop)
+        try:
+            await self.ledger.append(exchange)
+        except Exception:
+            log.exception("could not record exchange %s", ex.event_id)
+            raise
+        self.records += 1
+
+    def _meta(
+        self, ex: _Exchange, now: float, model_version: str | None, status: int | None = None
+    ) -> Meta:
+        """What the proxy knows of an exchange beyond the wire, as of ``now``."""
+        return Meta(
             timestamp=ex.timestamp,
             event_id=ex.event_id,
             request_duration_ms=(now - ex.started) * 1000.0,
@@ -606,15 +622,8 @@ class ProxyApp:
             session_id=ex.session_id,
             model_version=model_version,
             status=status if status is not None else ex.status,
-            extra=ex.meta_base,
+            extra={k: v for k, v in ex.meta_base.items() if not k.startswith("_")},
         )
-        exchange = ex.capture.finish(meta, stop)
-        try:
-            await self.ledger.append(exchange)
-        except Exception:
-            log.exception("could not record exchange %s", ex.event_id)
-            raise
-        self.records += 1
 
 
 def _client_gone(request: web.Request) -> bool:

@@ -1,0 +1,59 @@
+"""A proxy killed mid-exchange: on restart the exchange is recorded as ``interrupted`` (SPEC §6).
+
+The proxy runs as a real subprocess in front of the simulator; SIGKILL leaves no chance to
+clean up, so only what was on disk (and in the page cache) survives.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_proxy import start_proxy
+from tokentrail._sim import SimConfig, sim_in_thread
+
+
+@pytest.mark.parametrize(
+    ("mode", "path", "body"),
+    [
+        ("ollama-0.4", "/api/generate", {"model": "llama3.2:1b", "prompt": "Tell me a story."}),
+        (
+            "openai",
+            "/v1/chat/completions",
+            {
+                "model": "llama3.2:1b",
+                "stream": True,
+                "messages": [{"role": "user", "content": "Tell me a story."}],
+            },
+        ),
+    ],
+)
+def test_killed_mid_stream_is_recorded_as_interrupted(
+    tmp_path: Path, mode: str, path: str, body: dict[str, object]
+) -> None:
+    """A stream cut by SIGKILL leaves exactly one record, ``interrupted``, after the restart."""
+    with sim_in_thread(SimConfig(mode=mode, ttft_ms=0, token_ms=150)) as sim_url:
+        first = start_proxy(tmp_path, sim_url)
+        done = start_proxy(tmp_path / "other", sim_url)  # an unrelated, completed exchange
+        with httpx.Client(timeout=10) as client:
+            ok = client.post(done.url + path, json={**body, "stream": False})
+            assert 200 == ok.status_code
+            with client.stream("POST", first.url + path, json=body) as resp:
+                chunks = resp.iter_bytes()
+                assert next(chunks)
+                first.proc.send_signal(signal.SIGKILL)
+                first.proc.wait(10)
+        done.stop()
+        assert [] == first.records()
+        again = start_proxy(tmp_path, sim_url)
+        again.stop()
+    records = again.records()
+    assert ["interrupted"] == [r["stop_reason"] for r in records]
+    assert "Tell me a story." in (records[0]["input_text"] or "")
+    assert records[0]["tokentrail.interrupted"]["request_duration_is_lower_bound"] is True
+    result = again.verify(tmp_path / "state")
+    assert 0 == result.returncode, result.stdout + result.stderr
+    assert ["stop"] == [r["stop_reason"] for r in done.records()]
