@@ -27,6 +27,7 @@ from aiohttp import web
 from .._checkpoint import Signer
 from .._errors import TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
+from .._metrics import Metrics
 from ._config import (
     DEFAULT_LEDGER,
     DEFAULT_LISTEN,
@@ -64,6 +65,9 @@ class Proxy:
         self.runner: web.AppRunner | None = None
         self.app: ProxyApp | None = None
         self.url = ""
+        self.metrics = Metrics()
+        self.metrics_runner: web.AppRunner | None = None
+        self.metrics_url = ""
 
     async def start(self) -> str:
         """Open everything and start listening; returns the base URL (``http://host:port``)."""
@@ -82,7 +86,10 @@ class Proxy:
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
         )
-        self.app = ProxyApp(self.config, self.ledger, self.session)
+        self.metrics = Metrics()
+        writer = self.ledger.writer
+        self.metrics.track_ledger(lambda: writer.size, lambda: writer.signed_size)
+        self.app = ProxyApp(self.config, self.ledger, self.session, self.metrics)
         self.runner = web.AppRunner(
             self.app.build(),
             access_log=None,
@@ -94,10 +101,20 @@ class Proxy:
         await site.start()
         host, port = self.runner.addresses[0][:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        if self.config.metrics_listen:
+            mhost, mport = parse_listen(self.config.metrics_listen)
+            self.metrics_runner = web.AppRunner(self.metrics.app(), access_log=None)
+            await self.metrics_runner.setup()
+            await web.TCPSite(self.metrics_runner, mhost, mport, reuse_address=True).start()
+            h, p = self.metrics_runner.addresses[0][:2]
+            self.metrics_url = f"http://{'[' + h + ']' if ':' in h else h}:{p}/metrics"
         return self.url
 
     async def close(self) -> None:
         """Drain in-flight exchanges, then close the session and the ledger (final seal)."""
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -149,6 +166,8 @@ async def serve(config: ProxyConfig, *, announce: bool = True) -> None:
                 f" ({config.durability}), upstream {config.upstream}",
                 err=True,
             )
+            if proxy.metrics_url:
+                click.echo(f"tokentrail: metrics on {proxy.metrics_url}", err=True)
             click.echo(f"tokentrail: listening on {proxy.url}", err=True)
         await stop.wait()
     finally:
@@ -296,6 +315,13 @@ Examples:
     envvar="TOKENTRAIL_REQUIRE_IDENTITY",
     help="Refuse (401) requests without a known user.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    envvar="TOKENTRAIL_METRICS_LISTEN",
+    help="HOST:PORT for Prometheus /metrics and /healthz (a port of their own, so that no"
+    " upstream path is shadowed) [default: off].",
+)
 @click.pass_context
 def serve_command(ctx: click.Context, /, **options: Any) -> None:
     """Run the auditing proxy: every exchange lands in the ledger, token by token.
@@ -335,6 +361,7 @@ def build_config(
         api_keys=api_keys,
         trust_identity_headers=options["trust_identity_headers"],
         require_identity=options["require_identity"],
+        metrics_listen=options.get("metrics_listen"),
     )
 
 

@@ -118,6 +118,7 @@ class ProxyConfig:
     seal_interval_s: float = 60.0
     tags_ttl_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "upstream", check_upstream(self.upstream))

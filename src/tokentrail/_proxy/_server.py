@@ -44,6 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
 from .._ledger import AsyncLedger
+from .._metrics import Metrics
 from .._record import new_event_id, now_rfc3339
 from ._config import ProxyConfig
 from ._identity import IDEMPOTENCY_HEADER, SESSION_HEADER, USER_HEADER, IdentityResolver, RetryIndex
@@ -230,9 +231,14 @@ class ProxyApp:
     """The request handlers, bound to one ledger and one upstream session."""
 
     def __init__(
-        self, config: ProxyConfig, ledger: AsyncLedger, session: aiohttp.ClientSession
+        self,
+        config: ProxyConfig,
+        ledger: AsyncLedger,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.ledger = ledger
         self.session = session
         self.identity = IdentityResolver(
@@ -271,6 +277,7 @@ class ProxyApp:
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Relay a request the proxy does not audit, streaming both bodies."""
+        self.metrics.passthrough.inc()
         url = self.config.upstream + request.raw_path
         headers = upstream_request_headers(request.headers, audited=False)
         if request.content_length is not None:
@@ -423,6 +430,7 @@ class ProxyApp:
                 url, data=send, headers=headers, timeout=self.timeout
             )
         except aiohttp.ClientConnectorError as exc:
+            self.metrics.upstream_errors.labels("unreachable").inc()
             self._release(ex)
             return error_response(ex.dialect, 502, f"tokentrail: upstream unreachable: {exc}")
         except TimeoutError:
@@ -600,11 +608,19 @@ class ProxyApp:
             except (TimeoutError, asyncio.CancelledError):
                 model_version = None
         exchange = ex.capture.finish(self._meta(ex, now, model_version, status), stop)
+        metrics = self.metrics
+        t0 = time.perf_counter()
         try:
             await self.ledger.append(exchange)
         except Exception:
+            metrics.append_errors.inc()
             log.exception("could not record exchange %s", ex.event_id)
             raise
+        metrics.append_seconds.observe(time.perf_counter() - t0)
+        metrics.records.inc()
+        metrics.exchanges.labels(ex.api, exchange.stop_reason).inc()
+        if exchange.stop_reason == "upstream_error":
+            metrics.upstream_errors.labels(str(exchange.extra.get("error.type", "upstream"))).inc()
         self.records += 1
 
     def _meta(

@@ -1,0 +1,74 @@
+"""Prometheus metrics of a running proxy (exposition format 0.0.4, via prometheus-client).
+
+Each :class:`Metrics` has its own registry, so several proxies in one process (the demo, the
+tests) never share counters. Nothing here carries content: labels are APIs, stop reasons and
+error kinds, never users, prompts or keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """The proxy's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.exchanges = Counter(
+            "tokentrail_exchanges", "Audited exchanges, by API and stop reason.",
+            ["api", "stop_reason"], registry=r,
+        )  # fmt: skip
+        self.records = Counter(
+            "tokentrail_records_appended", "Records appended to the ledger.", registry=r
+        )
+        self.append_seconds = Histogram(
+            "tokentrail_append_seconds",
+            "Time from handing a record to the ledger until it is durable (strict) or queued.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "tokentrail_upstream_errors", "Exchanges that ended in an upstream error.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.append_errors = Counter(
+            "tokentrail_append_errors", "Records the ledger could not write.", registry=r
+        )
+        self.passthrough = Counter(
+            "tokentrail_passthrough_requests", "Requests relayed without audit.", registry=r
+        )
+        self.unsealed = Gauge(
+            "tokentrail_unsealed_records", "Durable records not yet under a checkpoint.",
+            registry=r,
+        )  # fmt: skip
+        self.ledger_size = Gauge(
+            "tokentrail_ledger_records", "Durable records in this writer's log.", registry=r
+        )
+
+    def track_ledger(self, size: Callable[[], int], signed: Callable[[], int]) -> None:
+        """Read the ledger's sizes at scrape time."""
+        self.ledger_size.set_function(lambda: float(size()))
+        self.unsealed.set_function(lambda: float(size() - signed()))
+
+    async def handle(self, _request: web.Request) -> web.Response:
+        """``GET /metrics``."""
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def app(self) -> web.Application:
+        """A small application serving ``/metrics`` and ``/healthz``."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.handle)
+        app.router.add_get("/healthz", _healthz)
+        return app
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})

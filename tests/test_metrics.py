@@ -1,0 +1,54 @@
+"""Prometheus /metrics of the real proxy, scraped and parsed as Prometheus would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from test_proxy import start_proxy
+
+from tokentrail._sim import SimConfig, sim_in_thread
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of a /metrics page, keyed by name and sorted labels."""
+    text = httpx.get(url, timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def test_counters_move_as_exchanges_flow(tmp_path: Path) -> None:
+    """Exchanges, records, append latency and passthrough counters follow the traffic."""
+    with sim_in_thread(SimConfig(mode="ollama-0.4")) as sim_url:
+        proxy = start_proxy(tmp_path, sim_url, "--metrics-listen", "127.0.0.1:0")
+        try:
+            metrics_url = next(
+                ln.split("metrics on ", 1)[1] for ln in proxy.stderr if "metrics on " in ln
+            )
+            before = scrape(metrics_url)
+            assert 0.0 == before["tokentrail_records_appended_total{}"]
+            with httpx.Client(timeout=10) as client:
+                for i in range(3):
+                    body = {"model": "llama3.2:1b", "prompt": f"hello {i}", "stream": i % 2 == 0}
+                    assert 200 == client.post(proxy.url + "/api/generate", json=body).status_code
+                assert 200 == client.get(proxy.url + "/api/tags").status_code
+            after = scrape(metrics_url)
+            health = httpx.get(metrics_url.replace("/metrics", "/healthz"), timeout=10)
+        finally:
+            proxy.stop()
+    assert 3.0 == after["tokentrail_records_appended_total{}"]
+    done = {k: v for k, v in after.items() if k.startswith("tokentrail_exchanges_total{")}
+    assert 3.0 == sum(done.values())
+    assert all("api=ollama.generate" in k for k in done)
+    assert 3.0 == after["tokentrail_append_seconds_count{}"]
+    assert 1.0 == after["tokentrail_passthrough_requests_total{}"]
+    assert 3.0 == after["tokentrail_ledger_records{}"]
+    assert 200 == health.status_code
+    # Metrics carry no content: no prompt text, no user ids.
+    page = "\n".join(after)
+    assert "hello" not in page
