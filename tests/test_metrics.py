@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from test_proxy import start_proxy
 
+from test_proxy import start_proxy
 from tokentrail._sim import SimConfig, sim_in_thread
 
 

@@ -1,0 +1,581 @@
+"""Tests for the ``tokentrail`` command: keygen, verify, count, prove and verify-proof.
+
+Driven through ``click.testing.CliRunner`` with exact output shapes, and once as a real
+``python -m tokentrail`` subprocess. Exit status: 0 valid, 1 violation, 2 could not run; every
+error a user could cause is one ``tokentrail: error: ...`` line on stderr, never a traceback.
+"""
+
+# ruff: noqa: SIM300 - STYLE.md asks for the expected value first in every assertion
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from tokentrail._checkpoint import Signer, Verifier
+from tokentrail._cli import main
+from tokentrail._ledger import Ledger, LedgerConfig
+from tokentrail._record import Exchange, Record
+
+LOG_ID = "test-log"
+FINDING_RE = re.compile(
+    r"^FINDING log=(?P<log>\S+) seq=(?P<seq>\d+) event_id=(?P<event>\S+) file=(?P<file>\S+): .+$"
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keys and witness state under the test's folder, never the user's."""
+    home = tmp_path / "home"
+    monkeypatch.chdir(tmp_path)  # relative paths and the default ./tokentrail-ledger land here
+    monkeypatch.setenv("TOKENTRAIL_HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    for name in ("TOKENTRAIL_LEDGER", "TOKENTRAIL_PUBLIC_KEY", "TOKENTRAIL_STATE"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def run(*args: Any) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_error_line(result: Result) -> str:
+    """Exit 2, nothing on stdout, one ``tokentrail: error:`` line on stderr, no traceback."""
+    assert 2 == result.exit_code, (result.stdout, result.stderr, result.exc_info)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert 1 == len(lines), lines
+    assert lines[0].startswith("tokentrail: error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def ledger(write_records: Callable[..., list[Record]], ledger_root: Path) -> list[Record]:
+    """30 records in several segments, sealed every ten."""
+    return write_records(30, seal_every=10, max_segment_bytes=8192)
+
+
+def verify_args(root: Path, signer: Signer, tmp_path: Path) -> list[Any]:
+    return [
+        "verify",
+        "--ledger",
+        root,
+        "--public-key",
+        signer.verifier.to_text(),
+        "--state",
+        tmp_path / "state",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class TestKeygen:
+    def test_writes_private_key_and_prints_verifier(self, isolated_home: Path) -> None:
+        """keygen writes a 0600 key under TOKENTRAIL_HOME and prints its verifier key."""
+        result = run("keygen", "--name", "acme-prod-audit")
+        assert 0 == result.exit_code, result.output
+        key_path = isolated_home / "signing.key"
+        assert 0o600 == stat.S_IMODE(key_path.stat().st_mode)
+        signer = Signer.load(key_path)
+        printed = result.stdout.strip()
+        assert [signer.verifier.to_text()] == result.stdout.splitlines()
+        assert "acme-prod-audit" == Verifier.from_text(printed).name
+        assert printed == (isolated_home / "verifier.pub").read_text().strip()
+        assert str(key_path) in result.stderr
+
+    def test_proposes_a_name(self, tmp_path: Path) -> None:
+        """Without --name the key gets a proposed deployment-unique name."""
+        first = run("keygen", "--out", tmp_path / "a" / "k.key")
+        second = run("keygen", "--out", tmp_path / "b" / "k.key")
+        names = [Verifier.from_text(r.stdout).name for r in (first, second)]
+        assert all(n.startswith("tokentrail-") for n in names)
+        assert names[0] != names[1]
+
+    def test_out(self, tmp_path: Path) -> None:
+        """--out puts the key (0600) and verifier.pub where asked."""
+        out = tmp_path / "keys" / "deploy.key"
+        result = run("keygen", "--name", "k", "--out", out)
+        assert 0 == result.exit_code
+        assert 0o600 == stat.S_IMODE(out.stat().st_mode)
+        assert result.stdout.strip() == (out.parent / "verifier.pub").read_text().strip()
+
+    def test_refuses_to_overwrite(self, isolated_home: Path) -> None:
+        """A second keygen fails with one error line and keeps the first key."""
+        run("keygen", "--name", "first")
+        before = (isolated_home / "signing.key").read_bytes()
+        line = assert_one_error_line(run("keygen", "--name", "second"))
+        assert "already exists" in line
+        assert before == (isolated_home / "signing.key").read_bytes()
+
+    @pytest.mark.parametrize("name", ["has space", "a+b", "a/b"])
+    def test_bad_name(self, name: str) -> None:
+        """A key name signed notes cannot carry is one error line."""
+        assert_one_error_line(run("keygen", "--name", name))
+
+
+class TestVerify:
+    def test_clean_ledger(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """A clean ledger exits 0 with exactly one summary line."""
+        result = run(*verify_args(ledger_root, signer, tmp_path))
+        assert 0 == result.exit_code, result.output
+        (line,) = result.stdout.splitlines()
+        assert line.startswith(f"tokentrail verify OK: {ledger_root}: 1 logs, 30 records read")
+
+    def test_default_keys_from_keygen(
+        self,
+        isolated_home: Path,
+        write_records: Callable[..., list[Record]],
+        ledger_root: Path,
+        tmp_path: Path,
+    ) -> None:
+        """Without --public-key, verify uses the verifier.pub keygen wrote."""
+        run("keygen", "--name", "deploy")
+        signer = Signer.load(isolated_home / "signing.key")
+        write_records(5, key=signer)
+        result = run("verify", "--ledger", ledger_root, "--state", tmp_path / "s")
+        assert 0 == result.exit_code, result.output
+
+    def test_key_file(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """--public-key accepts a file of verifier keys, comments and other keys included."""
+        keys = tmp_path / "keys.pub"
+        other = Signer.generate("old-key").verifier.to_text()
+        keys.write_text(f"# rotated keys\n{other}\n\n{signer.verifier.to_text()}\n")
+        result = run("verify", "--ledger", ledger_root, "--public-key", keys, "--state", tmp_path)
+        assert 0 == result.exit_code, result.output
+
+    def test_findings_output(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """A violation exits 1: the summary line first, then a line naming log/seq/event/file."""
+        target = ledger[15]
+        (path,) = [
+            p
+            for p in (ledger_root / "logs" / LOG_ID / "segments").glob("*/*.jsonl")
+            if target.leaf in p.read_bytes()
+        ]
+        edited = target.leaf.replace(b"prompt number 15:", b"prompt number 16:")
+        path.write_bytes(path.read_bytes().replace(target.leaf, edited))
+        result = run(*verify_args(ledger_root, signer, tmp_path))
+        assert 1 == result.exit_code, result.output
+        summary, *rest = result.stdout.splitlines()
+        assert summary.startswith("tokentrail verify FAIL: ")
+        matches = [m.groupdict() for line in rest if (m := FINDING_RE.match(line))]
+        assert {"log": LOG_ID, "seq": "15", "event": target.event_id, "file": str(path)} in matches
+        assert all(line.startswith(("FINDING", "WARNING")) for line in rest), rest
+
+    def test_json(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """--json prints one JSON object with the verdict, per-log counts and findings."""
+        result = run(*verify_args(ledger_root, signer, tmp_path), "--json")
+        assert 0 == result.exit_code
+        obj = json.loads(result.stdout)
+        assert (True, [], []) == (obj["ok"], obj["findings"], obj["warnings"])
+        assert [(LOG_ID, 30)] == [(lg["log_id"], lg["records_read"]) for lg in obj["logs"]]
+
+    def test_json_findings(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """--json on a violation exits 1 and lists findings with log, seq, event id and file."""
+        cp = ledger_root / "logs" / LOG_ID / "checkpoints" / f"{20:020d}.checkpoint"
+        cp.write_bytes(Signer.generate("attacker").sign_note(cp.read_bytes().split(b"\n\n")[0]))
+        result = run(*verify_args(ledger_root, signer, tmp_path), "--json")
+        assert 1 == result.exit_code
+        obj = json.loads(result.stdout)
+        assert obj["ok"] is False
+        assert [(LOG_ID, str(cp))] == [(f["log_id"], f["location"]) for f in obj["findings"]]
+
+    def test_wrong_but_valid_key(
+        self, ledger: list[Record], ledger_root: Path, tmp_path: Path
+    ) -> None:
+        """A valid verifier key that signed nothing here fails every checkpoint (exit 1)."""
+        other = Signer.generate("someone-else")
+        result = run(*verify_args(ledger_root, other, tmp_path))
+        assert 1 == result.exit_code, result.output
+        assert 3 == sum(line.startswith("FINDING") for line in result.stdout.splitlines())
+
+    @pytest.mark.parametrize("extra", [["--days", "1"], ["--since", "2000-01-01"], ["--all"]])
+    def test_ranges(
+        self,
+        extra: list[str],
+        ledger: list[Record],
+        ledger_root: Path,
+        signer: Signer,
+        tmp_path: Path,
+    ) -> None:
+        """Range options run on a clean ledger and exit 0."""
+        until = ["--until", datetime.now(UTC).strftime("%Y-%m-%dT23:59:59Z")]
+        result = run(*verify_args(ledger_root, signer, tmp_path), *extra, *until)
+        assert 0 == result.exit_code, result.output
+
+    def test_rollback_across_runs(
+        self,
+        write_records: Callable[..., list[Record]],
+        ledger_root: Path,
+        signer: Signer,
+        tmp_path: Path,
+    ) -> None:
+        """The second run with the same --state catches a ledger put back to an older copy."""
+        import shutil
+
+        write_records(10)
+        shutil.copytree(ledger_root, tmp_path / "old")
+        write_records(10, start=10)
+        assert 0 == run(*verify_args(ledger_root, signer, tmp_path)).exit_code
+        shutil.rmtree(ledger_root)
+        shutil.copytree(tmp_path / "old", ledger_root)
+        result = run(*verify_args(ledger_root, signer, tmp_path))
+        assert 1 == result.exit_code, result.output
+        assert "rollback" in result.stdout
+
+
+class TestBadInput:
+    @pytest.fixture
+    def key(self, signer: Signer) -> str:
+        return signer.verifier.to_text()
+
+    @pytest.mark.parametrize(
+        "layout",
+        [
+            {},
+            {"notes.txt": b"hello", "data.bin": b"\x00\xff" * 100},
+            {"logs": b"a file where a folder should be"},
+            {"logs/readme.txt": b"hi", "segments/x.jsonl": b"{}\n"},
+            {"logs/Not A Log/x": b"junk"},
+        ],
+        ids=["empty", "junk-files", "logs-is-a-file", "logs-holds-files", "bad-log-folder"],
+    )
+    def test_not_a_ledger(self, layout: dict[str, bytes], key: str, tmp_path: Path) -> None:
+        """A directory that is not a ledger is one error line and exit 2."""
+        root = tmp_path / "store"
+        root.mkdir()
+        for name, data in layout.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        assert_one_error_line(run("verify", "--ledger", root, "--public-key", key))
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="BUG: a logs/<id>/ folder holding only junk files (no segments/, no"
+        " checkpoints/) verifies OK with exit 0 ('1 logs, 0 records read')",
+    )
+    def test_log_folder_of_junk(self, key: str, tmp_path: Path) -> None:
+        """A log folder holding nothing but junk is not reported as a valid ledger."""
+        junk = tmp_path / "store" / "logs" / "foo"
+        junk.mkdir(parents=True)
+        (junk / "x.txt").write_text("hello")
+        (junk / "y.bin").write_bytes(os.urandom(64))
+        result = run("verify", "--ledger", tmp_path / "store", "--public-key", key)
+        assert_one_error_line(result)
+
+    def test_missing_directory(self, key: str, tmp_path: Path) -> None:
+        """A ledger directory that does not exist is one error line naming it."""
+        line = assert_one_error_line(
+            run("verify", "--ledger", tmp_path / "nope", "--public-key", key)
+        )
+        assert str(tmp_path / "nope") in line
+
+    @pytest.mark.parametrize(
+        "content",
+        [b"garbage\n", b"", b"\xff\xfe\x00\x01", b"name+zzzz+AAAA\n", b"# only a comment\n"],
+        ids=["text", "empty", "binary", "malformed-key", "comment-only"],
+    )
+    def test_garbage_key_file(
+        self, content: bytes, ledger: list[Record], ledger_root: Path, tmp_path: Path
+    ) -> None:
+        """A key file that holds no verifier key is one error line and exit 2."""
+        key_file = tmp_path / "verifier.pub"
+        key_file.write_bytes(content)
+        assert_one_error_line(run("verify", "--ledger", ledger_root, "--public-key", key_file))
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="BUG: a key file holding a malformed key fails with 'verifier key must look like"
+        " ...' without naming the file, so the user cannot tell which --public-key is wrong",
+    )
+    def test_garbage_key_file_is_named(
+        self, ledger: list[Record], ledger_root: Path, tmp_path: Path
+    ) -> None:
+        """The error for a key file holding a malformed key names that file."""
+        key_file = tmp_path / "verifier.pub"
+        key_file.write_text("garbage\n")
+        line = assert_one_error_line(
+            run("verify", "--ledger", ledger_root, "--public-key", key_file)
+        )
+        assert str(key_file) in line
+
+    def test_private_key_as_public(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """A private key passed as --public-key is refused, saying so, without echoing it."""
+        key_file = tmp_path / "signing.key"
+        signer.save(key_file)
+        line = assert_one_error_line(
+            run("verify", "--ledger", ledger_root, "--public-key", key_file)
+        )
+        assert "private" in line
+        assert signer.to_text() not in line
+
+    @pytest.mark.parametrize(
+        "spec", ["no-such-file.pub", "test-key+00000000+AAAA", "a+b+c+d"], ids=str
+    )
+    def test_bad_key_spec(self, spec: str, ledger: list[Record], ledger_root: Path) -> None:
+        """A missing key file or a malformed inline key is one error line."""
+        assert_one_error_line(run("verify", "--ledger", ledger_root, "--public-key", spec))
+
+    def test_no_key_at_all(self, ledger: list[Record], ledger_root: Path) -> None:
+        """With no --public-key and no keygen verifier.pub, verify says how to give one."""
+        line = assert_one_error_line(run("verify", "--ledger", ledger_root))
+        assert "--public-key" in line
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["--days", "-1"],
+            ["--days", "abc"],
+            ["--days", "0"],
+            ["--days", ""],
+            ["--since", "yesterday"],
+            ["--until", "2024-13-45"],
+            ["--days", "1", "--since", "2024-01-01"],
+            ["--seal-grace", "-5"],
+            ["--no-such-option"],
+        ],
+        ids=str,
+    )
+    def test_bad_options(
+        self, args: list[str], ledger: list[Record], ledger_root: Path, key: str
+    ) -> None:
+        """Bad option values are one error line and exit 2."""
+        assert_one_error_line(run("verify", "--ledger", ledger_root, "--public-key", key, *args))
+
+    @pytest.mark.parametrize(
+        "args",
+        [["count", "--date", "yesterday"], ["count", "--date", "2024-02-30"], ["nope"]],
+        ids=str,
+    )
+    def test_other_commands(self, args: list[str], ledger: list[Record], ledger_root: Path) -> None:
+        """Bad input to other commands is one error line and exit 2 as well."""
+        assert_one_error_line(run(*args, "--ledger", ledger_root))
+
+
+class TestCount:
+    def test_today(self, ledger: list[Record], ledger_root: Path) -> None:
+        """count prints the number of records appended today (the seed's check)."""
+        result = run("count", "--ledger", ledger_root, "--date", "today", "--min", "1")
+        assert (0, "30\n") == (result.exit_code, result.stdout)
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        assert "30\n" == run("count", "--ledger", ledger_root, "--date", day).stdout
+
+    def test_compressed(
+        self, write_records: Callable[..., list[Record]], ledger_root: Path
+    ) -> None:
+        """Compressed segments count the same."""
+        write_records(12, max_segment_bytes=4096, compress_sealed=True)
+        assert "12\n" == run("count", "--ledger", ledger_root).stdout
+
+    def test_other_day(self, ledger: list[Record], ledger_root: Path) -> None:
+        """A day with no records counts 0, and --min 1 then exits 1."""
+        result = run("count", "--ledger", ledger_root, "--date", "2001-01-01", "--min", "1")
+        assert (1, "0\n") == (result.exit_code, result.stdout)
+
+    def test_several_logs(
+        self, write_records: Callable[..., list[Record]], ledger_root: Path
+    ) -> None:
+        """count adds up every log of the store."""
+        write_records(4)
+        write_records(6, log_id="second-log")
+        assert "10\n" == run("count", "--ledger", ledger_root).stdout
+
+    def test_missing_ledger(self, tmp_path: Path) -> None:
+        """count on a missing ledger is one error line."""
+        assert_one_error_line(run("count", "--ledger", tmp_path / "nope"))
+
+
+BUNDLE_CRASH = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: verify-proof ends in a traceback (orjson.JSONDecodeError or AttributeError out"
+    " of check_bundle) when the bundle's record is not a JSON object",
+)
+
+
+class TestProve:
+    @pytest.fixture
+    def bundle(self, ledger: list[Record], ledger_root: Path, tmp_path: Path) -> Path:
+        out = tmp_path / "proof.json"
+        result = run("prove", "--ledger", ledger_root, ledger[13].event_id, "--out", out)
+        assert 0 == result.exit_code, result.output
+        return out
+
+    def test_round_trip(
+        self, bundle: Path, ledger: list[Record], signer: Signer, tmp_path: Path
+    ) -> None:
+        """prove then verify-proof with only the verifier key: exit 0 naming the record."""
+        result = run("verify-proof", bundle, "--public-key", signer.verifier.to_text())
+        assert 0 == result.exit_code, result.output
+        assert result.stdout.startswith(f"OK: record {ledger[13].event_id} is seq 13 of log")
+        obj = json.loads(bundle.read_text())
+        assert (13, 30, ledger[13].leaf.decode()) == (obj["index"], obj["tree_size"], obj["record"])
+
+    @pytest.mark.parametrize("seq", [0, 9, 10, 29])
+    @pytest.mark.parametrize("size", [None, 10, 20, 30])
+    def test_every_checkpoint(
+        self,
+        seq: int,
+        size: int | None,
+        ledger: list[Record],
+        ledger_root: Path,
+        signer: Signer,
+    ) -> None:
+        """A record proves against the newest or any given checkpoint that covers it."""
+        extra = [] if size is None else ["--tree-size", size]
+        result = run("prove", "--ledger", ledger_root, ledger[seq].event_id, *extra)
+        if size is not None and seq >= size:
+            assert_one_error_line(result)
+            return
+        assert 0 == result.exit_code, result.output
+        obj = json.loads(result.stdout)
+        assert (size or 30) == obj["tree_size"]
+        path = ledger_root.parent / "p.json"
+        path.write_text(result.stdout)
+        checked = run("verify-proof", path, "--public-key", signer.verifier.to_text())
+        assert 0 == checked.exit_code, checked.output
+
+    def test_unknown_event(self, ledger: list[Record], ledger_root: Path) -> None:
+        """Proving an event id the ledger lacks is one error line."""
+        assert_one_error_line(run("prove", "--ledger", ledger_root, "no-such-event"))
+
+    def test_unsealed_record(
+        self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]
+    ) -> None:
+        """A record no checkpoint covers yet cannot be proven: one error line saying so."""
+        with Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer)) as writer:
+            record = writer.append(make_exchange(0))
+            line = assert_one_error_line(run("prove", "--ledger", ledger_root, record.event_id))
+        assert "not covered by a checkpoint" in line
+
+    @pytest.mark.parametrize(
+        "edit",
+        [
+            "record-user-id",
+            "record-model",
+            pytest.param("record-not-json", marks=BUNDLE_CRASH),
+            pytest.param("record-not-object", marks=BUNDLE_CRASH),
+            "index",
+            "tree-size",
+            "proof-hash",
+            "proof-dropped",
+            "proof-not-base64",
+            "checkpoint-root",
+            "checkpoint-other-key",
+            "format",
+            "missing-field",
+        ],
+    )
+    def test_edited_bundle(self, edit: str, bundle: Path, signer: Signer) -> None:
+        """An edited bundle fails verify-proof with exit 1 and one INVALID line, no traceback."""
+        obj = json.loads(bundle.read_text())
+        if edit == "record-user-id":
+            obj["record"] = obj["record"].replace('"user_id":"user-3"', '"user_id":"user-4"')
+        elif edit == "record-model":
+            obj["record"] = obj["record"].replace('"model":"llama3.2:1b"', '"model":"llama3.2:3b"')
+        elif edit == "record-not-json":
+            obj["record"] = obj["record"][:-1]
+        elif edit == "record-not-object":
+            obj["record"] = "[1, 2, 3]"
+        elif edit == "index":
+            obj["index"] = 12
+        elif edit == "tree-size":
+            obj["tree_size"] = 20
+        elif edit == "proof-hash":
+            obj["proof"][0] = obj["proof"][1]
+        elif edit == "proof-dropped":
+            obj["proof"].pop()
+        elif edit == "proof-not-base64":
+            obj["proof"][0] = "not base64!"
+        elif edit == "checkpoint-root":
+            lines = obj["checkpoint"].split("\n")
+            lines[2] = ("A" if lines[2][0] != "A" else "B") + lines[2][1:]
+            obj["checkpoint"] = "\n".join(lines)
+        elif edit == "checkpoint-other-key":
+            body = obj["checkpoint"].split("\n\n")[0] + "\n"
+            obj["checkpoint"] = Signer.generate("test-key").sign_note(body.encode()).decode()
+        elif edit == "format":
+            obj["format"] = "something-else/v1"
+        else:
+            del obj["proof"]
+        assert json.loads(bundle.read_text()) != obj
+        bundle.write_text(json.dumps(obj))
+        result = run("verify-proof", bundle, "--public-key", signer.verifier.to_text())
+        assert 1 == result.exit_code, (result.output, result.exc_info)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        (line,) = result.stdout.splitlines()
+        assert line.startswith(f"INVALID: {bundle}: ")
+
+    @pytest.mark.parametrize(
+        "content",
+        [b"not json", b"", b"[1, 2]", b'"a string"'],
+        ids=["text", "empty", "list", "str"],
+    )
+    def test_bundle_not_a_bundle(self, content: bytes, signer: Signer, tmp_path: Path) -> None:
+        """A file that is not a proof bundle fails without a traceback (exit 1 or 2)."""
+        path = tmp_path / "proof.json"
+        path.write_bytes(content)
+        result = run("verify-proof", path, "--public-key", signer.verifier.to_text())
+        assert result.exit_code in (1, 2), result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+
+    def test_missing_bundle(self, signer: Signer, tmp_path: Path) -> None:
+        """A bundle file that does not exist is one error line."""
+        result = run("verify-proof", tmp_path / "nope.json", "--public-key", "x")
+        assert_one_error_line(result)
+
+
+class TestSubprocess:
+    def python_m(
+        self, *args: Any, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tokentrail", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **(env or {})},
+        )
+
+    def test_verify_and_error(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """``python -m tokentrail verify``: 0 on a ledger, 2 and one error line on bad input."""
+        key = signer.verifier.to_text()
+        ok = self.python_m(
+            "verify", "--ledger", ledger_root, "--public-key", key, "--state", tmp_path / "s"
+        )
+        assert (0, "") == (ok.returncode, ok.stderr), ok.stderr
+        assert ok.stdout.startswith("tokentrail verify OK: ")
+        bad = self.python_m("verify", "--ledger", tmp_path / "nope", "--public-key", key)
+        assert (2, "") == (bad.returncode, bad.stdout)
+        (line,) = bad.stderr.splitlines()
+        assert line.startswith("tokentrail: error: ")
+        days = self.python_m(
+            "verify", "--ledger", ledger_root, "--public-key", key, "--days", "abc"
+        )
+        assert 2 == days.returncode
+        assert 1 == len(days.stderr.splitlines()) and "Traceback" not in days.stderr
