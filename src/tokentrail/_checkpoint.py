@@ -296,5 +296,8 @@ def load_verifiers(specs: Iterable[str]) -> list[Verifier]:
         for key in keys:
             if key.startswith("PRIVATE+KEY"):
                 raise KeyError_(f"{spec} is a private signing key; pass the verifier (public) key")
-            out.append(Verifier.from_text(key))
+            try:
+                out.append(Verifier.from_text(key))
+            except KeyError_ as exc:
+                raise KeyError_(f"{spec}: {exc}") from exc
     return out

@@ -520,11 +520,14 @@ class LedgerWriter:
     def _write_batch(self, batch: list[_Pending]) -> None:
         start = 0
         while start < len(batch):
-            fd = self._segment_for(batch[start].seq)
+            fd = self._segment_for(batch[start].seq, len(batch[start].line))
             budget = self.config.max_segment_bytes - self._segment_bytes
             end = start
             size = 0
-            while end < len(batch) and (end == start or size + len(batch[end].line) <= budget):
+            # A record larger than a whole segment still goes alone into a fresh one.
+            while end < len(batch) and (
+                size + len(batch[end].line) <= budget or (end == start and not self._segment_bytes)
+            ):
                 size += len(batch[end].line)
                 end += 1
             data = b"".join(item.line for item in batch[start:end])
@@ -542,12 +545,12 @@ class LedgerWriter:
             self._segment_bytes += size
             start = end
 
-    def _segment_for(self, seq: int) -> int:
-        """The open segment to append ``seq`` to, rotating at UTC midnight and by size."""
+    def _segment_for(self, seq: int, need: int) -> int:
+        """The open segment to append ``seq`` (``need`` bytes) to, rotating by date and size."""
         today = max(_utc_date(self.config.clock()), self._segment_date)
         if self._segment_fd is not None and (
             today != self._segment_date
-            or self._segment_bytes >= self.config.max_segment_bytes
+            or self._segment_bytes + need > self.config.max_segment_bytes
             or self._rotation_due()
         ):
             self._close_segment()
@@ -605,30 +608,45 @@ class LedgerWriter:
     # ------------------------------------------------------------------ recovery
 
     def _recover(self) -> None:
-        """Read back the tail from the last sealed state, checking seq and prev_hash."""
+        """Read back the tail from the last sealed state, checking seq and prev_hash.
+
+        The record just below the remembered state must be on disk with the remembered leaf
+        hash, and every record after it must continue the chain: a tail deleted, cut short or
+        edited since the last seal is refused, never silently continued.
+        """
         listing = list_log(self.config.root, self.config.log_id)
         if listing.checkpoints:
             self._signed_size = max(listing.checkpoints)
         tree, prev_hex = self._load_state(listing.checkpoints)
-        roots_to_check = {s: p for s, p in listing.checkpoints.items() if s > tree.size}
+        trusted = tree.size  # records below this are covered by the state's checkpoint
+        anchor = trusted - 1  # the record whose leaf hash the state remembers
+        anchored = trusted == 0
+        roots_to_check = {s: p for s, p in listing.checkpoints.items() if s > trusted}
         for seg in listing.segments:
-            if seg.plain is None:
-                if seg.first_seq < tree.size:
-                    continue  # compressed segments are sealed and below the state we trust
-                path = seg.path
-            else:
-                path = seg.plain
             next_first = _next_first(listing.segments, seg)
-            if next_first is not None and next_first <= tree.size:
+            if next_first is not None and next_first <= max(anchor, 0):
+                continue  # wholly below the anchor
+            path = seg.plain or seg.path
+            if seg.plain is not None and seg.plain.stat().st_size == 0 and seg.packed is None:
+                # A crash between creating a segment and its first write: nothing to keep.
+                seg.plain.unlink()
                 continue
             for offset, line, complete in iter_lines(path):
                 if not complete:
                     self._quarantine_torn(path, offset, line)
                     break
                 seq, prev = _parse_chain_fields(line, path, self.config.log_id)
-                if seq < tree.size:
+                if seq < anchor:
                     continue
-                if seq != tree.size or prev != prev_hex:
+                if seq == anchor:
+                    if leaf_hash(line).hex() != prev_hex:
+                        raise DamagedLogError(
+                            f"{path}: seq {seq} differs from the record sealed at the last"
+                            f" checkpoint; refusing to continue log {self.config.log_id}"
+                        )
+                    anchored = True
+                    continue
+                if not anchored or seq != tree.size or prev != prev_hex:
                     raise DamagedLogError(
                         f"{path}: record at offset {offset} (seq {seq}) does not continue the"
                         f" chain at seq {tree.size}; refusing to continue log {self.config.log_id}"
@@ -638,10 +656,11 @@ class LedgerWriter:
                 prev_hex = lhash.hex()
                 if tree.size in roots_to_check:
                     self._check_root(tree, roots_to_check[tree.size])
-        if self._signed_size > tree.size:
+        if not anchored or self._signed_size > tree.size:
             raise DamagedLogError(
-                f"log {self.config.log_id}: checkpoint covers {self._signed_size} records but only"
-                f" {tree.size} are on disk; refusing to continue"
+                f"log {self.config.log_id}: checkpoints cover {max(self._signed_size, trusted)}"
+                f" records but the log on disk ends before that (deleted or truncated"
+                f" segments); refusing to continue"
             )
         self._tree = tree
         self._durable_prev_hex = prev_hex

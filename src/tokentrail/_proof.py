@@ -96,7 +96,12 @@ def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
     checkpoint = Checkpoint.from_text(text)
     if checkpoint.size != size:
         raise VerificationError(f"bundle says tree size {size}, checkpoint says {checkpoint.size}")
-    record = orjson.loads(leaf)
+    try:
+        record = orjson.loads(leaf)
+    except orjson.JSONDecodeError as exc:
+        raise VerificationError("the bundle's record is not JSON") from exc
+    if not isinstance(record, dict):
+        raise VerificationError("the bundle's record is not a JSON object")
     if record.get("seq") != index or not checkpoint.origin.endswith(
         "/" + str(record.get("log_id"))
     ):

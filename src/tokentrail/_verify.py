@@ -179,11 +179,13 @@ class WitnessState:
     root: bytes
     last_leaf_hash: str
     verified_at: str
+    store: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
         return {
             "origin": self.origin,
+            "store": self.store,
             "size": self.tree.size,
             "root": self.root.hex(),
             "tree": self.tree.to_json(),
@@ -202,6 +204,7 @@ class WitnessState:
                 bytes.fromhex(obj["root"]),
                 obj["last_leaf_hash"],
                 obj["verified_at"],
+                obj.get("store", ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError(f"malformed witness state: {exc!r}") from exc
@@ -238,6 +241,23 @@ def load_state(state_dir: Path, origin: str) -> WitnessState | None:
     if state.origin != origin:
         raise StoreError(f"witness state {path} is for origin {state.origin!r}, not {origin!r}")
     return state
+
+
+def remembered_states(state_dir: Path, store: str) -> list[WitnessState]:
+    """Every witness state recorded for ``store`` (to notice a log that disappeared)."""
+    out = []
+    try:
+        paths = sorted(state_dir.glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            state = WitnessState.from_json(orjson.loads(path.read_bytes()))
+        except (OSError, orjson.JSONDecodeError, VerificationError):
+            continue
+        if state.store == store:
+            out.append(state)
+    return out
 
 
 def save_state(state_dir: Path, state: WitnessState) -> None:
@@ -370,7 +390,10 @@ class _LogVerifier:
     def _load_state(self) -> None:
         if self.options.state_dir is None:
             return
+        # By every origin this log could have, not only by the checkpoints still present: a
+        # rollback may have deleted them all.
         origins = {cp.origin for cp in self.checkpoints.values()}
+        origins |= {f"{v.name}/{self.log_id}" for v in self.options.verifiers}
         states = [s for o in origins if (s := load_state(self.options.state_dir, o)) is not None]
         if not states:
             return
@@ -382,6 +405,7 @@ class _LogVerifier:
             self.finding(
                 f"rollback: the newest valid checkpoint covers {newest} records, but a checkpoint"
                 f" of {size} records was verified on {state.verified_at}",
+                seq=newest,
                 location=str(self.root / "logs" / self.log_id / "checkpoints"),
             )
         same = self.checkpoints.get(size)
@@ -417,6 +441,7 @@ class _LogVerifier:
             tree, prev_hex = state.tree.copy(), state.last_leaf_hash
         expected = start
         broken = False
+        last_at: dict[str, Any] | None = None
         since, until = self.options.since, self.options.until
         segments = self.listing.segments
         for idx, seg in enumerate(segments):
@@ -428,7 +453,7 @@ class _LogVerifier:
             first_line = True
             for offset, line, complete in iter_lines(seg.path):
                 if not complete:
-                    self._torn(seg, offset, is_last=next_first is None)
+                    self._torn(seg, offset, expected, is_last=next_first is None)
                     break
                 try:
                     obj = orjson.loads(line)
@@ -463,10 +488,13 @@ class _LogVerifier:
                     self.finding(msg, **at)
                     broken = True
                 elif prev_hex is not None and obj.get("prev_hash") != prev_hex:
+                    # The record before no longer hashes to what this one chained to: it was
+                    # edited (or this record's prev_hash was). Name both.
+                    before = last_at or at
                     self.finding(
-                        "prev_hash does not match the record before it (an edited, inserted,"
-                        " deleted or reordered record)",
-                        **at,
+                        f"record edited: its leaf hash does not match the prev_hash of the next"
+                        f" record (seq {seq}, event_id {event_id}, {where})",
+                        **before,
                     )
                     broken = True
                 for problem in check_record(obj, self.log_id):
@@ -481,6 +509,7 @@ class _LogVerifier:
                     self.report.in_range += 1
                 expected = max(expected, seq + 1)
                 prev_hex = lhash.hex()
+                last_at = at
                 if tree is None:
                     if state is not None and expected == state.tree.size:
                         if prev_hex != state.last_leaf_hash:
@@ -508,7 +537,9 @@ class _LogVerifier:
                     broken = True
                     continue
                 stamp = self.options.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-                self.new_state = WitnessState(cp.origin, tree.copy(), cp.root, prev_hex, stamp)
+                self.new_state = WitnessState(
+                    cp.origin, tree.copy(), cp.root, prev_hex, stamp, str(self.root)
+                )
         return expected
 
     def _check_pair(self, seg: SegmentRef) -> None:
@@ -526,26 +557,47 @@ class _LogVerifier:
                 location=str(seg.packed),
             )
 
-    def _torn(self, seg: SegmentRef, offset: int, is_last: bool) -> None:
+    def _torn(self, seg: SegmentRef, offset: int, seq: int, is_last: bool) -> None:
         where = str(seg.path)
         age = self.options.now.timestamp() - _mtime(seg.path)
-        if is_last and age < self.options.seal_grace_s and not self.options.require_sealed:
+        sealed = seq < max(self.checkpoints, default=0)
+        young = age < self.options.seal_grace_s and not self.options.require_sealed
+        if is_last and young and not sealed:
             self.warning(
-                f"incomplete final line at byte {offset} (a write in progress?)", location=where
+                f"incomplete final line at byte {offset} (a write in progress?)",
+                seq=seq,
+                location=where,
             )
         else:
-            self.finding(f"segment truncated: incomplete line at byte {offset}", location=where)
+            self.finding(
+                f"segment truncated: incomplete record at byte {offset}", seq=seq, location=where
+            )
 
     # stage 4
     def _coverage(self, size: int) -> None:
-        for cp_size in sorted(self.checkpoints):
-            if cp_size > size:
+        beyond = [cp_size for cp_size in sorted(self.checkpoints) if cp_size > size]
+        if beyond:
+            # Records deleted from the end, or a checkpoint forged past it: both facts are named.
+            for cp_size in beyond:
                 self.finding(
-                    f"checkpoint covers {cp_size} records but only {size} are present (deleted"
-                    " or truncated records or segments)",
+                    f"checkpoint covers {cp_size} records, but the log ends before seq {size}",
                     location=self.cp_files[cp_size],
                 )
-                break
+            last = self.listing.segments[-1].path if self.listing.segments else None
+            self.finding(
+                f"records missing from seq {size} on: signed checkpoints cover {beyond[-1]}"
+                " records (deleted or truncated records or segments)",
+                seq=size,
+                location=str(last) if last is not None else self.cp_files[beyond[0]],
+            )
+        if self.state is not None and size < self.state.tree.size and not self.checkpoints:
+            self.finding(
+                f"rollback: {self.state.tree.size} records were verified on"
+                f" {self.state.verified_at}, but no checkpoint is left and the log ends before"
+                f" seq {size}",
+                seq=size,
+                location=str(self.root / "logs" / self.log_id),
+            )
         self.report.checkpoints = len(self.checkpoints)
         sealed = 0
         if self.new_state is not None:
@@ -601,8 +653,41 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
     log_ids = list_logs(root)
     if not log_ids:
         raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
+    if not any(
+        (root / "logs" / i / d).is_dir() for i in log_ids for d in ("segments", "checkpoints")
+    ):
+        raise StoreError(f"{root} holds no tokentrail logs (no logs/*/segments/ folder)")
     reports = []
+    if options.state_dir is not None:
+        key_names = {v.name for v in options.verifiers}
+        for state in remembered_states(options.state_dir, str(root)):
+            name, _, log_id = state.origin.partition("/")
+            if name in key_names and log_id not in log_ids:
+                report = LogReport(log_id)
+                report.add(
+                    Finding(
+                        "finding",
+                        f"log deleted: {state.tree.size} records of it were verified on"
+                        f" {state.verified_at}, and it is no longer in the store",
+                        log_id,
+                        location=str(root / "logs" / log_id),
+                    )
+                )
+                reports.append(report)
     for log_id in log_ids:
+        log_root = root / "logs" / log_id
+        if not (log_root / "segments").is_dir() and not (log_root / "checkpoints").is_dir():
+            report = LogReport(log_id)
+            report.add(
+                Finding(
+                    "finding",
+                    "not a tokentrail log (no segments/ or checkpoints/)",
+                    log_id,
+                    location=str(log_root),
+                )
+            )
+            reports.append(report)
+            continue
         try:
             reports.append(_LogVerifier(root, log_id, options).run())
         except StoreError as exc:
