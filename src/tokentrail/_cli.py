@@ -324,5 +324,36 @@ def demo(directory: Path | None, exchanges: int, no_progress: bool) -> None:
     sys.exit(0 if demo_main(directory, exchanges, not no_progress) else EXIT_INVALID)
 
 
+@main.command()
+@click.option("--user", "user_id", required=True, help="The data subject (user_id) to erase.")
+@click.option(
+    "--keystore",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    envvar="TOKENTRAIL_KEYSTORE",
+    help="The key store the writers seal content with [env TOKENTRAIL_KEYSTORE].",
+)
+@LEDGER_OPTION
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
+    """Erase a data subject's content by destroying their key (crypto-shredding).
+
+    The records stay, with every hash, so the ledger still verifies; their content can no
+    longer be decrypted by anyone. The search index (rebuildable) is dropped with it.
+    Exports made earlier are outside the ledger's reach.
+
+    \b
+    Example:
+      tokentrail forget --user alice@example.com --keystore /var/lib/tokentrail-keys
+    """
+    from ._erasure import FileKeyStore
+    from ._erasure import forget as do_forget
+
+    if not yes:
+        click.confirm(f"Destroy the content key of {user_id!r} for good?", abort=True)
+    when = do_forget(FileKeyStore(keystore), user_id, ledger if ledger.is_dir() else None)
+    click.echo(f"erased: the content key of {user_id} was destroyed at {when}")
+
+
 main.add_command(sim_command, "sim")
 main.add_command(serve_command, "serve")

@@ -78,6 +78,8 @@ class LedgerConfig:
     seal_interval_s: float = 60.0
     max_segment_bytes: int = 64 << 20
     rotate_interval_s: float | None = None
+    #: Applied to every exchange before it is written (content sealing, SPEC section 7).
+    sealer: Callable[[Exchange], Exchange] | None = field(default=None, repr=False)
     compress_sealed: bool = False
     clock: Callable[[], float] = field(default=time.time, repr=False)
 
@@ -321,6 +323,8 @@ class LedgerWriter:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Record:
         """Queue one record and return it; ``waiter`` is resolved once it is on disk."""
+        if self.config.sealer is not None:
+            exchange = self.config.sealer(exchange)
         content = exchange.content_bytes()
         log_id = self.config.log_id
         with self._wake:

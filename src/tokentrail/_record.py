@@ -186,6 +186,8 @@ class Exchange:
     timestamp: str = field(default_factory=now_rfc3339)
     event_id: str = field(default_factory=new_event_id)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Keyed content hashes (SPEC section 7), used instead of the plain ones when set.
+    hashes: Mapping[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -220,9 +222,10 @@ class Exchange:
             "timestamp",
             "event_id",
         }
-        derived = {"input_hash", "output_hash", "input_text_hash", "output_text_hash"}
-        extra = {k: v for k, v in fields.items() if k not in known | derived}
-        return cls(**{k: v for k, v in fields.items() if k in known}, extra=extra)
+        derived = ("input_hash", "output_hash", "input_text_hash", "output_text_hash")
+        extra = {k: v for k, v in fields.items() if k not in known and k not in derived}
+        keyed = {k: fields.get(k) for k in derived} if fields.get("content_sealed") else None
+        return cls(**{k: v for k, v in fields.items() if k in known}, extra=extra, hashes=keyed)
 
     def content_bytes(self) -> bytes:
         """The content fields as compact JSON (an object), encoding each token list once."""
@@ -284,6 +287,8 @@ class Exchange:
             "input_text_hash": text_hash(input_text),
             "output_text_hash": text_hash(output_text),
         }
+        if self.hashes is not None:
+            out.update(self.hashes)
         out.update(self.extra)
         return out
 

@@ -25,6 +25,7 @@ import click
 from aiohttp import web
 
 from .._checkpoint import Signer
+from .._erasure import FileKeyStore, Sealer
 from .._errors import TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
@@ -80,6 +81,9 @@ class Proxy:
                     signer=self.signer,
                     durability=self.config.durability,
                     seal_interval_s=self.config.seal_interval_s,
+                    sealer=None
+                    if self.config.keystore is None
+                    else Sealer(FileKeyStore(self.config.keystore)),
                 )
             )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -316,6 +320,15 @@ Examples:
     help="Refuse (401) requests without a known user.",
 )
 @click.option(
+    "--keystore",
+    "keystore",
+    default=None,
+    envvar="TOKENTRAIL_KEYSTORE",
+    type=click.Path(file_okay=False),
+    help="Seal every record's content under its user's key kept here (outside the ledger),"
+    " so `tokentrail forget --user U` can erase it without breaking the chain [default: off].",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     envvar="TOKENTRAIL_METRICS_LISTEN",
@@ -362,6 +375,7 @@ def build_config(
         trust_identity_headers=options["trust_identity_headers"],
         require_identity=options["require_identity"],
         metrics_listen=options.get("metrics_listen"),
+        keystore=Path(options["keystore"]) if options.get("keystore") else None,
     )
 
 

@@ -119,6 +119,7 @@ class ProxyConfig:
     tags_ttl_s: float = 60.0
     shutdown_grace_s: float = 10.0
     metrics_listen: str | None = None
+    keystore: Path | None = None  # set: content is sealed per subject (SPEC section 7)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "upstream", check_upstream(self.upstream))

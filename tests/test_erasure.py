@@ -1,0 +1,143 @@
+"""Crypto-shredding (SPEC section 7): sealed content, keyed hashes, and ``forget``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from test_proxy import _env, start_proxy
+
+from tokentrail._erasure import FileKeyStore, Sealer, forget, open_record
+from tokentrail._errors import StoreError, VerificationError
+from tokentrail._layout import iter_lines, list_log, list_logs
+from tokentrail._record import Exchange, encode_line
+from tokentrail._sim import SimConfig, sim_in_thread
+
+
+def records_of(ledger: Path) -> list[dict[str, object]]:
+    out = []
+    for log_id in list_logs(ledger):
+        for seg in list_log(ledger, log_id).segments:
+            out += [orjson.loads(line) for _, line, ok in iter_lines(seg.path) if ok]
+    return out
+
+
+def every_byte_under(*roots: Path) -> bytes:
+    return b"\n".join(p.read_bytes() for r in roots for p in sorted(r.rglob("*")) if p.is_file())
+
+
+class TestSealer:
+    def exchange(self) -> Exchange:
+        return Exchange(
+            model="m",
+            api="ollama.chat",
+            stop_reason="stop",
+            input_tokens=[1, 2, 3],
+            output_tokens=["ok", [255]],
+            input_text="my secret question",
+            output_text="the answer",
+            user_id="alice",
+            extra={"request_body": {"messages": [{"role": "user", "content": "my secret"}]}},
+        )
+
+    def test_round_trip(self, tmp_path: Path) -> None:
+        """Sealed content opens back to exactly what was sealed, hashes checked."""
+        keys = FileKeyStore(tmp_path / "keys")
+        sealed = Sealer(keys)(self.exchange())
+        record = orjson.loads(encode_line("l", 0, "0" * 64, sealed.fields()))
+        assert (None, None, True) == (
+            record["input_text"],
+            record["input_tokens"],
+            record["content_sealed"],
+        )
+        assert b"secret" not in orjson.dumps(record)
+        opened = open_record(record, keys)
+        assert opened.content is not None
+        assert "my secret question" == opened.content["input_text"]
+        assert [1, 2, 3] == opened.content["input_tokens"]
+        assert {"messages": [{"role": "user", "content": "my secret"}]} == opened.content[
+            "request_body"
+        ]
+
+    def test_hashes_are_keyed(self, tmp_path: Path) -> None:
+        """A sealed record's hashes are not the plain SHA-256 of its content (no guessing)."""
+        sealed = Sealer(FileKeyStore(tmp_path / "keys"))(self.exchange()).fields()
+        plain = hashlib.sha256(json.dumps([1, 2, 3]).encode()).hexdigest()
+        assert plain != sealed["input_hash"]
+        assert hashlib.sha256(b"my secret question").hexdigest() != sealed["input_text_hash"]
+
+    def test_tampered_ciphertext_does_not_open(self, tmp_path: Path) -> None:
+        """An edited ciphertext fails authentication instead of yielding other content."""
+        keys = FileKeyStore(tmp_path / "keys")
+        record = orjson.loads(encode_line("l", 0, "0" * 64, Sealer(keys)(self.exchange()).fields()))
+        blob = record["sealed_content"]["ciphertext"]
+        record["sealed_content"]["ciphertext"] = ("A" if blob[0] != "A" else "B") + blob[1:]
+        with pytest.raises(VerificationError):
+            open_record(record, keys)
+
+    def test_forget_erases_and_refuses_new_content(self, tmp_path: Path) -> None:
+        """After forget the content is gone, and new content for that subject is refused."""
+        keys = FileKeyStore(tmp_path / "keys")
+        record = orjson.loads(encode_line("l", 0, "0" * 64, Sealer(keys)(self.exchange()).fields()))
+        when = forget(keys, "alice")
+        opened = open_record(record, keys)
+        assert (None, when) == (opened.content, opened.erased_at)
+        assert b"" == every_byte_under(tmp_path / "keys").replace(when.encode() + b"\n", b"")
+        with pytest.raises(StoreError):
+            Sealer(keys)(self.exchange())
+
+
+def test_forget_through_the_proxy(tmp_path: Path) -> None:
+    """Erasing one user: nothing of her prompt anywhere, the ledger verifies, others intact."""
+    keystore = tmp_path / "keys"
+    with sim_in_thread(SimConfig(mode="ollama-0.4")) as sim_url:
+        proxy = start_proxy(
+            tmp_path, sim_url, "--keystore", str(keystore), "--trust-identity-headers"
+        )
+        try:
+            with httpx.Client(timeout=10) as client:
+                for user in ("alice", "bob"):
+                    for i in range(3):
+                        body = {
+                            "model": "llama3.2:1b",
+                            "prompt": f"{user}-private-prompt-{i}",
+                            "stream": i % 2 == 0,
+                        }
+                        resp = client.post(
+                            proxy.url + "/api/generate",
+                            json=body,
+                            headers={"X-Tokentrail-User": user},
+                        )
+                        assert 200 == resp.status_code
+        finally:
+            proxy.stop()
+    assert b"private-prompt" not in every_byte_under(proxy.ledger)
+    before = {r["event_id"]: r for r in records_of(proxy.ledger)}
+    assert 6 == len(before)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokentrail", "forget", "--user", "alice", "--keystore",
+         str(keystore), "--ledger", str(proxy.ledger), "--yes"],
+        env=_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert 0 == result.returncode, result.stderr
+    assert result.stdout.startswith("erased: the content key of alice was destroyed")
+    assert 0 == proxy.verify(tmp_path / "state").returncode
+    keys = FileKeyStore(keystore)
+    texts = {}
+    for record in records_of(proxy.ledger):
+        opened = open_record(record, keys)
+        texts[record["user_id"], record["event_id"]] = opened
+    alice = [o for (u, _), o in texts.items() if u == "alice"]
+    bob = [o for (u, _), o in texts.items() if u == "bob"]
+    assert [None] * 3 == [o.content for o in alice]
+    assert all(o.erased_at for o in alice)
+    assert sorted(f"bob-private-prompt-{i}" for i in range(3)) == sorted(
+        str(o.content["input_text"]) for o in bob if o.content
+    )
+    assert b"alice-private-prompt" not in every_byte_under(proxy.ledger, keystore)
