@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from test_proxy import _env, start_proxy
 
+from test_proxy import _env, start_proxy
 from tokentrail._erasure import FileKeyStore, Sealer, forget, open_record
 from tokentrail._errors import StoreError, VerificationError
 from tokentrail._layout import iter_lines, list_log, list_logs
