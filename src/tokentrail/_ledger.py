@@ -175,6 +175,8 @@ class LedgerWriter:
         self._journal_fd: int | None = None
         self._journal_bytes = 0
         self._intents: dict[str, bytes] = {}  # event id -> journal line, until durable
+        #: When the last write failed (monotonic seconds), until a later write succeeds.
+        self.failed_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -371,11 +373,17 @@ class LedgerWriter:
             + b"}\n"
         )
         with self._wake:
-            if self._journal_fd is None:
-                self._journal_fd = os.open(
-                    self._dir / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
-                )
-            os.write(self._journal_fd, line)
+            try:
+                if self._journal_fd is None:
+                    self._journal_fd = os.open(
+                        self._dir / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+                    )
+                os.write(self._journal_fd, line)
+            except OSError as exc:
+                self.failed_at = time.monotonic()
+                raise StoreError(
+                    f"cannot note exchange in {self._dir / JOURNAL_FILE}: {exc.strerror}"
+                ) from exc
             self._journal_bytes += len(line)
             self._intents[provisional.event_id] = line
 
@@ -484,6 +492,7 @@ class LedgerWriter:
         for item in batch:
             self._tree.append(item.lhash)
         self._durable_prev_hex = batch[-1].lhash.hex()
+        self.failed_at = None
         _release(batch)
         if self._journal_fd is not None:
             self._settle_journal(batch)
@@ -519,6 +528,7 @@ class LedgerWriter:
             self._next_seq = self._tree.size
             self._prev_hex = self._durable_prev_hex
         log.error("%s", error)
+        self.failed_at = time.monotonic()
         _release(failed, error)
 
     def _write_batch(self, batch: list[_Pending]) -> None:

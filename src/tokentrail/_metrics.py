@@ -41,6 +41,10 @@ class Metrics:
         self.append_errors = Counter(
             "tokentrail_append_errors", "Records the ledger could not write.", registry=r
         )
+        self.refused = Counter(
+            "tokentrail_refused_exchanges",
+            "Exchanges refused (503) because the ledger could not be written.", registry=r,
+        )  # fmt: skip
         self.passthrough = Counter(
             "tokentrail_passthrough_requests", "Requests relayed without audit.", registry=r
         )

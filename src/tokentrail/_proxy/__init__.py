@@ -329,6 +329,22 @@ Examples:
     " so `tokentrail forget --user U` can erase it without breaking the chain [default: off].",
 )
 @click.option(
+    "--fail-open",
+    is_flag=True,
+    default=False,
+    envvar="TOKENTRAIL_FAIL_OPEN",
+    help="When the ledger cannot be written (disk full), relay traffic anyway, unaudited."
+    " UNSAFE for compliance; the default refuses with 503.",
+)
+@click.option(
+    "--min-free-bytes",
+    type=click.IntRange(min=0),
+    default=16 << 20,
+    show_default=True,
+    envvar="TOKENTRAIL_MIN_FREE_BYTES",
+    help="Refuse new exchanges (503) while the ledger's filesystem has less free space.",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     envvar="TOKENTRAIL_METRICS_LISTEN",
@@ -376,6 +392,8 @@ def build_config(
         require_identity=options["require_identity"],
         metrics_listen=options.get("metrics_listen"),
         keystore=Path(options["keystore"]) if options.get("keystore") else None,
+        fail_open=bool(options.get("fail_open", False)),
+        min_free_bytes=int(options.get("min_free_bytes", 16 << 20)),
     )
 
 

@@ -120,6 +120,8 @@ class ProxyConfig:
     shutdown_grace_s: float = 10.0
     metrics_listen: str | None = None
     keystore: Path | None = None  # set: content is sealed per subject (SPEC section 7)
+    fail_open: bool = False  # relay even when the ledger cannot write (unsafe for compliance)
+    min_free_bytes: int = 16 << 20  # refuse new exchanges below this much free ledger space
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "upstream", check_upstream(self.upstream))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import zlib
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
+from .._errors import StoreError
 from .._ledger import AsyncLedger
 from .._metrics import Metrics
 from .._record import new_event_id, now_rfc3339
@@ -227,6 +229,12 @@ class _Exchange:
     recorded: bool = False
 
 
+#: After a failed ledger write, new exchanges are refused this long before one is tried again.
+LEDGER_RETRY_S = 1.0
+#: How often the free space of the ledger's filesystem is looked at.
+SPACE_CHECK_S = 0.5
+
+
 class ProxyApp:
     """The request handlers, bound to one ledger and one upstream session."""
 
@@ -250,6 +258,8 @@ class ProxyApp:
             total=None, connect=config.connect_timeout, sock_read=config.upstream_timeout
         )
         self.records = 0
+        self._space_checked = -SPACE_CHECK_S
+        self._space_low = False
 
     def build(self) -> web.Application:
         """The aiohttp application: one catch-all route."""
@@ -365,6 +375,12 @@ class ProxyApp:
                 kind="invalid_request_error",
             )
 
+        refusal = None if self.config.fail_open else self._ledger_refusal()
+        if refusal is not None:
+            self.metrics.refused.inc()
+            resp = error_response(dialect, 503, f"tokentrail: {refusal}", kind="api_error")
+            resp.headers["Retry-After"] = "1"
+            return resp
         capture = new_capture(api, body)
         new_body, strip = plan(api, body, self.config.request_token_data)
         send = raw if new_body is None else orjson.dumps(new_body)
@@ -405,7 +421,15 @@ class ProxyApp:
         if strip:
             headers["Accept-Encoding"] = "identity"  # the proxy edits the bytes it relays
         # Should this process die mid-exchange, the next writer records it as interrupted.
-        self.ledger.begin(capture.finish(self._meta(ex, time.perf_counter(), None), "interrupted"))
+        try:
+            self.ledger.begin(
+                capture.finish(self._meta(ex, time.perf_counter(), None), "interrupted")
+            )
+        except StoreError as exc:
+            if not self.config.fail_open:
+                self.metrics.refused.inc()
+                self._release(ex)
+                return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
         try:
             return await self._exchange(request, ex, send, headers, strip)
         except asyncio.CancelledError:
@@ -473,7 +497,13 @@ class ProxyApp:
         if request.transport is None or request.transport.is_closing():
             stop = "client_disconnect"
         out_body = strip_json(raw, strip) if strip else raw
-        await self._record(ex, stop)
+        try:
+            await self._record(ex, stop)
+        except StoreError as exc:
+            if not self.config.fail_open:
+                return error_response(
+                    ex.dialect, 503, f"tokentrail: response withheld, not audited: {exc}"
+                )
         return web.Response(
             status=upstream.status,
             reason=upstream.reason,
@@ -553,7 +583,11 @@ class ProxyApp:
             held.append(self._error_event(ex, capture.error, sse))
         if stop == "client_disconnect":
             upstream.close()
-        await self._record(ex, stop)
+        try:
+            await self._record(ex, stop)
+        except StoreError as exc:
+            if not self.config.fail_open:
+                held = [self._error_event(ex, f"final chunk withheld, not audited: {exc}", sse)]
         if stop == "client_disconnect":
             return out
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -584,6 +618,23 @@ class ProxyApp:
             return True
         return (not sse) and ex.capture.finished
 
+    def _ledger_refusal(self) -> str | None:
+        """Why a new exchange cannot be audited now, or ``None`` (fail closed)."""
+        now = time.monotonic()
+        failed = self.ledger.writer.failed_at
+        if failed is not None and now - failed < LEDGER_RETRY_S:
+            return "the audit ledger cannot be written; refusing unaudited traffic"
+        if now - self._space_checked >= SPACE_CHECK_S:
+            self._space_checked = now
+            try:
+                st = os.statvfs(self.config.ledger)
+                self._space_low = st.f_bavail * st.f_frsize < self.config.min_free_bytes
+            except OSError:
+                self._space_low = False
+        if self._space_low:
+            return "the audit ledger's disk is full; refusing unaudited traffic"
+        return None
+
     def _error_event(self, ex: _Exchange, message: str, sse: bool) -> bytes:
         body = error_body(ex.dialect, f"tokentrail: {message}", kind="api_error")
         return b"data: " + body + b"\n\n" if sse else body + b"\n"
@@ -612,9 +663,9 @@ class ProxyApp:
         t0 = time.perf_counter()
         try:
             await self.ledger.append(exchange)
-        except Exception:
+        except StoreError as exc:
             metrics.append_errors.inc()
-            log.exception("could not record exchange %s", ex.event_id)
+            log.error("could not record exchange %s: %s", ex.event_id, exc)
             raise
         metrics.append_seconds.observe(time.perf_counter() - t0)
         metrics.records.inc()

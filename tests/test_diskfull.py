@@ -1,0 +1,89 @@
+"""A full ledger disk: strict mode refuses (503, in the client's dialect) and recovers by itself.
+
+The ledger lives on a small tmpfs mounted for the test (root only; skipped elsewhere).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_proxy import start_proxy
+from tokentrail._sim import SimConfig, sim_in_thread
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk to the last byte."""
+    filler = disk / "filler"
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def ask(client: httpx.Client, url: str, path: str, stream: bool) -> httpx.Response:
+    if path.startswith("/v1/"):
+        body = {"model": "llama3.2:1b", "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    else:
+        body = {"model": "llama3.2:1b", "prompt": "hi", "stream": stream}
+    return client.post(url + path, json=body)
+
+
+@pytest.mark.parametrize("min_free", ["1048576", "0"], ids=["space-check", "write-failure"])
+@pytest.mark.parametrize(
+    ("mode", "path"), [("ollama-0.4", "/api/generate"), ("openai", "/v1/chat/completions")]
+)
+def test_full_disk_refuses_then_recovers(
+    small_disk: Path, mode: str, path: str, min_free: str
+) -> None:
+    """No unaudited response while the disk is full; service resumes when space returns."""
+    with sim_in_thread(SimConfig(mode=mode)) as sim_url:
+        proxy = start_proxy(small_disk, sim_url, "--min-free-bytes", min_free)
+        try:
+            with httpx.Client(timeout=10) as client:
+                assert 200 == ask(client, proxy.url, path, stream=False).status_code
+                before = len(proxy.records())
+                filler = fill(small_disk)
+                time.sleep(0.6)  # the free-space check runs twice a second
+                answers = [ask(client, proxy.url, path, stream=False) for _ in range(5)]
+                statuses = {a.status_code for a in answers}
+                assert {503} == statuses, [a.text for a in answers]
+                error = answers[-1].json()["error"]
+                text = error if isinstance(error, str) else error["message"]
+                assert text.startswith("tokentrail:")
+                filler.unlink()
+                time.sleep(1.2)  # past the retry pause after a failed write
+                assert 200 == ask(client, proxy.url, path, stream=False).status_code
+                assert 200 == ask(client, proxy.url, path, stream=True).status_code
+        finally:
+            proxy.stop()
+    records = proxy.records()
+    # Only refused-before-upstream exchanges lack a record; nothing acknowledged was lost.
+    assert before + 2 <= len(records)
+    assert 0 == proxy.verify(small_disk / "state").returncode
