@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,10 @@ def scrape(url: str) -> dict[str, float]:
 def test_counters_move_as_exchanges_flow(tmp_path: Path) -> None:
     """Exchanges, records, append latency and passthrough counters follow the traffic."""
     with sim_in_thread(SimConfig(mode="ollama-0.4")) as sim_url:
-        proxy = start_proxy(tmp_path, sim_url, "--metrics-listen", "127.0.0.1:0")
+        proxy = start_proxy(
+            tmp_path, sim_url, "--metrics-listen", "127.0.0.1:0",
+            "--verify-state", str(tmp_path / "state"),
+        )  # fmt: skip
         try:
             metrics_url = next(
                 ln.split("metrics on ", 1)[1] for ln in proxy.stderr if "metrics on " in ln
@@ -38,9 +42,25 @@ def test_counters_move_as_exchanges_flow(tmp_path: Path) -> None:
                     assert 200 == client.post(proxy.url + "/api/generate", json=body).status_code
                 assert 200 == client.get(proxy.url + "/api/tags").status_code
             after = scrape(metrics_url)
+            assert math.isnan(after["tokentrail_last_verify_ok{}"])  # no verify run yet
+        finally:
+            proxy.stop()
+        assert 0 == proxy.verify(tmp_path / "state").returncode
+        proxy = start_proxy(
+            tmp_path, sim_url, "--metrics-listen", "127.0.0.1:0",
+            "--verify-state", str(tmp_path / "state"),
+        )  # fmt: skip
+        try:
+            metrics_url = next(
+                ln.split("metrics on ", 1)[1] for ln in proxy.stderr if "metrics on " in ln
+            )
+            verified = scrape(metrics_url)
             health = httpx.get(metrics_url.replace("/metrics", "/healthz"), timeout=10)
         finally:
             proxy.stop()
+    assert 1.0 == verified["tokentrail_last_verify_ok{}"]
+    assert verified["tokentrail_last_verify_timestamp_seconds{}"] > 1.7e9
+    assert 3.0 == verified["tokentrail_ledger_records{}"]
     assert 3.0 == after["tokentrail_records_appended_total{}"]
     done = {k: v for k, v in after.items() if k.startswith("tokentrail_exchanges_total{")}
     assert 3.0 == sum(done.values())

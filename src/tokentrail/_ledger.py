@@ -63,6 +63,12 @@ LOCK_FILE = "writer.lock"
 JOURNAL_FILE = "inflight.jsonl"
 _JOURNAL_COMPACT_BYTES = 4 << 20
 
+#: Async durability: the flusher writes at least this often, or once this many are queued.
+ASYNC_FLUSH_S = 0.002
+ASYNC_BATCH = 256
+#: Async durability: how long to wait before writing a failed batch again.
+ASYNC_RETRY_S = 0.5
+
 #: How long the flusher may wait for the appenders its last fsync released (see ``_run``).
 COMMIT_DELAY_S = 0.001
 
@@ -353,7 +359,9 @@ class LedgerWriter:
             self._queue.append(_Pending(seq, line + b"\n", lhash, waiter, loop, record))
             self._next_seq = seq + 1
             self._prev_hex = lhash.hex()
-            if len(self._queue) == 1 or len(self._queue) >= self._last_batch:
+            queued = len(self._queue)
+            # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
+            if queued == 1 or queued == self._last_batch or queued == ASYNC_BATCH:
                 self._wake.notify()
         return record
 
@@ -429,12 +437,17 @@ class LedgerWriter:
                     timeout = self._next_timer()
                     if timeout == 0.0 or not self._wake.wait(timeout):
                         break
-                # Group commit: the appenders the last fsync released are about to append again;
-                # wait (briefly) for as many of them as there were, so one fsync serves them all.
-                deadline = time.monotonic() + COMMIT_DELAY_S
+                # Group commit. Strict: the appenders the last fsync released are about to append
+                # again; wait (briefly) for as many of them as there were, so one fsync serves
+                # them all. Async: nobody waits, so gather for a moment and write in bulk.
+                if self.config.durability == "async":
+                    want, deadline = ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S
+                else:
+                    want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
                 while (
-                    0 < len(self._queue) < self._last_batch
+                    0 < len(self._queue) < want
                     and not self._closing
+                    and not self._seal_requests
                     and (left := deadline - time.monotonic()) > 0
                 ):
                     self._wake.wait(left)
@@ -521,7 +534,18 @@ class LedgerWriter:
                 log.warning("cannot compact %s: %s", JOURNAL_FILE, exc.strerror)
 
     def _fail(self, batch: list[_Pending], error: StoreError) -> None:
-        """Fail this batch and everything queued behind it; rewind the chain to the disk."""
+        """Fail this batch and everything queued behind it; rewind the chain to the disk.
+
+        Under async durability the callers were already told their records were taken, so the
+        batch is kept, in order, and written again once the disk takes it.
+        """
+        if self.config.durability == "async" and not self._closing:
+            log.error("%s; retrying in %.1fs", error, ASYNC_RETRY_S)
+            with self._wake:
+                self.failed_at = time.monotonic()
+                self._queue = batch + self._queue
+                self._wake.wait(ASYNC_RETRY_S)
+            return
         with self._wake:
             failed = batch + self._queue
             self._queue = []

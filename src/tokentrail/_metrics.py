@@ -8,7 +8,9 @@ error kinds, never users, prompts or keys.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -55,6 +57,27 @@ class Metrics:
         self.ledger_size = Gauge(
             "tokentrail_ledger_records", "Durable records in this writer's log.", registry=r
         )
+
+    def track_verify(self, last_run: Path) -> None:
+        """Expose the last ``tokentrail verify`` outcome noted in ``last_run``."""
+        ok = Gauge(
+            "tokentrail_last_verify_ok", "1 if the last verify run found the ledger valid.",
+            registry=self.registry,
+        )  # fmt: skip
+        at = Gauge(
+            "tokentrail_last_verify_timestamp_seconds", "When verify last ran (Unix time).",
+            registry=self.registry,
+        )  # fmt: skip
+
+        def read(key: str) -> float:
+            try:
+                value = orjson.loads(last_run.read_bytes()).get(key)
+            except (OSError, orjson.JSONDecodeError, AttributeError):
+                return float("nan")
+            return float(value) if isinstance(value, bool | int | float) else float("nan")
+
+        ok.set_function(lambda: read("ok"))
+        at.set_function(lambda: read("at"))
 
     def track_ledger(self, size: Callable[[], int], signed: Callable[[], int]) -> None:
         """Read the ledger's sizes at scrape time."""

@@ -260,6 +260,26 @@ def remembered_states(state_dir: Path, store: str) -> list[WitnessState]:
     return out
 
 
+LAST_RUN_FILE = "last-verify"  # JSON, named apart from the per-origin *.json states
+
+
+def save_last_run(state_dir: Path, report: Report, when: datetime) -> None:
+    """Note the outcome of a run beside the witness state (read by the proxy's /metrics)."""
+    data = {
+        "ok": report.ok,
+        "at": when.timestamp(),
+        "store": report.store,
+        "summary": report.summary(),
+    }
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / (LAST_RUN_FILE + ".tmp")
+        tmp.write_bytes(orjson.dumps(data))
+        os.replace(tmp, state_dir / LAST_RUN_FILE)
+    except OSError as exc:
+        raise StoreError(f"cannot write {state_dir / LAST_RUN_FILE}: {exc.strerror}") from exc
+
+
 def save_state(state_dir: Path, state: WitnessState) -> None:
     """Write the witness state atomically."""
     path = _state_path(state_dir, state.origin)
@@ -696,7 +716,10 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
             reports.append(report)
         except TokentrailError:
             raise
-    return Report(str(root), reports)
+    report = Report(str(root), reports)
+    if options.state_dir is not None:
+        save_last_run(options.state_dir, report, options.now)
+    return report
 
 
 def iter_records(root: Path, log_id: str) -> Iterator[tuple[SegmentRef, int, bytes]]:

@@ -29,6 +29,7 @@ from .._erasure import FileKeyStore, Sealer
 from .._errors import TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
+from .._verify import LAST_RUN_FILE, default_state_dir
 from ._config import (
     DEFAULT_LEDGER,
     DEFAULT_LISTEN,
@@ -93,6 +94,7 @@ class Proxy:
         self.metrics = Metrics()
         writer = self.ledger.writer
         self.metrics.track_ledger(lambda: writer.size, lambda: writer.signed_size)
+        self.metrics.track_verify((self.config.verify_state or default_state_dir()) / LAST_RUN_FILE)
         self.app = ProxyApp(self.config, self.ledger, self.session, self.metrics)
         self.runner = web.AppRunner(
             self.app.build(),
@@ -345,6 +347,14 @@ Examples:
     help="Refuse new exchanges (503) while the ledger's filesystem has less free space.",
 )
 @click.option(
+    "--verify-state",
+    default=None,
+    envvar="TOKENTRAIL_STATE",
+    type=click.Path(file_okay=False),
+    help="The state directory of the daily `tokentrail verify`, whose last result /metrics"
+    " shows [default: ~/.local/state/tokentrail/witness].",
+)
+@click.option(
     "--metrics-listen",
     default=None,
     envvar="TOKENTRAIL_METRICS_LISTEN",
@@ -393,6 +403,7 @@ def build_config(
         metrics_listen=options.get("metrics_listen"),
         keystore=Path(options["keystore"]) if options.get("keystore") else None,
         fail_open=bool(options.get("fail_open", False)),
+        verify_state=Path(options["verify_state"]) if options.get("verify_state") else None,
         min_free_bytes=int(options.get("min_free_bytes", 16 << 20)),
     )
 

@@ -120,6 +120,7 @@ class ProxyConfig:
     shutdown_grace_s: float = 10.0
     metrics_listen: str | None = None
     keystore: Path | None = None  # set: content is sealed per subject (SPEC section 7)
+    verify_state: Path | None = None  # where `tokentrail verify` notes its last run
     fail_open: bool = False  # relay even when the ledger cannot write (unsafe for compliance)
     min_free_bytes: int = 16 << 20  # refuse new exchanges below this much free ledger space
 
