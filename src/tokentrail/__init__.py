@@ -13,6 +13,17 @@ from ._errors import (
 )
 from ._ledger import AsyncLedger, Ledger, LedgerConfig
 from ._record import Exchange, Record
+from ._sdk import (
+    ExchangeScope,
+    HFTokenizer,
+    LocalTokenizer,
+    Recorder,
+    TiktokenBPE,
+    Turn,
+    audit,
+    load_tokenizer,
+    session_turns,
+)
 
 __version__ = "0.1.0"
 
@@ -22,14 +33,23 @@ __all__ = [
     "ConfigError",
     "DamagedLogError",
     "Exchange",
+    "ExchangeScope",
+    "HFTokenizer",
     "KeyError_",
     "Ledger",
     "LedgerConfig",
+    "LocalTokenizer",
     "Record",
+    "Recorder",
     "Signer",
     "StoreError",
+    "TiktokenBPE",
     "TokentrailError",
+    "Turn",
     "VerificationError",
     "Verifier",
     "__version__",
+    "audit",
+    "load_tokenizer",
+    "session_turns",
 ]

@@ -1,0 +1,165 @@
+"""What the SDK wrapper adds per call: the bare client vs ``tokentrail.audit(client)``.
+
+The simulator runs as a subprocess (no model delays), so the measured process spends its time on
+the client, the wrapper and the ledger only. For each case (the ``ollama`` and ``openai``
+clients, streamed and not) and each durability mode, the bare and the wrapped client make the
+same calls in alternating blocks; the table gives the median latency per call of each and the
+difference, in microseconds. Under ``strict`` the difference includes waiting for the fsync of
+the record (group commit); under ``async`` the record is only queued for the writer thread.
+
+    .venv/bin/python bench/sdk.py                  # 300 calls per cell
+    .venv/bin/python bench/sdk.py --calls 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table
+from tokentrail import Signer
+from tokentrail._sdk import Recorder, audit
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MODEL = "llama3.2:1b"
+MSGS: list[Any] = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_sim(mode: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokentrail", "sim", "--mode", mode,
+         "--listen", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + ("/api/version" if mode.startswith("ollama") else "/v1/models"))
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"simulator ({mode}) did not start")
+
+
+def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[Any], Any]]]:
+    """name -> (bare client, one call made with a client)."""
+    oc = ollama.Client(host=ollama_url)
+    ai = openai.OpenAI(base_url=openai_url + "/v1", api_key="k", max_retries=0)
+    opts = {"num_predict": 16}
+
+    def gen(c: Any) -> Any:
+        return c.generate(model=MODEL, prompt="Why is the sky blue?", options=opts)
+
+    def gen_stream(c: Any) -> Any:
+        return list(
+            c.generate(model=MODEL, prompt="Why is the sky blue?", options=opts, stream=True)
+        )
+
+    def chat(c: Any) -> Any:
+        return c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=16)
+
+    def chat_stream(c: Any) -> Any:
+        return list(
+            c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=16, stream=True)
+        )
+
+    return {
+        "ollama generate": (oc, gen),
+        "ollama generate, streamed": (oc, gen_stream),
+        "openai chat": (ai, chat),
+        "openai chat, streamed": (ai, chat_stream),
+    }
+
+
+def timed(fn: Callable[[Any], Any], client: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn(client)
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=300, help="calls per cell")
+    parser.add_argument("--block", type=int, default=50, help="calls per alternating block")
+    args = parser.parse_args()
+    sims = [start_sim("ollama"), start_sim("openai")]
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            signer = Signer.generate("bench")
+            for durability in ("async", "strict"):
+                rec = Recorder.open(
+                    Path(tmp) / durability, key=signer, log_id="bench", durability=durability
+                )
+                for name, (bare, fn) in cases(sims[0][1], sims[1][1]).items():
+                    wrapped = audit(bare, ledger=rec)
+                    timed(fn, bare, 20)  # warm up: connections, digests, imports
+                    timed(fn, wrapped, 20)
+                    b: list[float] = []
+                    w: list[float] = []
+                    while len(b) < args.calls:
+                        b += timed(fn, bare, args.block)
+                        w += timed(fn, wrapped, args.block)
+                    mb, mw = statistics.median(b), statistics.median(w)
+                    rows.append(
+                        (
+                            name,
+                            durability,
+                            f"{mb:.0f}",
+                            f"{mw:.0f}",
+                            f"{mw - mb:+.0f}",
+                            f"{statistics.fmean(w) - statistics.fmean(b):+.0f}",
+                        )
+                    )
+                rec.close()
+    finally:
+        for proc, _ in sims:
+            proc.terminate()
+            proc.wait()
+    print(
+        table(
+            [
+                "case",
+                "durability",
+                "bare p50 µs",
+                "wrapped p50 µs",
+                "added p50 µs",
+                "added mean µs",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""The in-process recorder: one ledger writer per process, a plain ``record`` API, a timing scope.
+
+::
+
+    Recorder.open(root, ...) ──► LedgerWriter (flusher thread: group commit, fsync, seal)
+        record(...)  / exchange(...) as ex       sync: the writer's future, on the caller's thread
+        arecord(...) / async with exchange(...)  async: an asyncio future resolved on the loop
+        audit(client, ledger=recorder)           the wrapped clients use the same two paths
+
+There is one implementation of the writer (``LedgerWriter``); the blocking path waits on a
+``concurrent.futures.Future`` the flusher resolves after its fsync, the asyncio path on a loop
+future resolved with one wake-up per batch (as ``AsyncLedger`` does). Under ``durability="strict"``
+a call returns once its record is on disk; under ``"async"`` it returns once the record is queued.
+
+A recorder opened here is closed (flushed and sealed) on ``close()``, on context-manager exit and,
+failing both, at interpreter exit (``atexit``). A process killed without any of these loses no
+record it had acknowledged under strict durability: the next writer of the log seals that tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import re
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .._checkpoint import Signer
+from .._errors import ConfigError, StoreError
+from .._ledger import AsyncLedger, Durability, Ledger, LedgerConfig, LedgerWriter
+from .._paths import DEFAULT_LEDGER, default_signing_key
+from .._record import (
+    Exchange,
+    Record,
+    TokenList,
+    clean_text,
+    new_event_id,
+    now_rfc3339,
+    rfc3339,
+)
+from ._tokenizers import LocalTokenizer
+
+log = logging.getLogger("tokentrail.sdk")
+
+#: Provenance: every record the SDK writes says so (the proxy's records lack this field).
+VIA_FIELD = "tokentrail.via"
+VIA_SDK = "sdk"
+
+TokenizerConfig = LocalTokenizer | Mapping[str, LocalTokenizer] | None
+
+
+def default_log_id() -> str:
+    """``<hostname>-sdk``: stable across restarts of the same program on the same host."""
+    host = re.sub(r"[^a-z0-9._-]+", "-", socket.gethostname().lower()).strip("-._") or "host"
+    return f"{host[:59]}-sdk"
+
+
+# Recorders this module opened and has not closed; closed at interpreter exit.
+_open_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _close_all_at_exit() -> None:
+    for recorder in list(_open_recorders):
+        try:
+            recorder.close()
+        except Exception as exc:  # at exit there is nobody left to raise to
+            log.error("tokentrail: could not close ledger at exit: %s", exc)
+
+
+def _register(recorder: Recorder) -> None:
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:
+            atexit.register(_close_all_at_exit)
+            _atexit_registered = True
+        _open_recorders.add(recorder)
+
+
+def _token_source(tokens: TokenList | None, given: str | None) -> str:
+    if given is not None:
+        return given
+    if not tokens:
+        return "none" if tokens is None else "upstream-ids"
+    return "upstream-ids" if all(isinstance(t, int) for t in tokens) else "upstream-pieces"
+
+
+def _check_tokens(name: str, tokens: Any) -> TokenList | None:
+    if tokens is None:
+        return None
+    if not isinstance(tokens, list | tuple):
+        raise ConfigError(f"{name} must be a list of token ids or pieces, or None")
+    out: TokenList = []
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, int | str | list):
+            raise ConfigError(f"{name}: {t!r} is not a token id, piece or list of byte values")
+        out.append(t)
+    return out
+
+
+class Recorder:
+    """Records exchanges into one log of a local ledger; thread-safe and asyncio-safe.
+
+    ``tokenizer`` (a :class:`LocalTokenizer`, or a mapping from model name to one, ``"*"`` for
+    any model) tokenizes ``input_text`` / ``output_text`` when no token data came with them; the
+    record then says ``local:<name>``.
+    """
+
+    def __init__(
+        self,
+        writer: LedgerWriter,
+        *,
+        tokenizer: TokenizerConfig = None,
+        owns_writer: bool = False,
+    ) -> None:
+        self.writer = writer
+        self._tokenizer = tokenizer
+        self._owns_writer = owns_writer
+        self._closed = False
+        self._strict = writer.config.durability == "strict"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(
+        cls,
+        root: str | Path = DEFAULT_LEDGER,
+        *,
+        log_id: str | None = None,
+        key: str | Path | Signer | None = None,
+        durability: Durability = "strict",
+        seal_interval_s: float = 60.0,
+        tokenizer: TokenizerConfig = None,
+        **ledger_options: Any,
+    ) -> Recorder:
+        """Open (or continue) log ``log_id`` under ``root``; closed at exit if not before.
+
+        ``key`` is a :class:`Signer` or the path of a signing key (created there, mode 0600,
+        when missing; default ``~/.config/tokentrail/signing.key``). ``log_id`` defaults to
+        ``<hostname>-sdk``; give each concurrent process its own.
+        """
+        from .._proxy import load_or_create_key  # the proxy's rule for keys, shared
+
+        signer = (
+            key
+            if isinstance(key, Signer)
+            else load_or_create_key(Path(key) if key is not None else default_signing_key())[0]
+        )
+        config = LedgerConfig(
+            root=Path(root),
+            log_id=log_id or default_log_id(),
+            signer=signer,
+            durability=durability,
+            seal_interval_s=seal_interval_s,
+            **ledger_options,
+        )
+        recorder = cls(LedgerWriter.open(config), tokenizer=tokenizer, owns_writer=True)
+        _register(recorder)
+        return recorder
+
+    @classmethod
+    async def aopen(cls, root: str | Path = DEFAULT_LEDGER, **options: Any) -> Recorder:
+        """:meth:`open`, recovering the log's tail off the event loop."""
+        return await asyncio.to_thread(lambda: cls.open(root, **options))
+
+    @classmethod
+    def of(cls, ledger: Recorder | Ledger | AsyncLedger | LedgerWriter) -> Recorder:
+        """A recorder over an open ledger (closing that ledger stays its owner's business)."""
+        if isinstance(ledger, Recorder):
+            return ledger
+        if isinstance(ledger, Ledger | AsyncLedger):
+            return cls(ledger.writer)
+        if isinstance(ledger, LedgerWriter):
+            return cls(ledger)
+        raise ConfigError(
+            f"ledger must be a tokentrail Recorder, Ledger, AsyncLedger or LedgerWriter,"
+            f" not {type(ledger).__name__}"
+        )
+
+    @property
+    def durability(self) -> Durability:
+        """``strict`` (a call returns once its record is fsynced) or ``async``."""
+        return self.writer.config.durability
+
+    def close(self) -> None:
+        """Flush everything queued, seal a final checkpoint and stop the writer (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_recorders.discard(self)
+        if self._owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+    async def aclose(self) -> None:
+        """:meth:`close` off the event loop."""
+        await asyncio.to_thread(self.close)
+
+    def flush(self) -> None:
+        """Wait until every record queued so far is on disk."""
+        self.writer.flush()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Recorder:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ appending
+
+    def prepare(self, exchange: Exchange) -> Exchange:
+        """The exchange with local tokenization applied where no token data came with it."""
+        tok = self._tokenizer_for(exchange.model)
+        if tok is None:
+            return exchange
+        changes: dict[str, Any] = {}
+        if exchange.input_token_source == "none" and exchange.input_text is not None:
+            changes["input_tokens"] = tok.encode(clean_text(exchange.input_text))
+            changes["input_token_source"] = f"local:{tok.name}"
+        if exchange.output_token_source == "none" and exchange.output_text is not None:
+            changes["output_tokens"] = tok.encode(clean_text(exchange.output_text))
+            changes["output_token_source"] = f"local:{tok.name}"
+        return replace(exchange, **changes) if changes else exchange
+
+    def _tokenizer_for(self, model: str | None) -> LocalTokenizer | None:
+        tok = self._tokenizer
+        if tok is None or isinstance(tok, LocalTokenizer):
+            return tok
+        if model is not None and model in tok:
+            return tok[model]
+        if model is not None and ":" not in model and f"{model}:latest" in tok:
+            return tok[f"{model}:latest"]
+        return tok.get("*")
+
+    def append(self, exchange: Exchange) -> Record:
+        """Append; under strict durability return once the record is on disk (blocking)."""
+        exchange = self.prepare(exchange)
+        if not self._strict:
+            return self.writer.submit(exchange)
+        waiter: concurrent.futures.Future[Record] = concurrent.futures.Future()
+        self.writer.submit(exchange, waiter)
+        return waiter.result()
+
+    async def aappend(self, exchange: Exchange) -> Record:
+        """Append; under strict durability resume once the record is on disk."""
+        exchange = self.prepare(exchange)
+        if not self._strict:
+            return self.writer.submit(exchange)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Record] = loop.create_future()
+        self.writer.submit(exchange, waiter, loop)
+        return await waiter
+
+    def submit(self, exchange: Exchange) -> Record | None:
+        """Queue without waiting (for finalizers and abandoned streams); errors are logged."""
+        try:
+            return self.writer.submit(self.prepare(exchange))
+        except Exception as exc:
+            log.error("tokentrail: could not record exchange %s: %s", exchange.event_id, exc)
+            return None
+
+    # ------------------------------------------------------------------ the plain API
+
+    def build(
+        self,
+        *,
+        model: str | None,
+        input_text: str | None = None,
+        output_text: str | None = None,
+        input_tokens: TokenList | None = None,
+        output_tokens: TokenList | None = None,
+        input_token_source: str | None = None,
+        output_token_source: str | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        model_version: str | None = None,
+        stop_reason: str = "stop",
+        request_duration_ms: float = 0.0,
+        timestamp: str | float | None = None,
+        event_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Exchange:
+        """The :class:`Exchange` :meth:`record` would append (api ``sdk``)."""
+        in_tokens = _check_tokens("input_tokens", input_tokens)
+        out_tokens = _check_tokens("output_tokens", output_tokens)
+        if isinstance(timestamp, int | float):
+            timestamp = rfc3339(float(timestamp))
+        return Exchange(
+            model=model,
+            api="sdk",
+            stop_reason=stop_reason,
+            input_tokens=in_tokens,
+            output_tokens=out_tokens,
+            input_token_source=_token_source(in_tokens, input_token_source),
+            output_token_source=_token_source(out_tokens, output_token_source),
+            input_text=input_text,
+            output_text=output_text,
+            user_id=user_id,
+            session_id=session_id,
+            model_version=model_version,
+            request_duration_ms=request_duration_ms,
+            timestamp=timestamp or now_rfc3339(),
+            event_id=event_id or new_event_id(),
+            extra={VIA_FIELD: VIA_SDK, **(extra or {})},
+        )
+
+    def record(self, **fields: Any) -> Record:
+        """Record one exchange from the seed's fields (see :meth:`build`); blocking.
+
+        ``input_tokens`` / ``output_tokens`` are what the upstream reported: their source
+        defaults to ``upstream-ids`` (all ints) or ``upstream-pieces``; pass
+        ``input_token_source`` to say otherwise. Without tokens, a configured local tokenizer
+        fills them from the text (``local:<name>``), else the source is ``none``.
+        """
+        return self.append(self.build(**fields))
+
+    async def arecord(self, **fields: Any) -> Record:
+        """:meth:`record` for asyncio code."""
+        return await self.aappend(self.build(**fields))
+
+    def exchange(self, *, model: str | None, **fields: Any) -> ExchangeScope:
+        """``with recorder.exchange(model=..., input_text=...) as ex: ex.output_text = ...``.
+
+        Times the body into ``request_duration_ms``; records ``stop`` (or ``ex.stop_reason``)
+        when it completes, ``upstream_error`` with ``error.type`` / ``error_message`` when it
+        raises (and re-raises). Works with ``with`` and ``async with``.
+        """
+        return ExchangeScope(self, model=model, **fields)
+
+
+class ExchangeScope:
+    """The mutable exchange of a ``with recorder.exchange(...)`` block; recorded on exit."""
+
+    def __init__(self, recorder: Recorder, *, model: str | None, **fields: Any) -> None:
+        self._recorder = recorder
+        self.model = model
+        self.input_text: str | None = fields.pop("input_text", None)
+        self.output_text: str | None = fields.pop("output_text", None)
+        self.input_tokens: TokenList | None = fields.pop("input_tokens", None)
+        self.output_tokens: TokenList | None = fields.pop("output_tokens", None)
+        self.input_token_source: str | None = fields.pop("input_token_source", None)
+        self.output_token_source: str | None = fields.pop("output_token_source", None)
+        self.user_id: str | None = fields.pop("user_id", None)
+        self.session_id: str | None = fields.pop("session_id", None)
+        self.model_version: str | None = fields.pop("model_version", None)
+        self.stop_reason: str | None = fields.pop("stop_reason", None)
+        self.extra: dict[str, Any] = dict(fields.pop("extra", None) or {})
+        if fields:
+            raise ConfigError(f"unknown exchange fields: {sorted(fields)}")
+        self.event_id = new_event_id()
+        self.timestamp = now_rfc3339()
+        self.record: Record | None = None
+        self._started = 0.0
+
+    def _begin(self) -> ExchangeScope:
+        self.timestamp = now_rfc3339()
+        self._started = time.perf_counter()
+        return self
+
+    def _exchange(self, exc: BaseException | None) -> Exchange:
+        duration = (time.perf_counter() - self._started) * 1000.0
+        extra = dict(self.extra)
+        stop = self.stop_reason or "stop"
+        if exc is not None:
+            stop = "interrupted" if isinstance(exc, KeyboardInterrupt) else "upstream_error"
+            extra["error.type"] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            extra["error_message"] = str(exc)
+        return self._recorder.build(
+            model=self.model,
+            input_text=self.input_text,
+            output_text=self.output_text,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            input_token_source=self.input_token_source,
+            output_token_source=self.output_token_source,
+            user_id=self.user_id,
+            session_id=self.session_id,
+            model_version=self.model_version,
+            stop_reason=stop,
+            request_duration_ms=duration,
+            timestamp=self.timestamp,
+            event_id=self.event_id,
+            extra=extra,
+        )
+
+    def __enter__(self) -> ExchangeScope:
+        return self._begin()
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        exchange = self._exchange(exc)
+        if exc is None:
+            self.record = self._recorder.append(exchange)
+            return
+        try:
+            self.record = self._recorder.append(exchange)
+        except StoreError as store_exc:  # the body's own exception is the one to see
+            log.error(
+                "tokentrail: could not record failed exchange %s: %s", self.event_id, store_exc
+            )
+
+    async def __aenter__(self) -> ExchangeScope:
+        return self._begin()
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        exchange = self._exchange(exc)
+        if exc is None:
+            self.record = await self._recorder.aappend(exchange)
+            return
+        try:
+            self.record = await self._recorder.aappend(exchange)
+        except StoreError as store_exc:
+            log.error(
+                "tokentrail: could not record failed exchange %s: %s", self.event_id, store_exc
+            )

@@ -1,0 +1,395 @@
+"""Audited ``ollama.Client`` / ``ollama.AsyncClient``: a copy whose HTTP client is tapped.
+
+The audited client is a genuine ``ollama.Client`` (a shallow copy of the caller's, sharing its
+connection pool), so every method, return type and streaming generator is the library's own. Its
+``httpx`` client is replaced by a tap that passes everything through and, for ``POST
+/api/generate`` and ``/api/chat``, hands the exact request body and every NDJSON line as it
+arrives to the shared capture, like the proxy does.
+
+Why the wire and not ``response.model_dump()``: ollama's pydantic models drop fields they do not
+declare, among them ``logprobs[].bytes``, the only exact spelling of a token that is not valid
+UTF-8 on its own; a record built from the models would differ from the proxy's.
+
+Durability: the final NDJSON line (``"done": true``, or an error line) is handed to the library
+only once the record is written (strict: on disk), as the proxy holds its final chunk. A stream
+the caller abandons (closes the generator, or drops it to the garbage collector) is recorded with
+``client_disconnect`` and the tokens so far. A connection that is refused leaves no record
+(nothing was sent); a timeout or a cut after sending leaves ``upstream_error``.
+
+``model_version`` is the model's digest from ``/api/tags`` (``client.list()``), cached for a
+minute and refreshed beside the call, not before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from .._capture import PATHS
+from .._errors import ConfigError, StoreError
+from ._calls import Auditor, Call, wire_copy
+from ._recorder import Recorder, log
+
+OLLAMA_APIS = {path: api for path, api in PATHS.items() if api.startswith("ollama.")}
+DIGEST_TTL_S = 60.0
+DIGEST_WAIT_S = 2.0
+
+
+def _api_of(method: str, url: Any) -> str | None:
+    if method.upper() != "POST":
+        return None
+    path = url if isinstance(url, str) else httpx.URL(url).path
+    return OLLAMA_APIS.get(path.split("?", 1)[0])
+
+
+class _Digests:
+    """Ollama model digests from ``/api/tags``, keyed by name and by ``name:latest``."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self.fetched = float("-inf")
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.done.set()
+        self.task: asyncio.Task[None] | None = None
+
+    def find(self, model: str | None) -> str | None:
+        if not model:
+            return None
+        return self.digests.get(model) or self.digests.get(f"{model}:latest")
+
+    def stale(self, model: str | None) -> bool:
+        age = time.monotonic() - self.fetched
+        return age > DIGEST_TTL_S or (self.find(model) is None and age > 1.0)
+
+    def store(self, listing: Any) -> None:
+        digests: dict[str, str] = {}
+        for m in getattr(listing, "models", None) or []:
+            digest = getattr(m, "digest", None)
+            if isinstance(digest, str):
+                for name in (getattr(m, "model", None), getattr(m, "name", None)):
+                    if isinstance(name, str):
+                        digests[name] = digest
+        self.digests = digests
+
+
+class _Tapped:
+    """The part of an audited ollama client both flavours share."""
+
+    def __init__(self, client: Any, auditor: Auditor, http: Any) -> None:
+        self.client = client  # the caller's own client: ``list()`` for the digests
+        self.auditor = auditor
+        self.http = http
+        self.digests = _Digests()
+
+
+class _SyncTap(_Tapped):
+    """Stands in for the ``httpx.Client`` of an ``ollama.Client``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "http":  # not yet set (a copy in progress): no recursion
+            raise AttributeError(name)
+        return getattr(self.http, name)
+
+    def _begin(self, api: str, kwargs: dict[str, Any]) -> Call:
+        call = self.auditor.begin(api, wire_copy(kwargs.get("json") or {}))
+        d = self.digests
+        call.model_version = d.find(call.capture.model)
+        if d.stale(call.capture.model) and d.done.is_set():
+            with d.lock:
+                if d.done.is_set():
+                    d.done.clear()
+                    threading.Thread(target=self._refresh, daemon=True).start()
+        return call
+
+    def _refresh(self) -> None:
+        d = self.digests
+        try:
+            d.store(self.client.list())
+        except Exception as exc:  # an old server, a network hiccup: no digest this time
+            log.debug("cannot list ollama models: %s", exc)
+        finally:
+            d.fetched = time.monotonic()
+            d.done.set()
+
+    def _version(self, call: Call) -> None:
+        if call.model_version is None and self.digests.done.wait(DIGEST_WAIT_S):
+            call.model_version = self.digests.find(call.capture.model)
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
+        """A non-streamed request: audited paths are recorded before the body is returned."""
+        api = _api_of(method, url)
+        if api is None:
+            passed: httpx.Response = self.http.request(method, url, **kwargs)
+            return passed
+        call = self._begin(api, kwargs)
+        try:
+            resp: httpx.Response = self.http.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise  # nothing was sent: no exchange to record
+        except Exception as exc:
+            call.fail(exc)
+            self._version(call)
+            _record_quietly(call)
+            raise
+        call.status = resp.status_code
+        call.feed_raw(resp.content)
+        if resp.status_code >= 400 and call.capture.error is None:
+            call.capture.error = f"HTTP {resp.status_code}"
+        self._version(call)
+        call.record("upstream_error" if resp.status_code >= 400 else None)
+        return resp
+
+    def stream(self, method: str, url: Any, **kwargs: Any) -> Any:
+        """A streamed request: a context manager like ``httpx.Client.stream``."""
+        api = _api_of(method, url)
+        if api is None:
+            return self.http.stream(method, url, **kwargs)
+        return _SyncStream(self, self._begin(api, kwargs), self.http.stream(method, url, **kwargs))
+
+
+class _SyncStream:
+    """``with tap.stream(...) as r``: feeds each line, records once, whatever way it ends."""
+
+    def __init__(self, tap: _SyncTap, call: Call, inner: Any) -> None:
+        self.tap = tap
+        self.call = call
+        self.inner = inner
+        self.resp: httpx.Response | None = None
+
+    def __enter__(self) -> _SyncStream:
+        try:
+            self.resp = self.inner.__enter__()
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise
+        except Exception as exc:
+            self.call.fail(exc)
+            self.tap._version(self.call)
+            _record_quietly(self.call)
+            raise
+        self.call.status = self.resp.status_code
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resp, name)
+
+    def iter_lines(self) -> Iterator[str]:
+        """The response's lines, each fed to the capture; the final one after its record."""
+        assert self.resp is not None
+        call = self.call
+        for line in self.resp.iter_lines():
+            if line.strip():
+                call.feed_raw(line)
+                if call.capture.finished or call.capture.error is not None:
+                    self.tap._version(call)
+                    call.record()
+            yield line
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            return bool(self.inner.__exit__(et, exc, tb))
+        finally:
+            call = self.call
+            if not call.recorded:
+                if isinstance(exc, GeneratorExit):
+                    call.abandon()
+                else:
+                    self.tap._version(call)
+                    if exc is not None:
+                        call.fail(exc)
+                        _record_quietly(call)
+                    else:
+                        status = self.resp.status_code if self.resp is not None else 0
+                        if status >= 400 and call.capture.error is None:
+                            call.capture.error = f"HTTP {status}"
+                        elif not call.capture.finished and call.capture.error is None:
+                            call.capture.error = "upstream closed the stream before its end"
+                        call.record()
+
+
+class _AsyncTap(_Tapped):
+    """Stands in for the ``httpx.AsyncClient`` of an ``ollama.AsyncClient``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "http":  # not yet set (a copy in progress): no recursion
+            raise AttributeError(name)
+        return getattr(self.http, name)
+
+    def _begin(self, api: str, kwargs: dict[str, Any]) -> Call:
+        call = self.auditor.begin(api, wire_copy(kwargs.get("json") or {}))
+        d = self.digests
+        call.model_version = d.find(call.capture.model)
+        if d.stale(call.capture.model) and (d.task is None or d.task.done()):
+            d.task = asyncio.ensure_future(self._refresh())
+        return call
+
+    async def _refresh(self) -> None:
+        d = self.digests
+        try:
+            d.store(await self.client.list())
+        except Exception as exc:
+            log.debug("cannot list ollama models: %s", exc)
+        finally:
+            d.fetched = time.monotonic()
+
+    async def _version(self, call: Call) -> None:
+        task = self.digests.task
+        if call.model_version is None and task is not None:
+            if not task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), DIGEST_WAIT_S)
+                except (TimeoutError, asyncio.CancelledError):
+                    return
+            call.model_version = self.digests.find(call.capture.model)
+
+    async def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
+        """A non-streamed request: audited paths are recorded before the body is returned."""
+        api = _api_of(method, url)
+        if api is None:
+            resp: httpx.Response = await self.http.request(method, url, **kwargs)
+            return resp
+        call = self._begin(api, kwargs)
+        try:
+            resp = await self.http.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise
+        except BaseException as exc:
+            call.fail(exc)
+            await self._version(call)
+            await _arecord_quietly(call)
+            raise
+        call.status = resp.status_code
+        call.feed_raw(resp.content)
+        if resp.status_code >= 400 and call.capture.error is None:
+            call.capture.error = f"HTTP {resp.status_code}"
+        await self._version(call)
+        await call.arecord("upstream_error" if resp.status_code >= 400 else None)
+        return resp
+
+    def stream(self, method: str, url: Any, **kwargs: Any) -> Any:
+        """A streamed request: an async context manager like ``httpx.AsyncClient.stream``."""
+        api = _api_of(method, url)
+        if api is None:
+            return self.http.stream(method, url, **kwargs)
+        return _AsyncStream(self, self._begin(api, kwargs), self.http.stream(method, url, **kwargs))
+
+
+class _AsyncStream:
+    """``async with tap.stream(...) as r``: the asyncio twin of :class:`_SyncStream`."""
+
+    def __init__(self, tap: _AsyncTap, call: Call, inner: Any) -> None:
+        self.tap = tap
+        self.call = call
+        self.inner = inner
+        self.resp: httpx.Response | None = None
+
+    async def __aenter__(self) -> _AsyncStream:
+        try:
+            self.resp = await self.inner.__aenter__()
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise
+        except BaseException as exc:
+            self.call.fail(exc)
+            await self.tap._version(self.call)
+            await _arecord_quietly(self.call)
+            raise
+        assert self.resp is not None
+        self.call.status = self.resp.status_code
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resp, name)
+
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        """The response's lines, each fed to the capture; the final one after its record."""
+        assert self.resp is not None
+        call = self.call
+        async for line in self.resp.aiter_lines():
+            if line.strip():
+                call.feed_raw(line)
+                if call.capture.finished or call.capture.error is not None:
+                    await self.tap._version(call)
+                    await call.arecord()
+            yield line
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            return bool(await self.inner.__aexit__(et, exc, tb))
+        finally:
+            call = self.call
+            if not call.recorded:
+                if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                    call.abandon()
+                else:
+                    await self.tap._version(call)
+                    if exc is not None:
+                        call.fail(exc)
+                        await _arecord_quietly(call)
+                    else:
+                        status = self.resp.status_code if self.resp is not None else 0
+                        if status >= 400 and call.capture.error is None:
+                            call.capture.error = f"HTTP {status}"
+                        elif not call.capture.finished and call.capture.error is None:
+                            call.capture.error = "upstream closed the stream before its end"
+                        await call.arecord()
+
+
+def _record_quietly(call: Call) -> None:
+    """Record a failed call; the caller's own exception is the one it should see."""
+    try:
+        call.record("upstream_error")
+    except StoreError as exc:
+        log.error("tokentrail: could not record failed exchange %s: %s", call.event_id, exc)
+
+
+async def _arecord_quietly(call: Call) -> None:
+    try:
+        await call.arecord("upstream_error")
+    except StoreError as exc:
+        log.error("tokentrail: could not record failed exchange %s: %s", call.event_id, exc)
+
+
+def _client_label() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"ollama-python/{version('ollama')}"
+    except Exception:
+        return "ollama-python"
+
+
+def audit_ollama(
+    client: Any, recorder: Recorder, *, user_id: str | None, session_id: str | None
+) -> Any:
+    """An audited copy of an ``ollama.Client`` or ``ollama.AsyncClient``."""
+    http = getattr(client, "_client", None)
+    if isinstance(http, _Tapped):  # re-auditing: tap the original HTTP client, not the tap
+        http = http.http
+    auditor = Auditor(recorder, user_id=user_id, session_id=session_id, client=_client_label())
+    audited = copy.copy(client)
+    if isinstance(http, httpx.Client):
+        audited._client = _SyncTap(client, auditor, http)
+    elif isinstance(http, httpx.AsyncClient):
+        audited._client = _AsyncTap(client, auditor, http)
+    else:
+        raise ConfigError(
+            f"cannot audit this {type(client).__name__}: its HTTP client is not an httpx client"
+        )
+    return audited

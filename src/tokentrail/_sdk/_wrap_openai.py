@@ -1,0 +1,336 @@
+"""Audited ``openai.OpenAI`` / ``openai.AsyncOpenAI``: a transparent proxy of the caller's client.
+
+``client.chat.completions.create`` and ``client.completions.create`` run the library's own
+``create`` with one difference: the resource's ``_post`` (the single call every ``create`` makes)
+is intercepted, so the request body is the one the library built (``extra_body`` merged in as the
+library merges it) and the result is the library's own object. A non-streamed result is returned
+as it is; a stream is handed back inside a thin wrapper that yields the very same chunk objects.
+Every chunk is read back with ``model_dump(exclude_unset=True)``, which gives the fields the
+server sent, extension fields included (vLLM's ``token_ids``, llama.cpp's ``id`` land in
+``model_extra``), and fed to the capture the proxy uses.
+
+Everything else (``models``, ``embeddings``, ``with_raw_response``, …) is the caller's client,
+untouched; ``with_options`` / ``copy`` return an audited client again. ``isinstance`` sees the
+wrapped class.
+
+One record per ``create`` call: the library's own retries (``max_retries``) happen inside it. A
+refused connection leaves no record (nothing was sent), a timeout or an error status leaves
+``upstream_error``, a stream closed or dropped half-way ``client_disconnect``. Under strict
+durability a stream ends (``StopIteration``) only once its record is on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import openai
+
+from .._errors import StoreError
+from ._calls import Auditor, Call, wire_copy
+from ._recorder import Recorder, log
+
+try:  # the library's own JSON encoding of a request body (pydantic models, dates …)
+    from openai._utils._json import openapi_dumps as _dumps
+
+    _DUMPS: Callable[[Any], bytes] | None = _dumps
+except ImportError:  # pragma: no cover - older openai
+    _DUMPS = None
+
+_OMIT: tuple[type, ...] = tuple(
+    t for t in (getattr(openai, "Omit", None), getattr(openai, "NotGiven", None)) if t
+)
+_CONNECT_CAUSES = ("ConnectError", "ConnectTimeout")
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """Whether a connection error happened before the request left (refused, no route)."""
+    if isinstance(exc, openai.APITimeoutError):
+        cause = exc.__cause__
+        return cause is not None and type(cause).__name__ == "ConnectTimeout"
+    cause = exc.__cause__
+    return cause is None or type(cause).__name__ in _CONNECT_CAUSES
+
+
+def _body(body: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON body as the library sends it: ``body`` with ``extra_body`` merged over it."""
+    merged: dict[str, Any] = dict(body) if isinstance(body, Mapping) else {}
+    extra = options.get("extra_json")
+    if isinstance(extra, Mapping):
+        merged.update(extra)
+    if _OMIT:
+        merged = {k: v for k, v in merged.items() if not isinstance(v, _OMIT)}
+    return wire_copy(merged, _DUMPS)
+
+
+def _dump(obj: Any) -> Any:
+    dump = getattr(obj, "model_dump", None)
+    return dump(exclude_unset=True, warnings=False) if dump is not None else obj
+
+
+def _status_error(call: Call, exc: openai.APIStatusError) -> None:
+    call.status = exc.status_code
+    if exc.body is not None:
+        call.feed({"error": exc.body})
+    if call.capture.error is None:
+        call.capture.error = exc.message
+
+
+class _Transparent:
+    """A proxy that passes every attribute through and answers ``isinstance`` as its target."""
+
+    _tt_target: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_tt_"):
+            raise AttributeError(name)
+        return getattr(self._tt_target, name)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type[Any]:  # isinstance() consults this, as for unittest.mock
+        return type(self._tt_target)
+
+    def __repr__(self) -> str:
+        return f"<audited {self._tt_target!r}>"
+
+
+class AuditedOpenAI(_Transparent):
+    """An ``openai.OpenAI`` or ``openai.AsyncOpenAI`` whose completions are recorded."""
+
+    def __init__(self, client: Any, auditor: Auditor) -> None:
+        self._tt_target = client
+        self._tt_auditor = auditor
+        self._tt_chat: _AuditedChat | None = None
+        self._tt_completions: _AuditedCreate | None = None
+
+    @property
+    def chat(self) -> Any:
+        """``client.chat``, with ``chat.completions.create`` recorded."""
+        if self._tt_chat is None:
+            self._tt_chat = _AuditedChat(self._tt_target.chat, self._tt_auditor)
+        return self._tt_chat
+
+    @property
+    def completions(self) -> Any:
+        """``client.completions``, with ``create`` recorded."""
+        if self._tt_completions is None:
+            self._tt_completions = _AuditedCreate(
+                self._tt_target.completions, self._tt_auditor, "openai.completions"
+            )
+        return self._tt_completions
+
+    def with_options(self, **options: Any) -> AuditedOpenAI:
+        """The client's ``with_options``, audited the same way."""
+        return AuditedOpenAI(self._tt_target.with_options(**options), self._tt_auditor)
+
+    def copy(self, **options: Any) -> AuditedOpenAI:
+        """The client's ``copy``, audited the same way."""
+        return AuditedOpenAI(self._tt_target.copy(**options), self._tt_auditor)
+
+
+class _AuditedChat(_Transparent):
+    def __init__(self, chat: Any, auditor: Auditor) -> None:
+        self._tt_target = chat
+        self._tt_completions = _AuditedCreate(chat.completions, auditor, "openai.chat")
+
+    @property
+    def completions(self) -> Any:
+        """``chat.completions``, with ``create`` recorded."""
+        return self._tt_completions
+
+
+class _AuditedCreate(_Transparent):
+    """A completions resource whose ``create`` runs the library's code with ``_post`` tapped."""
+
+    def __init__(self, resource: Any, auditor: Auditor, api: str) -> None:
+        self._tt_target = resource
+        self._tt_auditor = auditor
+        self._tt_api = api
+        self._tt_post = resource._post
+        tap = copy.copy(resource)
+        tap._post = self._apost if inspect.iscoroutinefunction(self._tt_post) else self._post
+        self._tt_tap = tap
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's ``create``; its result (or stream) comes back as the library made it."""
+        return self._tt_tap.create(*args, **kwargs)
+
+    def _post(
+        self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
+    ) -> Any:
+        options = options or {}
+        call = self._tt_auditor.begin(self._tt_api, _body(body, options))
+        try:
+            result = self._tt_post(path, body=body, options=options, stream=stream, **kw)
+        except openai.APIStatusError as exc:
+            _status_error(call, exc)
+            _record_quietly(call)
+            raise
+        except openai.APIConnectionError as exc:
+            if not _not_sent(exc):
+                call.fail(exc)
+                _record_quietly(call)
+            raise
+        except Exception as exc:
+            call.fail(exc)
+            _record_quietly(call)
+            raise
+        call.status = 200  # the library raises for anything but 2xx
+        if stream:
+            return AuditedStream(result, call)
+        call.feed(_dump(result))
+        call.record()
+        return result
+
+    async def _apost(
+        self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
+    ) -> Any:
+        options = options or {}
+        call = self._tt_auditor.begin(self._tt_api, _body(body, options))
+        try:
+            result = await self._tt_post(path, body=body, options=options, stream=stream, **kw)
+        except openai.APIStatusError as exc:
+            _status_error(call, exc)
+            await _arecord_quietly(call)
+            raise
+        except openai.APIConnectionError as exc:
+            if not _not_sent(exc):
+                call.fail(exc)
+                await _arecord_quietly(call)
+            raise
+        except BaseException as exc:
+            call.fail(exc)
+            await _arecord_quietly(call)
+            raise
+        call.status = 200
+        if stream:
+            return AuditedAsyncStream(result, call)
+        call.feed(_dump(result))
+        await call.arecord()
+        return result
+
+
+class AuditedStream(_Transparent):
+    """An ``openai.Stream`` that yields the library's own chunks and records the exchange."""
+
+    def __init__(self, stream: Any, call: Call) -> None:
+        self._tt_target = stream
+        self._tt_call = call
+
+    def __iter__(self) -> AuditedStream:
+        return self
+
+    def __next__(self) -> Any:
+        call = self._tt_call
+        try:
+            chunk = self._tt_target.__next__()
+        except StopIteration:
+            call.record()
+            raise
+        except openai.APIError as exc:
+            if exc.body is not None:
+                call.feed({"error": exc.body})
+            call.fail(exc)
+            _record_quietly(call)
+            raise
+        except Exception as exc:
+            call.fail(exc)
+            _record_quietly(call)
+            raise
+        call.feed(_dump(chunk))
+        return chunk
+
+    def close(self) -> None:
+        """Close the stream; one closed before its end is recorded as ``client_disconnect``."""
+        self._tt_call.abandon()
+        self._tt_target.close()
+
+    def __enter__(self) -> AuditedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        call = getattr(self, "_tt_call", None)
+        if call is not None and not call.recorded:
+            call.abandon()
+
+
+class AuditedAsyncStream(_Transparent):
+    """An ``openai.AsyncStream`` that yields the library's own chunks and records the exchange."""
+
+    def __init__(self, stream: Any, call: Call) -> None:
+        self._tt_target = stream
+        self._tt_call = call
+
+    def __aiter__(self) -> AuditedAsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        call = self._tt_call
+        try:
+            chunk = await self._tt_target.__anext__()
+        except StopAsyncIteration:
+            await call.arecord()
+            raise
+        except openai.APIError as exc:
+            if exc.body is not None:
+                call.feed({"error": exc.body})
+            call.fail(exc)
+            await _arecord_quietly(call)
+            raise
+        except Exception as exc:
+            call.fail(exc)
+            await _arecord_quietly(call)
+            raise
+        call.feed(_dump(chunk))
+        return chunk
+
+    async def close(self) -> None:
+        """Close the stream; one closed before its end is recorded as ``client_disconnect``."""
+        self._tt_call.abandon()
+        await self._tt_target.close()
+
+    async def __aenter__(self) -> AuditedAsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        call = getattr(self, "_tt_call", None)
+        if call is not None and not call.recorded:
+            call.abandon()
+
+
+def _record_quietly(call: Call) -> None:
+    """Record a failed call; the caller's own exception is the one it should see."""
+    try:
+        call.record("upstream_error")
+    except StoreError as exc:
+        log.error("tokentrail: could not record failed exchange %s: %s", call.event_id, exc)
+
+
+async def _arecord_quietly(call: Call) -> None:
+    try:
+        await call.arecord("upstream_error")
+    except StoreError as exc:
+        log.error("tokentrail: could not record failed exchange %s: %s", call.event_id, exc)
+
+
+def audit_openai(
+    client: Any, recorder: Recorder, *, user_id: str | None, session_id: str | None
+) -> AuditedOpenAI:
+    """An audited proxy of an ``openai.OpenAI`` or ``openai.AsyncOpenAI``."""
+    if type(client) is AuditedOpenAI:  # re-auditing: wrap the caller's client, not the proxy
+        client = client._tt_target
+    auditor = Auditor(
+        recorder,
+        user_id=user_id,
+        session_id=session_id,
+        client=f"openai-python/{openai.__version__}",
+    )
+    return AuditedOpenAI(client, auditor)

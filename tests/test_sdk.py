@@ -1,0 +1,725 @@
+"""The in-process SDK, driven through the official ``ollama`` and ``openai`` packages.
+
+Against the simulator in every mode, sync and async, streamed and not: the wrapped client returns
+what the bare client returns (compared with ``model_dump()``, the simulator's per-response ids
+and clocks blanked), each call leaves exactly one record whose content equals what the proxy's
+capture makes of the same exchange on the wire, and the ledger verifies.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tokentrail._capture import Meta, loads, new_capture
+from tokentrail._checkpoint import Signer
+from tokentrail._errors import ConfigError, StoreError
+from tokentrail._sdk import (
+    HFTokenizer,
+    Recorder,
+    TiktokenBPE,
+    audit,
+    load_tokenizer,
+    session_turns,
+)
+from tokentrail._sdk._tokenizers import bpe_encode
+from tokentrail._sim import SimConfig, sim_in_thread
+from tokentrail._verify import VerifyOptions, verify_local
+
+MODEL = "llama3.2:1b"
+OLLAMA_MODES = ("ollama-0.4", "ollama")
+OPENAI_MODES = ("openai", "llamacpp", "vllm")
+MSGS: list[Any] = [{"role": "user", "content": "Tell me about audits"}]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Per-response values the simulator makes up (and fields only one side can know).
+VOLATILE = {"id", "created", "created_at", "system_fingerprint", "obfuscation", "timings"}
+VOLATILE_RECORD = {
+    "event_id",
+    "timestamp",
+    "request_duration_ms",
+    "time_to_first_token_ms",
+    "ollama.durations_ns",
+    "gen_ai.response.id",
+    "openai.response.system_fingerprint",
+    "model_version",
+    "tokentrail.via",
+    "tokentrail.sdk.client",
+    "user_id",
+    "session_id",
+    "http.response.status_code",
+}
+
+
+def blank(value: Any) -> Any:
+    """``value`` with the simulator's per-response values (ids, clocks) blanked."""
+    if isinstance(value, dict):
+        return {
+            k: "*" if k in VOLATILE or k.endswith("duration") else blank(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [blank(v) for v in value]
+    return value
+
+
+def dump(obj: Any) -> Any:
+    return blank(obj.model_dump())
+
+
+def read_records(root: Path) -> list[dict[str, Any]]:
+    """Every record of every log, in order, after checking seq, prev_hash and the seed hashes."""
+    out: list[dict[str, Any]] = []
+    for log in sorted((root / "logs").iterdir()):
+        lines = [
+            ln
+            for f in sorted((log / "segments").glob("*/*.jsonl"))
+            for ln in f.read_bytes().split(b"\n")
+            if ln
+        ]
+        prev = "0" * 64
+        for seq, line in enumerate(lines):
+            rec = json.loads(line)
+            assert (seq, prev) == (rec["seq"], rec["prev_hash"])
+            for side in ("input", "output"):
+                want = hashlib.sha256(json.dumps(rec[f"{side}_tokens"]).encode()).hexdigest()
+                assert want == rec[f"{side}_hash"]
+            prev = hashlib.sha256(b"\x00" + line).hexdigest()
+            out.append(rec)
+    return out
+
+
+def verify(root: Path, signer: Signer, state: Path) -> None:
+    report = verify_local(root, VerifyOptions(verifiers=[signer.verifier], state_dir=state))
+    assert report.ok, report
+
+
+def wire_record(base: str, path: str, body: dict[str, Any], api: str) -> dict[str, Any]:
+    """What the proxy's capture records for ``body`` sent straight to the simulator."""
+    capture = new_capture(api, body)
+    with httpx.Client(timeout=30) as http:
+        resp = http.post(base + path, json=body)
+    for line in resp.content.splitlines():
+        line = line.strip()
+        if line.startswith(b"data:"):
+            line = line[5:].strip()
+            if line == b"[DONE]":
+                capture.finished = True
+                continue
+        if line:
+            capture.feed(loads(line))
+    meta = Meta(status=resp.status_code, extra={"stream": capture.stream})
+    return capture.finish(meta).fields()
+
+
+def same_content(sdk: dict[str, Any], proxy: dict[str, Any]) -> None:
+    """Records agree on everything but volatile values and provenance."""
+    a = {k: v for k, v in sdk.items() if k not in VOLATILE_RECORD}
+    b = {k: v for k, v in proxy.items() if k not in VOLATILE_RECORD}
+    for k in ("schema", "log_id", "seq", "prev_hash"):
+        a.pop(k, None)
+    assert b == a
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[dict[str, str]]:
+    """One simulator per mode (deterministic, no delays)."""
+    with ExitStack() as stack:
+        yield {
+            m: stack.enter_context(sim_in_thread(SimConfig(mode=m)))
+            for m in (*OLLAMA_MODES, *OPENAI_MODES)
+        }
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer.generate("sdk-test")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "ledger"
+
+
+@pytest.fixture
+def recorder(root: Path, signer: Signer) -> Iterator[Recorder]:
+    rec = Recorder.open(root, key=signer, log_id="sdk")
+    yield rec
+    rec.close()
+
+
+def ollama_calls(mode: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(method, path, kwargs) for generate and chat, streamed and not."""
+    lp = {"logprobs": True} if mode == "ollama" else {}
+    return [
+        ("generate", "/api/generate", {"model": MODEL, "prompt": "Write a haiku", **lp}),
+        ("generate", "/api/generate", {"model": MODEL, "prompt": "Stream it", "stream": True}),
+        ("chat", "/api/chat", {"model": MODEL, "messages": MSGS}),
+        ("chat", "/api/chat", {"model": MODEL, "messages": MSGS, "stream": True, **lp}),
+    ]
+
+
+def openai_calls(mode: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(resource, path, kwargs) for chat and legacy completions, streamed and not."""
+    ids = {"extra_body": {"return_token_ids": True}} if mode == "vllm" else {}
+    return [
+        ("chat", "/v1/chat/completions", {"model": MODEL, "messages": MSGS, **ids}),
+        (
+            "chat",
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": MSGS, "logprobs": True, "stream": True},
+        ),
+        (
+            "chat",
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": MSGS,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **ids,
+            },
+        ),
+        ("completions", "/v1/completions", {"model": MODEL, "prompt": "Once", "logprobs": 1}),
+        ("completions", "/v1/completions", {"model": MODEL, "prompt": "Once", "stream": True}),
+    ]
+
+
+def openai_create(client: Any, resource: str) -> Callable[..., Any]:
+    return client.chat.completions.create if resource == "chat" else client.completions.create
+
+
+def expected_api(path: str) -> str:
+    return {
+        "/api/generate": "ollama.generate",
+        "/api/chat": "ollama.chat",
+        "/v1/chat/completions": "openai.chat",
+        "/v1/completions": "openai.completions",
+    }[path]
+
+
+class TestOllama:
+    """``ollama.Client`` and ``ollama.AsyncClient`` through the wrapper."""
+
+    @pytest.mark.parametrize("mode", OLLAMA_MODES)
+    def test_sync(
+        self,
+        sims: dict[str, str],
+        recorder: Recorder,
+        root: Path,
+        signer: Signer,
+        tmp_path: Path,
+        mode: str,
+    ) -> None:
+        """Same results as the bare client, one record each, equal to the proxy's capture."""
+        bare = ollama.Client(host=sims[mode])
+        wrapped = audit(bare, ledger=recorder, user_id="alice", session_id="s1")
+        assert isinstance(wrapped, ollama.Client)
+        digest = next(m.digest for m in bare.list().models if m.model == MODEL)
+        calls = ollama_calls(mode)
+        for method, _, kwargs in calls:
+            want = getattr(bare, method)(**kwargs)
+            got = getattr(wrapped, method)(**kwargs)
+            if kwargs.get("stream"):
+                want, got = list(want), list(got)
+                assert [type(x) for x in want] == [type(x) for x in got]
+                assert [dump(x) for x in want] == [dump(x) for x in got]
+            else:
+                assert type(want) is type(got)
+                assert dump(want) == dump(got)
+        recorder.flush()
+        recs = read_records(root)
+        assert len(calls) == len(recs)
+        for rec, (_, path, _) in zip(recs, calls, strict=True):
+            assert (rec["api"], rec["user_id"], rec["session_id"]) == (
+                expected_api(path),
+                "alice",
+                "s1",
+            )
+            assert (digest, "sdk") == (rec["model_version"], rec["tokentrail.via"])
+            same_content(rec, wire_record(sims[mode], path, rec["request_body"], rec["api"]))
+        sources = [(r["input_token_source"], r["output_token_source"]) for r in recs]
+        if mode == "ollama":
+            assert ("upstream-context", "upstream-pieces") == sources[0]
+            assert ("none", "upstream-pieces") == sources[3]
+        else:
+            assert ("upstream-context", "upstream-context") == sources[0]
+            assert ("none", "none") == sources[3]
+        recorder.close()
+        verify(root, signer, tmp_path / "state")
+
+    @pytest.mark.parametrize("mode", OLLAMA_MODES)
+    async def test_async(
+        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path, mode: str
+    ) -> None:
+        """The asyncio client: same results, same records, through the async path."""
+        recorder = await Recorder.aopen(root, key=signer, log_id="sdk", durability="strict")
+        bare = ollama.AsyncClient(host=sims[mode])
+        wrapped = audit(bare, ledger=recorder)
+        assert isinstance(wrapped, ollama.AsyncClient)
+        calls = ollama_calls(mode)
+        for method, _, kwargs in calls:
+            want = await getattr(bare, method)(**kwargs)
+            got = await getattr(wrapped, method)(**kwargs)
+            if kwargs.get("stream"):
+                want = [x async for x in want]
+                got = [x async for x in got]
+                assert [dump(x) for x in want] == [dump(x) for x in got]
+            else:
+                assert dump(want) == dump(got)
+        await recorder.aclose()
+        recs = read_records(root)
+        assert len(calls) == len(recs)
+        for rec, (_, path, _) in zip(recs, calls, strict=True):
+            same_content(rec, wire_record(sims[mode], path, rec["request_body"], rec["api"]))
+            assert rec["model_version"] is not None
+        verify(root, signer, tmp_path / "state")
+
+
+class TestOpenAI:
+    """``openai.OpenAI`` and ``openai.AsyncOpenAI`` through the wrapper."""
+
+    @pytest.mark.parametrize("mode", OPENAI_MODES)
+    def test_sync(
+        self,
+        sims: dict[str, str],
+        recorder: Recorder,
+        root: Path,
+        signer: Signer,
+        tmp_path: Path,
+        mode: str,
+    ) -> None:
+        """Same results and chunk objects, one record each, equal to the proxy's capture."""
+        bare = openai.OpenAI(base_url=sims[mode] + "/v1", api_key="sk-secret")
+        wrapped = audit(bare, ledger=recorder, user_id="bob")
+        assert isinstance(wrapped, openai.OpenAI)
+        assert [m.id for m in bare.models.list()] == [m.id for m in wrapped.models.list()]
+        calls = openai_calls(mode)
+        for res, _, kwargs in calls:
+            want = openai_create(bare, res)(**kwargs)
+            got = openai_create(wrapped, res)(**kwargs)
+            if kwargs.get("stream"):
+                assert isinstance(got, openai.Stream)
+                want, got = list(want), list(got)
+                assert [type(x) for x in want] == [type(x) for x in got]
+                assert [dump(x) for x in want] == [dump(x) for x in got]
+            else:
+                assert type(want) is type(got)
+                assert dump(want) == dump(got)
+        recorder.flush()
+        recs = read_records(root)
+        assert len(calls) == len(recs)
+        for rec, (_, path, _) in zip(recs, calls, strict=True):
+            assert (rec["api"], rec["user_id"]) == (expected_api(path), "bob")
+            same_content(rec, wire_record(sims[mode], path, rec["request_body"], rec["api"]))
+        sources = [r["output_token_source"] for r in recs]
+        best = {"openai": "upstream-pieces", "llamacpp": "upstream-ids", "vllm": "upstream-pieces"}
+        assert best[mode] == sources[1]
+        if mode == "vllm":
+            assert ("upstream-ids", "upstream-ids") == (
+                recs[0]["input_token_source"],
+                recs[0]["output_token_source"],
+            )
+        assert recs[2]["gen_ai.usage.output_tokens"] > 0
+        assert all("sk-secret" not in json.dumps(r) for r in recs)
+        recorder.close()
+        verify(root, signer, tmp_path / "state")
+
+    @pytest.mark.parametrize("mode", OPENAI_MODES)
+    async def test_async(
+        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path, mode: str
+    ) -> None:
+        """The asyncio client: same results and chunks, same records."""
+        recorder = await Recorder.aopen(root, key=signer, log_id="sdk")
+        bare = openai.AsyncOpenAI(base_url=sims[mode] + "/v1", api_key="k")
+        wrapped = audit(bare, ledger=recorder)
+        assert isinstance(wrapped, openai.AsyncOpenAI)
+        calls = openai_calls(mode)
+        for res, _, kwargs in calls:
+            want = await openai_create(bare, res)(**kwargs)
+            got = await openai_create(wrapped, res)(**kwargs)
+            if kwargs.get("stream"):
+                assert isinstance(got, openai.AsyncStream)
+                want = [x async for x in want]
+                got = [x async for x in got]
+                assert [dump(x) for x in want] == [dump(x) for x in got]
+            else:
+                assert dump(want) == dump(got)
+        await recorder.aclose()
+        recs = read_records(root)
+        assert len(calls) == len(recs)
+        for rec, (_, path, _) in zip(recs, calls, strict=True):
+            same_content(rec, wire_record(sims[mode], path, rec["request_body"], rec["api"]))
+        verify(root, signer, tmp_path / "state")
+
+    def test_with_options_stays_audited(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """``with_options`` returns an audited client; the request body includes extra_body."""
+        wrapped = audit(openai.OpenAI(base_url=sims["vllm"] + "/v1", api_key="k"), ledger=recorder)
+        wrapped.with_options(timeout=10).chat.completions.create(
+            model=MODEL, messages=MSGS, extra_body={"return_token_ids": True}
+        )
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        assert rec["request_body"] == {
+            "model": MODEL,
+            "messages": MSGS,
+            "return_token_ids": True,
+        }
+        assert rec["input_token_source"] == "upstream-ids"
+
+
+def train_tokenizer(path: Path) -> Any:
+    """A real byte-level BPE trained on a few sentences, saved as ``tokenizer.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    sentences = [
+        "Why is the sky blue? Rayleigh scattering of sunlight.",
+        "Tell me about audits and the people who run them.",
+        "An audit trail records every token, in order, for good.",
+        "Once upon a time the model answered with light and more light.",
+    ]
+    tok.train_from_iterator(sentences * 20, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return tok
+
+
+class TestTokenizers:
+    """``local:<name>`` token capture from a tokenizer on disk."""
+
+    def test_hf_tokenizer_json(
+        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """With no upstream token data, the record holds the tokenizer's own encoding."""
+        path = tmp_path / "tiny-bpe" / "tokenizer.json"
+        tok = train_tokenizer(path)
+        local = HFTokenizer(path)
+        assert local.name == "tiny-bpe"
+        with Recorder.open(root, key=signer, log_id="sdk", tokenizer={MODEL: local}) as rec:
+            wrapped = audit(openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=rec)
+            wrapped.chat.completions.create(model=MODEL, messages=MSGS)
+            rec.record(model="other", input_text="no tokenizer for me", output_text="none")
+            rec.record(model=MODEL, input_text="Why is the sky blue?", output_text="Rayleigh")
+        chat, other, plain = read_records(root)
+        for r in (chat, plain):
+            assert (r["input_token_source"], r["output_token_source"]) == (
+                "local:tiny-bpe",
+                "local:tiny-bpe",
+            )
+            assert tok.encode(r["input_text"], add_special_tokens=False).ids == r["input_tokens"]
+            assert tok.encode(r["output_text"], add_special_tokens=False).ids == r["output_tokens"]
+        assert tok.decode(chat["output_tokens"]) == chat["output_text"]
+        assert (other["input_token_source"], other["input_tokens"]) == ("none", None)
+        verify(root, signer, tmp_path / "state")
+
+    def test_tiktoken_format(self, tmp_path: Path) -> None:
+        """A tiktoken BPE file: leftmost lowest-rank merges, and the bytes round-trip."""
+        merges = [b"ab", b"abc", b"bc", b" a", b"cd"]
+        tokens = [bytes([i]) for i in range(256)] + merges
+        path = tmp_path / "r50k_base.tiktoken"
+        path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+        bpe = load_tokenizer(path)
+        assert isinstance(bpe, TiktokenBPE) and bpe.name == "r50k_base"
+        ranks = bpe.ranks
+        assert [ranks[b"abc"], ranks[b"d"]] == bpe_encode(b"abcd", ranks)
+        assert [ranks[b"ab"], ranks[b"cd"]] == bpe_encode(b"abcd", {**ranks, b"abc": 999})
+        text = "abcd abc, ok ☀ 123"
+        ids = bpe.encode(text)
+        inverse = {v: k for k, v in ranks.items()}
+        assert text.encode() == b"".join(inverse[i] for i in ids)
+        assert [ord("x"), ord(" "), ranks[b"abc"]] == bpe.encode("x abc")  # ab, then abc
+        with pytest.raises(ConfigError, match="pattern"):
+            TiktokenBPE(path, name="mystery")
+
+
+class TestPlainAPI:
+    """``record``, ``arecord`` and the ``exchange`` scope."""
+
+    async def test_record_and_exchange(self, root: Path, signer: Signer, tmp_path: Path) -> None:
+        """The seed's fields land as given; the scope times the body and records its failure."""
+        with Recorder.open(root, key=signer, log_id="plain") as rec:
+            r0 = rec.record(
+                model="acme-1",
+                input_text="hi",
+                output_text="hello",
+                input_tokens=[1, 2],
+                output_tokens=["hel", "lo"],
+                user_id="u",
+                session_id="s",
+                model_version="acme-1@2025",
+                stop_reason="length",
+                request_duration_ms=12.5,
+            )
+            with rec.exchange(model="acme-1", input_text="q", session_id="s") as ex:
+                ex.output_text = "a"
+            with pytest.raises(ZeroDivisionError), rec.exchange(model="acme-1", input_text="x"):
+                _ = 1 / 0
+            await rec.arecord(model="acme-1", input_text="async", output_text="ok")
+            async with rec.exchange(model="acme-1", input_text="async scope") as aex:
+                aex.stop_reason = "tool_calls"
+        assert r0.seq == 0
+        recs = read_records(root)
+        assert ["length", "stop", "upstream_error", "stop", "tool_calls"] == [
+            r["stop_reason"] for r in recs
+        ]
+        first = recs[0]
+        assert (first["input_token_source"], first["output_token_source"]) == (
+            "upstream-ids",
+            "upstream-pieces",
+        )
+        assert (first["api"], first["model_version"], first["request_duration_ms"]) == (
+            "sdk",
+            "acme-1@2025",
+            12.5,
+        )
+        assert recs[1]["request_duration_ms"] > 0 and recs[1]["output_text"] == "a"
+        assert recs[2]["error.type"] == "builtins.ZeroDivisionError"
+        assert "division by zero" in recs[2]["error_message"]
+        assert (recs[3]["input_tokens"], recs[3]["input_token_source"]) == (None, "none")
+        verify(root, signer, tmp_path / "state")
+
+    def test_bad_arguments(self, recorder: Recorder) -> None:
+        """Bad tokens and unknown clients are a ConfigError, not a broken record."""
+        with pytest.raises(ConfigError):
+            recorder.record(model="m", input_tokens=[1, object()])
+        with pytest.raises(ConfigError, match="cannot audit"):
+            audit(object(), ledger=recorder)
+
+
+class TestFaults:
+    """Failures: the caller sees the library's own exception; records stay intact."""
+
+    def test_connection_refused(self, recorder: Recorder) -> None:
+        """The bare client's exception, and no record (nothing was sent)."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        bare = ollama.Client(host=url)
+        wrapped = audit(bare, ledger=recorder)
+        for client in (bare, wrapped):
+            with pytest.raises(ConnectionError):
+                client.generate(model=MODEL, prompt="x")
+            with pytest.raises(httpx.ConnectError):  # ollama's streams do not map it
+                list(client.chat(model=MODEL, messages=MSGS, stream=True))
+        oai = audit(
+            openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0), ledger=recorder
+        )
+        with pytest.raises(openai.APIConnectionError):
+            oai.chat.completions.create(model=MODEL, messages=MSGS)
+        recorder.flush()
+        assert [] == read_records(recorder.writer.config.root)
+
+    def test_timeouts_and_errors(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """A timeout or an error status: the library's exception, one upstream_error record."""
+        stall = {"X-Sim-Fault": "stall:2000"}
+        slow = audit(
+            ollama.Client(host=sims["ollama"], headers=stall, timeout=0.3), ledger=recorder
+        )
+        with pytest.raises(httpx.ReadTimeout):
+            slow.generate(model=MODEL, prompt="x")
+        oai = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k", max_retries=0, timeout=0.3),
+            ledger=recorder,
+        )
+        with pytest.raises(openai.APITimeoutError):
+            oai.chat.completions.create(model=MODEL, messages=MSGS, extra_headers=stall)
+        with pytest.raises(openai.InternalServerError):
+            oai.chat.completions.create(
+                model=MODEL, messages=MSGS, extra_headers={"X-Sim-Fault": "500"}
+            )
+        cut = audit(
+            ollama.Client(host=sims["ollama"], headers={"X-Sim-Fault": "cut:3"}), ledger=recorder
+        )
+        with pytest.raises(Exception):  # noqa: B017 - whatever the library raises for a cut
+            list(cut.generate(model=MODEL, prompt="a long answer please", stream=True))
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert ["upstream_error"] * 4 == [r["stop_reason"] for r in recs]
+        assert "Timeout" in recs[0]["error_message"]
+        assert recs[2]["http.response.status_code"] == 500
+        assert recs[3]["output_text"]
+
+    def test_abandoned_streams(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """A stream dropped or closed half-way: client_disconnect with the tokens so far."""
+        wrapped = audit(ollama.Client(host=sims["ollama"]), ledger=recorder)
+        it = wrapped.generate(model=MODEL, prompt="a long answer", stream=True, logprobs=True)
+        got = [next(it).response for _ in range(3)]
+        del it
+        gc.collect()
+        oai = audit(openai.OpenAI(base_url=sims["vllm"] + "/v1", api_key="k"), ledger=recorder)
+        stream = oai.chat.completions.create(
+            model=MODEL, messages=MSGS, stream=True, extra_body={"return_token_ids": True}
+        )
+        chunks = [next(stream) for _ in range(4)]
+        stream.close()
+        with oai.completions.create(model=MODEL, prompt="x", stream=True) as s2:
+            next(s2)
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert ["client_disconnect"] * 3 == [r["stop_reason"] for r in recs]
+        assert "".join(got) == recs[0]["output_text"]
+        assert len(recs[0]["output_tokens"]) == 3
+        assert recs[0]["output_token_source"] == "upstream-pieces"
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == recs[1]["output_text"]
+        assert recs[1]["output_token_source"] == "upstream-ids"
+
+    async def test_abandoned_async_stream(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """An async generator closed half-way is recorded too."""
+        wrapped = audit(ollama.AsyncClient(host=sims["ollama"]), ledger=recorder)
+        agen = await wrapped.generate(model=MODEL, prompt="a long answer", stream=True)
+        await agen.__anext__()
+        await agen.aclose()
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        assert rec["stop_reason"] == "client_disconnect"
+
+    def test_unwritable_ledger(
+        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """The disk refuses writes (RLIMIT_FSIZE, which binds root too): StoreError, history kept.
+
+        A ledger path that is a file is refused at open with a StoreError.
+        """
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        with pytest.raises(StoreError):
+            Recorder.open(blocker, key=signer, log_id="sdk")
+        rec = Recorder.open(root, key=signer, log_id="sdk")
+        wrapped = audit(ollama.Client(host=sims["ollama"]), ledger=rec)
+        wrapped.generate(model=MODEL, prompt="before")
+        before = read_records(root)
+        (segment,) = root.glob("logs/sdk/segments/*/*.jsonl")
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size, old_limit[1]))
+        try:
+            with pytest.raises(StoreError, match="cannot write ledger"):
+                wrapped.generate(model=MODEL, prompt="refused")
+            with pytest.raises(StoreError):
+                list(wrapped.generate(model=MODEL, prompt="refused", stream=True))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        wrapped.generate(model=MODEL, prompt="after")
+        rec.close()
+        after = read_records(root)
+        assert before == after[:1]
+        assert ["before", "after"] == [r["input_text"] for r in after]
+        verify(root, signer, tmp_path / "state")
+
+
+class TestConcurrency:
+    """Many threads through one wrapped client."""
+
+    def test_threads(self, root: Path, signer: Signer, tmp_path: Path) -> None:
+        """16 threads x N calls leave exactly 16 x N records and a valid chain."""
+        per_thread = int(os.environ.get("TOKENTRAIL_SDK_THREAD_CALLS", "1000"))
+        with (
+            sim_in_thread(SimConfig(mode="ollama")) as url,
+            Recorder.open(root, key=signer, log_id="sdk", durability="strict") as rec,
+        ):
+            wrapped = audit(ollama.Client(host=url), ledger=rec, session_id="load")
+            errors: list[BaseException] = []
+
+            def work(n: int) -> None:
+                try:
+                    for i in range(per_thread):
+                        wrapped.generate(
+                            model=MODEL, prompt=f"t{n} c{i}", options={"num_predict": 4}
+                        )
+                except BaseException as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert errors == []
+        recs = read_records(root)
+        assert 16 * per_thread == len(recs)
+        assert 16 * per_thread == len({r["input_text"] for r in recs})
+        verify(root, signer, tmp_path / "state")
+
+
+class TestDurability:
+    """What survives a process that exits without closing its recorder."""
+
+    @pytest.mark.parametrize("how", ["os._exit", "atexit"])
+    def test_exit_without_close(self, tmp_path: Path, signer: Signer, how: str) -> None:
+        """Strict records survive os._exit; a normal exit seals them at atexit."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        script = f"""
+import os
+from tokentrail._sdk import Recorder
+rec = Recorder.open({str(root)!r}, key={str(key)!r}, log_id="sdk", seal_interval_s=3600)
+for i in range(50):
+    rec.record(model="m", input_text=f"p{{i}}", output_text="o")
+{"os._exit(0)" if how == "os._exit" else "pass"}
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=60)
+        assert 50 == len(read_records(root))
+        checkpoints = sorted(root.glob("logs/sdk/checkpoints/*.checkpoint"))
+        if how == "atexit":
+            assert checkpoints[-1].name == f"{50:020d}.checkpoint"
+        else:
+            assert checkpoints == []
+            Recorder.open(root, key=signer, log_id="sdk").close()  # the next writer seals
+            verify(root, signer, tmp_path / "state")
+
+
+class TestSessions:
+    """Reconstructing what the model saw at each turn of a session."""
+
+    def test_session_turns(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """Turns come back in order with the full request messages of each."""
+        agent = audit(ollama.Client(host=sims["ollama"]), ledger=recorder, session_id="agent-1")
+        other = audit(ollama.Client(host=sims["ollama"]), ledger=recorder, session_id="agent-2")
+        messages: list[dict[str, Any]] = [{"role": "system", "content": "Be brief."}]
+        answers = []
+        for q in ("first question", "second question", "third question"):
+            messages.append({"role": "user", "content": q})
+            reply = agent.chat(model=MODEL, messages=messages)
+            messages.append({"role": "assistant", "content": reply.message.content})
+            answers.append(reply.message.content)
+            other.generate(model=MODEL, prompt="noise")
+        recorder.record(model="m", input_text="plain turn", session_id="agent-1")
+        recorder.flush()
+        turns = session_turns(recorder.writer.config.root, "agent-1")
+        assert [0, 1, 2, 3] == [t.index for t in turns]
+        assert [2, 4, 6] == [len(t.messages) for t in turns[:3]]
+        assert messages[:6] == turns[2].messages
+        assert answers == [t.output_text for t in turns[:3]]
+        assert [{"role": "user", "content": "plain turn"}] == turns[3].messages
+        assert 3 == len(session_turns(recorder.writer.config.root, "agent-2"))
