@@ -9,70 +9,37 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import orjson
 
 from . import __version__
-from ._checkpoint import Signer, Verifier, load_verifiers, propose_key_name
+from ._audit import (
+    export_command,
+    index_command,
+    search_command,
+    session_command,
+    show_command,
+    verify_export_command,
+)
+from ._checkpoint import Signer, propose_key_name
 from ._errors import ConfigError, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
-from ._paths import DEFAULT_LEDGER, default_signing_key, default_verifier_key
+from ._options import (
+    EXIT_CANNOT_RUN,
+    EXIT_INVALID,
+    LEDGER_OPTION,
+    PUBLIC_KEY_OPTION,
+    fail,
+    parse_moment,
+    resolve_verifiers,
+)
+from ._paths import default_signing_key
 from ._proof import build_bundle, check_bundle
 from ._proxy import serve_command
 from ._sim import sim_command
 from ._verify import VerifyOptions, default_state_dir, verify_local
-
-EXIT_INVALID = 1
-EXIT_CANNOT_RUN = 2
-
-LEDGER_OPTION = click.option(
-    "--ledger",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_LEDGER,
-    show_default=True,
-    envvar="TOKENTRAIL_LEDGER",
-    help="Ledger directory [env TOKENTRAIL_LEDGER].",
-)
-PUBLIC_KEY_OPTION = click.option(
-    "--public-key",
-    "public_keys",
-    multiple=True,
-    envvar="TOKENTRAIL_PUBLIC_KEY",
-    help="Verifier key (name+id+key) or a file of them; repeat for rotated keys"
-    " [default: the keygen verifier.pub; env TOKENTRAIL_PUBLIC_KEY].",
-)
-
-
-def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
-    """Print one line to stderr and exit."""
-    click.echo(f"tokentrail: error: {message}", err=True)
-    sys.exit(code)
-
-
-def resolve_verifiers(specs: tuple[str, ...]) -> list[Verifier]:
-    """The verifier keys named, or the default keygen one."""
-    if not specs:
-        default = default_verifier_key()
-        if not default.exists():
-            raise ConfigError(
-                "no verifier key: pass --public-key KEY_OR_FILE (keygen prints it), or create"
-                f" one with `tokentrail keygen` ({default})"
-            )
-        specs = (str(default),)
-    return load_verifiers(specs)
-
-
-def parse_moment(value: str, option: str) -> datetime:
-    """An RFC 3339 time or a YYYY-MM-DD date, as aware UTC."""
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(
-            f"{option} {value!r} is not a date (YYYY-MM-DD) or RFC 3339 time"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class _Main(click.Group):
@@ -357,3 +324,13 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
 
 main.add_command(sim_command, "sim")
 main.add_command(serve_command, "serve")
+
+for _command in (
+    index_command,
+    search_command,
+    show_command,
+    session_command,
+    export_command,
+    verify_export_command,
+):
+    main.add_command(_command)

@@ -716,10 +716,10 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
             reports.append(report)
         except TokentrailError:
             raise
-    report = Report(str(root), reports)
+    outcome = Report(str(root), reports)
     if options.state_dir is not None:
-        save_last_run(options.state_dir, report, options.now)
-    return report
+        save_last_run(options.state_dir, outcome, options.now)
+    return outcome
 
 
 def iter_records(root: Path, log_id: str) -> Iterator[tuple[SegmentRef, int, bytes]]:

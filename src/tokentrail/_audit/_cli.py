@@ -1,0 +1,413 @@
+"""The audit commands: ``index``, ``search``, ``show``, ``session``, ``export``, ``verify-export``.
+
+Click command objects the main group registers; each opens the library object, calls it, and
+leaves errors to the group (one line on stderr). Exit status: 0 success, 1 an integrity problem
+found (a mismatching leaf, a failing package), 2 could not run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from .._checkpoint import Signer, Verifier
+from .._errors import ConfigError, StoreError
+from .._options import (
+    EXIT_INVALID,
+    LEDGER_OPTION,
+    PUBLIC_KEY_OPTION,
+    parse_moment,
+    resolve_verifiers,
+)
+from .._paths import default_signing_key
+from ._export import build_export, write_package
+from ._index import Index, index_path
+from ._leaves import Checked, LeafReader
+from ._package import FORMATS
+from ._search import Filters, search
+from ._show import print_all, prove_included, render_session, render_show
+from ._verify_export import verify_export
+
+COLOR_OPTION = click.option(
+    "--color/--no-color",
+    default=None,
+    help="Colour token boundaries [default: when writing to a terminal]; without colour,"
+    " tokens are separated by '|'.",
+)
+SINCE_OPTION = click.option("--since", help="From this time (YYYY-MM-DD or RFC 3339).")
+UNTIL_OPTION = click.option("--until", help="Before this time (YYYY-MM-DD or RFC 3339).")
+
+
+def _console(color: bool | None) -> Console:
+    if color is None:
+        return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, force_terminal=color, no_color=not color)
+
+
+def _open_index(ledger: Path, *, update: bool = True) -> Index:
+    index = Index.open(ledger)
+    if update:
+        stats = index.update()
+        for warning in stats.warnings:
+            click.echo(f"tokentrail: warning: {warning}", err=True)
+    return index
+
+
+def _optional_verifiers(specs: tuple[str, ...]) -> list[Verifier] | None:
+    """The named keys; with none named, the default key if there is one, else None."""
+    if specs:
+        return resolve_verifiers(specs)
+    try:
+        return resolve_verifiers(())
+    except ConfigError:
+        return None
+
+
+@click.command("index")
+@LEDGER_OPTION
+@click.option("--rebuild", is_flag=True, help="Drop the index and build it again from the ledger.")
+def index_command(ledger: Path, rebuild: bool) -> None:
+    """Build or update the search index (a rebuildable sidecar under <ledger>/index/).
+
+    The index is never the source of truth: search re-checks every hit against the ledger,
+    and the folder can be deleted at any time. Search updates it on its own; run this from
+    cron to keep searches fast on a busy ledger.
+
+    \b
+    Examples:
+      tokentrail index --ledger /var/lib/tokentrail
+      tokentrail index --rebuild
+    """
+    with Index.open(ledger, rebuild=rebuild) as index:
+        stats = index.update()
+    for warning in stats.warnings:
+        click.echo(f"tokentrail: warning: {warning}", err=True)
+    rate = stats.added / stats.seconds if stats.seconds > 0 else 0.0
+    click.echo(
+        f"indexed {stats.added} new records ({stats.total} in all, {stats.logs} logs) in"
+        f" {stats.seconds:.2f} s ({rate:,.0f} records/s): {index_path(ledger)}"
+    )
+
+
+def _hit_json(hit: Checked) -> dict[str, object]:
+    rec = hit.record or {}
+    return {
+        "event_id": rec.get("event_id"),
+        "timestamp": rec.get("timestamp"),
+        "user_id": rec.get("user_id"),
+        "session_id": rec.get("session_id"),
+        "model": rec.get("model"),
+        "stop_reason": rec.get("stop_reason"),
+        "log_id": hit.row.log_id,
+        "seq": hit.row.seq,
+        "input_text": rec.get("input_text"),
+        "output_text": rec.get("output_text"),
+        "checked": True,
+    }
+
+
+def _problem_json(problem: Checked) -> dict[str, object]:
+    return {
+        "event_id": problem.row.event_id,
+        "log_id": problem.row.log_id,
+        "seq": problem.row.seq,
+        "file": problem.location,
+        "offset": problem.row.offset,
+        "checked": False,
+        "problem": problem.problem,
+    }
+
+
+def _short(value: object, width: int = 40) -> str:
+    text = "" if value is None else str(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@click.command("search")
+@LEDGER_OPTION
+@click.option("--user", help="Only this user_id.")
+@click.option("--session", help="Only this session_id.")
+@click.option("--model", help="Only this model (as requested).")
+@SINCE_OPTION
+@UNTIL_OPTION
+@click.option("--stop-reason", help="Only this stop reason (stop, length, client_disconnect, …).")
+@click.option("--text", help="Prompt or output contains this text (case-insensitive).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Show at most this many records (0: all).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--no-update", is_flag=True, help="Do not bring the index up to date first.")
+def search_command(
+    ledger: Path,
+    user: str | None,
+    session: str | None,
+    model: str | None,
+    since: str | None,
+    until: str | None,
+    stop_reason: str | None,
+    text: str | None,
+    limit: int,
+    as_json: bool,
+    no_update: bool,
+) -> None:
+    """Find exchanges by user, session, model, time, stop reason or text.
+
+    Every record shown has been re-read from the ledger and checked against the leaf hash the
+    index holds and its own content hashes; a record that fails is reported as MISMATCH (exit
+    status 1), never shown as if it were fine.
+
+    \b
+    Examples:
+      tokentrail search --user alice --since 2025-01-01
+      tokentrail search --text "refund" --model llama3.2:1b --json
+    """
+    filters = Filters(
+        user=user,
+        session=session,
+        model=model,
+        since=parse_moment(since, "--since") if since else None,
+        until=parse_moment(until, "--until") if until else None,
+        stop_reason=stop_reason,
+        text=text,
+    )
+    with _open_index(ledger, update=not no_update) as index:
+        result = search(ledger, index, filters, limit or None)
+    if as_json:
+        for hit in result.hits:
+            click.echo(orjson.dumps(_hit_json(hit)).decode())
+        for problem in result.problems:
+            click.echo(orjson.dumps(_problem_json(problem)).decode())
+    else:
+        table = Table(show_lines=False)
+        for column in ("time (UTC)", "user", "session", "model", "stop", "log/seq", "event_id",
+                       "input"):  # fmt: skip
+            table.add_column(column, overflow="fold")
+        for hit in result.hits:
+            rec = hit.record or {}
+            table.add_row(
+                str(rec.get("timestamp", ""))[:19].replace("T", " "),
+                _short(rec.get("user_id"), 16),
+                _short(rec.get("session_id"), 16),
+                _short(rec.get("model"), 20),
+                str(rec.get("stop_reason")),
+                f"{hit.row.log_id}/{hit.row.seq}",
+                str(rec.get("event_id")),
+                _short(rec.get("input_text")),
+            )
+        console = Console(highlight=False, width=max(Console().width, 160))
+        console.print(table)
+        more = " (more: raise --limit)" if result.truncated else ""
+        click.echo(f"{len(result.hits)} records, each re-checked against the ledger{more}")
+        for problem in result.problems:
+            click.echo(problem.problem_line(), err=True)
+    if result.problems:
+        click.echo(
+            f"tokentrail: {len(result.problems)} indexed records fail their re-check; run"
+            " tokentrail verify, then tokentrail index --rebuild",
+            err=True,
+        )
+        sys.exit(EXIT_INVALID)
+
+
+def _checked_event(ledger: Path, index: Index, event_id: str) -> Checked:
+    rows = index.by_event(event_id)
+    if not rows:
+        raise StoreError(f"no record with event_id {event_id} in {ledger}")
+    checked = LeafReader(ledger).check(rows[0])
+    return checked
+
+
+@click.command("show")
+@LEDGER_OPTION
+@PUBLIC_KEY_OPTION
+@click.argument("event_id")
+@click.option("--ids", is_flag=True, help="List every token with its position, id or bytes.")
+@COLOR_OPTION
+def show_command(
+    ledger: Path, public_keys: tuple[str, ...], event_id: str, ids: bool, color: bool | None
+) -> None:
+    """Show one exchange: metadata, tokens, timing, and whether it is proven in the log.
+
+    Token boundaries are visible: alternating colours in a terminal, '|' between tokens
+    otherwise (--no-color). The record is re-checked against the ledger, and its inclusion
+    proof against the newest signed checkpoint is computed and checked with the verifier key.
+
+    \b
+    Example:
+      tokentrail show 0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e --public-key verifier.pub
+      tokentrail show 0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e --ids --no-color
+    """
+    verifiers = _optional_verifiers(public_keys)
+    with _open_index(ledger) as index:
+        checked = _checked_event(ledger, index, event_id)
+        inclusion = prove_included(ledger, index, checked, verifiers)
+    console = _console(color)
+    print_all(console, render_show(checked, inclusion, color=console.is_terminal and
+                                   not console.no_color, ids=ids))  # fmt: skip
+    if not checked.ok:
+        sys.exit(EXIT_INVALID)
+
+
+@click.command("session")
+@LEDGER_OPTION
+@click.argument("session_id")
+@COLOR_OPTION
+def session_command(ledger: Path, session_id: str, color: bool | None) -> None:
+    """Show a conversation turn by turn, with what the model saw at each turn.
+
+    Each turn lists the messages (or prompt) the model was sent — '+' marks those new since
+    the previous turn, and an assistant message that is not a reply recorded in the session
+    is flagged — then the model's reply. Every turn is re-checked against the ledger.
+
+    \b
+    Example:
+      tokentrail session 9f1c2d-support-chat --ledger /var/lib/tokentrail
+    """
+    with _open_index(ledger) as index:
+        result = search(ledger, index, Filters(session=session_id), None)
+    turns = sorted(
+        result.hits + result.problems,
+        key=lambda c: (c.row.ts or 0, c.row.log_id, c.row.seq),
+    )
+    if not turns:
+        raise StoreError(f"no records of session {session_id} in {ledger}")
+    print_all(_console(color), render_session(session_id, turns))
+    if result.problems:
+        sys.exit(EXIT_INVALID)
+
+
+@click.command("export")
+@LEDGER_OPTION
+@PUBLIC_KEY_OPTION
+@click.option("--user", required=True, help="The data subject's user_id.")
+@SINCE_OPTION
+@UNTIL_OPTION
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: a proof bundle per line; csv: a spreadsheet; html: one page for a person.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Package to write: a new directory, or a .zip file.",
+)
+@click.option(
+    "--key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="TOKENTRAIL_KEY",
+    help="Signing key that signs the manifest (completeness)"
+    " [default: ~/.config/tokentrail/signing.key if present].",
+)
+@click.option("--no-sign", is_flag=True, help="Do not sign the manifest.")
+def export_command(
+    ledger: Path,
+    public_keys: tuple[str, ...],
+    user: str,
+    since: str | None,
+    until: str | None,
+    fmt: str,
+    out: Path,
+    key: Path | None,
+    no_sign: bool,
+) -> None:
+    """Export a data subject's records with proofs (a DSAR package).
+
+    The package holds every record of the user, each with its RFC 9162 inclusion proof
+    against a signed checkpoint, the checkpoints, the verifier key, a manifest signed by the
+    deployment's key, and a README explaining how to check it. It is a directory, or a zip
+    when --out ends in .zip. The html format is one self-contained page a person can open.
+
+    \b
+    Examples:
+      tokentrail export --user alice --format html --out alice-dsar/
+      tokentrail export --user alice --since 2025-01-01 --out alice-2025.zip
+      tokentrail verify-export alice-2025.zip --public-key verifier.pub
+    """
+    verifiers = resolve_verifiers(public_keys)
+    signer: Signer | None = None
+    if not no_sign:
+        path = key or default_signing_key()
+        if key is not None or path.exists():
+            signer = Signer.load(path)
+        else:
+            click.echo(
+                f"tokentrail: warning: no signing key at {path}; the manifest is not signed"
+                " (pass --key to sign it)",
+                err=True,
+            )
+    package = build_export(
+        ledger,
+        user,
+        fmt=fmt,
+        verifiers=verifiers,
+        signer=signer,
+        since=parse_moment(since, "--since") if since else None,
+        until=parse_moment(until, "--until") if until else None,
+    )
+    write_package(package, out)
+    click.echo(
+        f"exported {package.records} records of user {user} from {package.logs} logs to {out}"
+        f" ({fmt}, manifest {'signed' if package.signed else 'not signed'})"
+    )
+
+
+@click.command("verify-export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    envvar="TOKENTRAIL_PUBLIC_KEY",
+    help="Pin the operator's verifier key (name+id+key or a file) [default: the key inside"
+    " the package, which shows only that the package agrees with itself].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_export_command(path: Path, public_keys: tuple[str, ...], as_json: bool) -> None:
+    """Check a DSAR package with nothing else at hand; name any failing record.
+
+    Checks every record's inclusion proof against its signed checkpoint, its content hashes,
+    that it belongs to the subject, the manifest's list and signature, and that every readable
+    field matches the proven record. Exit status 0 when valid, 1 when not.
+
+    \b
+    Examples:
+      tokentrail verify-export alice-dsar/ --public-key verifier.pub
+      tokentrail verify-export alice-dsar.zip
+      tokentrail verify-export alice-dsar/records.html --public-key 'name+1a2b3c4d+AX…'
+    """
+    pinned = resolve_verifiers(public_keys) if public_keys else None
+    report = verify_export(path, pinned)
+    if as_json:
+        click.echo(
+            orjson.dumps(
+                {
+                    "ok": report.ok,
+                    "path": report.path,
+                    "subject": report.subject,
+                    "records": report.records,
+                    "key_pinned": report.pinned,
+                    "manifest_signed": report.signed,
+                    "problems": report.problems,
+                    "notes": report.notes,
+                },
+                option=orjson.OPT_INDENT_2,
+            ).decode()
+        )
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.ok else EXIT_INVALID)

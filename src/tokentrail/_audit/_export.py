@@ -1,0 +1,269 @@
+"""``tokentrail export``: a data-subject access request package, proven record by record.
+
+One pass per log reads every stored line once: it hashes each leaf (for the Merkle tree) and
+keeps the lines whose ``user_id`` is the subject. The subject's records are selected from the
+ledger itself, not the index, so the package is complete even if the index is stale. The log's
+tree is then built once (:class:`._leaves.MerkleLevels`) and each record's audit path read off
+it in O(log n), checked against the newest signed checkpoint before it is written.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .. import __version__
+from .._checkpoint import Signer, Verifier
+from .._errors import ConfigError, StoreError
+from .._layout import iter_lines, list_log, list_logs
+from .._merkle import leaf_hash, verify_inclusion
+from .._record import now_rfc3339
+from ._index import moment_micros, ts_micros
+from ._leaves import MerkleLevels, latest_checkpoint
+from ._package import (
+    DATA_FILES,
+    EXPORT_FORMAT,
+    KEYS,
+    MANIFEST,
+    README,
+    SIGNATURE,
+    Item,
+    checkpoint_file,
+    render,
+    sha256_hex,
+    signature_text,
+)
+
+
+@dataclass(frozen=True)
+class Package:
+    """A built package: its files by relative path (the data file included)."""
+
+    files: dict[str, bytes]
+    records: int
+    logs: int
+    signed: bool
+
+
+def _subject_items(
+    root: Path,
+    log_id: str,
+    user: str,
+    since: int | None,
+    until: int | None,
+    verifiers: list[Verifier],
+) -> tuple[list[tuple[int, Item]], bytes | None, int]:
+    """The subject's items in one log (with their timestamps), the checkpoint note and size."""
+    needle = orjson.dumps(user)
+    hashes: list[bytes] = []
+    chosen: list[tuple[int, int, bytes]] = []  # (ts, seq, line)
+    for seg in list_log(root, log_id).segments:
+        for _, line, complete in iter_lines(seg.path):
+            if not complete:
+                break
+            hashes.append(leaf_hash(line))
+            if needle not in line:
+                continue
+            obj = orjson.loads(line)
+            if obj.get("user_id") != user:
+                continue
+            ts = ts_micros(obj.get("timestamp"))
+            if since is not None and (ts is None or ts < since):
+                continue
+            if until is not None and (ts is None or ts >= until):
+                continue
+            if obj.get("seq") != len(hashes) - 1:
+                raise StoreError(
+                    f"log {log_id}: record {obj.get('event_id')} says seq {obj.get('seq')} at"
+                    f" position {len(hashes) - 1} (run tokentrail verify)"
+                )
+            chosen.append((ts or 0, len(hashes) - 1, line))
+    if not chosen:
+        return [], None, 0
+    head = latest_checkpoint(root, log_id, verifiers)
+    size = 0 if head is None else head.checkpoint.size
+    unsealed = [seq for _, seq, _ in chosen if seq >= size]
+    if head is None or unsealed:
+        raise StoreError(
+            f"{len(unsealed)} of the subject's records in log {log_id} (from seq {unsealed[0]})"
+            f" are not covered by a signed checkpoint yet (newest: size {size}); a live writer"
+            " seals within a minute: export again then, or pass --until to stop earlier"
+        )
+    if len(hashes) < size:
+        raise StoreError(f"log {log_id} has fewer records than its checkpoint of size {size}")
+    tree = MerkleLevels(hashes[:size])
+    if tree.root() != head.checkpoint.root:
+        raise StoreError(
+            f"log {log_id}: the stored records do not give the root of its signed checkpoint"
+            f" of size {size} (run tokentrail verify)"
+        )
+    import base64
+
+    items: list[tuple[int, Item]] = []
+    for ts, seq, line in chosen:
+        proof = tree.proof(seq)
+        verify_inclusion(seq, size, hashes[seq], proof, head.checkpoint.root)
+        items.append(
+            (
+                ts,
+                Item(
+                    log_id,
+                    seq,
+                    size,
+                    line.decode("utf-8"),
+                    tuple(base64.b64encode(p).decode() for p in proof),
+                ),
+            )
+        )
+    return items, head.note, size
+
+
+def build_export(
+    root: Path,
+    user: str,
+    *,
+    fmt: str,
+    verifiers: list[Verifier],
+    signer: Signer | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Package:
+    """Every record of ``user`` in the ledger, with proofs, as a package's files."""
+    if fmt not in DATA_FILES:
+        raise ConfigError(f"unknown export format {fmt!r}; choose jsonl, csv or html")
+    if signer is not None and signer.verifier.to_text() not in {v.to_text() for v in verifiers}:
+        raise ConfigError(
+            f"signing key {signer.name} is not among the verifier keys given; the package could"
+            " not be checked with them"
+        )
+    lo = moment_micros(since) if since else None
+    hi = moment_micros(until) if until else None
+    found: list[tuple[int, Item]] = []
+    files: dict[str, bytes] = {}
+    for log_id in list_logs(root):
+        items, note, size = _subject_items(root, log_id, user, lo, hi, verifiers)
+        if note is not None:
+            files[checkpoint_file(log_id, size)] = note
+            found.extend(items)
+    found.sort(key=lambda pair: (pair[0], pair[1].log_id, pair[1].index))
+    records = [item for _, item in found]
+    keys = verifiers if signer is None else [signer.verifier]
+    files[KEYS] = "".join(v.to_text() + "\n" for v in keys).encode()
+    range_ = {
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+    }
+    files[README] = readme(user, range_, len(records), fmt, signed=signer is not None).encode()
+    manifest: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "subject": {"user_id": user},
+        "range": range_,
+        "created_at": now_rfc3339(),
+        "tool": f"tokentrail {__version__}",
+        "data_file": DATA_FILES[fmt],
+        "record_count": len(records),
+        "records": [
+            {
+                "event_id": item.parsed().get("event_id"),
+                "log_id": item.log_id,
+                "seq": item.index,
+                "leaf_hash": sha256_hex(b"\x00" + item.record.encode("utf-8")),
+            }
+            for item in records
+        ],
+        "files": {name: sha256_hex(data) for name, data in sorted(files.items())},
+    }
+    files[MANIFEST] = orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
+    if signer is not None:
+        files[SIGNATURE] = signer.sign_note(signature_text(files[MANIFEST]))
+    files[DATA_FILES[fmt]] = b"".join(chunk for _, chunk in render(fmt, records, files))
+    logs = len({item.log_id for item in records})
+    return Package(files, len(records), logs, signer is not None)
+
+
+def write_package(package: Package, out: Path) -> None:
+    """Write a package as a directory, or as a zip when ``out`` ends in ``.zip``."""
+    try:
+        if out.suffix == ".zip":
+            if out.exists():
+                raise ConfigError(f"{out} already exists; refusing to overwrite it")
+            tmp = out.with_name(out.name + ".tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+                for name in sorted(package.files):
+                    zf.writestr(name, package.files[name])
+            os.replace(tmp, out)
+            return
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"{out} exists and is not an empty directory")
+        for name, data in package.files.items():
+            path = out / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    except OSError as exc:
+        raise StoreError(f"cannot write the export to {out}: {exc.strerror}") from exc
+
+
+def readme(user: str, range_: dict[str, Any], count: int, fmt: str, *, signed: bool) -> str:
+    """The package's README: what is inside and how to check it."""
+    since = range_["since"] or "the beginning of the ledger"
+    until = range_["until"] or "the time of export"
+    data = DATA_FILES[fmt]
+    signed_line = (
+        "manifest.sig     the manifest's SHA-256, signed by the same key: the operator's\n"
+        "                 statement that this list of records is complete\n"
+        if signed
+        else "(no manifest.sig: this export was made without the signing key, so the\n"
+        " completeness of the list rests on the operator's word alone)\n"
+    )
+    return f"""\
+tokentrail data-subject access export
+=====================================
+
+Subject (user_id): {user}
+Records:           {count}, from {since} until {until}
+Data file:         {data}
+
+Every exchange recorded with this subject is in {data}, exactly as it was stored in the
+audit log, each with an RFC 9162 inclusion proof: the hashes that tie it to a checkpoint the
+operator signed. Changing one character of a record, its proof or a checkpoint breaks the check.
+
+What is in this package
+-----------------------
+{data:<16} the records; each carries its exact stored line ("record"), its log and position
+                 ("log_id", "index"/"seq"), the signed tree size and the proof hashes
+checkpoints/     the signed checkpoint (C2SP signed note, Ed25519) of each log
+verifier.pub     the operator's public verifier key
+manifest.json    the list of records (event id, log, seq, leaf hash) and the SHA-256 of
+                 README.txt, verifier.pub and the checkpoints
+{signed_line}
+How to check it
+---------------
+With tokentrail (pip install tokentrail):
+
+    tokentrail verify-export <this folder or zip> --public-key '<the operator's key>'
+
+Pin the key: take it from the operator's published documentation, not from this package. The
+package's own verifier.pub only shows that the package agrees with itself.
+
+By hand, for each record (RFC 9162 sections 2.1.1 and 2.1.3.2):
+  1. leaf = the record's text as UTF-8 bytes; leaf hash = SHA-256(0x00 || leaf).
+  2. Fold the proof hashes into the leaf hash from the bottom up, following the record's
+     index and the tree size: a node is SHA-256(0x01 || left || right).
+  3. The result must equal the base64 root hash on the third line of the log's checkpoint,
+     and the checkpoint's signature line must verify under the verifier key (C2SP
+     signed-note: Ed25519 over the checkpoint text).
+  4. The record's own hashes: input_hash = SHA-256 of Python's json.dumps(input_tokens),
+     output_hash likewise, input_text_hash = SHA-256 of the UTF-8 input_text.
+
+What this proves, and what it does not
+--------------------------------------
+Each record is proven genuine and part of the append-only log the operator signed. That the
+package holds every record of the subject cannot be proven without showing other people's
+records; it is stated by the operator's signature over the manifest.
+"""

@@ -1,0 +1,64 @@
+"""Options and helpers shared by every ``tokentrail`` command module."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from ._checkpoint import Verifier, load_verifiers
+from ._errors import ConfigError
+from ._paths import DEFAULT_LEDGER, default_verifier_key
+
+EXIT_INVALID = 1
+EXIT_CANNOT_RUN = 2
+
+LEDGER_OPTION = click.option(
+    "--ledger",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_LEDGER,
+    show_default=True,
+    envvar="TOKENTRAIL_LEDGER",
+    help="Ledger directory [env TOKENTRAIL_LEDGER].",
+)
+PUBLIC_KEY_OPTION = click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    envvar="TOKENTRAIL_PUBLIC_KEY",
+    help="Verifier key (name+id+key) or a file of them; repeat for rotated keys"
+    " [default: the keygen verifier.pub; env TOKENTRAIL_PUBLIC_KEY].",
+)
+
+
+def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
+    """Print one line to stderr and exit."""
+    click.echo(f"tokentrail: error: {message}", err=True)
+    sys.exit(code)
+
+
+def resolve_verifiers(specs: tuple[str, ...]) -> list[Verifier]:
+    """The verifier keys named, or the default keygen one."""
+    if not specs:
+        default = default_verifier_key()
+        if not default.exists():
+            raise ConfigError(
+                "no verifier key: pass --public-key KEY_OR_FILE (keygen prints it), or create"
+                f" one with `tokentrail keygen` ({default})"
+            )
+        specs = (str(default),)
+    return load_verifiers(specs)
+
+
+def parse_moment(value: str, option: str) -> datetime:
+    """An RFC 3339 time or a YYYY-MM-DD date, as aware UTC."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{option} {value!r} is not a date (YYYY-MM-DD) or RFC 3339 time"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

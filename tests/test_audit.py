@@ -1,0 +1,697 @@
+"""Audits, DSARs and forensics: index, search, show, session, export and verify-export.
+
+The commands run through click's CliRunner inside the real command group; the streamed chat
+goes through the real proxy (a subprocess) in front of the simulator, driven by the official
+``openai`` client; the HTML export is opened in headless Chromium when it is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import openai
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+
+from tokentrail._audit import (
+    Filters,
+    Index,
+    export_command,
+    index_command,
+    search,
+    search_command,
+    session_command,
+    show_command,
+    verify_export_command,
+)
+from tokentrail._audit._leaves import MerkleLevels
+from tokentrail._checkpoint import Signer
+from tokentrail._cli import _Main
+from tokentrail._ledger import Ledger, LedgerConfig
+from tokentrail._merkle import inclusion_proof, leaf_hash
+from tokentrail._record import Exchange
+from tokentrail._sim import SimConfig, sim_in_thread
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+USERS = 50
+BIG = 100_000
+
+CLI = _Main(
+    "tokentrail",
+    commands={
+        "index": index_command,
+        "search": search_command,
+        "show": show_command,
+        "session": session_command,
+        "export": export_command,
+        "verify-export": verify_export_command,
+    },
+)
+
+
+def run(*args: str | Path) -> Result:
+    """Run one audit command in the real group (errors become one line, exit 2)."""
+    return CliRunner().invoke(CLI, [str(a) for a in args], catch_exceptions=False)
+
+
+# ---------------------------------------------------------------------- ledgers
+
+
+@dataclass
+class Ledgers:
+    """A ledger on disk with its keys."""
+
+    root: Path
+    signer: Signer
+    pub: Path
+    key: Path
+
+
+def _keys(tmp: Path, name: str = "audit-test") -> tuple[Signer, Path, Path]:
+    signer = Signer.generate(name)
+    key = tmp / "signing.key"
+    signer.save(key)
+    pub = tmp / "verifier.pub"
+    pub.write_text(signer.verifier.to_text() + "\n")
+    return signer, key, pub
+
+
+def small_exchange(k: int, users: int = USERS) -> Exchange:
+    """A small record: user, session, model and stop reason vary with ``k``."""
+    return Exchange(
+        model=("llama3.2:1b", "qwen2.5:0.5b")[k % 2],
+        api="sdk",
+        stop_reason=("stop", "length", "client_disconnect")[k % 3],
+        input_text=f"question {k} about invoices",
+        output_text=f"answer {k}",
+        input_tokens=[k % 1000, 7],
+        output_tokens=["answer", f" {k}"],
+        input_token_source="upstream-ids",
+        output_token_source="upstream-pieces",
+        user_id=f"user-{k % users}",
+        session_id=f"s-{k % 997}",
+    )
+
+
+def write_ledger(root: Path, signer: Signer, n: int, logs: int = 2, start: int = 0) -> None:
+    """``n`` small records spread over ``logs`` logs (async durability: fast)."""
+    per = n // logs
+    for log in range(logs):
+        config = LedgerConfig(root, f"log-{log}", signer, durability="async")
+        with Ledger.open(config) as ledger:
+            for i in range(per):
+                ledger.append(small_exchange(start + log * per + i))
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Ledgers:
+    """100,000 records of 50 users in two logs, sealed."""
+    tmp = tmp_path_factory.mktemp("big")
+    signer, key, pub = _keys(tmp)
+    started = time.perf_counter()
+    write_ledger(tmp / "ledger", signer, BIG)
+    print(f"\nwrote {BIG} records in {time.perf_counter() - started:.1f} s")
+    return Ledgers(tmp / "ledger", signer, pub, key)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Ledgers:
+    """600 records of 7 users in two logs."""
+    signer, key, pub = _keys(tmp_path)
+    root = tmp_path / "ledger"
+    per = 300
+    for log in range(2):
+        with Ledger.open(LedgerConfig(root, f"log-{log}", signer)) as ledger:
+            for i in range(per):
+                ledger.append(small_exchange(log * per + i, users=7))
+    return Ledgers(root, signer, pub, key)
+
+
+def records_of(root: Path) -> list[dict[str, Any]]:
+    """Every record in the ledger (brute force, for comparisons)."""
+    out = []
+    for path in sorted(root.glob("logs/*/segments/*/*.jsonl")):
+        out.extend(orjson.loads(line) for line in path.read_bytes().splitlines())
+    return out
+
+
+# ---------------------------------------------------------------------- Merkle levels
+
+
+class TestMerkleLevels:
+    """Proofs read off the tree's levels are the RFC 9162 audit paths."""
+
+    @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 33])
+    def test_same_as_rfc_path(self, size: int) -> None:
+        """Every leaf's path equals tokentrail._merkle.inclusion_proof."""
+        hashes = [leaf_hash(str(i).encode()) for i in range(size)]
+        tree = MerkleLevels(hashes)
+        assert [inclusion_proof(i, hashes) for i in range(size)] == [
+            tree.proof(i) for i in range(size)
+        ]
+
+
+# ---------------------------------------------------------------------- index and search
+
+
+class TestIndex:
+    """The sidecar index: where it lives, incremental updates, rebuilds."""
+
+    def test_lives_beside_logs(self, small: Ledgers) -> None:
+        """The index is under <root>/index/, never inside logs/."""
+        result = run("index", "--ledger", small.root)
+        assert result.exit_code == 0, result.output
+        assert "indexed 600 new records (600 in all, 2 logs)" in result.output
+        assert (small.root / "index" / "audit.sqlite3").exists()
+        assert not list((small.root / "logs").rglob("*.sqlite3"))
+
+    def test_incremental(self, small: Ledgers) -> None:
+        """A second update reads only what was appended since."""
+        with Index.open(small.root) as index:
+            assert index.update().added == 600
+            assert index.update().added == 0
+            with Ledger.open(LedgerConfig(small.root, "log-1", small.signer)) as ledger:
+                for k in range(5):
+                    ledger.append(small_exchange(10_000 + k))
+            stats = index.update()
+            assert (5, 605, []) == (stats.added, stats.total, stats.warnings)
+
+    def test_rebuild_gives_same_rows(self, small: Ledgers) -> None:
+        """Dropping and rebuilding the index yields the same rows."""
+        with Index.open(small.root) as index:
+            index.update()
+            before = {(r.log_id, r.seq, r.event_id, r.leaf_hash) for r in index.rows()}
+        result = run("index", "--ledger", small.root, "--rebuild")
+        assert "indexed 600 new records" in result.output
+        with Index.open(small.root) as index:
+            assert before == {(r.log_id, r.seq, r.event_id, r.leaf_hash) for r in index.rows()}
+
+    def test_rewritten_log_is_reindexed(self, small: Ledgers) -> None:
+        """A log replaced under the index is reported and indexed again from seq 0."""
+        with Index.open(small.root) as index:
+            index.update()
+        shutil.rmtree(small.root / "logs" / "log-1")
+        with Ledger.open(LedgerConfig(small.root, "log-1", small.signer)) as ledger:
+            for k in range(3):
+                ledger.append(small_exchange(k))
+        with Index.open(small.root) as index:
+            stats = index.update()
+            assert stats.rebuilt_logs == ["log-1"]
+            assert index.count("r.log_id = 'log-1'") == 3
+
+
+class TestSearch:
+    """Filters agree with a brute-force scan, and every hit is re-checked."""
+
+    @pytest.mark.parametrize(
+        "filters",
+        [
+            {"user": "user-3"},
+            {"session": "s-5"},
+            {"model": "qwen2.5:0.5b", "stop_reason": "length"},
+            {"text": "QUESTION 12 "},
+            {"text": "r 3"},
+            {"user": "user-2", "text": "invoices"},
+        ],
+    )
+    def test_filters(self, small: Ledgers, filters: dict[str, str]) -> None:
+        """Search returns exactly the records a scan of the ledger finds."""
+        expected = set()
+        names = {"user": "user_id", "session": "session_id"}
+        for rec in records_of(small.root):
+            if all(
+                any(v.lower() in rec[f].lower() for f in ("input_text", "output_text"))
+                if k == "text"
+                else rec[names.get(k, k)] == v
+                for k, v in filters.items()
+            ):
+                expected.add(rec["event_id"])
+        with Index.open(small.root) as index:
+            index.update()
+            result = search(small.root, index, Filters(**filters), None)
+        assert expected == {h.row.event_id for h in result.hits}
+        assert result.problems == []
+
+    def test_time_range(self, small: Ledgers) -> None:
+        """--since/--until select by record timestamp."""
+        recs = sorted(records_of(small.root), key=lambda r: r["timestamp"])
+        lo, hi = recs[100]["timestamp"], recs[200]["timestamp"]
+        result = run("search", "--ledger", small.root, "--since", lo, "--until", hi, "--json",
+                     "--limit", "0")  # fmt: skip
+        got = [orjson.loads(line)["event_id"] for line in result.output.splitlines()]
+        assert [r["event_id"] for r in recs[100:200]] == got
+
+    def test_table_and_limit(self, small: Ledgers) -> None:
+        """The table shows the hits and says when more matched."""
+        result = run("search", "--ledger", small.root, "--user", "user-3", "--limit", "5")
+        assert result.exit_code == 0
+        assert result.output.count("user-3") == 5
+        assert "5 records, each re-checked against the ledger (more: raise --limit)" in (
+            result.output
+        )
+
+    def test_edited_leaf_is_reported(self, small: Ledgers) -> None:
+        """A record edited after indexing is reported as MISMATCH, not shown, exit 1."""
+        run("index", "--ledger", small.root)
+        seg = next((small.root / "logs" / "log-0" / "segments").glob("*/*.jsonl"))
+        data = seg.read_bytes()
+        seg.write_bytes(data.replace(b'"question 14 about', b'"question 14 abouT', 1))
+        result = run("search", "--ledger", small.root, "--user", "user-0", "--no-update",
+                     "--limit", "0")  # fmt: skip
+        assert result.exit_code == 1
+        pattern = (
+            r"MISMATCH log=log-0 seq=14 event_id=\S+ file=\S+ offset=\d+: the"
+            r" stored line's leaf hash differs from the index"
+        )
+        assert re.search(pattern, result.output)
+        assert "question 14 about" not in result.output
+
+
+# ---------------------------------------------------------------------- show and session
+
+
+def _start_proxy(tmp: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+    cmd = [sys.executable, "-m", "tokentrail", "serve", "--upstream", upstream,
+           "--listen", "127.0.0.1:0", "--ledger", str(tmp / "ledger"),
+           "--key", str(tmp / "signing.key"), "--log-id", "chat",
+           "--trust-identity-headers", "--request-token-data", "logprobs"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    for raw in proc.stderr:
+        lines.append(raw.decode(errors="replace").rstrip())
+        if "listening on " in lines[-1]:
+            url = lines[-1].split("listening on ", 1)[1].strip()
+            break
+    else:
+        raise AssertionError("proxy did not start:\n" + "\n".join(lines))
+    verifier = next(ln.split("verifier key ", 1)[1] for ln in lines if "verifier key " in ln)
+    stream = proc.stderr
+    threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+    return proc, url, [verifier]
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, list[str]]]:
+    """A three-turn streamed chat through the real proxy; yields (ledger, verifier, replies)."""
+    tmp = tmp_path_factory.mktemp("chat")
+    questions = ["What is an audit log?", "Why must it be append-only?", "Thanks, summarise."]
+    replies: list[str] = []
+    with sim_in_thread(SimConfig(mode="openai")) as sim:
+        proc, url, (verifier,) = _start_proxy(tmp, sim)
+        try:
+            client = openai.OpenAI(
+                base_url=url + "/v1",
+                api_key="unused",
+                default_headers={"X-Tokentrail-User": "alice", "X-Tokentrail-Session": "conv-42"},
+            )
+            messages: list[Any] = [{"role": "system", "content": "You are terse."}]
+            for q in questions:
+                messages.append({"role": "user", "content": q})
+                stream = client.chat.completions.create(
+                    model="llama3.2:1b", messages=messages, stream=True
+                )
+                reply = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                replies.append(reply)
+                messages.append({"role": "assistant", "content": reply})
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+    yield tmp / "ledger", verifier, replies
+
+
+class TestShowAndSession:
+    """A streamed multi-turn chat, seen through show and session."""
+
+    def test_session_turn_by_turn(self, chat: tuple[Path, str, list[str]]) -> None:
+        """Each turn shows its context, marking new messages, then the reply."""
+        ledger, _, replies = chat
+        result = run("session", "--ledger", ledger, "conv-42", "--no-color")
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert "session conv-42: 3 turns" in out
+        turns = re.split(r"─+ turn \d ", out)[1:]
+        assert len(turns) == 3
+        assert "what the model saw (2 messages):" in turns[0]
+        assert "+ system: You are terse." in turns[0]
+        assert "+ user: What is an audit log?" in turns[0]
+        assert f"reply: {replies[0]}" in turns[0]
+        assert "what the model saw (4 messages):" in turns[1]
+        assert "  system: You are terse." in turns[1]  # seen before: no '+'
+        assert f"  assistant: {replies[0]}" in turns[1]
+        assert "+ user: Why must it be append-only?" in turns[1]
+        assert "(not a reply recorded in this session)" not in out
+        assert "what the model saw (6 messages):" in turns[2]
+        assert f"reply: {replies[2]}" in turns[2]
+
+    def test_show_proven_with_boundaries(self, chat: tuple[Path, str, list[str]]) -> None:
+        """show: metadata, '|' between tokens without colour, proven inclusion."""
+        ledger, verifier, replies = chat
+        found = run("search", "--ledger", ledger, "--session", "conv-42", "--json")
+        second = [orjson.loads(line) for line in found.output.splitlines()][1]
+        result = run("show", "--ledger", ledger, "--public-key", verifier,
+                     second["event_id"], "--no-color")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        out = result.output
+        rec = next(r for r in records_of(ledger) if r["event_id"] == second["event_id"])
+        for expected in ("user           alice", "session        conv-42", "api            "
+                         "openai.chat, streamed", "integrity      OK",
+                         "inclusion      PROVEN: included in the signed checkpoint of size 3",
+                         "output upstream-pieces"):  # fmt: skip
+            assert expected in out
+        pieces = rec["output_tokens"]
+        assert len(pieces) > 3
+        shown = "|".join(p if isinstance(p, str) else "‹" + " ".join(f"{b:02x}" for b in p) + "›"
+                         for p in pieces)  # fmt: skip
+        assert f"tokens: {shown}" in out
+        assert f"text: {replies[1]}" in out
+        assert "user: Why must it be append-only?" in out
+
+    def test_show_colours_and_ids(self, chat: tuple[Path, str, list[str]]) -> None:
+        """In colour, tokens alternate backgrounds; --ids lists each token."""
+        ledger, verifier, _ = chat
+        event = records_of(ledger)[0]["event_id"]
+        coloured = run("show", "--ledger", ledger, "--public-key", verifier, event, "--color")
+        assert "\x1b[30;46m" in coloured.output and "\x1b[30;43m" in coloured.output
+        listed = run("show", "--ledger", ledger, "--public-key", verifier, event, "--ids",
+                     "--no-color")  # fmt: skip
+        assert re.search(r"^\s*0\s+'[^']+'\s+piece\s+-?\d+\.\d{4}\s*$", listed.output, re.M)
+
+    def test_show_without_key_says_not_checked(self, chat: tuple[Path, str, list[str]]) -> None:
+        """With no verifier key at hand, show says inclusion was not checked."""
+        ledger, _, _ = chat
+        event = records_of(ledger)[0]["event_id"]
+        env = {"TOKENTRAIL_HOME": str(ledger.parent / "nokeys")}
+        result = CliRunner(env=env).invoke(CLI, ["show", "--ledger", str(ledger), event])
+        assert "not checked: no verifier key" in result.output
+
+    def test_unknown_event(self, chat: tuple[Path, str, list[str]]) -> None:
+        """An unknown event id is one error line, exit 2."""
+        ledger, verifier, _ = chat
+        result = run("show", "--ledger", ledger, "--public-key", verifier, "nope")
+        assert result.exit_code == 2
+        assert "tokentrail: error: no record with event_id nope" in result.output
+
+
+# ---------------------------------------------------------------------- export
+
+
+def _export(lg: Ledgers, out: Path, *args: str) -> Result:
+    result = run("export", "--ledger", lg.root, "--public-key", lg.pub, "--key", lg.key,
+                 "--out", out, *args)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _verify(path: Path, *args: str | Path) -> Result:
+    return run("verify-export", path, *args)
+
+
+@pytest.fixture(scope="module")
+def user7(big: Ledgers, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """user-7's JSONL export of the big ledger."""
+    out = tmp_path_factory.mktemp("exports") / "user-7"
+    started = time.perf_counter()
+    _export(big, out, "--user", "user-7")
+    print(f"\nexported user-7 of {BIG} records in {time.perf_counter() - started:.2f} s")
+    return out
+
+
+def _fresh(src: Path, tmp: Path) -> Path:
+    dst = tmp / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+class TestExport:
+    """DSAR packages: complete, exact, and failing loudly when touched."""
+
+    def test_exactly_the_subjects_records(self, big: Ledgers, user7: Path) -> None:
+        """The package holds every record of user-7 and nothing else."""
+        expected = {r["event_id"] for r in records_of(big.root) if r["user_id"] == "user-7"}
+        lines = (user7 / "records.jsonl").read_bytes().splitlines()
+        got = [orjson.loads(orjson.loads(line)["record"]) for line in lines]
+        assert len(expected) == BIG // USERS
+        assert expected == {r["event_id"] for r in got}
+        assert len(got) == len(expected)
+        assert {r["user_id"] for r in got} == {"user-7"}
+        assert sorted(p.name for p in user7.iterdir()) == [
+            "README.txt", "checkpoints", "manifest.json", "manifest.sig", "records.jsonl",
+            "verifier.pub",
+        ]  # fmt: skip
+        assert "tokentrail verify-export" in (user7 / "README.txt").read_text()
+
+    def test_accepted_pinned(self, big: Ledgers, user7: Path) -> None:
+        """verify-export accepts the package with the pinned key."""
+        result = _verify(user7, "--public-key", big.pub)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(
+            f"verify-export OK: {user7}: 2000 records of user user-7, each proven included in a"
+            " signed checkpoint; manifest signed"
+        )
+        assert "not pinned" not in result.output
+
+    def test_unpinned_says_so(self, user7: Path) -> None:
+        """Without --public-key the package's own key is used, and the output says so."""
+        result = _verify(user7)
+        assert result.exit_code == 0
+        assert "NOTE: verifier key taken from the package itself (not pinned)" in result.output
+
+    def test_wrong_pinned_key_fails(self, user7: Path, tmp_path: Path) -> None:
+        """A package signed by another key fails under the pinned key."""
+        other = Signer.generate("someone-else").verifier.to_text()
+        result = _verify(user7, "--public-key", other)
+        assert result.exit_code == 1
+        assert "no signature by a trusted key" in result.output
+
+    def test_each_line_is_a_proof_bundle(self, big: Ledgers, user7: Path) -> None:
+        """A records.jsonl line is a tokentrail.inclusion-proof/v1 bundle."""
+        from tokentrail._checkpoint import load_verifiers
+        from tokentrail._proof import check_bundle
+
+        line = (user7 / "records.jsonl").read_bytes().splitlines()[17]
+        rec = check_bundle(orjson.loads(line), load_verifiers([str(big.pub)]))
+        assert rec["user_id"] == "user-7"
+
+    @pytest.mark.parametrize("where", [0.1, 0.5, 0.93])
+    def test_one_byte_edit_names_the_record(self, user7: Path, tmp_path: Path,
+                                            where: float) -> None:  # fmt: skip
+        """Editing one byte inside a record's text fails, naming that record."""
+        pkg = _fresh(user7, tmp_path)
+        path = pkg / "records.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        n = int(len(lines) * where)
+        target = orjson.loads(orjson.loads(lines[n])["record"])
+        lines[n] = lines[n].replace(b"about invoices", b"about invoiceS", 1)
+        path.write_bytes(b"".join(lines))
+        result = _verify(pkg)
+        assert result.exit_code == 1
+        assert f"FAIL: record {target['event_id']} (log {target['log_id']}, seq" in result.output
+        assert "inclusion proof for leaf" in result.output
+
+    @pytest.mark.parametrize("name", ["README.txt", "checkpoints", "manifest.json", "proof"])
+    def test_one_byte_edit_elsewhere(self, user7: Path, tmp_path: Path, name: str) -> None:
+        """A byte edited in the README, a checkpoint, the manifest or a proof fails too."""
+        pkg = _fresh(user7, tmp_path)
+        if name == "proof":
+            path = pkg / "records.jsonl"
+            lines = path.read_bytes().splitlines(keepends=True)
+            bundle = orjson.loads(lines[3])
+            raw = bytearray(base64.b64decode(bundle["proof"][2]))
+            raw[0] ^= 1
+            bundle["proof"][2] = base64.b64encode(bytes(raw)).decode()
+            lines[3] = orjson.dumps(bundle) + b"\n"
+            path.write_bytes(b"".join(lines))
+            target = orjson.loads(bundle["record"])["event_id"]
+        else:
+            path = next(p for p in sorted(pkg.rglob("*")) if p.is_file() and
+                        p.relative_to(pkg).as_posix().startswith(name))  # fmt: skip
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+            target = None
+        result = _verify(pkg)
+        assert result.exit_code == 1, result.output
+        if target:
+            assert f"FAIL: record {target}" in result.output
+
+    def test_dropped_record_is_named(self, user7: Path, tmp_path: Path) -> None:
+        """Dropping a record from the data file fails, naming the missing record."""
+        pkg = _fresh(user7, tmp_path)
+        path = pkg / "records.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        dropped = orjson.loads(orjson.loads(lines.pop(1234))["record"])
+        path.write_bytes(b"".join(lines))
+        result = _verify(pkg)
+        assert result.exit_code == 1
+        assert (
+            f"FAIL: record {dropped['event_id']} (log {dropped['log_id']}, seq {dropped['seq']})"
+            " is listed in the manifest but missing from records.jsonl"
+        ) in result.output
+
+    def test_dropped_record_and_manifest_entry(self, user7: Path, tmp_path: Path) -> None:
+        """Dropping it from the manifest too breaks the manifest's signature."""
+        pkg = _fresh(user7, tmp_path)
+        path = pkg / "records.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        dropped = orjson.loads(orjson.loads(lines.pop(5))["record"])
+        path.write_bytes(b"".join(lines))
+        manifest = orjson.loads((pkg / "manifest.json").read_bytes())
+        manifest["records"] = [r for r in manifest["records"]
+                               if r["event_id"] != dropped["event_id"]]  # fmt: skip
+        manifest["record_count"] -= 1
+        (pkg / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        result = _verify(pkg)
+        assert result.exit_code == 1
+        assert "manifest.sig does not vouch for manifest.json" in result.output
+
+    def test_swapped_in_record_is_named(self, big: Ledgers, user7: Path, tmp_path: Path) -> None:
+        """Another user's genuine, proven record swapped in fails, naming both records."""
+        other = tmp_path / "user-8"
+        _export(big, other, "--user", "user-8")
+        pkg = _fresh(user7, tmp_path)
+        path = pkg / "records.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        theirs = (other / "records.jsonl").read_bytes().splitlines(keepends=True)[10]
+        ours = orjson.loads(orjson.loads(lines[10])["record"])
+        intruder = orjson.loads(orjson.loads(theirs)["record"])
+        lines[10] = theirs
+        path.write_bytes(b"".join(lines))
+        result = _verify(pkg)
+        assert result.exit_code == 1
+        assert (
+            f"FAIL: record {intruder['event_id']} (log {intruder['log_id']}, seq"
+            f" {intruder['seq']}): belongs to user 'user-8', not the subject 'user-7'"
+        ) in result.output
+        assert f"FAIL: record {ours['event_id']}" in result.output
+
+    def test_csv_readable_cell_edit(self, small: Ledgers, tmp_path: Path) -> None:
+        """CSV: editing a readable column (not the proven record) is caught and named."""
+        out = tmp_path / "u3"
+        _export(small, out, "--user", "user-3", "--format", "csv")
+        assert _verify(out).exit_code == 0
+        rows = list(csv.reader(io.StringIO((out / "records.csv").read_text(), newline="")))
+        assert rows[0][:3] == ["event_id", "timestamp", "session_id"]
+        data = (out / "records.csv").read_bytes()
+        victim = rows[4][0]
+        text = rows[4][6]
+        (out / "records.csv").write_bytes(data.replace(f",{text},".encode(), b",nothing,", 1))
+        result = _verify(out)
+        assert result.exit_code == 1
+        assert f"records.csv differs from what its proven records render to, at record {victim}" \
+            in result.output  # fmt: skip
+
+    def test_zip_and_range(self, small: Ledgers, tmp_path: Path) -> None:
+        """A .zip package with --since/--until holds only the range and verifies."""
+        recs = sorted((r for r in records_of(small.root) if r["user_id"] == "user-2"),
+                      key=lambda r: r["timestamp"])  # fmt: skip
+        out = tmp_path / "u2.zip"
+        _export(small, out, "--user", "user-2", "--since", recs[3]["timestamp"], "--until",
+                recs[9]["timestamp"])  # fmt: skip
+        with zipfile.ZipFile(out) as zf:
+            lines = zf.read("records.jsonl").splitlines()
+        got = [orjson.loads(orjson.loads(line)["record"])["event_id"] for line in lines]
+        assert [r["event_id"] for r in recs[3:9]] == got
+        assert _verify(out, "--public-key", small.pub).exit_code == 0
+
+    def test_unsealed_records_refused(self, tmp_path: Path) -> None:
+        """A subject record not yet under a checkpoint is refused with advice, exit 2."""
+        signer, _key, pub = _keys(tmp_path)
+        root = tmp_path / "ledger"
+        ledger = Ledger.open(LedgerConfig(root, "live", signer))
+        try:
+            ledger.append(small_exchange(1))
+            result = run("export", "--ledger", root, "--public-key", pub, "--no-sign",
+                         "--user", "user-1", "--out", tmp_path / "x")  # fmt: skip
+        finally:
+            ledger.close()
+        assert result.exit_code == 2
+        assert "not covered by a signed checkpoint yet" in result.output
+
+
+# ---------------------------------------------------------------------- HTML in Chromium
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class TestHtml:
+    """The HTML export is one self-contained page a person can read."""
+
+    def test_self_contained_and_verifiable(self, small: Ledgers, tmp_path: Path) -> None:
+        """No external resources; records.html alone verifies; an edited word is named."""
+        out = tmp_path / "html"
+        _export(small, out, "--user", "user-4", "--format", "html")
+        page = (out / "records.html").read_bytes()
+        assert not re.search(rb"(src|href)=\"?(https?:)?//", page)
+        assert _verify(out / "records.html", "--public-key", small.pub).exit_code == 0
+        victim = next(r for r in records_of(small.root) if r["user_id"] == "user-4")
+        edited = page.replace(f"<pre>{victim['output_text']}</pre>".encode(),
+                              b"<pre>something else</pre>", 1)  # fmt: skip
+        assert edited != page
+        (out / "records.html").write_bytes(edited)
+        result = _verify(out)
+        assert result.exit_code == 1
+        assert f"at record {victim['event_id']}" in result.output
+
+    @pytest.mark.skipif(
+        _chromium() is None,
+        reason="chromium is not installed (apt-get install -y chromium); the HTML export is"
+        " checked in a real browser only where it is",
+    )
+    def test_visible_text_in_chromium(self, small: Ledgers, tmp_path: Path) -> None:
+        """Headless Chromium renders the page; the visible text shows the exchanges."""
+        out = tmp_path / "html"
+        _export(small, out, "--user", "user-4", "--format", "html")
+        browser = _chromium()
+        assert browser is not None
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--no-first-run", "--disable-sync",
+             "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+             "--dump-dom", (out / "records.html").as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        dom = proc.stdout
+        text = re.sub(r"<script[^>]*>.*?</script>|<style>.*?</style>", "", dom, flags=re.S)
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+        mine = [r for r in records_of(small.root) if r["user_id"] == "user-4"]
+        assert "Your records of conversations with an AI model" in text
+        assert f"every recorded exchange between user-4 and the AI model service: {len(mine)}" \
+            " exchanges" in text  # fmt: skip
+        assert f"Exchange {len(mine)} " in text
+        for rec in mine:
+            assert f"user: {rec['input_text']}" in text or f"input: {rec['input_text']}" in text
+            assert rec["output_text"] in text
+        assert "Proven part of the signed audit log" in text
+        assert "The operator signed the list of records as complete." in text
+
+
+def test_commands_have_examples() -> None:
+    """Every audit command's help carries an example."""
+    for command in CLI.commands.values():
+        assert isinstance(command, click.Command)
+        assert "Example" in (command.help or ""), command.name
