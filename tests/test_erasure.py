@@ -141,3 +141,33 @@ def test_forget_through_the_proxy(tmp_path: Path) -> None:
         str(o.content["input_text"]) for o in bob if o.content
     )
     assert b"alice-private-prompt" not in every_byte_under(proxy.ledger, keystore)
+
+
+def test_show_opens_sealed_content_and_states_erasure(tmp_path: Path) -> None:
+    """``show --keystore`` reads sealed content, and says when a forgotten subject's went."""
+    from click.testing import CliRunner
+
+    from tokentrail import Ledger, LedgerConfig, Signer
+    from tokentrail._cli import main
+
+    keystore, ledger = tmp_path / "keys", tmp_path / "ledger"
+    config = LedgerConfig(
+        ledger, "sdk", Signer.generate("t"), sealer=Sealer(FileKeyStore(keystore))
+    )
+    with Ledger.open(config) as writer:
+        ids = {
+            user: writer.append(
+                Exchange(model="m", api="sdk", stop_reason="stop", user_id=user,
+                         input_text=f"{user} asks something private", output_text="reply")
+            ).event_id
+            for user in ("alice", "bob")
+        }  # fmt: skip
+    forget(FileKeyStore(keystore), "alice", ledger)
+    runner = CliRunner()
+    common = ["--ledger", str(ledger), "--keystore", str(keystore), "--no-color"]
+    bob = runner.invoke(main, ["show", ids["bob"], *common])
+    alice = runner.invoke(main, ["show", ids["alice"], *common])
+    assert 0 == bob.exit_code, bob.output
+    assert "bob asks something private" in bob.output
+    assert "content erased" in alice.output
+    assert "alice asks" not in alice.output

@@ -8,6 +8,7 @@ found (a mismatching leaf, a failing package), 2 could not run.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._checkpoint import Signer, Verifier
+from .._erasure import FileKeyStore, open_record
 from .._errors import ConfigError, StoreError
 from .._options import (
     EXIT_INVALID,
@@ -226,14 +228,43 @@ def _checked_event(ledger: Path, index: Index, event_id: str) -> Checked:
     return checked
 
 
+KEYSTORE_OPTION = click.option(
+    "--keystore",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="TOKENTRAIL_KEYSTORE",
+    help="Key store to open sealed content with (writers run with --keystore).",
+)
+
+
+def _opened(checked: Checked, keystore: Path | None) -> Checked:
+    """``checked`` with sealed content opened for display, or marked as erased."""
+    record = checked.record
+    if record is None or not record.get("content_sealed"):
+        return checked
+    if keystore is None:
+        note = "[sealed content: pass --keystore to open it]"
+        return replace(checked, record={**record, "input_text": note, "output_text": note})
+    opened = open_record(record, FileKeyStore(keystore))
+    if opened.content is None:
+        note = f"[content erased: the subject's key was destroyed at {opened.erased_at}]"
+        return replace(checked, record={**record, "input_text": note, "output_text": note})
+    return replace(checked, record={**record, **opened.content})
+
+
 @click.command("show")
 @LEDGER_OPTION
 @PUBLIC_KEY_OPTION
 @click.argument("event_id")
 @click.option("--ids", is_flag=True, help="List every token with its position, id or bytes.")
 @COLOR_OPTION
+@KEYSTORE_OPTION
 def show_command(
-    ledger: Path, public_keys: tuple[str, ...], event_id: str, ids: bool, color: bool | None
+    ledger: Path,
+    public_keys: tuple[str, ...],
+    event_id: str,
+    ids: bool,
+    color: bool | None,
+    keystore: Path | None,
 ) -> None:
     """Show one exchange: metadata, tokens, timing, and whether it is proven in the log.
 
@@ -251,6 +282,7 @@ def show_command(
         checked = _checked_event(ledger, index, event_id)
         inclusion = prove_included(ledger, index, checked, verifiers)
     console = _console(color)
+    checked = _opened(checked, keystore)
     print_all(console, render_show(checked, inclusion, color=console.is_terminal and
                                    not console.no_color, ids=ids))  # fmt: skip
     if not checked.ok:
@@ -261,7 +293,10 @@ def show_command(
 @LEDGER_OPTION
 @click.argument("session_id")
 @COLOR_OPTION
-def session_command(ledger: Path, session_id: str, color: bool | None) -> None:
+@KEYSTORE_OPTION
+def session_command(
+    ledger: Path, session_id: str, color: bool | None, keystore: Path | None
+) -> None:
     """Show a conversation turn by turn, with what the model saw at each turn.
 
     Each turn lists the messages (or prompt) the model was sent — '+' marks those new since
@@ -275,7 +310,7 @@ def session_command(ledger: Path, session_id: str, color: bool | None) -> None:
     with _open_index(ledger) as index:
         result = search(ledger, index, Filters(session=session_id), None)
     turns = sorted(
-        result.hits + result.problems,
+        (_opened(c, keystore) for c in result.hits + result.problems),
         key=lambda c: (c.row.ts or 0, c.row.log_id, c.row.seq),
     )
     if not turns:
