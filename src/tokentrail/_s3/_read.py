@@ -1,0 +1,635 @@
+"""Reading a store back from S3: mirror it, verify it, count it, prove from it (SPEC section 4).
+
+:func:`mirror_s3` lists every version under the prefix (``ListObjectVersions``, page by page)
+and downloads, in a thread pool and streamed to disk, the newest live version of every key into
+the *local* layout, where :func:`tokentrail._verify.verify_local` does the hash, chain, Merkle
+and checkpoint work. What only S3 can show is reported by the mirror itself, each finding
+naming its key:
+
+* a key with more than one version (an overwrite; the first version is the original), and a
+  delete marker (a deleted object: its last version is still verified);
+* an object without Object Lock retention, with a mode weaker than configured, or retained for
+  less than the configured days from its upload;
+* a segment whose key range ``<first>-<last>`` disagrees with its content, an object whose
+  content does not match the SHA-256 it was written with, and a per-record object whose key does
+  not match its record.
+
+Per-record objects are regrouped per log in ``seq`` order (an index of ``(seq, offset)`` per
+record stays in memory; record bodies are staged on disk). Objects are read with
+``GetObject`` — whose response carries ``x-amz-object-lock-mode`` and
+``x-amz-object-lock-retain-until-date`` — instead of ``GetObjectRetention``, which moto 5.2 does
+not implement and which would double the requests.
+
+References: Amazon S3 API Reference, ListObjectVersions, GetObject, ListObjectsV2;
+Amazon S3 User Guide, "Working with delete markers", "Locking objects with Object Lock".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .._errors import ConfigError, StoreError
+from .._layout import checkpoint_name, iter_lines, list_logs
+from .._proof import build_bundle
+from .._verify import Finding, LogReport, Report, VerifyOptions, verify_local
+from ._bucket import Retention
+from ._client import ClientOptions, S3Client, S3Url, as_url, make_client, map_error
+from ._keys import (
+    CheckpointKey,
+    Layout,
+    RecordKey,
+    SegmentKey,
+    is_ours,
+    parse_key,
+)
+from ._shipper import META_SHA256
+
+_READ_CHUNK = 1 << 20
+#: How much shorter than "upload time + days" a retain-until date may be (clock skew).
+RETENTION_SLACK = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    key: str
+    version_id: str | None
+    last_modified: datetime | None
+
+
+@dataclass
+class MirrorResult:
+    """What a mirror wrote and found."""
+
+    findings: list[Finding] = field(default_factory=list)
+    #: mirrored local path -> ``s3://bucket/key``
+    locations: dict[str, str] = field(default_factory=dict)
+    #: ``(log_id, seq)`` -> ``s3://bucket/key`` of per-record objects
+    record_keys: dict[tuple[str, int], str] = field(default_factory=dict)
+    objects: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class _Staged:
+    seq: int
+    date: str
+    offset: int
+    length: int
+    uri: str
+
+
+class _Mirror:
+    """One mirror run; see the module docstring."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        url: S3Url,
+        dest: Path,
+        retention: Retention | None,
+        workers: int,
+        log_ids: set[str] | None,
+    ) -> None:
+        self.client = client
+        self.url = url
+        self.dest = dest
+        self.retention = retention
+        self.workers = workers
+        self.log_ids = log_ids
+        self.result = MirrorResult()
+        self._lock = threading.Lock()
+        self._staging: IO[bytes] = tempfile.TemporaryFile(prefix="tokentrail-records-")  # noqa: SIM115
+        self._staged: dict[str, list[_Staged]] = {}
+        self._claimed: dict[str, str] = {}
+        self._ranges: dict[str, list[tuple[int, int]]] = {}
+
+    # ------------------------------------------------------------------ findings
+
+    def finding(self, message: str, key: str, **where: Any) -> None:
+        with self._lock:
+            self.result.findings.append(
+                Finding("finding", message, location=self.url.uri(key), **where)
+            )
+
+    def warning(self, message: str, key: str, **where: Any) -> None:
+        with self._lock:
+            self.result.findings.append(
+                Finding("warning", message, location=self.url.uri(key), **where)
+            )
+
+    # ------------------------------------------------------------------ listing
+
+    def _pages(self) -> Iterator[dict[str, Any]]:
+        prefix = self.url.key("") if self.url.prefix else ""
+        paginator = self.client.get_paginator("list_object_versions")
+        try:
+            yield from paginator.paginate(Bucket=self.url.bucket, Prefix=prefix)
+        except Exception as exc:
+            raise map_error(exc, f"ListObjectVersions {self.url}") from exc
+
+    def _keys(self) -> Iterator[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]]:
+        """``(key, versions, delete markers)`` per key, in key order, across pages."""
+        current: str | None = None
+        versions: list[dict[str, Any]] = []
+        markers: list[dict[str, Any]] = []
+        for page in self._pages():
+            entries = [(v["Key"], False, v) for v in page.get("Versions", [])]
+            entries += [(m["Key"], True, m) for m in page.get("DeleteMarkers", [])]
+            entries.sort(key=lambda e: e[0])  # stable: keeps each list's newest-first order
+            for key, is_marker, entry in entries:
+                if key != current:
+                    if current is not None:
+                        yield current, versions, markers
+                    current, versions, markers = key, [], []
+                (markers if is_marker else versions).append(entry)
+        if current is not None:
+            yield current, versions, markers
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> MirrorResult:
+        in_flight: set[concurrent.futures.Future[None]] = set()
+        limit = self.workers * 4
+        with concurrent.futures.ThreadPoolExecutor(self.workers, "tokentrail-s3-get") as pool:
+            try:
+                for key, versions, markers in self._keys():
+                    if not is_ours(self.url, key):
+                        continue
+                    version = self._triage(key, versions, markers)
+                    if version is None:
+                        continue
+                    if len(in_flight) >= limit:
+                        done, in_flight = concurrent.futures.wait(
+                            in_flight, return_when=concurrent.futures.FIRST_COMPLETED
+                        )
+                        for fut in done:
+                            fut.result()
+                    in_flight.add(pool.submit(self._fetch, version))
+                for fut in concurrent.futures.as_completed(in_flight):
+                    fut.result()
+            finally:
+                for fut in in_flight:
+                    fut.cancel()
+        self._write_staged()
+        self._staging.close()
+        self._check_gaps()
+        return self.result
+
+    def _check_gaps(self) -> None:
+        """Batched: seq ranges no segment key covers (a deleted object leaves no marker)."""
+        for log_id, ranges in sorted(self._ranges.items()):
+            expected = 0
+            for first, last in sorted(ranges):
+                if first > expected:
+                    self.finding(
+                        f"no segment object holds seqs {expected}-{first - 1} (deleted objects?)",
+                        self.url.key("logs", log_id, "segments"),
+                        log_id=log_id,
+                        seq=expected,
+                    )
+                expected = max(expected, last + 1)
+
+    def _triage(
+        self, key: str, versions: list[dict[str, Any]], markers: list[dict[str, Any]]
+    ) -> _Version | None:
+        """Report version-level findings; return the version to mirror (newest live one)."""
+        parsed = parse_key(self.url, key)
+        where: dict[str, Any] = {}
+        if isinstance(parsed, SegmentKey | CheckpointKey):
+            if self.log_ids is not None and parsed.log_id not in self.log_ids:
+                return None
+            where["log_id"] = parsed.log_id
+            where["seq"] = parsed.first if isinstance(parsed, SegmentKey) else None
+        elif isinstance(parsed, RecordKey):
+            where["event_id"] = parsed.event_id
+        if parsed is None:
+            self.finding("unexpected object in the tokentrail layout", key)
+        if len(versions) > 1:
+            self.finding(
+                f"object has {len(versions)} versions (overwritten; tokentrail writes each key"
+                " once, so every version after the first is a change)",
+                key,
+                **where,
+            )
+        for marker in markers:
+            self.finding(
+                f"object deleted (delete marker {marker.get('VersionId')}); its last version is"
+                " verified below",
+                key,
+                **where,
+            )
+        if parsed is None or not versions:
+            return None
+        newest = next((v for v in versions if v.get("IsLatest")), versions[0])
+        if isinstance(parsed, SegmentKey):
+            self._ranges.setdefault(parsed.log_id, []).append((parsed.first, parsed.last))
+        return _Version(key, newest.get("VersionId"), newest.get("LastModified"))
+
+    # ------------------------------------------------------------------ one object
+
+    def _fetch(self, version: _Version) -> None:
+        parsed = parse_key(self.url, version.key)
+        params: dict[str, Any] = {"Bucket": self.url.bucket, "Key": version.key}
+        if version.version_id and version.version_id != "null":
+            params["VersionId"] = version.version_id
+        try:
+            response = self.client.get_object(**params)
+        except Exception as exc:
+            raise map_error(exc, f"GetObject {self.url.uri(version.key)}") from exc
+        body = response["Body"]
+        try:
+            if isinstance(parsed, SegmentKey):
+                self._segment(parsed, body, response, version)
+            elif isinstance(parsed, CheckpointKey):
+                self._checkpoint(parsed, body, response, version)
+            elif isinstance(parsed, RecordKey):
+                self._record(parsed, body, response, version)
+        finally:
+            body.close()
+
+    def _check_retention(
+        self, key: str, response: dict[str, Any], version: _Version, where: dict[str, Any]
+    ) -> None:
+        if self.retention is None:
+            return
+        mode = response.get("ObjectLockMode")
+        until = response.get("ObjectLockRetainUntilDate")
+        if mode is None or until is None:
+            self.finding("object has no Object Lock retention", key, **where)
+            return
+        if self.retention.mode == "COMPLIANCE" and mode != "COMPLIANCE":
+            self.finding(f"object is locked in {mode} mode, not COMPLIANCE", key, **where)
+        written = version.last_modified or response.get("LastModified")
+        if isinstance(written, datetime) and isinstance(until, datetime):
+            wanted = written + timedelta(days=self.retention.days)
+            if until < wanted - RETENTION_SLACK:
+                self.finding(
+                    f"object retention ends {until.astimezone(UTC):%Y-%m-%d}, earlier than the"
+                    f" {self.retention.days} days configured ({wanted.astimezone(UTC):%Y-%m-%d})",
+                    key,
+                    **where,
+                )
+
+    def _check_sha(
+        self, key: str, response: dict[str, Any], digest: str, where: dict[str, Any]
+    ) -> None:
+        claimed = response.get("Metadata", {}).get(META_SHA256)
+        if claimed is None:
+            self.warning(
+                "object was not written by a tokentrail shipper (no sha256 metadata)", key, **where
+            )
+        elif claimed != digest:
+            self.finding(
+                "object content does not match the SHA-256 it was written with", key, **where
+            )
+
+    def _claim(self, path: Path, uri: str) -> bool:
+        """Two objects that map to one local file: keep the first, report the second."""
+        with self._lock:
+            other = self._claimed.get(str(path))
+            if other is None:
+                self._claimed[str(path)] = uri
+                self.result.locations[str(path)] = uri
+                return True
+        return False
+
+    def _download(self, body: Any, path: Path, version: _Version) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = 0
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with tmp.open("wb") as fh:
+                for chunk in body.iter_chunks(_READ_CHUNK):
+                    fh.write(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            raise StoreError(f"cannot write {tmp}: {exc.strerror}") from exc
+        except Exception as exc:
+            raise map_error(exc, f"GetObject {self.url.uri(version.key)}") from exc
+        os.replace(tmp, path)
+        if version.last_modified is not None:
+            stamp = version.last_modified.timestamp()
+            with contextlib.suppress(OSError):
+                os.utime(path, (stamp, stamp))
+        with self._lock:
+            self.result.objects += 1
+            self.result.bytes += size
+        return size
+
+    def _segment(
+        self, sk: SegmentKey, body: Any, response: dict[str, Any], version: _Version
+    ) -> None:
+        where: dict[str, Any] = {"log_id": sk.log_id, "seq": sk.first}
+        path = self.dest / "logs" / sk.log_id / "segments" / sk.date / f"{sk.first:020d}.jsonl.zst"
+        uri = self.url.uri(sk.key)
+        if not self._claim(path, uri):
+            self.finding(
+                f"a second segment object starts at seq {sk.first} on {sk.date}"
+                f" ({self._claimed[str(path)]}); this one is not verified",
+                sk.key,
+                **where,
+            )
+            return
+        self._download(body, path, version)
+        self._check_retention(sk.key, response, version, where)
+        digest = hashlib.sha256()
+        count = 0
+        first = last = None
+        try:
+            for _, line, complete in iter_lines(path):
+                digest.update(line + (b"\n" if complete else b""))
+                seq = _seq(line)
+                if count == 0:
+                    first = seq
+                last = seq
+                count += 1
+        except StoreError as exc:
+            self.finding(f"segment object is unreadable: {exc}", sk.key, **where)
+            return
+        self._check_sha(sk.key, response, digest.hexdigest(), where)
+        if (first, last, count) != (sk.first, sk.last, sk.last - sk.first + 1):
+            self.finding(
+                f"segment key names seqs {sk.first}-{sk.last} ({sk.last - sk.first + 1} records)"
+                f" but the object holds {count} records, seqs {first}-{last}",
+                sk.key,
+                **where,
+            )
+
+    def _checkpoint(
+        self, ck: CheckpointKey, body: Any, response: dict[str, Any], version: _Version
+    ) -> None:
+        where: dict[str, Any] = {"log_id": ck.log_id}
+        path = self.dest / "logs" / ck.log_id / "checkpoints" / checkpoint_name(ck.size)
+        if not self._claim(path, self.url.uri(ck.key)):
+            return
+        self._download(body, path, version)
+        self._check_retention(ck.key, response, version, where)
+        self._check_sha(ck.key, response, hashlib.sha256(path.read_bytes()).hexdigest(), where)
+        (path.parent.parent / "segments").mkdir(parents=True, exist_ok=True)
+
+    def _record(
+        self, rk: RecordKey, body: Any, response: dict[str, Any], version: _Version
+    ) -> None:
+        where: dict[str, Any] = {"event_id": rk.event_id}
+        try:
+            leaf = body.read()
+        except Exception as exc:
+            raise map_error(exc, f"GetObject {self.url.uri(rk.key)}") from exc
+        with self._lock:
+            self.result.objects += 1
+            self.result.bytes += len(leaf)
+        try:
+            obj = orjson.loads(leaf)
+            log_id, seq = obj["log_id"], obj["seq"]
+            if not isinstance(log_id, str) or not isinstance(seq, int):
+                raise TypeError("log_id or seq of the wrong type")
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            self.finding(f"per-record object is not a tokentrail record ({exc})", rk.key, **where)
+            return
+        if self.log_ids is not None and log_id not in self.log_ids:
+            return
+        where.update(log_id=log_id, seq=seq)
+        self._check_retention(rk.key, response, version, where)
+        self._check_sha(rk.key, response, hashlib.sha256(leaf).hexdigest(), where)
+        timestamp = obj.get("timestamp")
+        date = str(timestamp)[:10] if isinstance(timestamp, str) else rk.date
+        if obj.get("event_id") != rk.event_id or date != rk.date:
+            self.finding(
+                f"object key does not match its record (event_id {obj.get('event_id')!r},"
+                f" timestamp {timestamp!r})",
+                rk.key,
+                **where,
+            )
+        uri = self.url.uri(rk.key)
+        with self._lock:
+            offset = self._staging.seek(0, os.SEEK_END)
+            self._staging.write(leaf + b"\n")
+            self._staged.setdefault(log_id, []).append(
+                _Staged(seq, date, offset, len(leaf) + 1, uri)
+            )
+            self.result.record_keys.setdefault((log_id, seq), uri)
+
+    def _write_staged(self) -> None:
+        """Write per-record objects as local segments, in seq order, one per UTC date."""
+        for log_id, entries in self._staged.items():
+            entries.sort(key=lambda e: (e.seq, e.uri))
+            seg_root = self.dest / "logs" / log_id / "segments"
+            (self.dest / "logs" / log_id / "checkpoints").mkdir(parents=True, exist_ok=True)
+            out: IO[bytes] | None = None
+            date = ""
+            try:
+                for entry in entries:
+                    if out is None or entry.date > date:
+                        if out is not None:
+                            out.close()
+                        date = max(date, entry.date)
+                        folder = seg_root / date
+                        folder.mkdir(parents=True, exist_ok=True)
+                        path = folder / f"{entry.seq:020d}.jsonl"
+                        out = path.open("ab")
+                    self._staging.seek(entry.offset)
+                    out.write(self._staging.read(entry.length))
+            finally:
+                if out is not None:
+                    out.close()
+        self._staged.clear()
+
+
+def _seq(line: bytes) -> int | None:
+    try:
+        seq = orjson.loads(line).get("seq")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def _client(client: S3Client | None, options: ClientOptions | None) -> S3Client:
+    return client if client is not None else make_client(options)
+
+
+def mirror_store(
+    url: str | S3Url,
+    dest_root: Path,
+    *,
+    client: S3Client | None = None,
+    client_options: ClientOptions | None = None,
+    retention: Retention | None = None,
+    check_retention: bool = True,
+    workers: int = 16,
+    log_ids: set[str] | None = None,
+) -> MirrorResult:
+    """Download the store into the local layout under ``dest_root``; see the module docstring.
+
+    ``retention`` is what every object must have (default GOVERNANCE, 2555 days).
+    """
+    url = as_url(url)
+    mirror = _Mirror(
+        _client(client, client_options),
+        url,
+        dest_root,
+        (retention or Retention()) if check_retention else None,
+        workers,
+        log_ids,
+    )
+    return mirror.run()
+
+
+def mirror_s3(
+    url: str | S3Url,
+    dest_root: Path,
+    **options: Any,
+) -> list[Finding]:
+    """Mirror the store into ``dest_root`` and return the S3-level findings."""
+    return mirror_store(url, dest_root, **options).findings
+
+
+def _relocate(finding: Finding, result: MirrorResult, tmp: Path, url: S3Url) -> Finding:
+    """Name the S3 object instead of the temporary file: the mirrored object itself, else
+    (per-record) the record's object, else the key under the same relative path."""
+    location = finding.location
+    if location is not None and location in result.locations:
+        return dataclasses.replace(finding, location=result.locations[location])
+    if finding.log_id is not None and finding.seq is not None:
+        uri = result.record_keys.get((finding.log_id, finding.seq))
+        if uri is not None:
+            return dataclasses.replace(finding, location=uri)
+    if location is None:
+        return finding
+    with contextlib.suppress(ValueError):
+        rel = Path(location).relative_to(tmp)
+        return dataclasses.replace(finding, location=url.uri(url.key(*rel.parts)))
+    return finding
+
+
+def verify_s3(
+    url: str | S3Url,
+    options: VerifyOptions,
+    *,
+    client: S3Client | None = None,
+    client_options: ClientOptions | None = None,
+    retention: Retention | None = None,
+    workers: int = 16,
+) -> Report:
+    """Verify a store in S3: mirror it to a temporary folder, verify that, merge S3 findings.
+
+    Raises StoreError when the store cannot be read or holds nothing of tokentrail's.
+    """
+    url = as_url(url)
+    with tempfile.TemporaryDirectory(prefix="tokentrail-s3-") as tmp_name:
+        tmp = Path(tmp_name)
+        result = mirror_store(
+            url,
+            tmp,
+            client=client,
+            client_options=client_options,
+            retention=retention,
+            workers=workers,
+        )
+        has_logs = (tmp / "logs").is_dir() and bool(list_logs(tmp))
+        if has_logs:
+            local = verify_local(tmp, options)
+            logs = [
+                dataclasses.replace(
+                    lg, findings=[_relocate(f, result, tmp, url) for f in lg.findings]
+                )
+                for lg in local.logs
+            ]
+        elif result.findings:
+            logs = []
+        else:
+            raise StoreError(f"{url} holds no tokentrail objects (nothing shipped there yet?)")
+    by_log = {lg.log_id: lg for lg in logs}
+    for item in result.findings:
+        name = item.log_id or "(bucket)"
+        target = by_log.get(name)
+        if target is None:
+            target = by_log[name] = LogReport(name)
+            logs.append(target)
+        target.add(item)
+    return Report(str(url), logs)
+
+
+def count_s3(
+    url: str | S3Url,
+    day: str,
+    *,
+    layout: Layout | None = None,
+    client: S3Client | None = None,
+    client_options: ClientOptions | None = None,
+) -> int:
+    """Records appended on UTC ``day`` (YYYY-MM-DD): from keys alone, no object is read.
+
+    Batched: the sum of ``last - first + 1`` over that day's segment keys of every log;
+    per-record: the keys under ``audit/<day>/``. ``layout=None`` counts whichever is present.
+    """
+    url = as_url(url)
+    try:
+        datetime.strptime(day, "%Y-%m-%d")
+    except ValueError:
+        raise ConfigError(f"day {day!r} is not YYYY-MM-DD") from None
+    s3 = _client(client, client_options)
+    batched = per_record = 0
+    if layout in (None, "batched"):
+        for log_prefix in _common_prefixes(s3, url, url.key("logs", "")):
+            for key in _list_keys(s3, url, f"{log_prefix}segments/{day}/"):
+                parsed = parse_key(url, key)
+                if isinstance(parsed, SegmentKey):
+                    batched += parsed.last - parsed.first + 1
+    if layout in (None, "per-record"):
+        for key in _list_keys(s3, url, url.key("audit", day, "")):
+            if isinstance(parse_key(url, key), RecordKey):
+                per_record += 1
+    if layout is None and batched and per_record:
+        raise ConfigError(
+            f"{url} holds both layouts for {day} ({batched} batched, {per_record} per-record"
+            " records); say which to count"
+        )
+    return batched + per_record
+
+
+def _list_keys(client: S3Client, url: S3Url, prefix: str) -> Iterator[str]:
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=url.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
+    except Exception as exc:
+        raise map_error(exc, f"ListObjectsV2 {url.uri(prefix)}") from exc
+
+
+def _common_prefixes(client: S3Client, url: S3Url, prefix: str) -> Iterator[str]:
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=url.bucket, Prefix=prefix, Delimiter="/"):
+            for entry in page.get("CommonPrefixes", []):
+                yield entry["Prefix"]
+    except Exception as exc:
+        raise map_error(exc, f"ListObjectsV2 {url.uri(prefix)}") from exc
+
+
+def prove_s3(
+    url: str | S3Url,
+    event_id: str,
+    tree_size: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """An inclusion proof bundle for ``event_id``, built from a mirror of the store."""
+    with tempfile.TemporaryDirectory(prefix="tokentrail-s3-") as tmp_name:
+        tmp = Path(tmp_name)
+        mirror_store(url, tmp, check_retention=False, **options)
+        if not (tmp / "logs").is_dir():
+            raise StoreError(f"{as_url(url)} holds no tokentrail objects")
+        return build_bundle(tmp, event_id, tree_size)
