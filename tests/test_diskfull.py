@@ -72,8 +72,11 @@ def test_full_disk_refuses_then_recovers(
                 filler = fill(small_disk)
                 time.sleep(0.6)  # the free-space check runs twice a second
                 answers = [ask(client, proxy.url, path, stream=False) for _ in range(5)]
-                statuses = {a.status_code for a in answers}
-                assert {503} == statuses, [a.text for a in answers]
+                statuses = [a.status_code for a in answers]
+                # A write may still fit in a file's last partial page; what must never happen
+                # is a response without its record (checked below), and refusal must follow.
+                assert set(statuses) <= {200, 503} and 503 == statuses[-1], statuses
+                served_while_full = statuses.count(200)
                 error = answers[-1].json()["error"]
                 text = error if isinstance(error, str) else error["message"]
                 assert text.startswith("tokentrail:")
@@ -84,6 +87,6 @@ def test_full_disk_refuses_then_recovers(
         finally:
             proxy.stop()
     records = proxy.records()
-    # Only refused-before-upstream exchanges lack a record; nothing acknowledged was lost.
-    assert before + 2 <= len(records)
+    # Every 200 has its record; refused exchanges never reached the upstream.
+    assert before + served_while_full + 2 == len(records)
     assert 0 == proxy.verify(small_disk / "state").returncode

@@ -38,8 +38,33 @@ from ._options import (
 from ._paths import default_signing_key
 from ._proof import build_bundle, check_bundle
 from ._proxy import serve_command
+from ._s3._cli import cost_command, s3_group, ship_command
 from ._sim import sim_command
 from ._verify import VerifyOptions, default_state_dir, verify_local
+
+
+def s3_options(func: Any) -> Any:
+    """``--s3 s3://bucket/prefix`` (read the bucket instead of --ledger) and its client options."""
+    for option in reversed(
+        (
+            click.option(
+                "--s3",
+                "s3_url",
+                envvar="TOKENTRAIL_S3",
+                help="Read this bucket (s3://bucket/prefix) instead of --ledger.",
+            ),
+            click.option("--endpoint-url", envvar="TOKENTRAIL_S3_ENDPOINT", help="S3 endpoint."),
+            click.option("--region", envvar="AWS_REGION", help="S3 region."),
+        )
+    ):
+        func = option(func)
+    return func
+
+
+def _client_options(endpoint_url: str | None, region: str | None) -> Any:
+    from ._s3 import ClientOptions
+
+    return ClientOptions(endpoint_url=endpoint_url, region=region)
 
 
 class _Main(click.Group):
@@ -129,6 +154,21 @@ def keygen(name: str | None, out: Path | None) -> None:
     help="Seconds an unsealed record may be young before it is a finding.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+@s3_options
+@click.option(
+    "--retention-mode",
+    type=click.Choice(["GOVERNANCE", "COMPLIANCE"]),
+    default="GOVERNANCE",
+    show_default=True,
+    help="With --s3: the Object Lock mode every object must have.",
+)
+@click.option(
+    "--retention-days",
+    type=click.IntRange(min=1),
+    default=2555,
+    show_default=True,
+    help="With --s3: the least retention every object must have.",
+)
 def verify(
     ledger: Path,
     public_keys: tuple[str, ...],
@@ -140,6 +180,11 @@ def verify(
     require_sealed: bool,
     seal_grace: float,
     as_json: bool,
+    s3_url: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    retention_mode: str,
+    retention_days: int,
 ) -> None:
     """Verify a ledger: hashes, chain, checkpoints, and consistency with the last run.
 
@@ -167,7 +212,17 @@ def verify(
         state_dir=state_dir or default_state_dir(),
         now=now,
     )
-    report = verify_local(ledger, options)
+    if s3_url:
+        from ._s3 import Retention, verify_s3
+
+        report = verify_s3(
+            s3_url,
+            options,
+            client_options=_client_options(endpoint_url, region),
+            retention=Retention(retention_mode, retention_days),  # type: ignore[arg-type]
+        )
+    else:
+        report = verify_local(ledger, options)
     if as_json:
         click.echo(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -190,7 +245,15 @@ def verify(
     help="UTC day (YYYY-MM-DD or 'today') whose appended records to count.",
 )
 @click.option("--min", "minimum", type=int, default=None, help="Exit 1 if fewer records than this.")
-def count(ledger: Path, day: str, minimum: int | None) -> None:
+@s3_options
+def count(
+    ledger: Path,
+    day: str,
+    minimum: int | None,
+    s3_url: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+) -> None:
     """Count the records appended on one UTC day (the seed's verification step).
 
     \b
@@ -204,7 +267,11 @@ def count(ledger: Path, day: str, minimum: int | None) -> None:
     except ValueError:
         raise ConfigError(f"--date {day!r} is not YYYY-MM-DD or 'today'") from None
     total = 0
-    for log_id in list_logs(ledger):
+    if s3_url:
+        from ._s3 import count_s3
+
+        total = count_s3(s3_url, day, client_options=_client_options(endpoint_url, region))
+    for log_id in [] if s3_url else list_logs(ledger):
         for seg in list_log(ledger, log_id).segments:
             if seg.date == day:
                 total += read_bytes(seg.path).count(b"\n")
@@ -222,7 +289,16 @@ def count(ledger: Path, day: str, minimum: int | None) -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the proof bundle here [default: stdout].",
 )
-def prove(ledger: Path, event_id: str, tree_size: int | None, out: Path | None) -> None:
+@s3_options
+def prove(
+    ledger: Path,
+    event_id: str,
+    tree_size: int | None,
+    out: Path | None,
+    s3_url: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+) -> None:
     """Prove one record's inclusion in a signed checkpoint (RFC 9162 section 2.1.3).
 
     \b
@@ -230,7 +306,13 @@ def prove(ledger: Path, event_id: str, tree_size: int | None, out: Path | None) 
       tokentrail prove 0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e --out proof.json
       tokentrail verify-proof proof.json --public-key verifier.pub
     """
-    bundle = build_bundle(ledger, event_id, tree_size)
+    if s3_url:
+        from ._s3 import prove_s3
+
+        client = _client_options(endpoint_url, region)
+        bundle = prove_s3(s3_url, event_id, tree_size, client_options=client)
+    else:
+        bundle = build_bundle(ledger, event_id, tree_size)
     data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out is None:
         click.echo(data.decode(), nl=False)
@@ -323,6 +405,9 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
 
 
 main.add_command(sim_command, "sim")
+main.add_command(s3_group, "s3")
+main.add_command(ship_command, "ship")
+main.add_command(cost_command, "cost")
 main.add_command(serve_command, "serve")
 
 for _command in (

@@ -59,6 +59,7 @@ Durability = Literal["strict", "async"]
 OPEN_SEGMENT_FILE = "open-segment"
 #: Held (flock) by the one live writer of a log.
 LOCK_FILE = "writer.lock"
+LOCK_ATTEMPTS = 20
 #: Exchanges begun whose records are not yet on disk (see :meth:`LedgerWriter.begin`).
 JOURNAL_FILE = "inflight.jsonl"
 _JOURNAL_COMPACT_BYTES = 4 << 20
@@ -279,9 +280,15 @@ class LedgerWriter:
     def _take_lock(self) -> None:
         """Take the log's writer lock: two live writers would fork one log."""
         fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A shipper probes the lock for an instant (shared lock): wait that out, no longer.
+        for attempt in range(LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < LOCK_ATTEMPTS - 1:
+                    time.sleep(0.01)
+        else:
             os.close(fd)
             raise StoreError(
                 f"log {self.config.log_id} under {self.config.root} already has a live writer;"

@@ -69,6 +69,7 @@ class Proxy:
         self.url = ""
         self.metrics = Metrics()
         self.metrics_runner: web.AppRunner | None = None
+        self.shipper: Any = None
         self.metrics_url = ""
 
     async def start(self) -> str:
@@ -82,11 +83,17 @@ class Proxy:
                     signer=self.signer,
                     durability=self.config.durability,
                     seal_interval_s=self.config.seal_interval_s,
+                    # SPEC section 3: on S3, writers rotate every minute (one object a minute).
+                    rotate_interval_s=self.config.s3_rotate_s if self.config.s3_url else None,
                     sealer=None
                     if self.config.keystore is None
                     else Sealer(FileKeyStore(self.config.keystore)),
                 )
             )
+        if self.config.s3_url:
+            self.shipper = self._make_shipper()
+            await asyncio.to_thread(self.shipper.ship_once)  # checks the bucket's lock first
+            self.shipper.start(self.config.s3_interval_s)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
@@ -130,6 +137,25 @@ class Proxy:
         if self.ledger is not None and self._own_ledger:
             await self.ledger.close()
             self.ledger = None
+        if self.shipper is not None:  # after the ledger's final seal: ship it all
+            await asyncio.to_thread(self.shipper.stop)
+            self.shipper = None
+
+    def _make_shipper(self) -> Any:
+        from .._s3 import ClientOptions, Retention, S3Url, Shipper, ShipperConfig
+
+        config = self.config
+        assert config.s3_url is not None
+        return Shipper(
+            ShipperConfig(
+                root=config.ledger,
+                url=S3Url.parse(config.s3_url),
+                layout=config.s3_layout,
+                retention=Retention(config.s3_retention_mode, config.s3_retention_days),
+                client=ClientOptions(endpoint_url=config.s3_endpoint_url, attempts=1),
+                log_ids=(config.effective_log_id,),
+            )
+        )
 
     async def __aenter__(self) -> Proxy:
         await self.start()
@@ -347,6 +373,55 @@ Examples:
     help="Refuse new exchanges (503) while the ledger's filesystem has less free space.",
 )
 @click.option(
+    "--s3",
+    "s3_url",
+    default=None,
+    envvar="TOKENTRAIL_S3",
+    help="Also ship sealed segments and checkpoints to this bucket (s3://bucket/prefix),"
+    " Object Lock required; the local ledger stays the spool [default: off].",
+)
+@click.option("--s3-endpoint-url", default=None, envvar="TOKENTRAIL_S3_ENDPOINT")
+@click.option(
+    "--s3-layout",
+    type=click.Choice(["batched", "per-record"]),
+    default="batched",
+    show_default=True,
+    envvar="TOKENTRAIL_S3_LAYOUT",
+    help="batched: one zstd object per log per minute; per-record: the seed's audit/<day>/.",
+)
+@click.option(
+    "--s3-retention-mode",
+    type=click.Choice(["GOVERNANCE", "COMPLIANCE"]),
+    default="GOVERNANCE",
+    show_default=True,
+    envvar="TOKENTRAIL_S3_RETENTION_MODE",
+)
+@click.option(
+    "--s3-retention-days",
+    type=click.IntRange(min=1),
+    default=2555,
+    show_default=True,
+    envvar="TOKENTRAIL_S3_RETENTION_DAYS",
+)
+@click.option(
+    "--s3-rotate-seconds",
+    "s3_rotate_s",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    envvar="TOKENTRAIL_S3_ROTATE_SECONDS",
+    help="Close a segment (one S3 object) this often.",
+)
+@click.option(
+    "--s3-interval",
+    "s3_interval_s",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar="TOKENTRAIL_S3_INTERVAL",
+    help="Seconds between shipping passes.",
+)
+@click.option(
     "--verify-state",
     default=None,
     envvar="TOKENTRAIL_STATE",
@@ -404,6 +479,13 @@ def build_config(
         keystore=Path(options["keystore"]) if options.get("keystore") else None,
         fail_open=bool(options.get("fail_open", False)),
         verify_state=Path(options["verify_state"]) if options.get("verify_state") else None,
+        s3_url=options.get("s3_url"),
+        s3_endpoint_url=options.get("s3_endpoint_url"),
+        s3_layout=options.get("s3_layout", "batched"),
+        s3_retention_mode=options.get("s3_retention_mode", "GOVERNANCE"),
+        s3_retention_days=int(options.get("s3_retention_days", 2555)),
+        s3_rotate_s=float(options.get("s3_rotate_s", 60.0)),
+        s3_interval_s=float(options.get("s3_interval_s", 10.0)),
         min_free_bytes=int(options.get("min_free_bytes", 16 << 20)),
     )
 

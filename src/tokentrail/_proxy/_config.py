@@ -120,6 +120,13 @@ class ProxyConfig:
     shutdown_grace_s: float = 10.0
     metrics_listen: str | None = None
     keystore: Path | None = None  # set: content is sealed per subject (SPEC section 7)
+    s3_url: str | None = None  # ship sealed segments and checkpoints to this bucket/prefix
+    s3_endpoint_url: str | None = None
+    s3_layout: Literal["batched", "per-record"] = "batched"
+    s3_retention_mode: Literal["GOVERNANCE", "COMPLIANCE"] = "GOVERNANCE"
+    s3_retention_days: int = 2555
+    s3_interval_s: float = 10.0
+    s3_rotate_s: float = 60.0
     verify_state: Path | None = None  # where `tokentrail verify` notes its last run
     fail_open: bool = False  # relay even when the ledger cannot write (unsafe for compliance)
     min_free_bytes: int = 16 << 20  # refuse new exchanges below this much free ledger space
