@@ -213,6 +213,21 @@ class Signer:
             os.fsync(fh.fileno())
 
     @classmethod
+    def load_or_create(cls, path: Path, name: str | None = None) -> tuple[Signer, bool]:
+        """The key at ``path``; created there (0600, with ``verifier.pub`` beside it) if missing.
+
+        Returns the key and whether it was created.
+        """
+        if path.exists():
+            return cls.load(path), False
+        signer = cls.generate(name)
+        signer.save(path)
+        pub = path.with_name("verifier.pub")
+        if not pub.exists():
+            pub.write_text(signer.verifier.to_text() + "\n")
+        return signer, True
+
+    @classmethod
     def load(cls, path: Path) -> Signer:
         """Read a key file, refusing one that group or others can read."""
         try:

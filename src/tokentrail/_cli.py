@@ -24,7 +24,7 @@ from ._audit import (
     verify_export_command,
 )
 from ._checkpoint import Signer, propose_key_name
-from ._errors import ConfigError, TokentrailError, VerificationError
+from ._errors import ConfigError, KeyError_, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
 from ._options import (
     EXIT_CANNOT_RUN,
@@ -121,12 +121,11 @@ def keygen(name: str | None, out: Path | None) -> None:
     The verifier key is also written beside the private key as verifier.pub; publish it to
     auditors. The private key never goes inside a ledger.
     """
-    signer = Signer.generate(name or propose_key_name())
     key_path = out or default_signing_key()
-    signer.save(key_path)
+    if key_path.exists():
+        raise KeyError_(f"{key_path} already exists; refusing to overwrite a signing key")
+    signer, _ = Signer.load_or_create(key_path, name or propose_key_name())
     pub_path = key_path.with_name("verifier.pub")
-    if not pub_path.exists():
-        pub_path.write_text(signer.verifier.to_text() + "\n")
     click.echo(f"wrote signing key {key_path} (mode 0600) and {pub_path}", err=True)
     click.echo(signer.verifier.to_text())
 

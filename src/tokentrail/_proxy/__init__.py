@@ -46,12 +46,8 @@ from ._server import ProxyApp
 
 
 def load_or_create_key(path: Path) -> tuple[Signer, bool]:
-    """The signing key at ``path``, generated there (mode 0600) when missing; True if new."""
-    if path.exists():
-        return Signer.load(path), False
-    signer = Signer.generate()
-    signer.save(path)
-    return signer, True
+    """The signing key at ``path``, generated there (with verifier.pub) when missing."""
+    return Signer.load_or_create(path)
 
 
 class Proxy:
