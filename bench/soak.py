@@ -177,7 +177,7 @@ def main() -> None:
     lat = r["latencies"]
     print(
         f"soak: {args.minutes:g} min at {args.rate:g}/s (mixed streamed/non-streamed, chat and"
-        " and OpenAI dialects), strict durability"
+        " completions, OpenAI dialect), strict durability"
     )
     print(
         "| sent | ok | failed | records | duplicates | throughput/s | p50 ms | p99 ms |"
