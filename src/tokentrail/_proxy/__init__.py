@@ -203,8 +203,13 @@ async def serve(config: ProxyConfig, *, announce: bool = True) -> None:
 
 
 def run(config: ProxyConfig) -> None:
-    """Blocking :func:`serve`, for the CLI."""
-    asyncio.run(serve(config))
+    """Blocking :func:`serve`, for the CLI: on uvloop when it is installed (less CPU a request)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
 
 
 # -- the click command --------------------------------------------------------------------------
