@@ -693,11 +693,6 @@ class ProxyApp:
         )
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 def _inflater(encoding: str) -> Any:
     if encoding in ("gzip", "x-gzip", "deflate"):
         d = zlib.decompressobj(47)  # zlib or gzip header, detected
