@@ -315,12 +315,6 @@ class TestParsers:
         text, names = open_note(GOOD_NOTE, [VERIFIER])
         assert (GOOD_BODY, [SIGNER.name]) == (text, names)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: Checkpoint.from_text checks the size with str.isdigit(), which accepts "
-        "non-ASCII digits: '²' then makes int() raise ValueError (not VerificationError), "
-        "and '١٢' (Arabic-Indic) is accepted as size 12",
-    )
     @pytest.mark.parametrize("size", ["²", "١٢", "𝟙"])
     def test_checkpoint_size_non_ascii_digits(self, size: str) -> None:
         """A tree size in non-ASCII digits is malformed: VerificationError."""
@@ -328,11 +322,6 @@ class TestParsers:
         with pytest.raises(VerificationError):
             Checkpoint.from_text(f"origin\n{size}\n{root}\n".encode())
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG (low): split_note accepts non-canonical base64 in a signature line (unused "
-        "low bits of the last character set), so a byte-mutated checkpoint file still verifies",
-    )
     def test_note_signature_base64_is_canonical(self) -> None:
         """A signature line whose base64 has non-zero padding bits is malformed."""
         head, _, sig = GOOD_NOTE.rstrip(b"\n").rpartition(b" ")
@@ -427,7 +416,7 @@ def test_proxy_fuzz_ci(tmp_path: Path) -> None:
     result.check(rss_growth_mib=fuzz_proxy.RSS_BOUND_MIB)
 
 
-# -- known proxy bugs the fuzz found (each a strict xfail until fixed) -------------------------
+# -- proxy bugs the fuzz found, fixed: kept as regression tests ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -460,11 +449,6 @@ def _clear_error(path: str, response: Any) -> bool:
 class TestProxyKnownBugs:
     """Inputs the fuzz found that the proxy mishandles (see bench/fuzz_proxy.py KNOWN_BUGS)."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: a request body nested deeper than orjson's 1024 levels falls back to "
-        "json.loads, whose RecursionError is not caught: 500 text/plain, not a dialect 400",
-    )
     @pytest.mark.parametrize("path", ["/api/generate", "/v1/chat/completions"])
     def test_deeply_nested_request(self, hostile: tuple[Any, Any], path: str) -> None:
         """100,000 nested arrays in the body: 400 with a JSON error in the dialect."""
@@ -475,12 +459,6 @@ class TestProxyKnownBugs:
         r = httpx.post(proxy.url + path, content=body, timeout=30)
         assert (400, True) == (r.status_code, _clear_error(path, r))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: when orjson refuses a body (NaN, 1e400, a lone surrogate) the stdlib "
-        "fallback keeps integers past 64 bits, which the record encoder then refuses "
-        "(ConfigError from content_bytes in ledger.begin): 500 text/plain",
-    )
     def test_big_integer_after_fallback(self, hostile: tuple[Any, Any]) -> None:
         """{"x": NaN, "seed": 2**64}: refused (400) or recorded, never a bare 500."""
         import httpx
@@ -493,12 +471,6 @@ class TestProxyKnownBugs:
         r = httpx.post(proxy.url + "/api/generate", content=body, timeout=30)
         assert r.status_code == 200 or (r.status_code == 400 and _clear_error("/api", r))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: a request with Content-Encoding (gzip, deflate, br) gets 500 text/plain: "
-        "aiohttp decodes (or fails to decode) the body, the ContentEncodingError is not caught, "
-        "and a decoded body would be forwarded with the client's Content-Encoding header",
-    )
     @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
     def test_request_content_encoding(self, hostile: tuple[Any, Any], encoding: str) -> None:
         """A compressed (or mislabelled) request body: relayed and recorded, or a clear 4xx."""
@@ -517,40 +489,25 @@ class TestProxyKnownBugs:
         )
         assert r.status_code == 200 or (400 <= r.status_code < 500 and _clear_error("/api", r))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: an upstream answer holding JSON nested deeper than 1024 levels raises "
-        "RecursionError in capture (only ValueError is caught): 500 or a cut stream, and the "
-        "exchange, which reached the upstream, leaves no record",
-    )
     @pytest.mark.parametrize("seed", [0, 1, 2])
     def test_upstream_deep_nesting(self, hostile: tuple[Any, Any], seed: int) -> None:
         """One record, and a complete answer (relay or dialect error)."""
         self._one_record(hostile, "deep-nesting", seed)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: an upstream answer with an integer past 64 bits next to a value orjson "
-        "refuses (1e999) is parsed by the stdlib; the record encoder then raises ConfigError "
-        "(not StoreError) in _record: 500 text/plain and no record",
-    )
     def test_upstream_big_numbers(self, hostile: tuple[Any, Any]) -> None:
         """One record, and a complete answer."""
         self._one_record(hostile, "big-numbers", 0)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: a streamed upstream answer labelled Content-Encoding: gzip whose bytes are "
-        "not gzip raises zlib.error in _relay_stream (not caught): the client's stream is cut "
-        "and the exchange leaves no record",
-    )
     @pytest.mark.parametrize("seed", [0, 1])
     def test_upstream_lying_gzip(self, hostile: tuple[Any, Any], seed: int) -> None:
-        """One record, and a complete answer."""
-        self._one_record(hostile, "lying-gzip", seed)
+        """One record. The client cannot decode the answer, as it could not talking directly:
+        the upstream's Content-Encoding header has gone out before its bytes turn out wrong."""
+        self._one_record(hostile, "lying-gzip", seed, must_complete=False)
 
     @staticmethod
-    def _one_record(hostile: tuple[Any, Any], behaviour: str, seed: int) -> None:
+    def _one_record(
+        hostile: tuple[Any, Any], behaviour: str, seed: int, must_complete: bool = True
+    ) -> None:
         import httpx
 
         proxy, seen = hostile
@@ -569,4 +526,4 @@ class TestProxyKnownBugs:
         time.sleep(0.2)
         assert key in seen.keys
         recorded = [x for x in proxy.records() if x.get("idempotency_key") == key]
-        assert (True, 1) == (complete, len(recorded))
+        assert (True, 1) == (complete or not must_complete, len(recorded))

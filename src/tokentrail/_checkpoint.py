@@ -35,15 +35,20 @@ from ._errors import KeyError_, VerificationError
 
 ALG_ED25519 = 0x01
 EM_DASH = "\u2014"
-_NAME_RE = re.compile(r"^[^\s+]+$")
+_NAME_RE = re.compile(r"[^\s+]+")
 _MAX_SIZE_DIGITS = 20
+_SIZE_RE = re.compile(r"0|[1-9][0-9]*")  # ASCII decimal, no leading zero
 
 
 def _b64decode(text: str, what: str) -> bytes:
+    """Strict base64: the one canonical encoding of its bytes, or a VerificationError."""
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise VerificationError(f"{what} is not valid base64") from exc
+    if base64.b64encode(data).decode() != text:  # e.g. unused low bits set: another spelling
+        raise VerificationError(f"{what} is not canonical base64")
+    return data
 
 
 def key_id(name: str, public_key: bytes) -> bytes:
@@ -53,7 +58,7 @@ def key_id(name: str, public_key: bytes) -> bytes:
 
 def check_key_name(name: str) -> str:
     """Return ``name`` if it can name a signed-note key, else raise :class:`KeyError_`."""
-    if not name or not _NAME_RE.match(name) or "/" in name:
+    if not name or not _NAME_RE.fullmatch(name) or "/" in name:
         raise KeyError_(f"key name {name!r} must be non-empty without spaces, '+' or '/'")
     return name
 
@@ -90,11 +95,7 @@ class Checkpoint:
         origin, size_text, root_text = lines[:3]
         if not origin:
             raise VerificationError("checkpoint origin is empty")
-        if (
-            not size_text.isdigit()
-            or len(size_text) > _MAX_SIZE_DIGITS
-            or (size_text.startswith("0") and size_text != "0")
-        ):
+        if not _SIZE_RE.fullmatch(size_text) or len(size_text) > _MAX_SIZE_DIGITS:
             raise VerificationError(f"checkpoint tree size {size_text!r} is not a decimal number")
         root = _b64decode(root_text, "checkpoint root hash")
         if len(root) != 32:

@@ -23,7 +23,7 @@ import zstandard
 
 from ._errors import ConfigError, StoreError
 
-LOG_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+LOG_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl(\.zst)?$")
 _CHECKPOINT_RE = re.compile(r"^(\d{20})\.checkpoint$")
@@ -32,7 +32,7 @@ _READ_CHUNK = 1 << 20
 
 def check_log_id(log_id: str) -> str:
     """Return ``log_id`` if it matches ``[a-z0-9][a-z0-9._-]{0,63}``, else raise ConfigError."""
-    if not LOG_ID_RE.match(log_id) or log_id in {".", ".."}:
+    if not LOG_ID_RE.fullmatch(log_id) or log_id in {".", ".."}:
         raise ConfigError(f"log id {log_id!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
     return log_id
 
@@ -109,13 +109,13 @@ def list_log(root: Path, log_id: str) -> Listing:
     found: dict[tuple[str, int], dict[str, Path]] = {}
     strays: list[Path] = []
     for date_dir in _sorted_dir(seg_root):
-        if not (date_dir.is_dir() and _DATE_RE.match(date_dir.name)):
+        if not (date_dir.is_dir() and _DATE_RE.fullmatch(date_dir.name)):
             strays.append(date_dir)
             continue
         for path in _sorted_dir(date_dir):
             if path.name.endswith(".tmp"):
                 continue
-            m = _SEGMENT_RE.match(path.name)
+            m = _SEGMENT_RE.fullmatch(path.name)
             if not m or not path.is_file():
                 strays.append(path)
                 continue
@@ -129,7 +129,7 @@ def list_log(root: Path, log_id: str) -> Listing:
     for path in _sorted_dir(cp_root):
         if path.name.endswith(".tmp"):
             continue
-        m = _CHECKPOINT_RE.match(path.name)
+        m = _CHECKPOINT_RE.fullmatch(path.name)
         if m and path.is_file():
             checkpoints[int(m.group(1))] = path
         else:

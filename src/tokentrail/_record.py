@@ -120,9 +120,12 @@ def clean_text(text: str) -> str:
 
 
 def _scrub(value: Any) -> Any:
-    """``value`` with :func:`clean_text` applied to every string in it, keys included."""
+    """``value`` made I-JSON: strings cleaned (:func:`clean_text`), keys included, and integers
+    beyond 64 bits written as strings."""
     if isinstance(value, str):
         return clean_text(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -(1 << 63) <= value < (1 << 64) else str(value)
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     if isinstance(value, Mapping):
@@ -253,7 +256,20 @@ class Exchange:
         )
         try:
             return orjson.dumps(scrubbed._fields(fragments=True))
-        except TypeError as exc:  # a value orjson cannot encode (e.g. a set in ``extra``)
+        except TypeError:
+            pass
+        # Still not storable (nested deeper than the encoder goes, or not JSON at all): keep the
+        # record, with each such extra field replaced by a note that says so.
+        extra = {}
+        for name, value in scrubbed.extra.items():
+            try:
+                orjson.dumps(value)
+            except TypeError as exc:
+                value = {"tokentrail.unrecordable": f"{type(exc).__name__}: {exc}"}
+            extra[name] = value
+        try:
+            return orjson.dumps(replace(scrubbed, extra=extra)._fields(fragments=True))
+        except TypeError as exc:
             raise ConfigError(f"record for event {self.event_id} is not I-JSON: {exc}") from exc
 
     def _fields(self, *, fragments: bool) -> dict[str, Any]:

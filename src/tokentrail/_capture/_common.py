@@ -46,14 +46,30 @@ def loads(raw: bytes | str) -> Any:
 
     orjson refuses ``\\ud800``-style lone surrogates that Go's and Python's decoders accept, so a
     value that fails there is parsed by the standard library and its strings cleaned (U+FFFD).
-    Raises ``ValueError`` (``orjson.JSONDecodeError`` is one) on anything that is not JSON.
+    Raises ``ValueError`` (``orjson.JSONDecodeError`` is one) on anything that is not JSON, or
+    not I-JSON as orjson reads it (``NaN``, integers beyond 64 bits, nesting beyond 1024).
     """
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         # bad UTF-8 raises UnicodeDecodeError, itself a ValueError
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return _clean(json.loads(text))
+        try:
+            return _clean(json.loads(text, parse_constant=_no_constant, parse_int=_int64))
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259): what orjson refuses, the fallback refuses too.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(1 << 63) <= value < (1 << 64):
+        raise ValueError("integer beyond 64 bits (not I-JSON)")
+    return value
 
 
 def _clean(value: Any) -> Any:

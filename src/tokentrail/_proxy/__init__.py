@@ -103,6 +103,7 @@ class Proxy:
             self.app.build(),
             access_log=None,
             handler_cancellation=False,
+            auto_decompress=False,  # relay request bodies as sent; audited paths refuse encodings
             shutdown_timeout=self.config.shutdown_grace_s,
         )
         await self.runner.setup()

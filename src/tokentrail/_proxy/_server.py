@@ -198,6 +198,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _LineTooLong(Exception):
+    """The upstream sent a stream line longer than :data:`MAX_LINE_BYTES`."""
+
+
 class _ClientGone(Exception):
     pass
 
@@ -227,6 +231,24 @@ class _Exchange:
     first_token: float | None = None
     status: int | None = None
     recorded: bool = False
+
+
+#: A streamed line (NDJSON or SSE) longer than this is the upstream's error, not a memory sink.
+MAX_LINE_BYTES = 16 << 20
+
+
+def canonical_path(path: str) -> str:
+    """The path with empty and dot segments resolved and no trailing slash (RFC 3986 5.2.4)."""
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
 
 
 #: After a failed ledger write, new exchanges are refused this long before one is tried again.
@@ -278,10 +300,13 @@ class ProxyApp:
                 kind="invalid_request_error",
                 code="invalid_api_key",
             )
-        api = PATHS.get(request.path) if request.method == "POST" else None
+        # Audit by the path the upstream will act on: "/api/./generate", "/api/x/../generate",
+        # "//api/generate/" and their %-encoded spellings all reach /api/generate.
+        canonical = canonical_path(request.path)
+        api = PATHS.get(canonical) if request.method == "POST" else None
         if api is None:
             return await self.passthrough(request)
-        return await self.audited(request, api, ident.user_id, ident.session_id)
+        return await self.audited(request, api, ident.user_id, ident.session_id, canonical)
 
     # -- pass-through -------------------------------------------------------------------------
 
@@ -341,12 +366,24 @@ class ProxyApp:
             chunks.append(chunk)
 
     async def audited(
-        self, request: web.Request, api: str, user_id: str | None, session_id: str | None
+        self,
+        request: web.Request,
+        api: str,
+        user_id: str | None,
+        session_id: str | None,
+        path: str,
     ) -> web.StreamResponse:
         """Relay one audited exchange and record it."""
         started = time.perf_counter()
         timestamp = now_rfc3339()
         dialect = "openai" if api.startswith("openai.") else "ollama"
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            return error_response(
+                dialect,
+                415,
+                "tokentrail: compressed request bodies are not accepted on audited paths",
+                kind="invalid_request_error",
+            )
         try:
             raw = await self._read_body(request)
         except _BodyTooLarge:
@@ -431,7 +468,8 @@ class ProxyApp:
                 self._release(ex)
                 return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
         try:
-            return await self._exchange(request, ex, send, headers, strip)
+            target = path + ("?" + request.query_string if request.query_string else "")
+            return await self._exchange(request, ex, send, headers, strip, target)
         except asyncio.CancelledError:
             if not ex.recorded:
                 await asyncio.shield(self._record(ex, "interrupted"))
@@ -447,8 +485,9 @@ class ProxyApp:
         send: bytes,
         headers: CIMultiDict[str],
         strip: Strip,
+        target: str,
     ) -> web.StreamResponse:
-        url = self.config.upstream + request.raw_path
+        url = self.config.upstream + target
         try:
             upstream = await self.session.post(
                 url, data=send, headers=headers, timeout=self.timeout
@@ -486,10 +525,10 @@ class ProxyApp:
             return error_response(
                 ex.dialect, 504 if stalled else 502, f"tokentrail: {ex.capture.error}"
             )
-        text = _decoded(raw, upstream.headers.get("Content-Encoding"))
         try:
+            text = _decoded(raw, upstream.headers.get("Content-Encoding"))
             ex.capture.feed(loads(text))
-        except ValueError:
+        except (ValueError, zlib.error):
             ex.capture.error = f"upstream sent a body that is not JSON (HTTP {upstream.status})"
         if upstream.status >= 400 and ex.capture.error is None:
             ex.capture.error = f"HTTP {upstream.status}"
@@ -537,6 +576,8 @@ class ProxyApp:
             await out.prepare(request)
             async for data in upstream.content.iter_any():
                 pending += inflate(data) if inflate is not None else data
+                if len(pending) > MAX_LINE_BYTES:
+                    raise _LineTooLong
                 cut = pending.rfind(b"\n") + 1
                 lines: list[bytes] = []
                 if cut:
@@ -576,6 +617,15 @@ class ProxyApp:
             stalled = isinstance(exc, TimeoutError)
             capture.error = f"upstream {'stalled' if stalled else 'closed the stream'}: {exc}"
             stop = "upstream_error"
+            held.append(self._error_event(ex, capture.error, sse))
+        except (zlib.error, _LineTooLong) as exc:
+            capture.error = (
+                f"upstream sent a line longer than {MAX_LINE_BYTES} bytes"
+                if isinstance(exc, _LineTooLong)
+                else f"upstream sent a body its Content-Encoding does not match: {exc}"
+            )
+            stop = "upstream_error"
+            upstream.close()
             held.append(self._error_event(ex, capture.error, sse))
         if stop is None and not capture.finished and capture.error is None:
             capture.error = "upstream closed the stream before its end"
