@@ -127,6 +127,7 @@ async def main() -> None:
     parser.add_argument("--mode", choices=["ollama", "openai"], default="ollama")
     parser.add_argument("--requests", type=int, default=400, help="requests per cell")
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--durability", choices=["strict", "async"], default="strict")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -136,7 +137,7 @@ async def main() -> None:
     proxy = spawn([
         "serve", "--upstream", f"http://127.0.0.1:{sim_port}",
         "--listen", f"127.0.0.1:{proxy_port}", "--ledger", str(tmp / "ledger"),
-        "--key", str(tmp / "signing.key"), "--log-id", "bench", "--durability", "strict",
+        "--key", str(tmp / "signing.key"), "--log-id", "bench", "--durability", args.durability,
     ])  # fmt: skip
     direct, through = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{proxy_port}"
     probe = "/v1/models" if args.mode == "openai" else "/api/version"
@@ -176,7 +177,7 @@ async def main() -> None:
         "added TTFT p50", "added/chunk p50", "direct req/s", "proxy req/s",
     )  # fmt: skip
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print(f"tokentrail proxy overhead ({args.mode} dialect, strict durability, "
+    print(f"tokentrail proxy overhead ({args.mode} dialect, {args.durability} durability, "
           f"{args.requests} requests per cell, ledger {tmp / 'ledger'})")  # fmt: skip
     print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
     for r in rows:
