@@ -171,3 +171,57 @@ def test_show_opens_sealed_content_and_states_erasure(tmp_path: Path) -> None:
     assert "bob asks something private" in bob.output
     assert "content erased" in alice.output
     assert "alice asks" not in alice.output
+
+
+def test_dsar_export_opens_sealed_content_and_checks_it(tmp_path: Path) -> None:
+    """export --keystore hands the subject their content, which verify-export checks."""
+    from click.testing import CliRunner
+
+    from tokentrail import Ledger, LedgerConfig, Signer
+    from tokentrail._cli import main
+
+    keystore, ledger = tmp_path / "keys", tmp_path / "ledger"
+    signer = Signer.generate("t")
+    signer.save(tmp_path / "signing.key")
+    pub = signer.verifier.to_text()
+    config = LedgerConfig(ledger, "sdk", signer, sealer=Sealer(FileKeyStore(keystore)))
+    with Ledger.open(config) as writer:
+        for user in ("alice", "bob", "alice"):
+            writer.append(
+                Exchange(model="m", api="sdk", stop_reason="stop", user_id=user,
+                         input_text=f"{user} private question", output_text=f"{user} answer",
+                         input_tokens=[1, 2, 3])
+            )  # fmt: skip
+    runner = CliRunner()
+    common = ["--ledger", str(ledger), "--public-key", pub, "--key", str(tmp_path / "signing.key")]
+    out = tmp_path / "alice"
+    made = runner.invoke(
+        main, ["export", "--user", "alice", "--format", "csv", "--out", str(out),
+               "--keystore", str(keystore), *common],
+    )  # fmt: skip
+    assert 0 == made.exit_code, made.output
+    assert 2 == (out / "records.csv").read_text().count("alice private question")
+    assert "bob" not in (out / "content.json").read_text()
+    checked = runner.invoke(main, ["verify-export", str(out), "--public-key", pub])
+    assert 0 == checked.exit_code, checked.output
+    # An edited opened text is caught, even with the manifest digest made to match.
+    content = out / "content.json"
+    content.write_text(content.read_text().replace("alice private question", "alice other"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["content.json"] = hashlib.sha256(content.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    tampered = runner.invoke(main, ["verify-export", str(out), "--public-key", pub])
+    assert 1 == tampered.exit_code
+    assert "opened content does not match" in tampered.output
+    # After forget, the export states the erasure and still verifies.
+    forget(FileKeyStore(keystore), "alice", ledger)
+    gone = tmp_path / "alice-after"
+    made = runner.invoke(
+        main, ["export", "--user", "alice", "--format", "csv", "--out", str(gone),
+               "--keystore", str(keystore), *common],
+    )  # fmt: skip
+    assert 0 == made.exit_code, made.output
+    assert "alice private question" not in (gone / "records.csv").read_text()
+    assert "content erased" in (gone / "records.csv").read_text()
+    after = runner.invoke(main, ["verify-export", str(gone), "--public-key", pub])
+    assert 0 == after.exit_code, after.output

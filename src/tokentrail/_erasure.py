@@ -229,17 +229,37 @@ def open_record(record: Mapping[str, Any], keys: KeyStore | None) -> Opened:
             f"record {record.get('event_id')}: sealed content does not open"
         ) from exc
     content: dict[str, Any] = orjson.loads(plain)
-    mac_key = _derive(key, b"content hash v1")
+    problems = keyed_hash_problems(record, content, _derive(key, b"content hash v1"))
+    if problems:
+        raise VerificationError(f"record {record.get('event_id')}: {problems[0]}")
+    return Opened(content)
+
+
+def content_hash_key(keys: KeyStore, subject_key_id: str) -> bytes | None:
+    """The key a subject's content hashes are keyed with (not the key that decrypts), if any.
+
+    A DSAR export carries it, so the data subject can check that the content handed over is the
+    content the ledger committed to, without being able to decrypt anyone else's records.
+    """
+    key = keys.lookup(subject_key_id)
+    return None if key is None else _derive(key, b"content hash v1")
+
+
+def keyed_hash_problems(
+    record: Mapping[str, Any], content: Mapping[str, Any], mac_key: bytes
+) -> list[str]:
+    """Which of a sealed record's keyed hashes ``content`` does not match."""
     checks = {
         "input_hash": _mac(mac_key, tokens_json(content.get("input_tokens"))),
         "output_hash": _mac(mac_key, tokens_json(content.get("output_tokens"))),
         "input_text_hash": _text_mac(mac_key, content.get("input_text")),
         "output_text_hash": _text_mac(mac_key, content.get("output_text")),
     }
-    for name, value in checks.items():
-        if record.get(name) != value:
-            raise VerificationError(f"record {record.get('event_id')}: keyed {name} does not match")
-    return Opened(content)
+    return [
+        f"keyed {name} does not match"
+        for name, value in checks.items()
+        if record.get(name) != value
+    ]
 
 
 def forget(keys: KeyStore, user_id: str, ledger: Path | None = None) -> str:

@@ -348,6 +348,7 @@ def session_command(
     " [default: ~/.config/tokentrail/signing.key if present].",
 )
 @click.option("--no-sign", is_flag=True, help="Do not sign the manifest.")
+@KEYSTORE_OPTION
 def export_command(
     ledger: Path,
     public_keys: tuple[str, ...],
@@ -358,6 +359,7 @@ def export_command(
     out: Path,
     key: Path | None,
     no_sign: bool,
+    keystore: Path | None,
 ) -> None:
     """Export a data subject's records with proofs (a DSAR package).
 
@@ -392,6 +394,7 @@ def export_command(
         signer=signer,
         since=parse_moment(since, "--since") if since else None,
         until=parse_moment(until, "--until") if until else None,
+        keystore=FileKeyStore(keystore) if keystore is not None else None,
     )
     write_package(package, out)
     click.echo(

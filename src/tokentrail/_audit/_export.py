@@ -20,6 +20,7 @@ import orjson
 
 from .. import __version__
 from .._checkpoint import Signer, Verifier
+from .._erasure import KeyStore, content_hash_key, open_record
 from .._errors import ConfigError, StoreError
 from .._layout import iter_lines, list_log, list_logs
 from .._merkle import leaf_hash, verify_inclusion
@@ -27,6 +28,7 @@ from .._record import now_rfc3339
 from ._index import moment_micros, ts_micros
 from ._leaves import MerkleLevels, latest_checkpoint
 from ._package import (
+    CONTENT,
     DATA_FILES,
     EXPORT_FORMAT,
     KEYS,
@@ -133,8 +135,13 @@ def build_export(
     signer: Signer | None,
     since: datetime | None = None,
     until: datetime | None = None,
+    keystore: KeyStore | None = None,
 ) -> Package:
-    """Every record of ``user`` in the ledger, with proofs, as a package's files."""
+    """Every record of ``user`` in the ledger, with proofs, as a package's files.
+
+    With ``keystore``, the content of sealed records is opened into ``content.json`` (or stated
+    erased), with the subject's content-hash key so the package can check it against the ledger.
+    """
     if fmt not in DATA_FILES:
         raise ConfigError(f"unknown export format {fmt!r}; choose jsonl, csv or html")
     if signer is not None and signer.verifier.to_text() not in {v.to_text() for v in verifiers}:
@@ -155,6 +162,9 @@ def build_export(
     records = [item for _, item in found]
     keys = verifiers if signer is None else [signer.verifier]
     files[KEYS] = "".join(v.to_text() + "\n" for v in keys).encode()
+    sealed = [item.parsed() for item in records if item.parsed().get("content_sealed")]
+    if sealed and keystore is not None:
+        files[CONTENT] = _opened_content(sealed, keystore)
     range_ = {
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
@@ -185,6 +195,23 @@ def build_export(
     files[DATA_FILES[fmt]] = b"".join(chunk for _, chunk in render(fmt, records, files))
     logs = len({item.log_id for item in records})
     return Package(files, len(records), logs, signer is not None)
+
+
+def _opened_content(sealed: list[dict[str, Any]], keystore: KeyStore) -> bytes:
+    opened: dict[str, Any] = {}
+    hash_keys: dict[str, str | None] = {}
+    for rec in sealed:
+        result = open_record(rec, keystore)
+        opened[str(rec.get("event_id"))] = {
+            "content": result.content,
+            "erased_at": result.erased_at,
+        }
+        kid = str((rec.get("sealed_content") or {}).get("subject_key_id"))
+        if kid not in hash_keys:
+            key = content_hash_key(keystore, kid)
+            hash_keys[kid] = None if key is None else key.hex()
+    data = {"content_hash_keys": hash_keys, "records": opened}
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
 
 
 def write_package(package: Package, out: Path) -> None:

@@ -42,6 +42,7 @@ FORMATS = ("jsonl", "csv", "html")
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 README = "README.txt"
+CONTENT = "content.json"  # opened sealed content, when exported with the key store
 KEYS = "verifier.pub"
 DATA_FILES = {fmt: f"records.{fmt}" for fmt in FORMATS}
 CSV_COLUMNS = (
@@ -116,12 +117,36 @@ def signature_text(manifest: bytes) -> bytes:
 Chunk = tuple[str | None, bytes]  # (event id of the record it shows, or None; bytes)
 
 
+def sealed_contents(files: Mapping[str, bytes]) -> dict[str, Any]:
+    """The opened content of sealed records (``content.json``), by event id."""
+    try:
+        data = orjson.loads(files[CONTENT]) if CONTENT in files else {}
+    except orjson.JSONDecodeError:
+        return {}
+    records = data.get("records") if isinstance(data, dict) else None
+    return records if isinstance(records, dict) else {}
+
+
+def opened_view(rec: dict[str, Any], contents: Mapping[str, Any]) -> dict[str, Any]:
+    """A record as a person should read it: sealed content opened, or stated as erased."""
+    if not rec.get("content_sealed"):
+        return rec
+    entry = contents.get(str(rec.get("event_id")))
+    if not isinstance(entry, dict):
+        note = "[sealed content, not opened in this export]"
+        return {**rec, "input_text": note, "output_text": note}
+    if isinstance(entry.get("content"), dict):
+        return {**rec, **entry["content"]}
+    note = f"[content erased: the key was destroyed at {entry.get('erased_at')}]"
+    return {**rec, "input_text": note, "output_text": note}
+
+
 def render(fmt: str, items: list[Item], files: Mapping[str, bytes]) -> list[Chunk]:
     """The data file of a package, as chunks labelled with the record each one shows."""
     if fmt == "jsonl":
         return _render_jsonl(items, files)
     if fmt == "csv":
-        return _render_csv(items)
+        return _render_csv(items, sealed_contents(files))
     return _render_html(items, files)
 
 
@@ -154,9 +179,9 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def csv_row(item: Item) -> list[str]:
+def csv_row(item: Item, contents: Mapping[str, Any] | None = None) -> list[str]:
     """The CSV cells of one item: readable columns, then the proof and the exact record."""
-    rec = item.parsed()
+    rec = opened_view(item.parsed(), contents or {})
     return [
         _cell(rec.get("event_id")),
         _cell(rec.get("timestamp")),
@@ -182,9 +207,11 @@ def _csv_line(cells: list[str] | tuple[str, ...]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def _render_csv(items: list[Item]) -> list[Chunk]:
+def _render_csv(items: list[Item], contents: Mapping[str, Any]) -> list[Chunk]:
     chunks: list[Chunk] = [(None, _csv_line(CSV_COLUMNS))]
-    chunks.extend((item.parsed().get("event_id"), _csv_line(csv_row(item))) for item in items)
+    chunks.extend(
+        (item.parsed().get("event_id"), _csv_line(csv_row(item, contents))) for item in items
+    )
     return chunks
 
 
@@ -255,8 +282,8 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _html_record(n: int, item: Item) -> bytes:
-    rec = item.parsed()
+def _html_record(n: int, item: Item, contents: Mapping[str, Any]) -> bytes:
+    rec = opened_view(item.parsed(), contents)
     meta = [
         ("Time (UTC)", rec.get("timestamp")),
         ("Conversation (session)", rec.get("session_id")),
@@ -350,8 +377,9 @@ def _render_html(items: list[Item], files: Mapping[str, bytes]) -> list[Chunk]:
         "",
     ]
     chunks: list[Chunk] = [(None, "\n".join(head).encode("utf-8"))]
+    contents = sealed_contents(files)
     for n, item in enumerate(items, 1):
-        chunks.append((item.parsed().get("event_id"), _html_record(n, item)))
+        chunks.append((item.parsed().get("event_id"), _html_record(n, item, contents)))
     tail = HTML_DATA_START.encode() + _embedded(items, files) + HTML_DATA_END.encode()
     chunks.append((None, b"<footer>\n" + tail + b"\n</footer>\n</body></html>\n"))
     return chunks

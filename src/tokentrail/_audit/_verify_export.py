@@ -24,10 +24,12 @@ from typing import Any
 import orjson
 
 from .._checkpoint import Checkpoint, Verifier, load_verifiers, open_note
+from .._erasure import keyed_hash_problems
 from .._errors import ConfigError, TokentrailError, VerificationError
 from .._proof import check_bundle
 from ._index import ts_micros
 from ._package import (
+    CONTENT,
     DATA_FILES,
     EXPORT_FORMAT,
     KEYS,
@@ -39,6 +41,7 @@ from ._package import (
     parse_csv,
     parse_html,
     render,
+    sealed_contents,
     sha256_hex,
     signature_text,
 )
@@ -226,10 +229,49 @@ def verify_export(path: Path, pinned: list[Verifier] | None) -> ExportReport:
     if manifest.get("record_count") != len(listed):
         fail("the manifest's record_count does not match its list of records")
     report.records = len(seen)
+    _check_contents(files, items, report)
     # 7. the data file is exactly what its records render to
     expected = render(fmt, items, files)
     _compare(files[data_name], expected, data_name, report)
     return report
+
+
+def _check_contents(files: dict[str, bytes], items: list[Item], report: ExportReport) -> None:
+    """Opened content of sealed records must match their keyed hashes (SPEC section 7)."""
+    sealed = [item.parsed() for item in items if item.parsed().get("content_sealed")]
+    if not sealed:
+        return
+    if CONTENT not in files:
+        report.notes.append(
+            f"{len(sealed)} records are sealed and their content is not in this package"
+            " (exported without the key store)"
+        )
+        return
+    try:
+        keys = orjson.loads(files[CONTENT]).get("content_hash_keys") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        report.problems.append(f"{CONTENT} cannot be read")
+        return
+    contents = sealed_contents(files)
+    erased = 0
+    for rec in sealed:
+        name = f"record {rec.get('event_id')} (log {rec.get('log_id')}, seq {rec.get('seq')})"
+        entry = contents.get(str(rec.get("event_id")))
+        if not isinstance(entry, dict):
+            report.problems.append(f"{name}: sealed, and missing from {CONTENT}")
+            continue
+        if not isinstance(entry.get("content"), dict):
+            erased += 1
+            continue
+        kid = str((rec.get("sealed_content") or {}).get("subject_key_id"))
+        hex_key = keys.get(kid)
+        if not isinstance(hex_key, str):
+            report.problems.append(f"{name}: no content-hash key to check its opened content")
+            continue
+        for problem in keyed_hash_problems(rec, entry["content"], bytes.fromhex(hex_key)):
+            report.problems.append(f"{name}: opened content does not match: {problem}")
+    if erased:
+        report.notes.append(f"{erased} records' content was erased (their key was destroyed)")
 
 
 def _read_items(fmt: str, data: bytes) -> tuple[list[Item], list[str]]:
