@@ -174,6 +174,18 @@ class Clock:
 # --------------------------------------------------------------------------------------------
 
 
+class _AnyNote(str):
+    """Equal to any non-empty note text."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+    __hash__ = str.__hash__
+
+
+ANY_NOTE = _AnyNote("any note")
+
+
 class TestLines:
     def test_contiguous_seq_and_chain(
         self, write_records: Callable[..., list[Record]], ledger_root: Path
@@ -283,23 +295,34 @@ class TestLines:
                 assert expected == record[f"{text}_hash"]
 
     @pytest.mark.parametrize(
-        "bad",
-        [{"extra": {"x": {1, 2}}}, {"input_tokens": [2**64]}, {"extra": {"x": object()}}],
+        ("bad", "field", "stored"),
+        [
+            ({"extra": {"x": {1, 2}}}, "x", {"tokentrail.unrecordable": ANY_NOTE}),
+            ({"input_tokens": [2**64]}, "input_tokens", [str(2**64)]),
+            ({"extra": {"x": object()}}, "x", {"tokentrail.unrecordable": ANY_NOTE}),
+        ],
         ids=["set", "int-beyond-64-bits", "object"],
     )
     def test_unencodable_exchange(
         self,
         bad: dict[str, Any],
+        field: str,
+        stored: Any,
         ledger_root: Path,
         signer: Signer,
         make_exchange: Callable[..., Exchange],
     ) -> None:
-        """An exchange that is not I-JSON raises ConfigError and uses up no seq."""
+        """A value I-JSON cannot hold is stored as a note (or an integer as text), hashes
+        matching what is stored: the exchange is still recorded, the chain intact."""
         with Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer)) as ledger:
-            with pytest.raises(ConfigError):
-                ledger.append(make_exchange(0, **bad))
-            assert 0 == ledger.append(make_exchange(1)).seq
-        assert_chain(ledger_root, 1)
+            record = ledger.append(make_exchange(0, **bad))
+            assert 0 == record.seq
+            assert 1 == ledger.append(make_exchange(1)).seq
+        obj = json.loads(record.leaf)
+        assert stored == obj[field]
+        expected = hashlib.sha256(json.dumps(obj["input_tokens"]).encode()).hexdigest()
+        assert expected == obj["input_hash"]
+        assert_chain(ledger_root, 2)
 
 
 # --------------------------------------------------------------------------------------------

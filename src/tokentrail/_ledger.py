@@ -64,8 +64,11 @@ LOCK_ATTEMPTS = 20
 JOURNAL_FILE = "inflight.jsonl"
 _JOURNAL_COMPACT_BYTES = 4 << 20
 
-#: Async durability: the flusher writes at least this often, or once this many are queued.
+#: Async durability: the flusher looks for records this often (backing off to ASYNC_IDLE_S when
+#: idle, so at most that long passes before an async append is written), or once this many are
+#: queued.
 ASYNC_FLUSH_S = 0.002
+ASYNC_IDLE_S = 0.02
 ASYNC_BATCH = 256
 #: Async durability: how long to wait before writing a failed batch again.
 ASYNC_RETRY_S = 0.5
@@ -179,6 +182,7 @@ class LedgerWriter:
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
+        self._async_poll = ASYNC_FLUSH_S
         self._journal_fd: int | None = None
         self._journal_bytes = 0
         self._intents: dict[str, bytes] = {}  # event id -> journal line, until durable
@@ -367,8 +371,11 @@ class LedgerWriter:
             self._next_seq = seq + 1
             self._prev_hex = lhash.hex()
             queued = len(self._queue)
-            # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
-            if queued == 1 or queued == self._last_batch or queued == ASYNC_BATCH:
+            if waiter is not None or self.config.durability == "strict":
+                # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
+                if queued == 1 or queued == self._last_batch:
+                    self._wake.notify()
+            elif queued == ASYNC_BATCH:  # async durability: the flusher's timer takes the rest
                 self._wake.notify()
         return record
 
@@ -421,6 +428,7 @@ class LedgerWriter:
             if self._error is not None:
                 raise self._error
             target = self._next_seq
+            self._wake.notify()
         while self._tree.size < target:
             if self._error is not None:
                 raise self._error
@@ -460,6 +468,8 @@ class LedgerWriter:
                     self._wake.wait(left)
                 batch, self._queue = self._queue, []
                 self._last_batch = len(batch)
+                if batch:
+                    self._async_poll = ASYNC_FLUSH_S
                 closing = self._closing
                 requests, self._seal_requests = self._seal_requests, []
             if batch:
@@ -486,6 +496,11 @@ class LedgerWriter:
         """Seconds until the next seal or timed rotation is due (``None``: nothing pending)."""
         now = self.config.clock()
         timers = []
+        if self.config.durability == "async":
+            # Nobody waits for an async append, so none wakes the flusher: it looks every
+            # ASYNC_FLUSH_S while records come, backing off to ASYNC_IDLE_S when they stop.
+            timers.append(self._async_poll)
+            self._async_poll = min(ASYNC_IDLE_S, self._async_poll * 2)
         if self._tree.size > self._signed_size:
             timers.append(self._last_seal + self.config.seal_interval_s - now)
         if self._segment_fd is not None and self.config.rotate_interval_s is not None:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import threading
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -162,7 +161,12 @@ def new_event_id() -> str:
             _random_pool.extend(os.urandom(16 * 256))
         raw = bytes(_random_pool[-16:])
         del _random_pool[-16:]
-    return str(uuid.UUID(bytes=raw, version=4))
+    h = raw.hex()
+    # RFC 9562 version 4: version nibble 4, variant bits 10 (what uuid.UUID(version=4) sets).
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,9 +150,7 @@ class OllamaCapture(Capture):
         input_source = SOURCE_NONE
         output_tokens, output_source = self.tokens.best()
         context = final.get("context")
-        if isinstance(context, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in context
-        ):
+        if isinstance(context, list) and all(type(t) is int for t in context):
             ctx_in, ctx_out, how = split_context(context, p, e)
             input_tokens, input_source = list(ctx_in), SOURCE_CONTEXT
             if output_tokens is None and ctx_out is not None:
