@@ -33,10 +33,12 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def serve_s3(tmp: Path, sim: str, url: str, endpoint: str, layout: str) -> ProxyProc:
+def serve_s3(
+    tmp: Path, sim: str, url: str, endpoint: str, layout: str, log_id: str = "test"
+) -> ProxyProc:
     return start_proxy(
         tmp, sim, "--s3", url, "--s3-endpoint-url", endpoint, "--s3-layout", layout,
-        "--s3-rotate-seconds", "1", "--s3-interval", "0.5",
+        "--s3-rotate-seconds", "1", "--s3-interval", "0.5", log_id=log_id,
     )  # fmt: skip
 
 
@@ -66,7 +68,7 @@ def check_bucket(proxy: ProxyProc, url: str, endpoint: str, tmp: Path, expected:
     assert len(ids) == len(set(ids)) == expected
 
 
-@pytest.mark.parametrize(("layout", "n"), [("batched", 3000), ("per-record", 600)])
+@pytest.mark.parametrize(("layout", "n"), [("batched", 3000), ("per-record", 2000)])
 def test_end_to_end(s3: MotoS3, bucket: str, tmp_path: Path, layout: str, n: int) -> None:  # noqa: F811
     """Thousands of exchanges through ``serve --s3``; the bucket verifies and counts them all."""
     url = f"s3://{bucket}/audit-{layout}"
@@ -128,3 +130,35 @@ def test_killed_mid_upload(s3: MotoS3, bucket: str, tmp_path: Path) -> None:  # 
         finally:
             again.stop()
     check_bucket(again, url, s3.endpoint, tmp_path, served)
+
+
+def test_two_proxies_share_a_bucket(s3: MotoS3, bucket: str, tmp_path: Path) -> None:  # noqa: F811
+    """Two proxy processes (own ledgers, own log ids) write one prefix at once; both verify."""
+    url = f"s3://{bucket}/shared"
+    with sim_in_thread(SimConfig(mode="ollama-0.4")) as sim:
+        proxies = [
+            serve_s3(tmp_path / f"host-{i}", sim, url, s3.endpoint, "batched", log_id=f"proxy-{i}")
+            for i in range(2)
+        ]
+        try:
+            served = [0, 0]
+
+            def load(i: int) -> None:
+                served[i] = drive(proxies[i].url, 400, start=1000 * i)
+
+            threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for proxy in proxies:
+                proxy.stop()
+    assert [400, 400] == served
+    keys = [p.verifier for p in proxies]
+    verify = cli("verify", "--s3", url, "--endpoint-url", s3.endpoint, "--public-key", keys[0],
+                 "--public-key", keys[1], "--state", str(tmp_path / "state"), "--all")  # fmt: skip
+    assert 0 == verify.returncode, verify.stdout + verify.stderr
+    assert "2 logs, 800 records read" in verify.stdout
+    count = cli("count", "--s3", url, "--endpoint-url", s3.endpoint, "--date", "today")
+    assert "800" == count.stdout.strip()
