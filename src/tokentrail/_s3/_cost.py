@@ -177,6 +177,7 @@ def format_table(
         f" ({sample.record_bytes / max(tokens, 1):.1f} bytes/token), zstd ratio"
         f" {sample.zstd_ratio:.2f} (measured on synthetic tokentrail records)",
         f"prices: PUT ${PUT_PRICE_PER_1000} per 1,000, storage ${STORAGE_PRICE_GB_MONTH}/GB-month;"
-        f" {PRICE_SOURCE}, checked {PRICES_CHECKED}; month = {HOURS_PER_MONTH} h",
+        f" {PRICE_SOURCE}, as quoted by a secondary source on {PRICES_CHECKED} (see the"
+        f" module docstring); month = {HOURS_PER_MONTH} h",
     ]
     return "\n".join(lines)
