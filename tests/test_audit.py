@@ -41,11 +41,10 @@ from tokentrail._audit import (
     show_command,
     verify_export_command,
 )
-from tokentrail._audit._leaves import MerkleLevels
 from tokentrail._checkpoint import Signer
 from tokentrail._cli import _Main
 from tokentrail._ledger import Ledger, LedgerConfig
-from tokentrail._merkle import inclusion_proof, leaf_hash
+from tokentrail._merkle import MerkleLevels, inclusion_proof, leaf_hash
 from tokentrail._record import Exchange
 from tokentrail._sim import SimConfig, sim_in_thread
 

@@ -25,6 +25,7 @@ from tokentrail._errors import VerificationError
 from tokentrail._merkle import (
     EMPTY_ROOT,
     CompactRange,
+    MerkleLevels,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -974,3 +975,15 @@ class TestCompactRangeJson:
         """Malformed JSON raises VerificationError, never another exception type."""
         with pytest.raises(VerificationError):
             CompactRange.from_json(obj)
+
+
+class TestMerkleLevels:
+    """The level-by-level builder that ``prove`` and ``export`` use, against the RFC's own."""
+
+    @pytest.mark.parametrize("n", range(1, 130))
+    def test_same_root_and_proofs_as_the_recursive_definition(self, n: int) -> None:
+        """Root and every audit path equal ``root_from_hashes`` and ``inclusion_proof``."""
+        hashes = [leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+        tree = MerkleLevels(hashes)
+        assert root_from_hashes(hashes) == tree.root()
+        assert [inclusion_proof(i, hashes) for i in range(n)] == [tree.proof(i) for i in range(n)]

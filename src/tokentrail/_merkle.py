@@ -5,7 +5,9 @@ Pure functions over bytes, after RFC 9162 section 2.1 (the same tree as RFC 6962
 - ``leaf_hash(d) = SHA-256(0x00 || d)``, ``node_hash(l, r) = SHA-256(0x01 || l || r)``;
 - MTH(D[n]) splits at ``k``, the largest power of two smaller than ``n``;
 - inclusion proofs (2.1.3) and consistency proofs (2.1.4), generated from the list of leaf
-  hashes and verified with the algorithms of 2.1.3.2 and 2.1.4.2.
+  hashes and verified with the algorithms of 2.1.3.2 and 2.1.4.2. :func:`inclusion_proof` follows
+  the RFC's recursive definition; :class:`MerkleLevels` builds every level once, in O(n), so
+  that proofs of many leaves of one tree cost O(log n) each (what ``prove`` and ``export`` use).
 
 A :class:`CompactRange` holds the roots of the perfect subtrees that make up a tree of size
 ``n`` (one per set bit of ``n``), so a writer or a verifier extends a tree one leaf at a time in
@@ -105,6 +107,39 @@ class CompactRange:
         if any(len(r) != 32 for r in roots):
             raise VerificationError("malformed compact range: a root is not 32 bytes")
         return cls(size, roots)
+
+
+class MerkleLevels:
+    """Every level of an RFC 9162 tree, as concatenated 32-byte hashes; proofs in O(log n)."""
+
+    def __init__(self, hashes: list[bytes]) -> None:
+        self.size = len(hashes)
+        level = b"".join(hashes)
+        self.levels = [level]
+        sha = hashlib.sha256  # node_hash, inlined: this loop is the whole cost of a bulk proof
+        while len(level) > 32:
+            n = len(level) // 32
+            nxt = [sha(b"\x01" + level[i * 32 : i * 32 + 64]).digest() for i in range(0, n - 1, 2)]
+            if n % 2:
+                nxt.append(level[-32:])
+            level = b"".join(nxt)
+            self.levels.append(level)
+
+    def root(self) -> bytes:
+        """The Merkle Tree Hash (empty tree: SHA-256 of nothing)."""
+        return self.levels[-1] if self.size else EMPTY_ROOT
+
+    def proof(self, index: int) -> list[bytes]:
+        """The audit path of leaf ``index`` (RFC 9162 section 2.1.3.1)."""
+        if not 0 <= index < self.size:
+            raise ValueError(f"leaf index {index} outside tree of size {self.size}")
+        path: list[bytes] = []
+        for level in self.levels[:-1]:
+            sibling = index ^ 1
+            if sibling * 32 < len(level):
+                path.append(level[sibling * 32 : sibling * 32 + 32])
+            index >>= 1
+        return path
 
 
 def _check_hashes(*hashes: bytes) -> None:

@@ -18,7 +18,7 @@ import orjson
 from ._checkpoint import Checkpoint, Verifier, open_note
 from ._errors import StoreError, VerificationError
 from ._layout import iter_lines, list_log, list_logs
-from ._merkle import inclusion_proof, leaf_hash, verify_inclusion
+from ._merkle import MerkleLevels, leaf_hash, verify_inclusion
 from ._verify import check_record
 
 BUNDLE_FORMAT = "tokentrail.inclusion-proof/v1"
@@ -69,7 +69,7 @@ def build_bundle(root: Path, event_id: str, tree_size: int | None = None) -> dic
             hashes.append(leaf_hash(line))
     if len(hashes) < size:
         raise StoreError(f"log {found.log_id} has fewer records than its checkpoint of {size}")
-    proof = inclusion_proof(found.seq, hashes)
+    proof = MerkleLevels(hashes).proof(found.seq)
     return {
         "format": BUNDLE_FORMAT,
         "log_id": found.log_id,

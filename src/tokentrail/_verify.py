@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -720,11 +720,3 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
     if options.state_dir is not None:
         save_last_run(options.state_dir, outcome, options.now)
     return outcome
-
-
-def iter_records(root: Path, log_id: str) -> Iterator[tuple[SegmentRef, int, bytes]]:
-    """Every complete record line of a log in stored order, with its segment and offset."""
-    for seg in list_log(root, log_id).segments:
-        for offset, line, complete in iter_lines(seg.path):
-            if complete:
-                yield seg, offset, line

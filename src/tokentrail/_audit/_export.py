@@ -3,7 +3,7 @@
 One pass per log reads every stored line once: it hashes each leaf (for the Merkle tree) and
 keeps the lines whose ``user_id`` is the subject. The subject's records are selected from the
 ledger itself, not the index, so the package is complete even if the index is stale. The log's
-tree is then built once (:class:`._leaves.MerkleLevels`) and each record's audit path read off
+tree is then built once (``MerkleLevels``) and each record's audit path read off
 it in O(log n), checked against the newest signed checkpoint before it is written.
 """
 
@@ -23,10 +23,10 @@ from .._checkpoint import Signer, Verifier
 from .._erasure import KeyStore, content_hash_key, open_record
 from .._errors import ConfigError, StoreError
 from .._layout import iter_lines, list_log, list_logs
-from .._merkle import leaf_hash, verify_inclusion
+from .._merkle import MerkleLevels, leaf_hash, verify_inclusion
 from .._record import now_rfc3339
 from ._index import moment_micros, ts_micros
-from ._leaves import MerkleLevels, latest_checkpoint
+from ._leaves import latest_checkpoint
 from ._package import (
     CONTENT,
     DATA_FILES,

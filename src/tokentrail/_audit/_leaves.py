@@ -6,15 +6,12 @@ it parses, it is the record the index named (log, seq, event id), and its conten
 (:func:`tokentrail._verify.check_record`). Any failure is a :class:`Checked` with a ``problem``,
 which callers report rather than show.
 
-:class:`MerkleLevels` keeps every level of one log's tree so that proofs for many records cost
-O(log n) each after one O(n) pass, instead of O(n) per proof (RFC 9162 section 2.1.3: pairing
-nodes left to right and promoting an odd last node builds the same tree as splitting at the
-largest power of two).
+Inclusion proofs use ``tokentrail._merkle.MerkleLevels``: one O(n) pass over a log's leaf
+hashes, then O(log n) for each record's audit path.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,39 +123,6 @@ class LeafReader:
         if problems:
             return Checked(row, location, line, obj, "; ".join(problems))
         return Checked(row, location, line, obj, None)
-
-
-class MerkleLevels:
-    """Every level of an RFC 9162 tree, as concatenated 32-byte hashes; proofs in O(log n)."""
-
-    def __init__(self, hashes: list[bytes]) -> None:
-        self.size = len(hashes)
-        level = b"".join(hashes)
-        self.levels = [level]
-        sha = hashlib.sha256
-        while len(level) > 32:
-            n = len(level) // 32
-            nxt = [sha(b"\x01" + level[i * 32 : i * 32 + 64]).digest() for i in range(0, n - 1, 2)]
-            if n % 2:
-                nxt.append(level[-32:])
-            level = b"".join(nxt)
-            self.levels.append(level)
-
-    def root(self) -> bytes:
-        """The Merkle Tree Hash (empty tree: SHA-256 of nothing)."""
-        return self.levels[-1] if self.size else hashlib.sha256(b"").digest()
-
-    def proof(self, index: int) -> list[bytes]:
-        """The audit path of leaf ``index`` (RFC 9162 section 2.1.3.1)."""
-        if not 0 <= index < self.size:
-            raise ValueError(f"leaf index {index} outside tree of size {self.size}")
-        path: list[bytes] = []
-        for level in self.levels[:-1]:
-            sibling = index ^ 1
-            if sibling * 32 < len(level):
-                path.append(level[sibling * 32 : sibling * 32 + 32])
-            index >>= 1
-        return path
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from rich.text import Text
 from .._checkpoint import Verifier
 from .._errors import TokentrailError
 from .._layout import iter_lines, list_log
-from .._merkle import inclusion_proof, leaf_hash, verify_inclusion
+from .._merkle import MerkleLevels, leaf_hash, verify_inclusion
 from ._index import Index
 from ._leaves import Checked, latest_checkpoint
 
@@ -74,7 +74,9 @@ def prove_included(
         if len(hashes) != size or hashes[seq] != lhash:
             continue
         try:
-            verify_inclusion(seq, size, lhash, inclusion_proof(seq, hashes), head.checkpoint.root)
+            verify_inclusion(
+                seq, size, lhash, MerkleLevels(hashes).proof(seq), head.checkpoint.root
+            )
         except TokentrailError:
             continue
         return Inclusion(
