@@ -197,6 +197,14 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
             yield offset, rest, False
 
 
+def mtime(path: Path) -> float:
+    """A file's modification time, or 0 when it cannot be read."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries durable (a new or renamed file in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

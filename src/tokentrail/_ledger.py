@@ -44,12 +44,13 @@ from ._layout import (
     iter_lines,
     list_log,
     log_dir,
+    mtime,
     segment_name,
     segments_dir,
     write_atomic,
 )
 from ._merkle import CompactRange, leaf_hash
-from ._record import SCHEMA, ZERO_HASH, Exchange, Record
+from ._record import SCHEMA, ZERO_HASH, Exchange, Record, parse_rfc3339
 
 log = logging.getLogger("tokentrail.ledger")
 
@@ -242,13 +243,13 @@ class LedgerWriter:
                 continue  # a torn last line: the exchange had not even been noted
         if intents:
             recorded = self._event_ids_since(min(hint for hint, _ in intents.values()))
-            last_alive = _mtime(path)
+            last_alive = mtime(path)
             for event_id, (_, fields) in intents.items():
                 if event_id in recorded:
                     continue
                 exchange = Exchange.from_fields(fields)
-                started = _epoch(exchange.timestamp)
-                duration = max(0.0, (last_alive - started) * 1000.0) if started else 0.0
+                started = parse_rfc3339(exchange.timestamp)
+                duration = max(0.0, (last_alive - started.timestamp()) * 1000.0) if started else 0.0
                 extra = dict(exchange.extra)
                 extra["tokentrail.interrupted"] = {
                     "recovered_by": "writer restart",
@@ -792,20 +793,6 @@ def _parse_chain_fields(line: bytes, path: Path, log_id: str) -> tuple[int, str]
             f"{path}: unreadable record line ({exc}); refusing to continue log {log_id}"
         ) from exc
     return seq, prev
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _epoch(timestamp: str) -> float | None:
-    try:
-        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def compress_segment(path: Path) -> Path:

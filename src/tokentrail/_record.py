@@ -143,6 +143,16 @@ def rfc3339(moment: datetime | float) -> str:
     )
 
 
+def parse_rfc3339(value: Any) -> datetime | None:
+    """A record's ``timestamp`` as an aware datetime, or ``None`` if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def now_rfc3339() -> str:
     """The current time as :func:`rfc3339`."""
     return rfc3339(datetime.now(UTC))

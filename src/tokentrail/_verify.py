@@ -29,9 +29,9 @@ import orjson
 
 from ._checkpoint import Checkpoint, Verifier, open_note
 from ._errors import StoreError, TokentrailError, VerificationError
-from ._layout import Listing, SegmentRef, iter_lines, list_log, list_logs
+from ._layout import Listing, SegmentRef, iter_lines, list_log, list_logs, mtime
 from ._merkle import CompactRange, leaf_hash
-from ._record import REQUIRED_FIELDS, SCHEMA, ZERO_HASH, text_hash, tokens_json
+from ._record import REQUIRED_FIELDS, SCHEMA, ZERO_HASH, parse_rfc3339, text_hash, tokens_json
 
 MAX_FINDINGS_PER_LOG = 100
 Level = Literal["finding", "warning"]
@@ -326,15 +326,6 @@ def check_record(obj: Any, log_id: str) -> list[str]:
     return problems
 
 
-def _parse_ts(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 # ---------------------------------------------------------------------- one log
 
 
@@ -520,7 +511,7 @@ class _LogVerifier:
                 for problem in check_record(obj, self.log_id):
                     self.finding(problem, **at)
                 self.report.records_read += 1
-                ts = _parse_ts(obj.get("timestamp"))
+                ts = parse_rfc3339(obj.get("timestamp"))
                 if (
                     ts is not None
                     and (since is None or ts >= since)
@@ -579,7 +570,7 @@ class _LogVerifier:
 
     def _torn(self, seg: SegmentRef, offset: int, seq: int, is_last: bool) -> None:
         where = str(seg.path)
-        age = self.options.now.timestamp() - _mtime(seg.path)
+        age = self.options.now.timestamp() - mtime(seg.path)
         sealed = seq < max(self.checkpoints, default=0)
         young = age < self.options.seal_grace_s and not self.options.require_sealed
         if is_last and young and not sealed:
@@ -657,15 +648,8 @@ class _LogVerifier:
                 except orjson.JSONDecodeError:
                     continue
                 if isinstance(obj, dict) and obj.get("seq") == seq:
-                    return str(seg.path), obj.get("event_id"), _parse_ts(obj.get("timestamp"))
+                    return str(seg.path), obj.get("event_id"), parse_rfc3339(obj.get("timestamp"))
         return None, None, None
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def verify_local(root: Path, options: VerifyOptions) -> Report:
