@@ -228,6 +228,7 @@ class _Exchange:
     user_id: str | None
     session_id: str | None
     digest_task: asyncio.Task[str | None] | None
+    model_version: str | None = None  # the cached digest, when it was known at the start
     first_token: float | None = None
     status: int | None = None
     recorded: bool = False
@@ -436,10 +437,11 @@ class ProxyApp:
             if earlier is not None:
                 meta_base["retry_of"] = earlier
         digest_task = None
+        model_version = None
         if dialect == "ollama":
             known = self.digests.cached(capture.model)
             if known is not None:
-                meta_base["_model_version"] = known
+                model_version = known
             else:  # resolve beside the exchange, not before it
                 digest_task = asyncio.ensure_future(self.digests.lookup(capture.model))
         ex = _Exchange(
@@ -453,6 +455,7 @@ class ProxyApp:
             user_id,
             session_id,
             digest_task,
+            model_version,
         )
         headers = upstream_request_headers(request.headers, audited=True)
         if strip:
@@ -702,7 +705,7 @@ class ProxyApp:
             return
         ex.recorded = True
         now = time.perf_counter()
-        model_version = ex.meta_base.pop("_model_version", None)
+        model_version = ex.model_version
         if ex.digest_task is not None:
             try:
                 model_version = await asyncio.wait_for(asyncio.shield(ex.digest_task), 2.0)
@@ -739,7 +742,7 @@ class ProxyApp:
             session_id=ex.session_id,
             model_version=model_version,
             status=status if status is not None else ex.status,
-            extra={k: v for k, v in ex.meta_base.items() if not k.startswith("_")},
+            extra=ex.meta_base,
         )
 
 
