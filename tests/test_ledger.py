@@ -32,7 +32,13 @@ import zstandard
 
 from tokentrail._checkpoint import Signer
 from tokentrail._errors import ConfigError, DamagedLogError, KeyError_, StoreError
-from tokentrail._ledger import AsyncLedger, Ledger, LedgerConfig, compress_segment
+from tokentrail._ledger import (
+    ASYNC_SYNC_S,
+    AsyncLedger,
+    Ledger,
+    LedgerConfig,
+    compress_segment,
+)
 from tokentrail._record import Exchange, Record
 from tokentrail._verify import Report, VerifyOptions, verify_local
 
@@ -400,6 +406,75 @@ class TestGroupCommit:
         assert list(range(50)) == [r.seq for r in records]
         assert_chain(ledger_root, 50)
         assert [50] == checkpoint_sizes(ledger_root)
+
+    def test_async_writes_share_fsyncs(
+        self,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+        fsyncs: list[int],
+    ) -> None:
+        """Async durability fsyncs at most every ASYNC_SYNC_S; ``flush`` and seals fsync first."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer, durability="async")
+        with Ledger.open(cfg) as ledger:
+            before = len(fsyncs)
+            started = time.monotonic()
+            for i in range(300):
+                ledger.append(make_exchange(i))
+                time.sleep(0.001)  # a trickle: one write per flusher poll
+            ledger.writer.flush()
+            elapsed = time.monotonic() - started
+            used = len(fsyncs) - before
+            assert 300 == ledger.writer._synced_size  # flush returns once it is all fsynced
+            assert used <= elapsed / ASYNC_SYNC_S + 5, f"{used} fsyncs in {elapsed:.2f}s"
+            sealed = ledger.writer.seal()
+        assert sealed is not None and 300 == sealed.size
+        assert_chain(ledger_root, 300)
+        assert verified(ledger_root, signer)
+
+    def test_deferred_appends_keep_order(
+        self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]
+    ) -> None:
+        """``defer`` builds on the flusher; mixed with ``submit`` the order is submission order."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer, durability="async")
+        threads: set[str] = set()
+
+        def build(i: int) -> Callable[[], Exchange]:
+            def make() -> Exchange:
+                threads.add(threading.current_thread().name)
+                if i == 7:
+                    raise RuntimeError("a bug in a builder")
+                return make_exchange(i)
+
+            return make
+
+        with Ledger.open(cfg) as ledger:
+            writer = ledger.writer
+            for i in range(20):
+                if i % 5 == 4:
+                    writer.submit(make_exchange(i))  # links what was deferred before it first
+                else:
+                    writer.defer(build(i))
+            for i in range(20, 40):
+                writer.defer(build(i))
+            deadline = time.monotonic() + 10
+            while writer.size < 39 and time.monotonic() < deadline:
+                time.sleep(0.005)  # the flusher's own poll, not flush(), takes these
+            writer.flush()
+            assert 39 == writer._synced_size
+        numbers = [int(r["input_text"].split()[2].rstrip(":")) for r in stored(ledger_root)]
+        assert [i for i in range(40) if i != 7] == numbers  # the failed build alone is lost
+        assert any(t.startswith("tokentrail-flush") for t in threads)
+        assert_chain(ledger_root, 39)
+        assert verified(ledger_root, signer)
+
+    def test_deferred_under_strict_is_durable(
+        self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]
+    ) -> None:
+        """Under strict durability ``defer`` builds at once and returns once it is on disk."""
+        with Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer)) as ledger:
+            ledger.writer.defer(lambda: make_exchange(0))
+            assert 1 == ledger.writer.size
 
     def test_closed_ledger_refuses_appends(
         self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]

@@ -71,6 +71,9 @@ _JOURNAL_COMPACT_BYTES = 4 << 20
 ASYNC_FLUSH_S = 0.002
 ASYNC_IDLE_S = 0.02
 ASYNC_BATCH = 256
+#: Async durability: what is written is fsynced at most this long after (and before any seal,
+#: segment close or ``flush``), so one fsync serves every batch written in that time.
+ASYNC_SYNC_S = 0.02
 #: Async durability: how long to wait before writing a failed batch again.
 ASYNC_RETRY_S = 0.5
 
@@ -163,6 +166,9 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: list[_Pending] = []
+        # Deferred appends (``defer``): built on the flusher thread, after everything queued.
+        self._deferred: list[Callable[[], Exchange]] = []
+        self._building = False  # the flusher is building deferred records outside the lock
         self._closing = False
         self._error: TokentrailError | None = None
         # Chain state as appends see it (may run ahead of the disk).
@@ -184,6 +190,10 @@ class LedgerWriter:
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
         self._async_poll = ASYNC_FLUSH_S
+        self._unsynced = False  # async durability: written to the open segment, not yet fsynced
+        self._last_sync = 0.0  # time.monotonic() of the last fsync
+        self._sync_wanted = False  # ``flush`` waits for an fsync
+        self._synced_size = 0  # records written and fsynced
         self._journal_fd: int | None = None
         self._journal_bytes = 0
         self._intents: dict[str, bytes] = {}  # event id -> journal line, until durable
@@ -343,34 +353,12 @@ class LedgerWriter:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Record:
         """Queue one record and return it; ``waiter`` is resolved once it is on disk."""
-        if self.config.sealer is not None:
-            exchange = self.config.sealer(exchange)
-        content = exchange.content_bytes()
-        log_id = self.config.log_id
+        content = self._content(exchange)
         with self._wake:
-            if self._error is not None:
-                raise self._error
-            if self._closing:
-                raise StoreError(f"ledger {log_id} is closed")
-            seq = self._next_seq
-            # Same bytes as orjson.dumps of the merged dict, without encoding the content twice.
-            line = (
-                b'{"schema":"'
-                + SCHEMA.encode()
-                + b'","log_id":"'
-                + log_id.encode()
-                + b'","seq":'
-                + str(seq).encode()
-                + b',"prev_hash":"'
-                + self._prev_hex.encode()
-                + b'",'
-                + content[1:]
-            )
-            lhash = leaf_hash(line)
-            record = Record(log_id, seq, exchange.event_id, line, lhash)
-            self._queue.append(_Pending(seq, line + b"\n", lhash, waiter, loop, record))
-            self._next_seq = seq + 1
-            self._prev_hex = lhash.hex()
+            self._check_open()
+            if self._deferred or self._building:
+                self._link_deferred_locked()  # deferred appends came first: keep their order
+            record = self._link_locked(exchange.event_id, content, waiter, loop)
             queued = len(self._queue)
             if waiter is not None or self.config.durability == "strict":
                 # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
@@ -379,6 +367,82 @@ class LedgerWriter:
             elif queued == ASYNC_BATCH:  # async durability: the flusher's timer takes the rest
                 self._wake.notify()
         return record
+
+    def defer(self, build: Callable[[], Exchange]) -> None:
+        """Queue a record whose exchange ``build()`` makes later, on the flusher thread.
+
+        For callers that want neither the record nor its durability (async durability): the
+        caller pays for a list append, and building, encoding and hashing the record happen
+        off its thread, in order with every other append. Under strict durability the record
+        is built here and this returns once it is on disk. A ``build`` that raises loses that
+        record; the error is logged.
+        """
+        if self.config.durability == "strict":
+            self.append(build())
+            return
+        with self._wake:
+            self._check_open()
+            self._deferred.append(build)
+            if len(self._queue) + len(self._deferred) == ASYNC_BATCH:
+                self._wake.notify()
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closing:
+            raise StoreError(f"ledger {self.config.log_id} is closed")
+
+    def _content(self, exchange: Exchange) -> bytes:
+        if self.config.sealer is not None:
+            exchange = self.config.sealer(exchange)
+        return exchange.content_bytes()
+
+    def _link_locked(
+        self,
+        event_id: str,
+        content: bytes,
+        waiter: Waiter | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Record:
+        """Give a record's content the next ``seq`` and ``prev_hash`` and queue its line."""
+        seq = self._next_seq
+        # Same bytes as orjson.dumps of the merged dict, without encoding the content twice.
+        line = (
+            b'{"schema":"'
+            + SCHEMA.encode()
+            + b'","log_id":"'
+            + self.config.log_id.encode()
+            + b'","seq":'
+            + str(seq).encode()
+            + b',"prev_hash":"'
+            + self._prev_hex.encode()
+            + b'",'
+            + content[1:]
+        )
+        lhash = leaf_hash(line)
+        record = Record(self.config.log_id, seq, event_id, line, lhash)
+        self._queue.append(_Pending(seq, line + b"\n", lhash, waiter, loop, record))
+        self._next_seq = seq + 1
+        self._prev_hex = lhash.hex()
+        return record
+
+    def _build_deferred(self, builds: list[Callable[[], Exchange]]) -> list[tuple[str, bytes]]:
+        built = []
+        for build in builds:
+            try:
+                exchange = build()
+                built.append((exchange.event_id, self._content(exchange)))
+            except Exception:
+                log.exception("tokentrail: cannot build a deferred record; it is lost")
+        return built
+
+    def _link_deferred_locked(self) -> None:
+        """Link every deferred append now, on this thread (an ordinary append is behind them)."""
+        while self._building:  # the flusher is building some: it links them, then wakes us
+            self._wake.wait()
+        builds, self._deferred = self._deferred, []
+        for event_id, content in self._build_deferred(builds):
+            self._link_locked(event_id, content)
 
     def begin(self, provisional: Exchange) -> None:
         """Note an exchange that has started, so a crash before its record still leaves one.
@@ -428,12 +492,19 @@ class LedgerWriter:
         with self._wake:
             if self._error is not None:
                 raise self._error
+            if self._deferred or self._building:
+                self._link_deferred_locked()
             target = self._next_seq
+            self._sync_wanted = True
             self._wake.notify()
-        while self._tree.size < target:
+        while self._synced_size < target:
             if self._error is not None:
                 raise self._error
             time.sleep(0.001)
+            if not self._sync_wanted:  # a sync ran before all of ours was written: ask again
+                with self._wake:
+                    self._sync_wanted = True
+                    self._wake.notify()
 
     def seal(self) -> Checkpoint | None:
         """Flush, then sign a checkpoint now (``None`` if nothing new); for tests and tools."""
@@ -449,7 +520,13 @@ class LedgerWriter:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._queue or self._closing or self._seal_requests):
+                while not (
+                    self._queue
+                    or self._deferred
+                    or self._closing
+                    or self._seal_requests
+                    or (self._sync_wanted and self._unsynced)
+                ):
                     timeout = self._next_timer()
                     if timeout == 0.0 or not self._wake.wait(timeout):
                         break
@@ -461,22 +538,35 @@ class LedgerWriter:
                 else:
                     want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
                 while (
-                    0 < len(self._queue) < want
+                    0 < len(self._queue) + len(self._deferred) < want
                     and not self._closing
                     and not self._seal_requests
                     and (left := deadline - time.monotonic()) > 0
                 ):
                     self._wake.wait(left)
+                builds, self._deferred = self._deferred, []
+                self._building = bool(builds)
+                closing = self._closing
+                requests, self._seal_requests = self._seal_requests, []
+            if builds:  # build outside the lock, link (cheap) under it, behind what is queued
+                built = self._build_deferred(builds)
+                with self._wake:
+                    for event_id, content in built:
+                        self._link_locked(event_id, content)
+                    self._building = False
+                    self._wake.notify_all()
+            with self._wake:
                 batch, self._queue = self._queue, []
                 self._last_batch = len(batch)
                 if batch:
                     self._async_poll = ASYNC_FLUSH_S
-                closing = self._closing
-                requests, self._seal_requests = self._seal_requests, []
             if batch:
                 self._write(batch)
             elif self._rotation_due():
                 self._close_segment()
+            if self._sync_due():
+                self._sync()
+                self._sync_wanted = False
             due = self.config.clock() - self._last_seal >= self.config.seal_interval_s
             sealed: Checkpoint | None = None
             if (requests or closing or due) and self._tree.size > self._signed_size:
@@ -489,7 +579,7 @@ class LedgerWriter:
                 req.set_result(sealed)
             if closing:
                 with self._wake:
-                    if not self._queue:
+                    if not (self._queue or self._deferred):
                         break
         self._close_segment()
 
@@ -504,6 +594,8 @@ class LedgerWriter:
             self._async_poll = min(ASYNC_IDLE_S, self._async_poll * 2)
         if self._tree.size > self._signed_size:
             timers.append(self._last_seal + self.config.seal_interval_s - now)
+        if self._unsynced:
+            timers.append(self._last_sync + ASYNC_SYNC_S - time.monotonic())
         if self._segment_fd is not None and self.config.rotate_interval_s is not None:
             timers.append(self._segment_opened + self.config.rotate_interval_s - now)
         return max(0.0, min(timers)) if timers else None
@@ -517,8 +609,13 @@ class LedgerWriter:
         )
 
     def _write(self, batch: list[_Pending]) -> None:
+        sync = (
+            self.config.durability == "strict"
+            or self._closing
+            or time.monotonic() - self._last_sync >= ASYNC_SYNC_S
+        )
         try:
-            self._write_batch(batch)
+            self._write_batch(batch, sync=sync)
         except OSError as exc:
             error = StoreError(
                 f"cannot write ledger {self.config.log_id} at seq {batch[0].seq}: {exc.strerror}"
@@ -528,6 +625,10 @@ class LedgerWriter:
         for item in batch:
             self._tree.append(item.lhash)
         self._durable_prev_hex = batch[-1].lhash.hex()
+        if sync:
+            self._synced(self._tree.size)
+        else:
+            self._unsynced = True
         self.failed_at = None
         _release(batch)
         if self._journal_fd is not None:
@@ -578,7 +679,30 @@ class LedgerWriter:
         self.failed_at = time.monotonic()
         _release(failed, error)
 
-    def _write_batch(self, batch: list[_Pending]) -> None:
+    def _synced(self, size: int) -> None:
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+        self._synced_size = size
+
+    def _sync(self) -> None:
+        """Fsync what async durability wrote and has not yet synced."""
+        if not self._unsynced:
+            return
+        if self._segment_fd is not None:
+            try:
+                os.fsync(self._segment_fd)
+            except OSError as exc:  # the next write or sync tries again
+                log.error("cannot fsync ledger %s: %s", self.config.log_id, exc.strerror)
+                self.failed_at = time.monotonic()
+                return
+        self._synced(self._tree.size)
+
+    def _sync_due(self) -> bool:
+        return self._unsynced and (
+            self._sync_wanted or time.monotonic() - self._last_sync >= ASYNC_SYNC_S
+        )
+
+    def _write_batch(self, batch: list[_Pending], *, sync: bool = True) -> None:
         start = 0
         while start < len(batch):
             fd = self._segment_for(batch[start].seq, len(batch[start].line))
@@ -597,7 +721,8 @@ class LedgerWriter:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             except OSError:
                 # Leave no partial line behind, so the log can go on when the disk recovers.
                 with contextlib.suppress(OSError):
@@ -637,6 +762,7 @@ class LedgerWriter:
     def _close_segment(self) -> None:
         if self._segment_fd is None:
             return
+        self._sync()
         os.close(self._segment_fd)
         self._segment_fd = None
         with contextlib.suppress(FileNotFoundError):
@@ -646,6 +772,7 @@ class LedgerWriter:
             self._compressor.submit(compress_segment, path)
 
     def _seal(self) -> Checkpoint | None:
+        self._sync()  # a checkpoint covers only what is on disk
         size = self._tree.size
         if size == 0 or size <= self._signed_size:
             return None
@@ -724,6 +851,7 @@ class LedgerWriter:
                 f" segments); refusing to continue"
             )
         self._tree = tree
+        self._synced_size = tree.size
         self._durable_prev_hex = prev_hex
         self._next_seq = tree.size
         self._prev_hex = prev_hex
