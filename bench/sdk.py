@@ -5,10 +5,19 @@ the client, the wrapper and the ledger only. For each case (the ``ollama`` and `
 clients, streamed and not) and each durability mode, the bare and the wrapped client make the
 same calls in alternating blocks; the table gives the median latency per call of each and the
 difference, in microseconds. Under ``strict`` the difference includes waiting for the fsync of
-the record (group commit); under ``async`` the record is only queued for the writer thread.
+the record (group commit); under ``async`` the record is only queued, and built, encoded and
+hashed on the ledger's writer thread. "added CPU" is the process's CPU time per call (all its
+threads, the writer's included; median over blocks) wrapped minus bare: the work the wrapper
+does wherever it runs.
 
     .venv/bin/python bench/sdk.py                  # 300 calls per cell
     .venv/bin/python bench/sdk.py --calls 1000
+    .venv/bin/python bench/sdk.py --ttft-ms 20 --token-ms 2   # a model that takes its time
+
+Without delays the caller never waits: it spends its time in the client's own Python code, and
+any work the wrapper moves to the writer thread still competes with it for the GIL (the "added
+CPU" column). With a simulated model's delays the caller waits for each answer, as it does for a
+real model, and the writer thread's work overlaps that wait.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_sim(mode: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_sim(mode: str, *delays: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -53,7 +62,7 @@ def start_sim(mode: str) -> tuple[subprocess.Popen[bytes], str]:
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokentrail", "sim", "--mode", mode,
-         "--listen", f"127.0.0.1:{port}"],
+         "--listen", f"127.0.0.1:{port}", *delays],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -98,12 +107,15 @@ def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[An
     }
 
 
-def timed(fn: Callable[[Any], Any], client: Any, n: int) -> list[float]:
+def timed(fn: Callable[[Any], Any], client: Any, n: int, cpu: list[float]) -> list[float]:
+    """``n`` calls' latencies (µs); appends the process's CPU time per call (µs) to ``cpu``."""
     out = []
+    c0 = time.process_time()
     for _ in range(n):
         t0 = time.perf_counter()
         fn(client)
         out.append((time.perf_counter() - t0) * 1e6)
+    cpu.append((time.process_time() - c0) / n * 1e6)
     return out
 
 
@@ -111,25 +123,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per cell")
     parser.add_argument("--block", type=int, default=50, help="calls per alternating block")
+    parser.add_argument(
+        "--durability", default="async,strict", help="comma-separated: async, strict"
+    )
+    parser.add_argument(
+        "--ttft-ms", type=float, default=0.0, help="simulator's delay before the first token"
+    )
+    parser.add_argument(
+        "--token-ms", type=float, default=0.0, help="simulator's delay per further token"
+    )
     args = parser.parse_args()
-    sims = [start_sim("ollama"), start_sim("openai")]
+    delays = ["--ttft-ms", str(args.ttft_ms), "--token-ms", str(args.token_ms)]
+    sims = [start_sim("ollama", *delays), start_sim("openai", *delays)]
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             signer = Signer.generate("bench")
-            for durability in ("async", "strict"):
+            for durability in args.durability.split(","):
                 rec = Recorder.open(
                     Path(tmp) / durability, key=signer, log_id="bench", durability=durability
                 )
                 for name, (bare, fn) in cases(sims[0][1], sims[1][1]).items():
                     wrapped = audit(bare, ledger=rec)
-                    timed(fn, bare, 20)  # warm up: connections, digests, imports
-                    timed(fn, wrapped, 20)
+                    timed(fn, bare, 20, [])  # warm up: connections, digests, imports
+                    timed(fn, wrapped, 20, [])
                     b: list[float] = []
                     w: list[float] = []
+                    cb: list[float] = []
+                    cw: list[float] = []
                     while len(b) < args.calls:
-                        b += timed(fn, bare, args.block)
-                        w += timed(fn, wrapped, args.block)
+                        b += timed(fn, bare, args.block, cb)
+                        w += timed(fn, wrapped, args.block, cw)
                     mb, mw = statistics.median(b), statistics.median(w)
                     rows.append(
                         (
@@ -139,6 +163,7 @@ def main() -> None:
                             f"{mw:.0f}",
                             f"{mw - mb:+.0f}",
                             f"{statistics.fmean(w) - statistics.fmean(b):+.0f}",
+                            f"{statistics.median(cw) - statistics.median(cb):+.0f}",
                         )
                     )
                 rec.close()
@@ -146,6 +171,10 @@ def main() -> None:
         for proc, _ in sims:
             proc.terminate()
             proc.wait()
+    print(
+        f"tokentrail SDK wrapper cost ({args.calls} calls per cell, simulator ttft"
+        f" {args.ttft_ms:g} ms, {args.token_ms:g} ms per further token)"
+    )
     print(
         table(
             [
@@ -155,6 +184,7 @@ def main() -> None:
                 "wrapped p50 µs",
                 "added p50 µs",
                 "added mean µs",
+                "added CPU µs",
             ],
             rows,
         )

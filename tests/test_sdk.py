@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import ollama
@@ -31,6 +31,7 @@ import pytest
 from tokentrail._capture import Meta, loads, new_capture
 from tokentrail._checkpoint import Signer
 from tokentrail._errors import ConfigError, StoreError
+from tokentrail._ledger import Durability
 from tokentrail._sdk import (
     HFTokenizer,
     Recorder,
@@ -39,6 +40,7 @@ from tokentrail._sdk import (
     load_tokenizer,
     session_turns,
 )
+from tokentrail._sdk._calls import Auditor, wire_copy
 from tokentrail._sdk._tokenizers import bpe_encode
 from tokentrail._sim import SimConfig, sim_in_thread
 from tokentrail._verify import VerifyOptions, verify_local
@@ -158,9 +160,10 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "ledger"
 
 
-@pytest.fixture
-def recorder(root: Path, signer: Signer) -> Iterator[Recorder]:
-    rec = Recorder.open(root, key=signer, log_id="sdk")
+@pytest.fixture(params=["strict", "async"])
+def recorder(root: Path, signer: Signer, request: pytest.FixtureRequest) -> Iterator[Recorder]:
+    """Both durabilities: strict builds records on the caller's thread, async on the writer's."""
+    rec = Recorder.open(root, key=signer, log_id="sdk", durability=request.param)
     yield rec
     rec.close()
 
@@ -265,12 +268,19 @@ class TestOllama:
         recorder.close()
         verify(root, signer, tmp_path / "state")
 
+    @pytest.mark.parametrize("durability", ["strict", "async"])
     @pytest.mark.parametrize("mode", OLLAMA_MODES)
     async def test_async(
-        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path, mode: str
+        self,
+        sims: dict[str, str],
+        root: Path,
+        signer: Signer,
+        tmp_path: Path,
+        mode: str,
+        durability: Durability,
     ) -> None:
         """The asyncio client: same results, same records, through the async path."""
-        recorder = await Recorder.aopen(root, key=signer, log_id="sdk", durability="strict")
+        recorder = await Recorder.aopen(root, key=signer, log_id="sdk", durability=durability)
         bare = ollama.AsyncClient(host=sims[mode])
         wrapped = audit(bare, ledger=recorder)
         assert isinstance(wrapped, ollama.AsyncClient)
@@ -342,12 +352,19 @@ class TestOpenAI:
         recorder.close()
         verify(root, signer, tmp_path / "state")
 
+    @pytest.mark.parametrize("durability", ["strict", "async"])
     @pytest.mark.parametrize("mode", OPENAI_MODES)
     async def test_async(
-        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path, mode: str
+        self,
+        sims: dict[str, str],
+        root: Path,
+        signer: Signer,
+        tmp_path: Path,
+        mode: str,
+        durability: Durability,
     ) -> None:
         """The asyncio client: same results and chunks, same records."""
-        recorder = await Recorder.aopen(root, key=signer, log_id="sdk")
+        recorder = await Recorder.aopen(root, key=signer, log_id="sdk", durability=durability)
         bare = openai.AsyncOpenAI(base_url=sims[mode] + "/v1", api_key="k")
         wrapped = audit(bare, ledger=recorder)
         assert isinstance(wrapped, openai.AsyncOpenAI)
@@ -634,6 +651,74 @@ class TestFaults:
         assert before == after[:1]
         assert ["before", "after"] == [r["input_text"] for r in after]
         verify(root, signer, tmp_path / "state")
+
+
+class TestLazyCalls:
+    """A lazy call (async durability: fed now, built on the writer thread) records exactly what
+    an eager one (strict: built on the caller's thread) records from the same events."""
+
+    LINES: ClassVar[list[str]] = [
+        '{"model":"m","created_at":"t","message":{"role":"assistant","content":"Hel"},'
+        '"done":false}',
+        # A tool call whose arguments name "done" and "error": not the end of the exchange.
+        '{"model":"m","created_at":"t","message":{"role":"assistant","content":"",'
+        '"tool_calls":[{"function":{"name":"f","arguments":{"done":true,"error":"x"}}}]},'
+        '"done":false}',
+        '{"model":"m","created_at":"t","message":{"role":"assistant","content":"lo"},"done":false}',
+    ]
+    FINAL = (
+        '{"model":"m","created_at":"t","message":{"role":"assistant","content":""},'
+        '"done":true,"done_reason":"stop","prompt_eval_count":3,"eval_count":2}'
+    )
+
+    @pytest.mark.parametrize(
+        "case", ["complete", "error line", "not json", "cut", "raised", "http 500", "whole body"]
+    )
+    def test_same_record(self, tmp_path: Path, signer: Signer, case: str) -> None:
+        body = {"model": "m", "messages": MSGS, "stream": case != "whole body"}
+        records = []
+        for durability in ("strict", "async"):
+            rec = Recorder.open(
+                tmp_path / durability, key=signer, log_id="lazy", durability=durability
+            )
+            call = Auditor(rec, user_id="u", session_id="s", client="c").begin(
+                "ollama.chat", wire_copy(body)
+            )
+            assert call.lazy is (durability == "async")
+            ends: list[bool] = []
+            if case == "whole body":
+                call.status = 200
+                call.feed_raw((self.LINES[0].replace('"done":false', '"done":true')).encode())
+                call.record()
+            else:
+                lines = list(self.LINES)
+                if case == "complete":
+                    lines.append(self.FINAL)
+                elif case == "error line":
+                    lines.append('{"error":"model crashed"}')
+                elif case == "not json":
+                    lines += ["<html>oops</html>", self.FINAL]
+                call.status = 500 if case == "http 500" else 200
+                for line in lines:
+                    call.feed_raw(line)
+                    ends.append(call.ended)
+                    if call.ended:
+                        call.record()
+                if case == "raised":
+                    call.fail(RuntimeError("connection reset"))
+                    call.record("upstream_error")
+                else:
+                    call.record(expect_end=True)
+            rec.close()
+            (got,) = read_records(tmp_path / durability)
+            records.append((ends, {k: v for k, v in got.items() if k not in VOLATILE_RECORD}))
+        (strict_ends, strict), (async_ends, lazy) = records
+        for k in ("log_id", "seq", "prev_hash"):
+            strict.pop(k), lazy.pop(k)
+        if case != "not json":  # eager mode sees a bad line at once, lazy at the end
+            assert strict_ends == async_ends
+        assert strict == lazy
+        assert strict["output_text"] or case == "whole body"
 
 
 class TestConcurrency:

@@ -288,6 +288,10 @@ class Capture(ABC):
     def finish(self, meta: Meta, stop_reason: str | None = None) -> Exchange:
         """The exchange as seen so far; ``stop_reason`` overrides the upstream's."""
 
+    def is_last(self, chunk: Any) -> bool:
+        """Whether ``chunk`` ends the exchange, judged without feeding it (cheap)."""
+        return False
+
     def default_model_version(self) -> str | None:
         """The most specific version the wire revealed, unless the caller knows better."""
         return None

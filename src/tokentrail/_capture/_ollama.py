@@ -139,6 +139,10 @@ class OllamaCapture(Capture):
             self.final = chunk
         return produced or had_tokens
 
+    def is_last(self, chunk: Any) -> bool:
+        """The line with ``"done": true``, or an error line: what :meth:`feed` ends on."""
+        return isinstance(chunk, Mapping) and (chunk.get("done") is True or "error" in chunk)
+
     def finish(self, meta: Meta, stop_reason: str | None = None) -> Exchange:
         """The exchange; ``stop_reason`` overrides ``done_reason`` (e.g. ``client_disconnect``)."""
         final = self.final

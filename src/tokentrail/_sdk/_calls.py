@@ -18,11 +18,14 @@ from typing import Any
 import orjson
 
 from .._capture import Capture, Meta, loads, new_capture
-from .._record import Record, new_event_id, now_rfc3339
-from ._recorder import VIA_FIELD, VIA_SDK, Recorder
+from .._record import Exchange, Record, new_event_id, rfc3339
+from ._recorder import VIA_FIELD, VIA_SDK, Recorder, log
 
 #: The SDK's own provenance fields: which client library made the call.
 CLIENT_FIELD = "tokentrail.sdk.client"
+NOT_JSON = "upstream sent a body that is not JSON"
+_DONE = '"done"'
+_ERROR = '"error"'
 
 
 def wire_copy(body: Any, dumps: Callable[[Any], bytes] | None = None) -> dict[str, Any]:
@@ -65,64 +68,153 @@ class Auditor:
         return Call(self, new_capture(api, body))
 
 
+class _Text:
+    """A chunk's JSON text, kept as received until a lazy call is built."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes | str) -> None:
+        self.raw = raw
+
+
 class Call:
-    """The state of one audited exchange, from the request to its one record."""
+    """The state of one audited exchange, from the request to its one record.
+
+    Under async durability a call is *lazy*: what it is fed is kept, with the time each chunk
+    arrived, and fed to the capture, together with building, encoding and hashing the record,
+    on the ledger's writer thread (:meth:`LedgerWriter.defer`), so the caller pays for a list
+    append per chunk. What is kept is wire text or the JSON the client library parsed from it,
+    never the library's objects, so what the caller does with those later cannot change the
+    record. Errors noted on the caller's side (:meth:`note_error`) are applied after the chunks,
+    as they happened. Under strict durability everything happens on the caller's thread.
+    """
 
     __slots__ = (
         "auditor",
         "capture",
         "event_id",
+        "fed",
         "first_token",
+        "last_seen",
+        "lazy",
         "model_version",
+        "noted",
+        "pending",
         "recorded",
         "started",
         "status",
-        "timestamp",
+        "wall",
     )
 
     def __init__(self, auditor: Auditor, capture: Capture) -> None:
         self.auditor = auditor
         self.capture = capture
-        self.timestamp = now_rfc3339()
+        self.wall = time.time()
         self.started = time.perf_counter()
         self.event_id = new_event_id()
         self.first_token: float | None = None
         self.status: int | None = None
         self.recorded = False
         self.model_version: str | None = None
+        self.lazy = auditor.recorder.durability == "async"
+        self.pending: list[tuple[Any, float]] = []
+        self.last_seen = False  # the chunk that ends the exchange has arrived
+        self.noted: str | None = None  # lazy: an error noted on the caller's side
+        self.fed = 0  # chunks fed so far
+
+    @property
+    def ended(self) -> bool:
+        """Whether the exchange's final chunk (or an error) has been fed."""
+        if self.lazy:
+            return self.last_seen
+        return self.capture.finished or self.capture.error is not None
 
     def feed(self, chunk: Any) -> None:
         """Take one response chunk as parsed wire JSON (one NDJSON line, SSE payload or body)."""
-        if self.capture.feed(chunk) and self.first_token is None:
+        if self.recorded:
+            return
+        self.fed += 1
+        if self.lazy:
+            self.pending.append((chunk, time.perf_counter()))
+            if not self.last_seen:
+                self.last_seen = self.capture.is_last(chunk)
+        elif self.capture.feed(chunk) and self.first_token is None:
             self.first_token = time.perf_counter()
 
     def feed_raw(self, raw: bytes | str) -> None:
-        """Take one chunk's JSON text; what is not JSON marks the call as failed."""
-        try:
-            chunk = loads(raw)
-        except ValueError:
-            if self.capture.error is None:
-                self.capture.error = "upstream sent a body that is not JSON"
+        """Take one chunk's JSON text: an NDJSON line (``str``) or a whole body (``bytes``).
+
+        Text that is not JSON marks the call as failed. A lazy call keeps the text and parses
+        it later, unless a line may end the exchange (it names ``"done"`` or ``"error"``, which
+        the text of an answer cannot, as JSON escapes the quotes in a string).
+        """
+        if self.recorded:
             return
-        self.feed(chunk)
+        if not self.lazy:
+            try:
+                chunk = loads(raw)
+            except ValueError:
+                if self.capture.error is None:
+                    self.capture.error = NOT_JSON
+                return
+            self.feed(chunk)
+            return
+        self.fed += 1
+        self.pending.append((_Text(raw), time.perf_counter()))
+        if self.last_seen or not isinstance(raw, str):  # a whole body: nothing follows it
+            return
+        if _DONE in raw or _ERROR in raw:
+            try:
+                self.last_seen = self.capture.is_last(loads(raw))
+            except ValueError:
+                self.last_seen = True  # the replay notes it, and nothing after it counts
+
+    def note_error(self, message: str) -> None:
+        """An error seen on the caller's side; the upstream's own error, if any, comes first."""
+        if self.lazy:
+            if self.noted is None:
+                self.noted = message
+        elif self.capture.error is None:
+            self.capture.error = message
 
     def fail(self, exc: BaseException) -> None:
         """The call raised after the request was sent: keep the exception as the error text."""
-        if self.capture.error is None:
-            self.capture.error = f"{type(exc).__name__}: {exc}"
+        self.note_error(f"{type(exc).__name__}: {exc}")
 
-    def exchange(self, stop: str | None) -> Any:
-        """The :class:`~tokentrail._record.Exchange` as captured so far."""
-        self.recorded = True
-        now = time.perf_counter()
+    def _replay(self) -> None:
+        """Feed the capture what a lazy call kept, in order, with the times it arrived."""
+        capture = self.capture
+        for chunk, at in self.pending:
+            if type(chunk) is _Text:
+                try:
+                    chunk = loads(chunk.raw)
+                except ValueError:
+                    if capture.error is None:
+                        capture.error = NOT_JSON
+                    break  # as when fed at once: the call ends on the first such line
+            if capture.feed(chunk) and self.first_token is None:
+                self.first_token = at
+        self.pending = []
+        if self.noted is not None and capture.error is None:
+            capture.error = self.noted
+
+    def _exchange(self, stop: str | None, ended: float, expect_end: bool) -> Exchange:
+        """The :class:`~tokentrail._record.Exchange` as captured (after the replay, if lazy)."""
+        self._replay()
+        capture = self.capture
+        status = self.status or 0
+        if status >= 400 and capture.error is None:
+            capture.error = f"HTTP {status}"
+        elif expect_end and not capture.finished and capture.error is None:
+            capture.error = "upstream closed the stream before its end"
         a = self.auditor
         model_version = self.model_version
         if model_version is None and a.model_version is not None:
-            model_version = a.model_version(self.capture.model)
+            model_version = a.model_version(capture.model)
         meta = Meta(
-            timestamp=self.timestamp,
+            timestamp=rfc3339(self.wall),
             event_id=self.event_id,
-            request_duration_ms=(now - self.started) * 1000.0,
+            request_duration_ms=(ended - self.started) * 1000.0,
             time_to_first_token_ms=None
             if self.first_token is None
             else (self.first_token - self.started) * 1000.0,
@@ -130,23 +222,44 @@ class Call:
             session_id=a.session_id,
             model_version=model_version,
             status=self.status,
-            extra={"stream": self.capture.stream, VIA_FIELD: VIA_SDK, CLIENT_FIELD: a.client},
+            extra={"stream": capture.stream, VIA_FIELD: VIA_SDK, CLIENT_FIELD: a.client},
         )
-        return self.capture.finish(meta, stop)
+        return capture.finish(meta, stop)
 
-    def record(self, stop: str | None = None) -> Record | None:
-        """Record once, blocking for the durability the recorder asks for."""
+    def record(self, stop: str | None = None, *, expect_end: bool = False) -> Record | None:
+        """Record once: blocking for strict durability, handed to the writer thread for async.
+
+        ``expect_end``: the response ended without error on the caller's side, so a capture
+        that saw no final chunk says the upstream closed the stream early.
+        """
         if self.recorded:
             return None
-        return self.auditor.recorder.append(self.exchange(stop))
+        self.recorded = True
+        ended = time.perf_counter()
+        recorder = self.auditor.recorder
+        if self.lazy:
+            recorder.defer(lambda: self._exchange(stop, ended, expect_end))
+            return None
+        return recorder.append(self._exchange(stop, ended, expect_end))
 
-    async def arecord(self, stop: str | None = None) -> Record | None:
+    async def arecord(self, stop: str | None = None, *, expect_end: bool = False) -> Record | None:
         """Record once from asyncio code."""
         if self.recorded:
             return None
-        return await self.auditor.recorder.aappend(self.exchange(stop))
+        if self.lazy:
+            return self.record(stop, expect_end=expect_end)
+        self.recorded = True
+        exchange = self._exchange(stop, time.perf_counter(), expect_end)
+        return await self.auditor.recorder.aappend(exchange)
 
     def abandon(self) -> None:
         """The caller dropped the stream: record ``client_disconnect`` without waiting."""
-        if not self.recorded:
-            self.auditor.recorder.submit(self.exchange("client_disconnect"))
+        if self.recorded:
+            return
+        self.recorded = True
+        ended = time.perf_counter()
+        recorder = self.auditor.recorder
+        try:
+            recorder.defer(lambda: self._exchange("client_disconnect", ended, False), wait=False)
+        except Exception as exc:
+            log.error("tokentrail: could not record exchange %s: %s", self.event_id, exc)

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -267,6 +267,19 @@ class Recorder:
         waiter: asyncio.Future[Record] = loop.create_future()
         self.writer.submit(exchange, waiter, loop)
         return await waiter
+
+    def defer(self, build: Callable[[], Exchange], *, wait: bool = True) -> None:
+        """Record the exchange ``build()`` makes, building it as late as durability allows.
+
+        Async durability: ``build`` runs on the writer thread (the caller only queues it).
+        Strict: it runs here and, with ``wait``, this returns once the record is on disk.
+        """
+        if not self._strict:
+            self.writer.defer(lambda: self.prepare(build()))
+        elif wait:
+            self.append(build())
+        else:
+            self.submit(build())
 
     def submit(self, exchange: Exchange) -> Record | None:
         """Queue without waiting (for finalizers and abandoned streams); errors are logged."""

@@ -141,8 +141,6 @@ class _SyncTap(_Tapped):
             raise
         call.status = resp.status_code
         call.feed_raw(resp.content)
-        if resp.status_code >= 400 and call.capture.error is None:
-            call.capture.error = f"HTTP {resp.status_code}"
         self._version(call)
         call.record("upstream_error" if resp.status_code >= 400 else None)
         return resp
@@ -187,7 +185,7 @@ class _SyncStream:
         for line in self.resp.iter_lines():
             if line.strip():
                 call.feed_raw(line)
-                if call.capture.finished or call.capture.error is not None:
+                if call.ended:
                     self.tap._version(call)
                     call.record()
             yield line
@@ -211,12 +209,7 @@ class _SyncStream:
                         call.fail(exc)
                         _record_quietly(call)
                     else:
-                        status = self.resp.status_code if self.resp is not None else 0
-                        if status >= 400 and call.capture.error is None:
-                            call.capture.error = f"HTTP {status}"
-                        elif not call.capture.finished and call.capture.error is None:
-                            call.capture.error = "upstream closed the stream before its end"
-                        call.record()
+                        call.record(expect_end=True)
 
 
 class _AsyncTap(_Tapped):
@@ -272,8 +265,6 @@ class _AsyncTap(_Tapped):
             raise
         call.status = resp.status_code
         call.feed_raw(resp.content)
-        if resp.status_code >= 400 and call.capture.error is None:
-            call.capture.error = f"HTTP {resp.status_code}"
         await self._version(call)
         await call.arecord("upstream_error" if resp.status_code >= 400 else None)
         return resp
@@ -319,7 +310,7 @@ class _AsyncStream:
         async for line in self.resp.aiter_lines():
             if line.strip():
                 call.feed_raw(line)
-                if call.capture.finished or call.capture.error is not None:
+                if call.ended:
                     await self.tap._version(call)
                     await call.arecord()
             yield line
@@ -343,12 +334,7 @@ class _AsyncStream:
                         call.fail(exc)
                         await _arecord_quietly(call)
                     else:
-                        status = self.resp.status_code if self.resp is not None else 0
-                        if status >= 400 and call.capture.error is None:
-                            call.capture.error = f"HTTP {status}"
-                        elif not call.capture.finished and call.capture.error is None:
-                            call.capture.error = "upstream closed the stream before its end"
-                        await call.arecord()
+                        await call.arecord(expect_end=True)
 
 
 def _record_quietly(call: Call) -> None:

@@ -5,9 +5,17 @@
 is intercepted, so the request body is the one the library built (``extra_body`` merged in as the
 library merges it) and the result is the library's own object. A non-streamed result is returned
 as it is; a stream is handed back inside a thin wrapper that yields the very same chunk objects.
-Every chunk is read back with ``model_dump(exclude_unset=True)``, which gives the fields the
-server sent, extension fields included (vLLM's ``token_ids``, llama.cpp's ``id`` land in
-``model_extra``), and fed to the capture the proxy uses.
+
+What the capture (the proxy's) is fed is the wire JSON: the library parses each body and each
+SSE ``data:`` payload with ``json`` and hands the result to its client's
+``_process_response_data`` to build its model. The audited resource runs on a shallow copy of the
+caller's client (same connection pool) whose ``_process_response_data`` first hands that parsed
+JSON to the call in progress (a context variable says which). That is every field the server
+sent, extension fields included (vLLM's ``token_ids``, llama.cpp's ``id``), at no extra parsing.
+Should a future library not call that hook, the chunk is read back with
+``model_dump(exclude_unset=True)`` instead. (openai's models copy what they declare; fields they
+do not declare are shared with the parsed JSON, so a caller that mutates ``model_extra`` before
+an async-durability record is built would change it.)
 
 Everything else (``models``, ``embeddings``, ``with_raw_response``, …) is the caller's client,
 untouched; ``with_options`` / ``copy`` return an audited client again. ``isinstance`` sees the
@@ -21,6 +29,7 @@ durability a stream ends (``StopIteration``) only once its record is on disk.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 from collections.abc import Callable, Mapping
@@ -43,6 +52,26 @@ _OMIT: tuple[type, ...] = tuple(
     t for t in (getattr(openai, "Omit", None), getattr(openai, "NotGiven", None)) if t
 )
 _CONNECT_CAUSES = ("ConnectError", "ConnectTimeout")
+
+#: The call whose response the library is parsing on this thread / in this task.
+_CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "tokentrail_openai_call", default=None
+)
+
+
+def _tapped_client(client: Any) -> Any:
+    """A shallow copy of ``client`` that shows the current call each parsed response body."""
+    tapped = copy.copy(client)
+    process = client._process_response_data
+
+    def tap(*, data: object, cast_to: Any, response: Any) -> Any:
+        call = _CURRENT.get()
+        if call is not None:
+            call.feed(data)
+        return process(data=data, cast_to=cast_to, response=response)
+
+    tapped._process_response_data = tap
+    return tapped
 
 
 def _not_sent(exc: BaseException) -> bool:
@@ -74,8 +103,7 @@ def _status_error(call: Call, exc: openai.APIStatusError) -> None:
     call.status = exc.status_code
     if exc.body is not None:
         call.feed({"error": exc.body})
-    if call.capture.error is None:
-        call.capture.error = exc.message
+    call.note_error(exc.message)
 
 
 class _Transparent:
@@ -148,8 +176,13 @@ class _AuditedCreate(_Transparent):
         self._tt_target = resource
         self._tt_auditor = auditor
         self._tt_api = api
-        self._tt_post = resource._post
         tap = copy.copy(resource)
+        client = getattr(resource, "_client", None)
+        if client is not None and hasattr(client, "_process_response_data"):
+            tap._client = _tapped_client(client)
+            self._tt_post = tap._client.post
+        else:  # pragma: no cover - a library without the hook: model_dump fallback
+            self._tt_post = resource._post
         tap._post = self._apost if inspect.iscoroutinefunction(self._tt_post) else self._post
         self._tt_tap = tap
 
@@ -162,6 +195,7 @@ class _AuditedCreate(_Transparent):
     ) -> Any:
         options = options or {}
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
+        token = _CURRENT.set(call)
         try:
             result = self._tt_post(path, body=body, options=options, stream=stream, **kw)
         except openai.APIStatusError as exc:
@@ -177,10 +211,13 @@ class _AuditedCreate(_Transparent):
             call.fail(exc)
             _record_quietly(call)
             raise
+        finally:
+            _CURRENT.reset(token)
         call.status = 200  # the library raises for anything but 2xx
         if stream:
             return AuditedStream(result, call)
-        call.feed(_dump(result))
+        if not call.fed:
+            call.feed(_dump(result))
         call.record()
         return result
 
@@ -189,6 +226,7 @@ class _AuditedCreate(_Transparent):
     ) -> Any:
         options = options or {}
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
+        token = _CURRENT.set(call)
         try:
             result = await self._tt_post(path, body=body, options=options, stream=stream, **kw)
         except openai.APIStatusError as exc:
@@ -204,10 +242,13 @@ class _AuditedCreate(_Transparent):
             call.fail(exc)
             await _arecord_quietly(call)
             raise
+        finally:
+            _CURRENT.reset(token)
         call.status = 200
         if stream:
             return AuditedAsyncStream(result, call)
-        call.feed(_dump(result))
+        if not call.fed:
+            call.feed(_dump(result))
         await call.arecord()
         return result
 
@@ -224,6 +265,8 @@ class AuditedStream(_Transparent):
 
     def __next__(self) -> Any:
         call = self._tt_call
+        fed = call.fed
+        token = _CURRENT.set(call)
         try:
             chunk = self._tt_target.__next__()
         except StopIteration:
@@ -239,7 +282,10 @@ class AuditedStream(_Transparent):
             call.fail(exc)
             _record_quietly(call)
             raise
-        call.feed(_dump(chunk))
+        finally:
+            _CURRENT.reset(token)
+        if call.fed == fed:
+            call.feed(_dump(chunk))
         return chunk
 
     def close(self) -> None:
@@ -271,6 +317,8 @@ class AuditedAsyncStream(_Transparent):
 
     async def __anext__(self) -> Any:
         call = self._tt_call
+        fed = call.fed
+        token = _CURRENT.set(call)
         try:
             chunk = await self._tt_target.__anext__()
         except StopAsyncIteration:
@@ -286,7 +334,10 @@ class AuditedAsyncStream(_Transparent):
             call.fail(exc)
             await _arecord_quietly(call)
             raise
-        call.feed(_dump(chunk))
+        finally:
+            _CURRENT.reset(token)
+        if call.fed == fed:
+            call.feed(_dump(chunk))
         return chunk
 
     async def close(self) -> None:
