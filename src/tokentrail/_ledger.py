@@ -65,11 +65,11 @@ LOCK_ATTEMPTS = 20
 JOURNAL_FILE = "inflight.jsonl"
 _JOURNAL_COMPACT_BYTES = 4 << 20
 
-#: Async durability: the flusher looks for records this often (backing off to ASYNC_IDLE_S when
-#: idle, so at most that long passes before an async append is written), or once this many are
-#: queued.
-ASYNC_FLUSH_S = 0.002
-ASYNC_IDLE_S = 0.02
+#: Async durability: while records flow the flusher looks for them this often (appenders do not
+#: wake it), or once this many are queued; after a look that finds none it sleeps until the next
+#: append wakes it. So an async append is written at once after a pause, within this while
+#: records flow, and a wake-up (costly on a busy or virtual machine) serves a whole batch.
+ASYNC_FLUSH_S = 0.01
 ASYNC_BATCH = 256
 #: Async durability: what is written is fsynced at most this long after (and before any seal,
 #: segment close or ``flush``), so one fsync serves every batch written in that time.
@@ -189,7 +189,7 @@ class LedgerWriter:
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
-        self._async_poll = ASYNC_FLUSH_S
+        self._async_poll: float | None = None  # async: the look-again interval; None when idle
         self._unsynced = False  # async durability: written to the open segment, not yet fsynced
         self._last_sync = 0.0  # time.monotonic() of the last fsync
         self._sync_wanted = False  # ``flush`` waits for an fsync
@@ -364,8 +364,8 @@ class LedgerWriter:
                 # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
                 if queued == 1 or queued == self._last_batch:
                     self._wake.notify()
-            elif queued == ASYNC_BATCH:  # async durability: the flusher's timer takes the rest
-                self._wake.notify()
+            elif queued == ASYNC_BATCH or (queued == 1 and self._async_poll is None):
+                self._wake.notify()  # async: a full batch, or the first append after a pause
         return record
 
     def defer(self, build: Callable[[], Exchange]) -> None:
@@ -383,7 +383,8 @@ class LedgerWriter:
         with self._wake:
             self._check_open()
             self._deferred.append(build)
-            if len(self._queue) + len(self._deferred) == ASYNC_BATCH:
+            queued = len(self._queue) + len(self._deferred)
+            if queued == ASYNC_BATCH or (queued == 1 and self._async_poll is None):
                 self._wake.notify()
 
     def _check_open(self) -> None:
@@ -532,9 +533,9 @@ class LedgerWriter:
                         break
                 # Group commit. Strict: the appenders the last fsync released are about to append
                 # again; wait (briefly) for as many of them as there were, so one fsync serves
-                # them all. Async: nobody waits, so gather for a moment and write in bulk.
+                # them all. Async: the look-again interval gathers the batch.
                 if self.config.durability == "async":
-                    want, deadline = ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S
+                    want, deadline = 1, 0.0
                 else:
                     want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
                 while (
@@ -558,8 +559,8 @@ class LedgerWriter:
             with self._wake:
                 batch, self._queue = self._queue, []
                 self._last_batch = len(batch)
-                if batch:
-                    self._async_poll = ASYNC_FLUSH_S
+                # Async: look again soon while records flow, else sleep until an append wakes us.
+                self._async_poll = ASYNC_FLUSH_S if batch else None
             if batch:
                 self._write(batch)
             elif self._rotation_due():
@@ -587,11 +588,8 @@ class LedgerWriter:
         """Seconds until the next seal or timed rotation is due (``None``: nothing pending)."""
         now = self.config.clock()
         timers = []
-        if self.config.durability == "async":
-            # Nobody waits for an async append, so none wakes the flusher: it looks every
-            # ASYNC_FLUSH_S while records come, backing off to ASYNC_IDLE_S when they stop.
-            timers.append(self._async_poll)
-            self._async_poll = min(ASYNC_IDLE_S, self._async_poll * 2)
+        if self.config.durability == "async" and self._async_poll is not None:
+            timers.append(self._async_poll)  # records flow: look again soon
         if self._tree.size > self._signed_size:
             timers.append(self._last_seal + self.config.seal_interval_s - now)
         if self._unsynced:
@@ -691,9 +689,9 @@ class LedgerWriter:
         if self._segment_fd is not None:
             try:
                 os.fsync(self._segment_fd)
-            except OSError as exc:  # the next write or sync tries again
+            except OSError as exc:  # tried again ASYNC_SYNC_S later, or by the next write
                 log.error("cannot fsync ledger %s: %s", self.config.log_id, exc.strerror)
-                self.failed_at = time.monotonic()
+                self.failed_at = self._last_sync = time.monotonic()
                 return
         self._synced(self._tree.size)
 
