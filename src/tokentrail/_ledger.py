@@ -521,6 +521,7 @@ class LedgerWriter:
     def _run(self) -> None:
         while True:
             with self._wake:
+                idle = self._async_poll is None
                 while not (
                     self._queue
                     or self._deferred
@@ -533,9 +534,13 @@ class LedgerWriter:
                         break
                 # Group commit. Strict: the appenders the last fsync released are about to append
                 # again; wait (briefly) for as many of them as there were, so one fsync serves
-                # them all. Async: the look-again interval gathers the batch.
+                # them all. Async: the look-again interval gathers the batch; woken from idle by
+                # an append, gather for ASYNC_FLUSH_S, so the work is done while the appender
+                # (most likely) waits for its model, not at its next system call.
                 if self.config.durability == "async":
-                    want, deadline = 1, 0.0
+                    want, deadline = (
+                        (ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S) if idle else (1, 0.0)
+                    )
                 else:
                     want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
                 while (
