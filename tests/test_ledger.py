@@ -35,6 +35,7 @@ from tokentrail._errors import ConfigError, DamagedLogError, KeyError_, StoreErr
 from tokentrail._ledger import (
     ASYNC_SYNC_S,
     AsyncLedger,
+    Durability,
     Ledger,
     LedgerConfig,
     compress_segment,
@@ -466,6 +467,39 @@ class TestGroupCommit:
         assert [i for i in range(40) if i != 7] == numbers  # the failed build alone is lost
         assert any(t.startswith("tokentrail-flush") for t in threads)
         assert_chain(ledger_root, 39)
+        assert verified(ledger_root, signer)
+
+    @pytest.mark.parametrize("durability", ["strict", "async"])
+    def test_orphans_never_wait_for_the_lock(
+        self,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+        durability: Durability,
+    ) -> None:
+        """A finalizer's append (``orphan``) on a thread that holds the writer's lock (the
+        collector runs inside any allocation) neither deadlocks nor is lost; one made while
+        the writer idles is written without any further append."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer, durability=durability)
+        with Ledger.open(cfg) as ledger:
+            writer = ledger.writer
+
+            def finalizer_inside_the_lock() -> None:
+                with writer._wake:
+                    writer.orphan(lambda: make_exchange(0))
+
+            t = threading.Thread(target=finalizer_inside_the_lock)
+            t.start()
+            t.join(5)
+            assert not t.is_alive(), "orphan() waited for a lock its own thread held"
+            writer.flush()
+            assert 1 == writer.size
+            writer.orphan(lambda: make_exchange(1))  # the writer idles: it must wake
+            deadline = time.monotonic() + 5
+            while writer.size < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert 2 == writer.size
+        assert_chain(ledger_root, 2)
         assert verified(ledger_root, signer)
 
     def test_deferred_under_strict_is_durable(

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -169,6 +170,8 @@ class LedgerWriter:
         # Deferred appends (``defer``): built on the flusher thread, after everything queued.
         self._deferred: list[Callable[[], Exchange]] = []
         self._building = False  # the flusher is building deferred records outside the lock
+        # Appends from finalizers (``orphan``): taken without the lock, moved to ``_deferred``.
+        self._orphans: deque[Callable[[], Exchange]] = deque()
         self._closing = False
         self._error: TokentrailError | None = None
         # Chain state as appends see it (may run ahead of the disk).
@@ -387,6 +390,27 @@ class LedgerWriter:
             if queued == ASYNC_BATCH or (queued == 1 and self._async_poll is None):
                 self._wake.notify()
 
+    def orphan(self, build: Callable[[], Exchange]) -> None:
+        """:meth:`defer` for finalizers (``__del__``, a generator closed by the collector).
+
+        A finalizer can run on a thread that holds this writer's lock (the collector runs
+        inside any allocation), so this never waits for the lock: the build goes on a queue the
+        flusher drains (on its next round, at ``flush`` and at close), under either durability.
+        """
+        if self._closing:
+            log.error("tokentrail: ledger %s is closed; a record is lost", self.config.log_id)
+            return
+        self._orphans.append(build)
+        if self._lock.acquire(blocking=False):  # else its holder is busy and will look again
+            try:
+                self._wake.notify()
+            finally:
+                self._lock.release()
+
+    def _adopt_orphans_locked(self) -> None:
+        while self._orphans:
+            self._deferred.append(self._orphans.popleft())
+
     def _check_open(self) -> None:
         if self._error is not None:
             raise self._error
@@ -441,6 +465,7 @@ class LedgerWriter:
         """Link every deferred append now, on this thread (an ordinary append is behind them)."""
         while self._building:  # the flusher is building some: it links them, then wakes us
             self._wake.wait()
+        self._adopt_orphans_locked()
         builds, self._deferred = self._deferred, []
         for event_id, content in self._build_deferred(builds):
             self._link_locked(event_id, content)
@@ -493,7 +518,7 @@ class LedgerWriter:
         with self._wake:
             if self._error is not None:
                 raise self._error
-            if self._deferred or self._building:
+            if self._deferred or self._building or self._orphans:
                 self._link_deferred_locked()
             target = self._next_seq
             self._sync_wanted = True
@@ -525,6 +550,7 @@ class LedgerWriter:
                 while not (
                     self._queue
                     or self._deferred
+                    or self._orphans
                     or self._closing
                     or self._seal_requests
                     or (self._sync_wanted and self._unsynced)
@@ -550,6 +576,7 @@ class LedgerWriter:
                     and (left := deadline - time.monotonic()) > 0
                 ):
                     self._wake.wait(left)
+                self._adopt_orphans_locked()
                 builds, self._deferred = self._deferred, []
                 self._building = bool(builds)
                 closing = self._closing
@@ -585,7 +612,7 @@ class LedgerWriter:
                 req.set_result(sealed)
             if closing:
                 with self._wake:
-                    if not (self._queue or self._deferred):
+                    if not (self._queue or self._deferred or self._orphans):
                         break
         self._close_segment()
 

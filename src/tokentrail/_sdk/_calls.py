@@ -19,7 +19,7 @@ import orjson
 
 from .._capture import Capture, Meta, loads, new_capture
 from .._record import Exchange, Record, new_event_id, rfc3339
-from ._recorder import VIA_FIELD, VIA_SDK, Recorder, log
+from ._recorder import VIA_FIELD, VIA_SDK, Recorder
 
 #: The SDK's own provenance fields: which client library made the call.
 CLIENT_FIELD = "tokentrail.sdk.client"
@@ -253,13 +253,13 @@ class Call:
         return await self.auditor.recorder.aappend(exchange)
 
     def abandon(self) -> None:
-        """The caller dropped the stream: record ``client_disconnect`` without waiting."""
+        """The caller dropped the stream: record ``client_disconnect`` without waiting.
+
+        This runs in finalizers too (a stream or generator the collector closes), perhaps on a
+        thread inside the ledger's own lock, so it hands the record over without taking it.
+        """
         if self.recorded:
             return
         self.recorded = True
         ended = time.perf_counter()
-        recorder = self.auditor.recorder
-        try:
-            recorder.defer(lambda: self._exchange("client_disconnect", ended, False), wait=False)
-        except Exception as exc:
-            log.error("tokentrail: could not record exchange %s: %s", self.event_id, exc)
+        self.auditor.recorder.orphan(lambda: self._exchange("client_disconnect", ended, False))

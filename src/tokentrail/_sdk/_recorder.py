@@ -268,18 +268,20 @@ class Recorder:
         self.writer.submit(exchange, waiter, loop)
         return await waiter
 
-    def defer(self, build: Callable[[], Exchange], *, wait: bool = True) -> None:
+    def defer(self, build: Callable[[], Exchange]) -> None:
         """Record the exchange ``build()`` makes, building it as late as durability allows.
 
         Async durability: ``build`` runs on the writer thread (the caller only queues it).
-        Strict: it runs here and, with ``wait``, this returns once the record is on disk.
+        Strict: it runs here and this returns once the record is on disk.
         """
-        if not self._strict:
-            self.writer.defer(lambda: self.prepare(build()))
-        elif wait:
+        if self._strict:
             self.append(build())
         else:
-            self.submit(build())
+            self.writer.defer(lambda: self.prepare(build()))
+
+    def orphan(self, build: Callable[[], Exchange]) -> None:
+        """Record what ``build()`` makes, from a finalizer: never waits for any lock."""
+        self.writer.orphan(lambda: self.prepare(build()))
 
     def submit(self, exchange: Exchange) -> Record | None:
         """Queue without waiting (for finalizers and abandoned streams); errors are logged."""
