@@ -7,6 +7,11 @@ arrived while the previous fsync ran shares the next one), extends the Merkle co
 then releases the waiters. It also rotates segments (UTC midnight, size) and seals a signed
 checkpoint at least every ``seal_interval_s`` while there are new records, and on close.
 
+Async durability (nobody waits): the flusher writes at once after a pause and every
+``ASYNC_FLUSH_S`` while records flow, and fsyncs at most every ``ASYNC_SYNC_S`` and before any
+checkpoint. ``defer`` queues a record the flusher itself builds (the SDK's wrapped calls);
+``orphan`` does so from finalizers, without ever waiting for the lock.
+
 :class:`LedgerWriter` is the one implementation; :class:`Ledger` (blocking) and
 :class:`AsyncLedger` (asyncio) are thin layers over it.
 
