@@ -586,6 +586,7 @@ class LedgerWriter:
                 self._building = bool(builds)
                 closing = self._closing
                 requests, self._seal_requests = self._seal_requests, []
+                batch = [] if builds else self._take_batch_locked()
             if builds:  # build outside the lock, link (cheap) under it, behind what is queued
                 built = self._build_deferred(builds)
                 with self._wake:
@@ -593,11 +594,7 @@ class LedgerWriter:
                         self._link_locked(event_id, content)
                     self._building = False
                     self._wake.notify_all()
-            with self._wake:
-                batch, self._queue = self._queue, []
-                self._last_batch = len(batch)
-                # Async: look again soon while records flow, else sleep until an append wakes us.
-                self._async_poll = ASYNC_FLUSH_S if batch else None
+                    batch = self._take_batch_locked()
             if batch:
                 self._write(batch)
             elif self._rotation_due():
@@ -620,6 +617,13 @@ class LedgerWriter:
                     if not (self._queue or self._deferred or self._orphans):
                         break
         self._close_segment()
+
+    def _take_batch_locked(self) -> list[_Pending]:
+        batch, self._queue = self._queue, []
+        self._last_batch = len(batch)
+        # Async: look again soon while records flow, else sleep until an append wakes us.
+        self._async_poll = ASYNC_FLUSH_S if batch else None
+        return batch
 
     def _next_timer(self) -> float | None:
         """Seconds until the next seal or timed rotation is due (``None``: nothing pending)."""

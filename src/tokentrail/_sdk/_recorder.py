@@ -269,15 +269,10 @@ class Recorder:
         return await waiter
 
     def defer(self, build: Callable[[], Exchange]) -> None:
-        """Record the exchange ``build()`` makes, building it as late as durability allows.
-
-        Async durability: ``build`` runs on the writer thread (the caller only queues it).
-        Strict: it runs here and this returns once the record is on disk.
+        """Record the exchange ``build()`` makes, built on the writer thread under async
+        durability; under strict, here, returning once it is on disk (``LedgerWriter.defer``).
         """
-        if self._strict:
-            self.append(build())
-        else:
-            self.writer.defer(lambda: self.prepare(build()))
+        self.writer.defer(lambda: self.prepare(build()))
 
     def orphan(self, build: Callable[[], Exchange]) -> None:
         """Record what ``build()`` makes, from a finalizer: never waits for any lock."""
