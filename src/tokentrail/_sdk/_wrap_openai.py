@@ -99,11 +99,25 @@ def _dump(obj: Any) -> Any:
     return dump(exclude_unset=True, warnings=False) if dump is not None else obj
 
 
-def _status_error(call: Call, exc: openai.APIStatusError) -> None:
-    call.status = exc.status_code
-    if exc.body is not None:
+def _request_failed(call: Call, exc: BaseException) -> bool:
+    """Note why ``create`` raised; whether the exchange reached the server (and gets a record)."""
+    if isinstance(exc, openai.APIStatusError):
+        call.status = exc.status_code
+        if exc.body is not None:
+            call.feed({"error": exc.body})
+        call.note_error(exc.message)
+        return True
+    if isinstance(exc, openai.APIConnectionError) and _not_sent(exc):
+        return False  # refused, no route: nothing was sent
+    call.fail(exc)
+    return True
+
+
+def _stream_failed(call: Call, exc: BaseException) -> None:
+    """Note why a stream raised half-way (an SSE error event carries the server's body)."""
+    if isinstance(exc, openai.APIError) and exc.body is not None:
         call.feed({"error": exc.body})
-    call.note_error(exc.message)
+    call.fail(exc)
 
 
 class _Transparent:
@@ -198,18 +212,9 @@ class _AuditedCreate(_Transparent):
         token = _CURRENT.set(call)
         try:
             result = self._tt_post(path, body=body, options=options, stream=stream, **kw)
-        except openai.APIStatusError as exc:
-            _status_error(call, exc)
-            _record_quietly(call)
-            raise
-        except openai.APIConnectionError as exc:
-            if not _not_sent(exc):
-                call.fail(exc)
-                _record_quietly(call)
-            raise
         except Exception as exc:
-            call.fail(exc)
-            _record_quietly(call)
+            if _request_failed(call, exc):
+                _record_quietly(call)
             raise
         finally:
             _CURRENT.reset(token)
@@ -229,18 +234,9 @@ class _AuditedCreate(_Transparent):
         token = _CURRENT.set(call)
         try:
             result = await self._tt_post(path, body=body, options=options, stream=stream, **kw)
-        except openai.APIStatusError as exc:
-            _status_error(call, exc)
-            await _arecord_quietly(call)
-            raise
-        except openai.APIConnectionError as exc:
-            if not _not_sent(exc):
-                call.fail(exc)
+        except BaseException as exc:  # a cancelled task too: it was sent
+            if _request_failed(call, exc):
                 await _arecord_quietly(call)
-            raise
-        except BaseException as exc:
-            call.fail(exc)
-            await _arecord_quietly(call)
             raise
         finally:
             _CURRENT.reset(token)
@@ -272,14 +268,8 @@ class AuditedStream(_Transparent):
         except StopIteration:
             call.record()
             raise
-        except openai.APIError as exc:
-            if exc.body is not None:
-                call.feed({"error": exc.body})
-            call.fail(exc)
-            _record_quietly(call)
-            raise
         except Exception as exc:
-            call.fail(exc)
+            _stream_failed(call, exc)
             _record_quietly(call)
             raise
         finally:
@@ -324,14 +314,8 @@ class AuditedAsyncStream(_Transparent):
         except StopAsyncIteration:
             await call.arecord()
             raise
-        except openai.APIError as exc:
-            if exc.body is not None:
-                call.feed({"error": exc.body})
-            call.fail(exc)
-            await _arecord_quietly(call)
-            raise
         except Exception as exc:
-            call.fail(exc)
+            _stream_failed(call, exc)
             await _arecord_quietly(call)
             raise
         finally:
