@@ -17,7 +17,8 @@ does wherever it runs.
 Without delays the caller never waits: it spends its time in the client's own Python code, and
 any work the wrapper moves to the writer thread still competes with it for the GIL (the "added
 CPU" column). With a simulated model's delays the caller waits for each answer, as it does for a
-real model, and the writer thread's work overlaps that wait.
+real model, and the writer thread's work can overlap that wait (the simulator's timer jitter
+may be larger than the difference: compare several runs).
 """
 
 from __future__ import annotations
