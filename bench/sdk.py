@@ -134,6 +134,10 @@ def main() -> None:
         "--token-ms", type=float, default=0.0, help="simulator's delay per further token"
     )
     args = parser.parse_args()
+    if not set(args.durability.split(",")) <= {"async", "strict"}:
+        parser.error(
+            f"--durability: a comma-separated list of async, strict; not {args.durability!r}"
+        )
     delays = ["--ttft-ms", str(args.ttft_ms), "--token-ms", str(args.token_ms)]
     sims = [start_sim("ollama", *delays), start_sim("openai", *delays)]
     rows = []
