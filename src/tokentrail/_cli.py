@@ -34,6 +34,7 @@ from ._options import (
     fail,
     parse_moment,
     resolve_verifiers,
+    retention_options,
 )
 from ._paths import default_signing_key
 from ._proof import build_bundle, check_bundle
@@ -154,19 +155,11 @@ def keygen(name: str | None, out: Path | None) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
 @s3_options
-@click.option(
+@retention_options(
     "--retention-mode",
-    type=click.Choice(["GOVERNANCE", "COMPLIANCE"]),
-    default="GOVERNANCE",
-    show_default=True,
-    help="With --s3: the Object Lock mode every object must have.",
-)
-@click.option(
     "--retention-days",
-    type=click.IntRange(min=1),
-    default=2555,
-    show_default=True,
-    help="With --s3: the least retention every object must have.",
+    mode_help="With --s3: the Object Lock mode every object must have.",
+    days_help="With --s3: the least retention every object must have.",
 )
 def verify(
     ledger: Path,

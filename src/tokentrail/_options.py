@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
 from ._checkpoint import Verifier, load_verifiers
 from ._errors import ConfigError
 from ._paths import DEFAULT_LEDGER, default_verifier_key
+from ._s3._bucket import DEFAULT_DAYS, DEFAULT_MODE, LOCK_MODES
 
 EXIT_INVALID = 1
 EXIT_CANNOT_RUN = 2
@@ -32,6 +34,38 @@ PUBLIC_KEY_OPTION = click.option(
     help="Verifier key (name+id+key) or a file of them; repeat for rotated keys"
     " [default: the keygen verifier.pub; env TOKENTRAIL_PUBLIC_KEY].",
 )
+
+
+def retention_options(
+    mode: str,
+    days: str,
+    *,
+    mode_help: str | None = None,
+    days_help: str | None = None,
+    envvar: str | None = None,
+) -> Callable[[Any], Any]:
+    """An Object Lock mode option and a retention-days option (``envvar``: a prefix, ``_MODE``
+    and ``_DAYS`` appended), with the one set of modes and defaults every command shares."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option(
+            days,
+            type=click.IntRange(min=1),
+            default=DEFAULT_DAYS,
+            show_default=True,
+            envvar=f"{envvar}_DAYS" if envvar else None,
+            help=days_help,
+        )(f)
+        return click.option(
+            mode,
+            type=click.Choice(LOCK_MODES),
+            default=DEFAULT_MODE,
+            show_default=True,
+            envvar=f"{envvar}_MODE" if envvar else None,
+            help=mode_help,
+        )(f)
+
+    return decorate
 
 
 def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:

@@ -29,6 +29,7 @@ from .._erasure import FileKeyStore, Sealer
 from .._errors import TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
+from .._options import retention_options
 from .._verify import LAST_RUN_FILE, default_state_dir
 from ._config import (
     DEFAULT_LEDGER,
@@ -391,20 +392,7 @@ Examples:
     envvar="TOKENTRAIL_S3_LAYOUT",
     help="batched: one zstd object per log per minute; per-record: the seed's audit/<day>/.",
 )
-@click.option(
-    "--s3-retention-mode",
-    type=click.Choice(["GOVERNANCE", "COMPLIANCE"]),
-    default="GOVERNANCE",
-    show_default=True,
-    envvar="TOKENTRAIL_S3_RETENTION_MODE",
-)
-@click.option(
-    "--s3-retention-days",
-    type=click.IntRange(min=1),
-    default=2555,
-    show_default=True,
-    envvar="TOKENTRAIL_S3_RETENTION_DAYS",
-)
+@retention_options("--s3-retention-mode", "--s3-retention-days", envvar="TOKENTRAIL_S3_RETENTION")
 @click.option(
     "--s3-rotate-seconds",
     "s3_rotate_s",

@@ -16,8 +16,9 @@ from typing import Any
 import click
 
 from .._errors import ConfigError, StoreError
+from .._options import retention_options
 from .._paths import DEFAULT_LEDGER
-from ._bucket import DEFAULT_DAYS, LOCK_MODES, Retention, init_bucket, read_status
+from ._bucket import DEFAULT_DAYS, Retention, init_bucket, read_status
 from ._client import ClientOptions, S3Url, check_bucket_name, make_client
 from ._cost import estimate, format_table
 from ._keys import LAYOUTS
@@ -44,21 +45,12 @@ def _endpoint_options(f: Any) -> Any:
     return click.option("--region", envvar="AWS_REGION", help="AWS region [env AWS_REGION].")(f)
 
 
-def _retention_options(f: Any) -> Any:
-    f = click.option(
-        "--mode",
-        type=click.Choice(LOCK_MODES),
-        default="GOVERNANCE",
-        show_default=True,
-        help="Object Lock mode.",
-    )(f)
-    return click.option(
-        "--days",
-        type=click.IntRange(min=1),
-        default=DEFAULT_DAYS,
-        show_default=True,
-        help="Object Lock retention in days (2555 = 7 years).",
-    )(f)
+_retention_options = retention_options(
+    "--mode",
+    "--days",
+    mode_help="Object Lock mode.",
+    days_help="Object Lock retention in days (2555 = 7 years).",
+)
 
 
 @click.group("s3")
