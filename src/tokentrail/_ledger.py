@@ -172,6 +172,10 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: list[_Pending] = []
+        self._line_head = b'{"schema":"%s","log_id":"%s","seq":' % (
+            SCHEMA.encode(),
+            config.log_id.encode(),
+        )
         # Deferred appends (``defer``): built on the flusher thread, after everything queued.
         self._deferred: list[Callable[[], Exchange]] = []
         self._building = False  # the flusher is building deferred records outside the lock
@@ -438,11 +442,7 @@ class LedgerWriter:
         seq = self._next_seq
         # Same bytes as orjson.dumps of the merged dict, without encoding the content twice.
         line = (
-            b'{"schema":"'
-            + SCHEMA.encode()
-            + b'","log_id":"'
-            + self.config.log_id.encode()
-            + b'","seq":'
+            self._line_head
             + str(seq).encode()
             + b',"prev_hash":"'
             + self._prev_hex.encode()
