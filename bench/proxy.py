@@ -1,19 +1,23 @@
 """What the auditing proxy adds: the simulator reached directly vs through ``tokentrail serve``.
 
-One run starts the simulator (no model delays) and the proxy (strict durability, a local ledger
-in a temporary directory) as subprocesses, then for each of non-streamed and streamed exchanges
-at concurrency 1, 16 and 64 sends the same requests directly and through the proxy, alternating,
-and prints one table: latency p50/p99 of each, the latency the proxy adds (p50/p99), time to
-first token (streamed; first chunk carrying text), added TTFT, and requests per second.
+One run starts the simulator and the proxy (strict durability by default, a local ledger in a
+temporary directory) as subprocesses, and beside them the bare forwarders of
+``bench/forwarder.py`` (no audit: the cost of the second HTTP hop alone, on aiohttp and on raw
+asyncio protocols). For each of non-streamed and streamed exchanges at concurrency 1, 16 and 64
+it sends the same requests to every path, alternating the paths in rounds so the machine's
+drift hits them alike, and prints one table: latency p50/p99 of each path, what each adds to
+the direct path (p50/p99), added time to first token and per chunk (streamed), requests/s.
 
     .venv/bin/python bench/proxy.py                 # Ollama dialect, 400 requests per cell
-    .venv/bin/python bench/proxy.py --mode openai --requests 1000
+    .venv/bin/python bench/proxy.py --mode openai --requests 1000 --concurrency 16
+    .venv/bin/python bench/proxy.py --ttft-ms 20 --token-ms 2   # a model that takes its time
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import socket
 import statistics
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+
+from _common import table
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "llama3.2:1b"
@@ -122,66 +128,119 @@ async def run_cell(
     return Result(latencies, ttfts, chunks, time.perf_counter() - start)
 
 
+def spawn_forwarder(engine: str, upstream: str, listen: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("forwarder.py")), "--engine", engine,
+         "--upstream", upstream, "--listen", listen],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def merged(parts: list[Result]) -> Result:
+    return Result(
+        [x for r in parts for x in r.latencies],
+        [x for r in parts for x in r.ttfts],
+        sum(r.chunks for r in parts),
+        sum(r.seconds for r in parts),
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["ollama", "openai"], default="ollama")
-    parser.add_argument("--requests", type=int, default=400, help="requests per cell")
-    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--requests", type=int, default=400, help="requests per cell and path")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
     parser.add_argument("--durability", choices=["strict", "async"], default="strict")
+    parser.add_argument(
+        "--floors", default="aiohttp,raw",
+        help="bare forwarders to measure beside the proxy (aiohttp, raw; '' for none)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=4, help="alternations per cell")
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="simulator: time to first token")
+    parser.add_argument("--token-ms", type=float, default=0.0, help="simulator: time per token")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency: not a comma-separated list of integers: {args.concurrency}")
+    floors = [f for f in args.floors.split(",") if f]
+    if any(f not in ("aiohttp", "raw") for f in floors):
+        parser.error(f"--floors: choose among aiohttp, raw; got {args.floors!r}")
+    if "raw" in floors and importlib.util.find_spec("httptools") is None:
+        print("note: the raw floor needs httptools (pip install httptools); skipped")
+        floors.remove("raw")
+    if args.requests < args.rounds or args.rounds < 1:
+        parser.error("--requests must be at least --rounds, and --rounds at least 1")
 
     tmp = Path(tempfile.mkdtemp(prefix="tokentrail-bench-"))
     sim_port, proxy_port = free_port(), free_port()
-    sim = spawn(["sim", "--mode", args.mode, "--listen", f"127.0.0.1:{sim_port}"])
+    pacing = ["--ttft-ms", str(args.ttft_ms), "--token-ms", str(args.token_ms)]
+    sim = spawn(["sim", "--mode", args.mode, "--listen", f"127.0.0.1:{sim_port}", *pacing])
     proxy = spawn([
         "serve", "--upstream", f"http://127.0.0.1:{sim_port}",
         "--listen", f"127.0.0.1:{proxy_port}", "--ledger", str(tmp / "ledger"),
         "--key", str(tmp / "signing.key"), "--log-id", "bench", "--durability", args.durability,
     ])  # fmt: skip
-    direct, through = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{proxy_port}"
+    procs = [proxy, sim]
+    paths = [("direct", f"http://127.0.0.1:{sim_port}")]
+    for engine in floors:
+        port = free_port()
+        procs.insert(0, spawn_forwarder(engine, f"127.0.0.1:{sim_port}", f"127.0.0.1:{port}"))
+        paths.append((f"{engine} forwarder", f"http://127.0.0.1:{port}"))
+    paths.append(("tokentrail", f"http://127.0.0.1:{proxy_port}"))
     probe = "/v1/models" if args.mode == "openai" else "/api/version"
     rows: list[tuple[str, ...]] = []
     try:
-        await wait_up(direct + probe)
-        await wait_up(through + probe)
+        for _, base in paths:
+            await wait_up(base + probe)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             for stream in (False, True):
                 path, body = request_for(args.mode, stream)
                 for conc in levels:
-                    await run_cell(session, direct + path, body, min(50, args.requests), conc)
-                    await run_cell(session, through + path, body, min(50, args.requests), conc)
-                    d = await run_cell(session, direct + path, body, args.requests, conc)
-                    p = await run_cell(session, through + path, body, args.requests, conc)
-                    per_chunk = (
-                        (statistics.median(p.latencies) - statistics.median(d.latencies))
-                        * 1000.0
-                        / max(1.0, p.chunks / len(p.latencies))
-                    )
-                    rows.append((
-                        "streamed" if stream else "non-streamed", str(conc),
-                        f"{d.pct(d.latencies, .5):.2f}", f"{p.pct(p.latencies, .5):.2f}",
-                        f"{p.pct(p.latencies, .5) - d.pct(d.latencies, .5):+.2f}",
-                        f"{p.pct(p.latencies, .99) - d.pct(d.latencies, .99):+.2f}",
-                        f"{p.pct(p.ttfts, .5) - d.pct(d.ttfts, .5):+.2f}" if stream else "-",
-                        f"{per_chunk:+.3f}" if stream else "-",
-                        f"{d.rps:.0f}", f"{p.rps:.0f}",
-                    ))  # fmt: skip
+                    for _, base in paths:  # warm up every path's connections
+                        await run_cell(session, base + path, body, min(50, args.requests), conc)
+                    # Alternate the paths in rounds, so drift on a noisy machine hits them alike.
+                    parts: dict[str, list[Result]] = {name: [] for name, _ in paths}
+                    for _ in range(args.rounds):
+                        for name, base in paths:
+                            n = args.requests // args.rounds
+                            parts[name].append(await run_cell(session, base + path, body, n, conc))
+                    d = merged(parts["direct"])
+                    for name, _ in paths:
+                        p = merged(parts[name])
+                        added = name != "direct"
+                        per_chunk = (
+                            (statistics.median(p.latencies) - statistics.median(d.latencies))
+                            * 1000.0
+                            / max(1.0, p.chunks / len(p.latencies))
+                        )
+                        rows.append((
+                            "streamed" if stream else "non-streamed", str(conc), name,
+                            f"{p.pct(p.latencies, .5):.2f}", f"{p.pct(p.latencies, .99):.2f}",
+                            f"{p.pct(p.latencies, .5) - d.pct(d.latencies, .5):+.2f}"
+                            if added else "",
+                            f"{p.pct(p.latencies, .99) - d.pct(d.latencies, .99):+.2f}"
+                            if added else "",
+                            f"{p.pct(p.ttfts, .5) - d.pct(d.ttfts, .5):+.2f}"
+                            if stream and added else "",
+                            f"{per_chunk:+.3f}" if stream and added else "",
+                            f"{p.rps:.0f}",
+                        ))  # fmt: skip
     finally:
-        for proc in (proxy, sim):
+        for proc in procs:
             proc.terminate()
             proc.wait(15)
     head = (
-        "exchange", "conc", "direct p50 ms", "proxy p50 ms", "added p50", "added p99",
-        "added TTFT p50", "added/chunk p50", "direct req/s", "proxy req/s",
+        "exchange", "conc", "path", "p50 ms", "p99 ms", "added p50", "added p99",
+        "added TTFT p50", "added/chunk p50", "req/s",
     )  # fmt: skip
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print(f"tokentrail proxy overhead ({args.mode} dialect, {args.durability} durability, "
-          f"{args.requests} requests per cell, ledger {tmp / 'ledger'})")  # fmt: skip
-    print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    print(
+        f"tokentrail proxy overhead ({args.mode} dialect, {args.durability} durability, "
+        f"{args.requests} requests per cell and path in {args.rounds} rounds, simulator "
+        f"ttft {args.ttft_ms:g} ms, {args.token_ms:g} ms/token; ledger {tmp / 'ledger'})"
+    )
+    print(table(head, rows))
 
 
 if __name__ == "__main__":
