@@ -6,7 +6,9 @@ temporary directory) as subprocesses, and beside them the bare forwarders of
 asyncio protocols). For each of non-streamed and streamed exchanges at concurrency 1, 16 and 64
 it sends the same requests to every path, alternating the paths in rounds so the machine's
 drift hits them alike, and prints one table: latency p50/p99 of each path, what each adds to
-the direct path (p50/p99), added time to first token and per chunk (streamed), requests/s.
+the direct path (p50/p99), added time to first token and per chunk (streamed), requests/s, and
+the CPU time per request of the process in the middle and of the simulator (from ``/proc``,
+10 ms ticks summed over the cell).
 
     .venv/bin/python bench/proxy.py                 # Ollama dialect, 400 requests per cell
     .venv/bin/python bench/proxy.py --mode openai --requests 1000 --concurrency 16
@@ -136,6 +138,17 @@ def spawn_forwarder(engine: str, upstream: str, listen: str) -> subprocess.Popen
     )  # fmt: skip
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``); 0 where unavailable."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def merged(parts: list[Result]) -> Result:
     return Result(
         [x for r in parts for x in r.latencies],
@@ -182,33 +195,39 @@ async def main() -> None:
         "--key", str(tmp / "signing.key"), "--log-id", "bench", "--durability", args.durability,
     ])  # fmt: skip
     procs = [proxy, sim]
-    paths = [("direct", f"http://127.0.0.1:{sim_port}")]
+    # name -> (base URL, the process in the middle, if any)
+    paths: dict[str, tuple[str, int | None]] = {"direct": (f"http://127.0.0.1:{sim_port}", None)}
     for engine in floors:
         port = free_port()
         procs.insert(0, spawn_forwarder(engine, f"127.0.0.1:{sim_port}", f"127.0.0.1:{port}"))
-        paths.append((f"{engine} forwarder", f"http://127.0.0.1:{port}"))
-    paths.append(("tokentrail", f"http://127.0.0.1:{proxy_port}"))
+        paths[f"{engine} forwarder"] = (f"http://127.0.0.1:{port}", procs[0].pid)
+    paths["tokentrail"] = (f"http://127.0.0.1:{proxy_port}", proxy.pid)
     probe = "/v1/models" if args.mode == "openai" else "/api/version"
     rows: list[tuple[str, ...]] = []
     try:
-        for _, base in paths:
+        for base, _ in paths.values():
             await wait_up(base + probe)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             for stream in (False, True):
                 path, body = request_for(args.mode, stream)
                 for conc in levels:
-                    for _, base in paths:  # warm up every path's connections
+                    for base, _ in paths.values():  # warm up every path's connections
                         await run_cell(session, base + path, body, min(50, args.requests), conc)
                     # Alternate the paths in rounds, so drift on a noisy machine hits them alike.
-                    parts: dict[str, list[Result]] = {name: [] for name, _ in paths}
+                    parts: dict[str, list[Result]] = {name: [] for name in paths}
+                    cpu = {name: [0.0, 0.0] for name in paths}  # seconds: middle, simulator
+                    n = args.requests // args.rounds
                     for _ in range(args.rounds):
-                        for name, base in paths:
-                            n = args.requests // args.rounds
+                        for name, (base, pid) in paths.items():
+                            before = cpu_seconds(pid), cpu_seconds(sim.pid)
                             parts[name].append(await run_cell(session, base + path, body, n, conc))
+                            cpu[name][0] += cpu_seconds(pid) - before[0]
+                            cpu[name][1] += cpu_seconds(sim.pid) - before[1]
                     d = merged(parts["direct"])
-                    for name, _ in paths:
+                    for name in paths:
                         p = merged(parts[name])
+                        middle_us, sim_us = (c * 1e6 / len(p.latencies) for c in cpu[name])
                         added = name != "direct"
                         per_chunk = (
                             (statistics.median(p.latencies) - statistics.median(d.latencies))
@@ -225,7 +244,7 @@ async def main() -> None:
                             f"{p.pct(p.ttfts, .5) - d.pct(d.ttfts, .5):+.2f}"
                             if stream and added else "",
                             f"{per_chunk:+.3f}" if stream and added else "",
-                            f"{p.rps:.0f}",
+                            f"{p.rps:.0f}", f"{middle_us:.0f}" if added else "", f"{sim_us:.0f}",
                         ))  # fmt: skip
     finally:
         for proc in procs:
@@ -233,7 +252,7 @@ async def main() -> None:
             proc.wait(15)
     head = (
         "exchange", "conc", "path", "p50 ms", "p99 ms", "added p50", "added p99",
-        "added TTFT p50", "added/chunk p50", "req/s",
+        "added TTFT p50", "added/chunk p50", "req/s", "proxy CPU µs/req", "sim CPU µs/req",
     )  # fmt: skip
     print(
         f"tokentrail proxy overhead ({args.mode} dialect, {args.durability} durability, "
