@@ -153,14 +153,24 @@ class _SyncTap(_Tapped):
         return _SyncStream(self, self._begin(api, kwargs), self.http.stream(method, url, **kwargs))
 
 
-class _SyncStream:
-    """``with tap.stream(...) as r``: feeds each line, records once, whatever way it ends."""
+class _Stream:
+    """What a wrapped ``stream(...)`` context holds: its call, the inner context, the response."""
 
-    def __init__(self, tap: _SyncTap, call: Call, inner: Any) -> None:
-        self.tap = tap
+    def __init__(self, call: Call, inner: Any) -> None:
         self.call = call
         self.inner = inner
         self.resp: httpx.Response | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resp, name)
+
+
+class _SyncStream(_Stream):
+    """``with tap.stream(...) as r``: feeds each line, records once, whatever way it ends."""
+
+    def __init__(self, tap: _SyncTap, call: Call, inner: Any) -> None:
+        super().__init__(call, inner)
+        self.tap = tap
 
     def __enter__(self) -> _SyncStream:
         try:
@@ -174,9 +184,6 @@ class _SyncStream:
             raise
         self.call.status = self.resp.status_code
         return self
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.resp, name)
 
     def iter_lines(self) -> Iterator[str]:
         """The response's lines, each fed to the capture; the final one after its record."""
@@ -277,14 +284,12 @@ class _AsyncTap(_Tapped):
         return _AsyncStream(self, self._begin(api, kwargs), self.http.stream(method, url, **kwargs))
 
 
-class _AsyncStream:
+class _AsyncStream(_Stream):
     """``async with tap.stream(...) as r``: the asyncio twin of :class:`_SyncStream`."""
 
     def __init__(self, tap: _AsyncTap, call: Call, inner: Any) -> None:
+        super().__init__(call, inner)
         self.tap = tap
-        self.call = call
-        self.inner = inner
-        self.resp: httpx.Response | None = None
 
     async def __aenter__(self) -> _AsyncStream:
         try:
@@ -299,9 +304,6 @@ class _AsyncStream:
         assert self.resp is not None
         self.call.status = self.resp.status_code
         return self
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.resp, name)
 
     async def aiter_lines(self) -> AsyncIterator[str]:
         """The response's lines, each fed to the capture; the final one after its record."""
