@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 from typing import Any
 
 import aiohttp
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="HOST:PORT")
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
+    if args.engine == "raw" and importlib.util.find_spec("httptools") is None:
+        parser.error("--engine raw needs httptools: pip install httptools")
     host, _, port = args.listen.rpartition(":")
     run = run_raw if args.engine == "raw" else run_aiohttp
     uvloop.run(run("http://" + args.upstream, host, int(port)))
