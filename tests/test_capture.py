@@ -29,7 +29,11 @@ from tokentrail._capture import (
 )
 from tokentrail._record import Exchange, clean_text, token_hash
 
-META = Meta(timestamp="2024-01-01T00:00:00.000000Z", event_id="e-1", request_duration_ms=12.5)
+META = Meta(
+    timestamp="2024-01-01T00:00:00.000000Z",
+    event_id="00000000-0000-4000-8000-0000000000e1",
+    request_duration_ms=12.5,
+)
 
 
 def run(capture: Any, chunks: list[Any], **kw: Any) -> Exchange:
@@ -675,6 +679,17 @@ class TestOpenAICompletions:
 
 class TestHelpers:
     """Pieces, rendering and parsing."""
+
+    @pytest.mark.parametrize("api", ["ollama.generate", "ollama.chat", "openai.chat"])
+    @pytest.mark.parametrize(
+        ("request_body", "model"),
+        [({"model": "m:1"}, "m:1"), ({}, ""), ({"model": 5}, "5"), ({"model": ["a"]}, '["a"]')],
+        ids=repr,
+    )
+    def test_model_as_requested(self, api: str, request_body: dict[str, Any], model: str) -> None:
+        """``model`` is always a string: as requested, "" for none, JSON text for a non-string."""
+        exchange = new_capture(api, request_body).finish(META, "upstream_error")
+        assert model == exchange.model
 
     @pytest.mark.parametrize(
         ("entry", "expected"),

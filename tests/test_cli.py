@@ -560,3 +560,29 @@ class TestSubprocess:
         )
         assert 2 == days.returncode
         assert 1 == len(days.stderr.splitlines()) and "Traceback" not in days.stderr
+
+
+VERIFIER = Signer.generate("k").verifier.to_text()
+
+
+@pytest.mark.parametrize("env", ["TOKENTRAIL_S3_ENDPOINT_URL", "TOKENTRAIL_S3_ENDPOINT"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["verify", "--s3", "s3://bucket/p", "--public-key", VERIFIER],
+        ["count", "--s3", "s3://bucket/p"],
+        ["prove", "00000000-0000-4000-8000-000000000000", "--s3", "s3://bucket/p"],
+        ["s3", "check", "--bucket", "bucket"],
+    ],
+    ids=lambda c: c[0] if isinstance(c, list) else c,
+)
+def test_every_s3_command_reads_one_endpoint_variable(
+    command: list[str], env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``TOKENTRAIL_S3_ENDPOINT_URL`` (or the older ``..._ENDPOINT``) reaches every S3 command."""
+    monkeypatch.setenv(env, "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    result = CliRunner().invoke(main, command)
+    assert "127.0.0.1:9" in result.output, result.output

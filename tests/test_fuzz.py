@@ -92,7 +92,7 @@ def exchanges(draw: st.DrawFn) -> Exchange:
         st.dictionaries(clean_text.filter(lambda k: k not in reserved), json_values, max_size=4)
     )
     return Exchange(
-        model=draw(st.none() | clean_text),
+        model=draw(clean_text),
         api=draw(st.sampled_from(sorted(APIS))),
         stop_reason=draw(clean_text),
         input_tokens=draw(storable_tokens),

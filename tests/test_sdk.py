@@ -527,6 +527,53 @@ class TestPlainAPI:
         with pytest.raises(ConfigError, match="cannot audit"):
             audit(object(), ledger=recorder)
 
+    @pytest.mark.parametrize(
+        ("fields", "complaint"),
+        [
+            ({"input_tokens": [1, "a"]}, "mixes token ids and pieces"),
+            ({"input_tokens": [-1]}, "negative"),
+            ({"output_tokens": [[300]]}, "byte values"),
+            ({"output_tokens": [True]}, "not a token id"),
+            ({"model": None}, "model must be"),
+            ({"model": 5}, "model must be"),
+            ({"user_id": 123}, "user_id must be a string"),
+            ({"session_id": ["s"]}, "session_id must be a string"),
+            ({"request_duration_ms": float("nan")}, "must be finite"),
+            ({"request_duration_ms": "12"}, "must be a number"),
+            ({"timestamp": "2025-01-01 00:00:00"}, "UTC offset"),
+            ({"timestamp": "yesterday"}, "not an RFC 3339"),
+            ({"event_id": "hello"}, "lowercase UUID"),
+            ({"input_token_source": "bogus", "input_tokens": [1]}, "is not one of"),
+            ({"output_token_source": "local:"}, "is not one of"),
+            ({"output_token_source": "none", "output_tokens": [1]}, "'none'"),
+        ],
+        ids=repr,
+    )
+    def test_values_outside_the_spec_are_refused(
+        self, recorder: Recorder, fields: dict[str, Any], complaint: str
+    ) -> None:
+        """Every value SPEC section 2 rules out is a ConfigError at the call, nothing stored."""
+        with pytest.raises(ConfigError, match=complaint):
+            recorder.record(**{"model": "m", **fields})
+        recorder.flush()
+        assert 0 == recorder.writer.size
+
+    def test_values_are_stored_as_spec_spells_them(self, recorder: Recorder) -> None:
+        """Byte values that are UTF-8 become their string; an aware time becomes UTC, µs, Z."""
+        r = recorder.record(
+            model="m",
+            input_tokens=[[65], [], [0xE4, 0xB8, 0xAD], [0xFF]],
+            timestamp="2026-01-31T13:00:00+01:00",
+            event_id="0b9f4b5e-0d6a-4f57-9c53-3f6f1d4c2e11",
+        )
+        stored = r.to_json()
+        assert (["A", "", "\u4e2d", [0xFF]], "upstream-pieces") == (
+            stored["input_tokens"],
+            stored["input_token_source"],
+        )
+        assert "2026-01-31T12:00:00.000000Z" == stored["timestamp"]
+        assert "0b9f4b5e-0d6a-4f57-9c53-3f6f1d4c2e11" == stored["event_id"]
+
 
 class TestFaults:
     """Failures: the caller sees the library's own exception; records stay intact."""

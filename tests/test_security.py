@@ -277,11 +277,12 @@ class TestPathInjection:
         assert evil[0] == recs[0]["idempotency_key"]
 
     def test_event_id_never_names_a_file(self, tmp_path: Path) -> None:
-        """A hostile event_id handed to the SDK ledger writes no file named after it."""
+        """A hostile event_id handed to the SDK ledger is refused and writes no file."""
         root = tmp_path / "ledger"
         with Ledger.open(LedgerConfig(root, "sdk-log", Signer.generate("k"))) as ledger:
             for eid in ("../../../evil", "/tmp/evil", "a/b/c"):
-                ledger.append(Exchange(model="m", api="sdk", stop_reason="stop", event_id=eid))
+                with pytest.raises(ConfigError, match="event_id must be a lowercase UUID"):
+                    ledger.append(Exchange(model="m", api="sdk", stop_reason="stop", event_id=eid))
         files = [p for p in tmp_path.rglob("*") if p.is_file()]
         assert all((root / "logs" / "sdk-log") in p.parents for p in files)
         assert not any("evil" in str(p) for p in files)

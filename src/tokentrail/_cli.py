@@ -31,6 +31,7 @@ from ._options import (
     EXIT_INVALID,
     LEDGER_OPTION,
     PUBLIC_KEY_OPTION,
+    S3_ENDPOINT_ENV,
     fail,
     parse_moment,
     resolve_verifiers,
@@ -54,7 +55,11 @@ def s3_options(func: Any) -> Any:
                 envvar="TOKENTRAIL_S3",
                 help="Read this bucket (s3://bucket/prefix) instead of --ledger.",
             ),
-            click.option("--endpoint-url", envvar="TOKENTRAIL_S3_ENDPOINT", help="S3 endpoint."),
+            click.option(
+                "--endpoint-url",
+                envvar=S3_ENDPOINT_ENV,
+                help="S3-compatible endpoint (moto, MinIO) [env TOKENTRAIL_S3_ENDPOINT_URL].",
+            ),
             click.option("--region", envvar="AWS_REGION", help="S3 region."),
         )
     ):

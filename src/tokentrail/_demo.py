@@ -160,7 +160,9 @@ async def run_demo(
     verifier = signer.verifier.to_text()
     (directory / "keys" / "verifier.pub").write_text(verifier + "\n")
     result = DemoResult(directory, directory / "ledger", verifier)
-    per_upstream = max(1, exchanges // len(UPSTREAMS))
+    # --exchanges N drives exactly N (at least one per upstream): the remainder goes first.
+    total = max(exchanges, len(UPSTREAMS))
+    shares = [total // len(UPSTREAMS) + (i < total % len(UPSTREAMS)) for i in range(len(UPSTREAMS))]
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -171,7 +173,7 @@ async def run_demo(
         transient=False,
     )
     with bar:
-        task = bar.add_task("exchanges through the proxy", total=per_upstream * len(UPSTREAMS))
+        task = bar.add_task("exchanges through the proxy", total=total)
 
         def step() -> None:
             result.exchanges += 1
@@ -179,9 +181,9 @@ async def run_demo(
 
         async with _stack(directory, signer) as stack:
             jobs: list[Awaitable[None]] = []
-            for _log_id, mode, url in stack:
+            for (_log_id, mode, url), share in zip(stack, shares, strict=True):
                 drive = _drive_openai if mode == "openai" else _drive_ollama
-                jobs.append(drive(url, per_upstream, step))
+                jobs.append(drive(url, share, step))
             await asyncio.gather(*jobs)
         bar.update(task, description="sealed; verifying")
         result.report = await asyncio.to_thread(

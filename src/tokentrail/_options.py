@@ -35,6 +35,10 @@ PUBLIC_KEY_OPTION = click.option(
     " [default: the keygen verifier.pub; env TOKENTRAIL_PUBLIC_KEY].",
 )
 
+#: Every command that talks to S3 reads its endpoint from the first of these that is set (the
+#: second is the name ``serve``, ``verify``, ``count`` and ``prove`` used before 2026-11-27).
+S3_ENDPOINT_ENV = ["TOKENTRAIL_S3_ENDPOINT_URL", "TOKENTRAIL_S3_ENDPOINT"]
+
 
 def retention_options(
     mode: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -33,6 +34,10 @@ Token: TypeAlias = int | str | list[int]
 TokenList: TypeAlias = list[Token]
 
 APIS = frozenset({"ollama.generate", "ollama.chat", "openai.chat", "openai.completions", "sdk"})
+#: The token sources of SPEC section 5, besides ``local:<tokenizer>``.
+TOKEN_SOURCES = frozenset({"upstream-ids", "upstream-pieces", "upstream-context", "none"})
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+_EVENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TOOL_STOP_REASONS = frozenset({"client_disconnect", "upstream_error", "interrupted"})
 
 #: The seed's fields, in the seed's order, then tokentrail's own; ``Record`` lines keep it.
@@ -96,6 +101,13 @@ def text_hash(text: str | None) -> str | None:
     if text is None:
         return None
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def is_token_source(value: Any) -> bool:
+    """Whether ``value`` is a token source SPEC section 5 names."""
+    return isinstance(value, str) and (
+        value in TOKEN_SOURCES or (value.startswith("local:") and len(value) > len("local:"))
+    )
 
 
 def piece(raw: bytes) -> str | list[int]:
@@ -187,7 +199,7 @@ class Exchange:
     OpenTelemetry GenAI name where one exists; it must not repeat a required field.
     """
 
-    model: str | None
+    model: str
     api: str
     stop_reason: str
     input_tokens: TokenList | None = None
@@ -211,6 +223,31 @@ class Exchange:
             raise ConfigError(f"unknown api {self.api!r}; expected one of {sorted(APIS)}")
         if not isinstance(self.stop_reason, str):
             raise ConfigError("stop_reason must be a string")
+        if not isinstance(self.model, str):
+            raise ConfigError(f"model must be the model name as requested, not {self.model!r}")
+        for name in ("user_id", "session_id", "model_version"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string or None, not {value!r}")
+        duration = self.request_duration_ms
+        if isinstance(duration, bool) or not isinstance(duration, int | float):
+            raise ConfigError(f"request_duration_ms must be a number, not {duration!r}")
+        if not math.isfinite(duration):
+            raise ConfigError(f"request_duration_ms must be finite, not {duration!r}")
+        if not isinstance(self.timestamp, str) or not _TIMESTAMP.fullmatch(self.timestamp):
+            raise ConfigError(
+                f"timestamp must be RFC 3339 UTC with microseconds and Z "
+                f"(2026-01-31T12:00:00.000000Z), not {self.timestamp!r}"
+            )
+        if not isinstance(self.event_id, str) or not _EVENT_ID.fullmatch(self.event_id):
+            raise ConfigError(f"event_id must be a lowercase UUID, not {self.event_id!r}")
+        for side in ("input", "output"):
+            source = getattr(self, f"{side}_token_source")
+            if not is_token_source(source):
+                raise ConfigError(
+                    f"{side}_token_source {source!r} is not one of {sorted(TOKEN_SOURCES)} "
+                    "or local:<tokenizer>"
+                )
         clash = set(self.extra).intersection(REQUIRED_FIELDS)
         if clash:
             raise ConfigError(f"extra fields may not replace record fields: {sorted(clash)}")

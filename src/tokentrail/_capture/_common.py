@@ -276,6 +276,11 @@ class Capture(ABC):
         self.request = request
         model = request.get("model")
         self.model: str | None = model if isinstance(model, str) else None
+        #: The record's ``model``, "the model name as requested": the request's own string,
+        #: ``""`` when it named none, the JSON text of a value that is not a string.
+        self.requested_model: str = (
+            model if isinstance(model, str) else "" if model is None else _json_text(model)
+        )
         self.error: str | None = None
         self.finished = False
         self.chunks = 0
@@ -312,3 +317,10 @@ class Capture(ABC):
             extra["error.type"] = "upstream_error"
             extra["error_message"] = self.error
         return extra
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return repr(value)

@@ -195,7 +195,7 @@ class OllamaCapture(Capture):
             prompt = self.request.get("prompt")
             input_text = prompt if isinstance(prompt, str) else None
         return Exchange(
-            model=self.model,
+            model=self.requested_model,
             api=self.api,
             stop_reason=stop_reason,
             input_tokens=input_tokens,

@@ -232,7 +232,7 @@ class OpenAICapture(Capture):
             input_text = _prompt_text(self.request.get("prompt"))
         model_version = meta.model_version or self.default_model_version()
         return Exchange(
-            model=self.model,
+            model=self.requested_model,
             api=self.api,
             stop_reason=stop_reason,
             input_tokens=input_tokens,

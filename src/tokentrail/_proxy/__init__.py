@@ -29,7 +29,7 @@ from .._erasure import FileKeyStore, Sealer
 from .._errors import TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
-from .._options import retention_options
+from .._options import S3_ENDPOINT_ENV, retention_options
 from .._verify import LAST_RUN_FILE, default_state_dir
 from ._config import (
     DEFAULT_LEDGER,
@@ -383,7 +383,12 @@ Examples:
     help="Also ship sealed segments and checkpoints to this bucket (s3://bucket/prefix),"
     " Object Lock required; the local ledger stays the spool [default: off].",
 )
-@click.option("--s3-endpoint-url", default=None, envvar="TOKENTRAIL_S3_ENDPOINT")
+@click.option(
+    "--s3-endpoint-url",
+    default=None,
+    envvar=S3_ENDPOINT_ENV,
+    help="S3-compatible endpoint (moto, MinIO) [env TOKENTRAIL_S3_ENDPOINT_URL].",
+)
 @click.option(
     "--s3-layout",
     type=click.Choice(["batched", "per-record"]),

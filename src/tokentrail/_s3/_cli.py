@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from .._errors import ConfigError, StoreError
-from .._options import retention_options
+from .._options import S3_ENDPOINT_ENV, retention_options
 from .._paths import DEFAULT_LEDGER
 from ._bucket import DEFAULT_DAYS, Retention, init_bucket, read_status
 from ._client import ClientOptions, S3Url, check_bucket_name, make_client
@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 def _endpoint_options(f: Any) -> Any:
     f = click.option(
         "--endpoint-url",
-        envvar="TOKENTRAIL_S3_ENDPOINT_URL",
+        envvar=S3_ENDPOINT_ENV,
         help="S3-compatible endpoint (moto, MinIO) [env TOKENTRAIL_S3_ENDPOINT_URL].",
     )(f)
     return click.option("--region", envvar="AWS_REGION", help="AWS region [env AWS_REGION].")(f)

@@ -43,6 +43,9 @@ def audit(
     ``session_id`` as given here (the SDK trusts its own caller); everything else is the
     client's own. The result has the client's type and methods: use it where the client was.
     """
+    for name, value in (("user_id", user_id), ("session_id", session_id)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string or None, not {value!r}")
     recorder = Recorder.of(ledger)
     module = type(client).__module__.split(".", 1)[0]
     if module == "ollama" or _is_instance(client, "ollama", ("Client", "AsyncClient")):

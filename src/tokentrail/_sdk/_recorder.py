@@ -23,6 +23,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import math
 import re
 import socket
 import threading
@@ -45,6 +46,8 @@ from .._record import (
     clean_text,
     new_event_id,
     now_rfc3339,
+    parse_rfc3339,
+    piece,
     rfc3339,
 )
 from ._tokenizers import LocalTokenizer
@@ -88,6 +91,8 @@ def _register(recorder: Recorder) -> None:
 
 
 def _token_source(tokens: TokenList | None, given: str | None) -> str:
+    if given == "none" and tokens is not None:
+        raise ConfigError("a token source of 'none' says there are no tokens, but tokens are given")
     if given is not None:
         return given
     if not tokens:
@@ -96,16 +101,54 @@ def _token_source(tokens: TokenList | None, given: str | None) -> str:
 
 
 def _check_tokens(name: str, tokens: Any) -> TokenList | None:
+    """A caller's token list as SPEC section 2 stores it, or :class:`ConfigError`.
+
+    Either all ids (ints, not negative) or all pieces: a piece is a string, or the byte values
+    (0-255) of a piece that is not valid UTF-8; byte values that are valid UTF-8 are stored as
+    their string, as SPEC says.
+    """
     if tokens is None:
         return None
     if not isinstance(tokens, list | tuple):
         raise ConfigError(f"{name} must be a list of token ids or pieces, or None")
     out: TokenList = []
+    ids = pieces = 0
     for t in tokens:
-        if isinstance(t, bool) or not isinstance(t, int | str | list):
+        if isinstance(t, int) and not isinstance(t, bool):
+            if t < 0:
+                raise ConfigError(f"{name}: token id {t} is negative")
+            ids += 1
+            out.append(t)
+        elif isinstance(t, str):
+            pieces += 1
+            out.append(t)
+        elif isinstance(t, list | tuple | bytes | bytearray):
+            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in t):
+                raise ConfigError(f"{name}: {t!r} is not a list of byte values (0-255)")
+            pieces += 1
+            out.append(piece(bytes(t)))
+        else:
             raise ConfigError(f"{name}: {t!r} is not a token id, piece or list of byte values")
-        out.append(t)
+    if ids and pieces:
+        raise ConfigError(f"{name} mixes token ids and pieces; give one or the other")
     return out
+
+
+def _check_timestamp(timestamp: str | float | None) -> str:
+    """RFC 3339 UTC with microseconds and ``Z``, from epoch seconds or an aware ISO 8601 time."""
+    if timestamp is None:
+        return now_rfc3339()
+    if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
+        if not math.isfinite(timestamp):
+            raise ConfigError(f"timestamp must be finite, not {timestamp!r}")
+        return rfc3339(float(timestamp))
+    moment = parse_rfc3339(timestamp)
+    if moment is None or moment.tzinfo is None:
+        raise ConfigError(
+            f"timestamp {timestamp!r} is not an RFC 3339 time with a UTC offset "
+            "(e.g. 2026-01-31T12:00:00Z) or epoch seconds"
+        )
+    return rfc3339(moment)
 
 
 class Recorder:
@@ -291,7 +334,7 @@ class Recorder:
     def build(
         self,
         *,
-        model: str | None,
+        model: str,
         input_text: str | None = None,
         output_text: str | None = None,
         input_tokens: TokenList | None = None,
@@ -310,8 +353,6 @@ class Recorder:
         """The :class:`Exchange` :meth:`record` would append (api ``sdk``)."""
         in_tokens = _check_tokens("input_tokens", input_tokens)
         out_tokens = _check_tokens("output_tokens", output_tokens)
-        if isinstance(timestamp, int | float):
-            timestamp = rfc3339(float(timestamp))
         return Exchange(
             model=model,
             api="sdk",
@@ -326,8 +367,8 @@ class Recorder:
             session_id=session_id,
             model_version=model_version,
             request_duration_ms=request_duration_ms,
-            timestamp=timestamp or now_rfc3339(),
-            event_id=event_id or new_event_id(),
+            timestamp=_check_timestamp(timestamp),
+            event_id=new_event_id() if event_id is None else event_id,
             extra={VIA_FIELD: VIA_SDK, **(extra or {})},
         )
 
@@ -345,7 +386,7 @@ class Recorder:
         """:meth:`record` for asyncio code."""
         return await self.aappend(self.build(**fields))
 
-    def exchange(self, *, model: str | None, **fields: Any) -> ExchangeScope:
+    def exchange(self, *, model: str, **fields: Any) -> ExchangeScope:
         """``with recorder.exchange(model=..., input_text=...) as ex: ex.output_text = ...``.
 
         Times the body into ``request_duration_ms``; records ``stop`` (or ``ex.stop_reason``)
@@ -358,7 +399,7 @@ class Recorder:
 class ExchangeScope:
     """The mutable exchange of a ``with recorder.exchange(...)`` block; recorded on exit."""
 
-    def __init__(self, recorder: Recorder, *, model: str | None, **fields: Any) -> None:
+    def __init__(self, recorder: Recorder, *, model: str, **fields: Any) -> None:
         self._recorder = recorder
         self.model = model
         self.input_text: str | None = fields.pop("input_text", None)
