@@ -558,6 +558,16 @@ class TestPlainAPI:
         recorder.flush()
         assert 0 == recorder.writer.size
 
+    def test_scope_refuses_a_bad_model_before_its_block(self, recorder: Recorder) -> None:
+        """``exchange(model=None)`` fails at the ``with``, before the caller's work runs."""
+        ran: list[bool] = []
+        with (
+            pytest.raises(ConfigError, match="model must be"),
+            recorder.exchange(model=None),  # type: ignore[arg-type]
+        ):
+            ran.append(True)
+        assert [] == ran
+
     def test_values_are_stored_as_spec_spells_them(self, recorder: Recorder) -> None:
         """Byte values that are UTF-8 become their string; an aware time becomes UTC, µs, Z."""
         r = recorder.record(

@@ -400,6 +400,8 @@ class ExchangeScope:
     """The mutable exchange of a ``with recorder.exchange(...)`` block; recorded on exit."""
 
     def __init__(self, recorder: Recorder, *, model: str, **fields: Any) -> None:
+        if not isinstance(model, str):  # say so before the block runs, not after
+            raise ConfigError(f"model must be the model name as requested, not {model!r}")
         self._recorder = recorder
         self.model = model
         self.input_text: str | None = fields.pop("input_text", None)
