@@ -609,14 +609,20 @@ class TestTamper:
         client.delete_object(
             Bucket=bucket, Key=key_of(records[7]), VersionId=vid, BypassGovernanceRetention=True
         )
+        client.delete_object(Bucket=bucket, Key=key_of(records[2]))  # a delete marker
         report = verify_s3(url, verify_opts(signer), client_options=options(s3))
         assert not report.ok
         lines = findings_at(report, key_of(records[4]))
-        assert any("2 versions" in line for line in lines)
+        assert any(f"log={LOG_ID} seq=4 " in line and "2 versions" in line for line in lines)
         assert any("output_text_hash does not match" in line for line in lines)
         assert any(
             "expected seq 7, found 8" in line for line in findings_at(report, key_of(records[8]))
         )
+        marker = findings_at(report, key_of(records[2]))
+        assert any(f"log={LOG_ID} seq=2 " in line and "delete marker" in line for line in marker)
+        # The key names no log, the body does: the findings are filed under it, not a new "log".
+        assert [LOG_ID] == [lg.log_id for lg in report.logs]
+        assert ": 1 logs," in report.summary()
 
     def test_shortened_retention(self, s3: MotoS3, client: Any, shipped: Any, signer: Signer):
         """A retention shortened (governance bypass) below the configured days is a finding."""

@@ -108,6 +108,10 @@ class LogReport:
             self.suppressed += 1
 
 
+#: Where findings that belong to no log (an object outside the layout, say) are filed; not a log.
+NO_LOG = "(bucket)"
+
+
 @dataclass
 class Report:
     """The outcome of one verification run."""
@@ -138,8 +142,9 @@ class Report:
         checkpoints = sum(lg.checkpoints for lg in self.logs)
         suppressed = sum(lg.suppressed for lg in self.logs)
         verdict = "OK" if self.ok else "FAIL"
+        logs = sum(lg.log_id != NO_LOG for lg in self.logs)
         return (
-            f"tokentrail verify {verdict}: {self.store}: {len(self.logs)} logs, {records} records"
+            f"tokentrail verify {verdict}: {self.store}: {logs} logs, {records} records"
             f" read, {sealed} sealed under {checkpoints} checkpoints, {unsealed} unsealed,"
             f" {len(self.findings) + suppressed} findings, {len(self.warnings)} warnings"
         )

@@ -44,7 +44,7 @@ import orjson
 from .._errors import ConfigError, StoreError
 from .._layout import checkpoint_name, iter_lines, list_logs
 from .._proof import build_bundle
-from .._verify import Finding, LogReport, Report, VerifyOptions, verify_local
+from .._verify import NO_LOG, Finding, LogReport, Report, VerifyOptions, verify_local
 from ._bucket import Retention
 from ._client import ClientOptions, S3Client, S3Url, as_url, make_client, map_error
 from ._keys import (
@@ -67,6 +67,8 @@ class _Version:
     key: str
     version_id: str | None
     last_modified: datetime | None
+    #: version-level findings of a per-record key, reported once its body names the log
+    pending: tuple[str, ...] = ()
 
 
 @dataclass
@@ -217,26 +219,32 @@ class _Mirror:
             where["event_id"] = parsed.event_id
         if parsed is None:
             self.finding("unexpected object in the tokentrail layout", key)
+        messages: list[str] = []
         if len(versions) > 1:
-            self.finding(
+            messages.append(
                 f"object has {len(versions)} versions (overwritten; tokentrail writes each key"
-                " once, so every version after the first is a change)",
-                key,
-                **where,
+                " once, so every version after the first is a change)"
             )
         for marker in markers:
-            self.finding(
+            messages.append(
                 f"object deleted (delete marker {marker.get('VersionId')}); its last version is"
-                " verified below",
-                key,
-                **where,
+                " verified below"
             )
+        # A per-record key does not name its log; its body does, so wait for _record.
+        defer = isinstance(parsed, RecordKey) and bool(versions)
+        for message in [] if defer else messages:
+            self.finding(message, key, **where)
         if parsed is None or not versions:
             return None
         newest = next((v for v in versions if v.get("IsLatest")), versions[0])
         if isinstance(parsed, SegmentKey):
             self._ranges.setdefault(parsed.log_id, []).append((parsed.first, parsed.last))
-        return _Version(key, newest.get("VersionId"), newest.get("LastModified"))
+        return _Version(
+            key,
+            newest.get("VersionId"),
+            newest.get("LastModified"),
+            tuple(messages) if defer else (),
+        )
 
     # ------------------------------------------------------------------ one object
 
@@ -397,11 +405,15 @@ class _Mirror:
             if not isinstance(log_id, str) or not isinstance(seq, int):
                 raise TypeError("log_id or seq of the wrong type")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            for message in version.pending:
+                self.finding(message, rk.key, **where)
             self.finding(f"per-record object is not a tokentrail record ({exc})", rk.key, **where)
             return
         if self.log_ids is not None and log_id not in self.log_ids:
             return
         where.update(log_id=log_id, seq=seq)
+        for message in version.pending:
+            self.finding(message, rk.key, **where)
         self._check_retention(rk.key, response, version, where)
         self._check_sha(rk.key, response, hashlib.sha256(leaf).hexdigest(), where)
         timestamp = obj.get("timestamp")
@@ -553,7 +565,7 @@ def verify_s3(
             raise StoreError(f"{url} holds no tokentrail objects (nothing shipped there yet?)")
     by_log = {lg.log_id: lg for lg in logs}
     for item in result.findings:
-        name = item.log_id or "(bucket)"
+        name = item.log_id or NO_LOG
         target = by_log.get(name)
         if target is None:
             target = by_log[name] = LogReport(name)
