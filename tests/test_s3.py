@@ -143,6 +143,10 @@ def keys_under(client: Any, bucket: str, prefix: str) -> list[str]:
     return sorted(out)
 
 
+def describe_findings(report: Report) -> str:
+    return "\n".join(f.to_line() for f in report.findings)
+
+
 def findings_at(report: Report, fragment: str) -> list[str]:
     return [f.to_line() for f in report.findings if f.location and fragment in f.location]
 
@@ -623,6 +627,31 @@ class TestTamper:
         # The key names no log, the body does: the findings are filed under it, not a new "log".
         assert [LOG_ID] == [lg.log_id for lg in report.logs]
         assert ": 1 logs," in report.summary()
+
+    def test_per_record_hard_deletes_caught_by_the_daily_run(
+        self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
+    ):
+        """Records a checkpoint covers, deleted for good after a clean run (governance bypass,
+        no delete marker): the next incremental run names each gap, the last record's too."""
+        records = write_log(tmp_path, signer, 12)
+        url = S3Url(bucket, "hd")
+        ship_once(tmp_path, url, layout="per-record", client_options=options(s3))
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        for gone in (records[3], records[11]):
+            day = json.loads(gone.leaf)["timestamp"][:10]
+            key = f"hd/audit/{day}/{gone.event_id}.json"
+            vid = client.head_object(Bucket=bucket, Key=key)["VersionId"]
+            client.delete_object(
+                Bucket=bucket, Key=key, VersionId=vid, BypassGovernanceRetention=True
+            )
+        report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert not report.ok
+        gaps = {(f.log_id, f.seq, f.message) for f in report.findings if "holds seqs" in f.message}
+        assert {
+            (LOG_ID, 3, "no record object holds seqs 3-3 (deleted objects?)"),
+            (LOG_ID, 11, "no record object holds seqs 11-11 (deleted objects?)"),
+        } <= gaps, describe_findings(report)
 
     def test_shortened_retention(self, s3: MotoS3, client: Any, shipped: Any, signer: Signer):
         """A retention shortened (governance bypass) below the configured days is a finding."""

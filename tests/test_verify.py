@@ -571,6 +571,18 @@ class TestIncremental:
         assert [True] * 3 == [r.ok for r in (first, second, third)], describe(second)
         assert [N, N + 20, N + 20] == [r.logs[0].verified_size for r in (first, second, third)]
 
+    @pytest.mark.parametrize(
+        "name", ["last-record-deleted", "last-segment-truncated", "last-segment-deleted"]
+    )
+    def test_shortened_tail_is_caught_without_full(self, name: str, scene: Scene) -> None:
+        """Records the last run verified, cut from the end since: the daily run names them."""
+        assert run_verify(scene.root, scene.signer, scene.state_dir).ok
+        TAMPERS[name](scene)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not report.ok, describe(report)
+        assert 0 == report.logs[0].records_read
+        assert [f for f in report.findings if scene.names(f)], describe(report)
+
     def test_full_rereads_everything(self, scene: Scene) -> None:
         """``full`` re-reads every record even with a witness state."""
         run_verify(scene.root, scene.signer, scene.state_dir)

@@ -456,6 +456,7 @@ class _LogVerifier:
         elif state is not None and start == state.tree.size:
             tree, prev_hex = state.tree.copy(), state.last_leaf_hash
         expected = start
+        below = 0  # the seq after the last record read below ``start``: where a short log ends
         broken = False
         last_at: dict[str, Any] | None = None
         since, until = self.options.since, self.options.until
@@ -492,6 +493,7 @@ class _LogVerifier:
                     )
                 first_line = False
                 if seq < start:
+                    below = max(below, seq + 1)
                     if seq == start - 1 and prev_hex is None:
                         prev_hex = leaf_hash(line).hex()
                     continue
@@ -556,6 +558,10 @@ class _LogVerifier:
                 self.new_state = WitnessState(
                     cp.origin, tree.copy(), cp.root, prev_hex, stamp, str(self.root)
                 )
+        if expected == start and below < start and self.listing.segments:
+            # Nothing at or after the remembered size, and the records below it stop short: the
+            # log was truncated (or its last segments deleted) since the last run.
+            return below
         return expected
 
     def _check_pair(self, seg: SegmentRef) -> None:
@@ -618,8 +624,8 @@ class _LogVerifier:
         sealed = 0
         if self.new_state is not None:
             sealed = self.new_state.tree.size
-        elif self.state is not None and not self.options.full and self.state.tree.size <= size:
-            sealed = self.state.tree.size
+        elif self.state is not None and not self.options.full:
+            sealed = min(self.state.tree.size, size)  # a shortened log is its own finding
         self.report.verified_size = sealed
         unsealed = max(0, size - sealed)
         self.report.unsealed = unsealed

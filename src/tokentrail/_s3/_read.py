@@ -117,6 +117,7 @@ class _Mirror:
         self._staged: dict[str, list[_Staged]] = {}
         self._claimed: dict[str, str] = {}
         self._ranges: dict[str, list[tuple[int, int]]] = {}
+        self._covered: dict[str, int] = {}  # log id -> the largest checkpoint size in the bucket
 
     # ------------------------------------------------------------------ findings
 
@@ -191,14 +192,35 @@ class _Mirror:
         return self.result
 
     def _check_gaps(self) -> None:
-        """Batched: seq ranges no segment key covers (a deleted object leaves no marker)."""
-        for log_id, ranges in sorted(self._ranges.items()):
+        """Seqs a checkpoint covers that no object holds (a deleted object leaves no marker).
+
+        Batched from the segment keys' ranges; per-record from the records read, since a
+        per-record key does not name its seq. The shipper uploads a checkpoint only after every
+        record it covers, so a gap below the largest checkpoint is never an upload in flight.
+        """
+        held: dict[str, list[tuple[int, int]]] = {
+            log_id: list(ranges) for log_id, ranges in self._ranges.items()
+        }
+        for log_id, seq in self.result.record_keys:
+            held.setdefault(log_id, []).append((seq, seq))
+        for log_id in sorted(held.keys() | self._covered.keys()):
+            if self.log_ids is not None and log_id not in self.log_ids:
+                continue
+            kind, where = (
+                ("segment object", self.url.key("logs", log_id, "segments"))
+                if log_id in self._ranges
+                else ("record object", self.url.key("audit", ""))
+                if log_id in held
+                else ("object", self.url.key("logs", log_id, "checkpoints"))
+            )
+            covered = self._covered.get(log_id, 0)
             expected = 0
-            for first, last in sorted(ranges):
+            # The largest checkpoint's size ends the ranges: a missing tail is a gap too.
+            for first, last in [*sorted(held.get(log_id, [])), (covered, covered)]:
                 if first > expected:
                     self.finding(
-                        f"no segment object holds seqs {expected}-{first - 1} (deleted objects?)",
-                        self.url.key("logs", log_id, "segments"),
+                        f"no {kind} holds seqs {expected}-{first - 1} (deleted objects?)",
+                        where,
                         log_id=log_id,
                         seq=expected,
                     )
@@ -380,6 +402,8 @@ class _Mirror:
         self, ck: CheckpointKey, body: Any, response: dict[str, Any], version: _Version
     ) -> None:
         where: dict[str, Any] = {"log_id": ck.log_id}
+        with self._lock:
+            self._covered[ck.log_id] = max(self._covered.get(ck.log_id, 0), ck.size)
         path = self.dest / "logs" / ck.log_id / "checkpoints" / checkpoint_name(ck.size)
         if not self._claim(path, self.url.uri(ck.key)):
             return
