@@ -279,7 +279,7 @@ class Capture(ABC):
         #: The record's ``model``, "the model name as requested": the request's own string,
         #: ``""`` when it named none, the JSON text of a value that is not a string.
         self.requested_model: str = (
-            model if isinstance(model, str) else "" if model is None else _json_text(model)
+            model if isinstance(model, str) else "" if model is None else compact_json(model)
         )
         self.error: str | None = None
         self.finished = False
@@ -317,10 +317,3 @@ class Capture(ABC):
             extra["error.type"] = "upstream_error"
             extra["error_message"] = self.error
         return extra
-
-
-def _json_text(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return repr(value)
