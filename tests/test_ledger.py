@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -431,6 +432,48 @@ class TestGroupCommit:
             sealed = ledger.writer.seal()
         assert sealed is not None and 300 == sealed.size
         assert_chain(ledger_root, 300)
+        assert verified(ledger_root, signer)
+
+    @pytest.mark.parametrize("failures", [0, 1, 2])
+    def test_async_fsyncs_every_segment_it_wrote(
+        self,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+        monkeypatch: pytest.MonkeyPatch,
+        failures: int,
+    ) -> None:
+        """Async durability: once ``flush`` returns, every byte of every segment was fsynced,
+        segments rotated within one batch included, and a segment whose fsync failed when it
+        was closed is fsynced by name before anything is called synced."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer, durability="async", max_segment_bytes=4096)
+        synced: dict[str, int] = {}  # segment file -> its size at its last good fsync
+        real = os.fsync
+        left = [0]
+
+        def fsync(fd: int) -> None:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if name.endswith(".jsonl") and left[0]:
+                left[0] -= 1
+                raise OSError(errno.EIO, "simulated I/O error")
+            real(fd)
+            synced[name] = os.fstat(fd).st_size
+
+        with Ledger.open(cfg) as ledger:
+            monkeypatch.setattr(os, "fsync", fsync)
+            ledger.append(make_exchange(0))
+            ledger.writer.flush()  # an fsync just now: the next batch is written without one
+            left[0] = failures
+            for i in range(1, 60):
+                ledger.writer.defer(lambda i=i: make_exchange(i))  # one batch, many segments
+            ledger.writer.flush()
+            assert 60 == ledger.writer._synced_size
+            files = segments(ledger_root)
+            assert len(files) > 3
+            assert {str(f): f.stat().st_size for f in files} == {
+                str(f): synced.get(str(f)) for f in files
+            }
+        assert_chain(ledger_root, 60)
         assert verified(ledger_root, signer)
 
     def test_deferred_appends_keep_order(

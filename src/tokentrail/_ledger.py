@@ -202,7 +202,8 @@ class LedgerWriter:
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
         self._async_poll: float | None = None  # async: the look-again interval; None when idle
-        self._unsynced = False  # async durability: written to the open segment, not yet fsynced
+        self._unsynced = False  # async durability: written, not yet fsynced
+        self._unsynced_paths: list[Path] = []  # closed segments whose fsync failed
         self._last_sync = 0.0  # time.monotonic() of the last fsync
         self._sync_wanted = False  # ``flush`` waits for an fsync
         self._synced_size = 0  # records written and fsynced
@@ -648,11 +649,9 @@ class LedgerWriter:
         )
 
     def _write(self, batch: list[_Pending]) -> None:
-        sync = (
-            self.config.durability == "strict"
-            or self._closing
-            or time.monotonic() - self._last_sync >= ASYNC_SYNC_S
-        )
+        # Async durability leaves the fsync to ``_sync`` (when ``_sync_due``, and before any
+        # seal or segment close), so one fsync serves every batch of ASYNC_SYNC_S.
+        sync = self.config.durability == "strict"
         try:
             self._write_batch(batch, sync=sync)
         except OSError as exc:
@@ -666,8 +665,6 @@ class LedgerWriter:
         self._durable_prev_hex = batch[-1].lhash.hex()
         if sync:
             self._synced(self._tree.size)
-        else:
-            self._unsynced = True
         self.failed_at = None
         _release(batch)
         if self._journal_fd is not None:
@@ -724,16 +721,29 @@ class LedgerWriter:
         self._synced_size = size
 
     def _sync(self) -> None:
-        """Fsync what async durability wrote and has not yet synced."""
+        """Fsync what async durability wrote and has not yet synced.
+
+        That is the open segment, and any segment closed while its fsync failed (by name; one
+        the compressor has since replaced was fsynced as ``.jsonl.zst``). Until every one of
+        them succeeds nothing is called synced: ``flush`` keeps waiting, and a seal waits too.
+        """
         if not self._unsynced:
             return
-        if self._segment_fd is not None:
-            try:
+        try:
+            if self._segment_fd is not None:
                 os.fsync(self._segment_fd)
-            except OSError as exc:  # tried again ASYNC_SYNC_S later, or by the next write
-                log.error("cannot fsync ledger %s: %s", self.config.log_id, exc.strerror)
-                self.failed_at = self._last_sync = time.monotonic()
-                return
+            while self._unsynced_paths:
+                with contextlib.suppress(FileNotFoundError):
+                    fd = os.open(self._unsynced_paths[0], os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                self._unsynced_paths.pop(0)
+        except OSError as exc:  # tried again ASYNC_SYNC_S later, or by the next write
+            log.error("cannot fsync ledger %s: %s", self.config.log_id, exc.strerror)
+            self.failed_at = self._last_sync = time.monotonic()
+            return
         self._synced(self._tree.size)
 
     def _sync_due(self) -> bool:
@@ -767,6 +777,8 @@ class LedgerWriter:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, pos)
                 raise
+            if not sync:  # now, not after the batch: a rotation below must fsync this segment
+                self._unsynced = True
             self._segment_bytes += size
             start = end
 
@@ -802,16 +814,20 @@ class LedgerWriter:
         if self._segment_fd is None:
             return
         self._sync()
+        path = self._segment_path
+        if self._unsynced and path is not None:
+            self._unsynced_paths.append(path)  # its fsync failed: ``_sync`` tries it by name
         os.close(self._segment_fd)
         self._segment_fd = None
         with contextlib.suppress(FileNotFoundError):
             (self._dir / OPEN_SEGMENT_FILE).unlink()
-        path = self._segment_path
         if self._compressor is not None and path is not None and self._segment_bytes:
             self._compressor.submit(compress_segment, path)
 
     def _seal(self) -> Checkpoint | None:
         self._sync()  # a checkpoint covers only what is on disk
+        if self._unsynced:  # the fsync failed: the flusher tries again at the next interval
+            raise StoreError(f"cannot seal {self.config.log_id}: its records are not fsynced")
         size = self._tree.size
         if size == 0 or size <= self._signed_size:
             return None
