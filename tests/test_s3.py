@@ -534,6 +534,23 @@ class TestTamper:
         assert gap and gap[0].location == url.uri(f"t/logs/{LOG_ID}/segments")
         assert any(f"expected seq {first}, found {last + 1}" in f.message for f in report.findings)
 
+    def test_last_segment_deleted_with_bypass(
+        self, s3: MotoS3, client: Any, shipped: Any, signer: Signer
+    ):
+        """The last segment gone for good: the gap up to the checkpoint's size is named."""
+        url, segments = shipped
+        key = segments[-1]
+        vid = client.head_object(Bucket=url.bucket, Key=key)["VersionId"]
+        client.delete_object(
+            Bucket=url.bucket, Key=key, VersionId=vid, BypassGovernanceRetention=True
+        )
+        report = self.verify(s3, url, signer)
+        first, last = (int(x) for x in key.rsplit("/", 1)[1].split(".")[0].split("-"))
+        assert 29 == last
+        want = f"no segment object holds seqs {first}-29"
+        gap = [f for f in report.findings if want in f.message]
+        assert gap and (LOG_ID, first) == (gap[0].log_id, gap[0].seq), describe_findings(report)
+
     def test_deleted_object(self, s3: MotoS3, client: Any, shipped: Any, signer: Signer):
         """A plain delete (a delete marker) is a finding on its key."""
         url, segments = shipped
