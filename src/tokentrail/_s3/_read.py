@@ -206,13 +206,12 @@ class _Mirror:
         for log_id in sorted(held.keys() | self._covered.keys()):
             if self.log_ids is not None and log_id not in self.log_ids:
                 continue
-            kind, where = (
-                ("segment object", self.url.key("logs", log_id, "segments"))
-                if log_id in self._ranges
-                else ("record object", self.url.key("audit", ""))
-                if log_id in held
-                else ("object", self.url.key("logs", log_id, "checkpoints"))
-            )
+            if log_id in self._ranges:
+                kind, where = "segment object", self.url.key("logs", log_id, "segments")
+            elif log_id in held:
+                kind, where = "record object", self.url.key("audit", "")
+            else:  # checkpoints, and not one record left
+                kind, where = "object", self.url.key("logs", log_id, "checkpoints")
             covered = self._covered.get(log_id, 0)
             expected = 0
             # The largest checkpoint's size ends the ranges: a missing tail is a gap too.
