@@ -253,8 +253,9 @@ class _Mirror:
             )
         # A per-record key does not name its log; its body does, so wait for _record.
         defer = isinstance(parsed, RecordKey) and bool(versions)
-        for message in [] if defer else messages:
-            self.finding(message, key, **where)
+        if not defer:
+            for message in messages:
+                self.finding(message, key, **where)
         if parsed is None or not versions:
             return None
         newest = next((v for v in versions if v.get("IsLatest")), versions[0])
