@@ -179,11 +179,11 @@ async def main() -> None:
     floors = [f for f in args.floors.split(",") if f]
     if any(f not in ("aiohttp", "raw") for f in floors):
         parser.error(f"--floors: choose among aiohttp, raw; got {args.floors!r}")
+    if args.requests < args.rounds or args.rounds < 1:
+        parser.error("--requests must be at least --rounds, and --rounds at least 1")
     if "raw" in floors and importlib.util.find_spec("httptools") is None:
         print("note: the raw floor needs httptools (pip install httptools); skipped")
         floors.remove("raw")
-    if args.requests < args.rounds or args.rounds < 1:
-        parser.error("--requests must be at least --rounds, and --rounds at least 1")
 
     tmp = Path(tempfile.mkdtemp(prefix="tokentrail-bench-"))
     sim_port, proxy_port = free_port(), free_port()

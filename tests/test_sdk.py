@@ -536,6 +536,7 @@ class TestPlainAPI:
             ({"output_tokens": [True]}, "not a token id"),
             ({"model": None}, "model must be"),
             ({"model": 5}, "model must be"),
+            ({"model": ""}, "model must name the model"),
             ({"user_id": 123}, "user_id must be a string"),
             ({"session_id": ["s"]}, "session_id must be a string"),
             ({"request_duration_ms": float("nan")}, "must be finite"),

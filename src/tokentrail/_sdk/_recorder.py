@@ -351,6 +351,8 @@ class Recorder:
         extra: Mapping[str, Any] | None = None,
     ) -> Exchange:
         """The :class:`Exchange` :meth:`record` would append (api ``sdk``)."""
+        if model == "":  # the proxy's "" means "the request named none"; a caller names one
+            raise ConfigError("model must name the model, not be empty")
         in_tokens = _check_tokens("input_tokens", input_tokens)
         out_tokens = _check_tokens("output_tokens", output_tokens)
         return Exchange(
@@ -400,7 +402,7 @@ class ExchangeScope:
     """The mutable exchange of a ``with recorder.exchange(...)`` block; recorded on exit."""
 
     def __init__(self, recorder: Recorder, *, model: str, **fields: Any) -> None:
-        if not isinstance(model, str):  # say so before the block runs, not after
+        if not isinstance(model, str) or not model:  # say so before the block runs, not after
             raise ConfigError(f"model must be the model name as requested, not {model!r}")
         self._recorder = recorder
         self.model = model
