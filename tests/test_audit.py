@@ -42,7 +42,7 @@ from tokentrail._audit import (
     verify_export_command,
 )
 from tokentrail._checkpoint import Signer
-from tokentrail._cli import _Main
+from tokentrail._cli import _Main, main
 from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._merkle import MerkleLevels, inclusion_proof, leaf_hash
 from tokentrail._record import Exchange
@@ -406,11 +406,24 @@ class TestShowAndSession:
         assert "not checked: no verifier key" in result.output
 
     def test_unknown_event(self, chat: tuple[Path, str, list[str]]) -> None:
-        """An unknown event id is one error line, exit 2."""
+        """An event id no record has is one error line, exit 2; one in capitals is found."""
         ledger, verifier, _ = chat
-        result = run("show", "--ledger", ledger, "--public-key", verifier, "nope")
+        absent = "0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e"
+        result = run("show", "--ledger", ledger, "--public-key", verifier, absent)
         assert result.exit_code == 2
-        assert "tokentrail: error: no record with event_id nope" in result.output
+        assert f"tokentrail: error: no record with event_id {absent}" in result.output
+        event = records_of(ledger)[0]["event_id"]
+        found = run("show", "--ledger", ledger, "--public-key", verifier, event.upper())
+        assert found.exit_code == 0 and event in found.output
+
+    @pytest.mark.parametrize("command", ["show", "prove"])
+    def test_not_an_event_id(self, chat: tuple[Path, str, list[str]], command: str) -> None:
+        """A value that is no UUID is a usage error that says what an event id looks like."""
+        ledger, _, _ = chat
+        result = CliRunner().invoke(main, [command, "--ledger", str(ledger), "nope"])
+        assert result.exit_code == 2
+        assert "'nope' is not an event id" in result.output
+        assert "Traceback" not in result.output
 
 
 # ---------------------------------------------------------------------- export

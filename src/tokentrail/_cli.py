@@ -27,6 +27,7 @@ from ._checkpoint import Signer, propose_key_name
 from ._errors import ConfigError, KeyError_, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
 from ._options import (
+    EVENT_ID_ARGUMENT,
     EXIT_CANNOT_RUN,
     EXIT_INVALID,
     LEDGER_OPTION,
@@ -279,7 +280,7 @@ def count(
 
 @main.command()
 @LEDGER_OPTION
-@click.argument("event_id")
+@EVENT_ID_ARGUMENT
 @click.option("--tree-size", type=click.IntRange(min=1), help="Prove against this checkpoint.")
 @click.option(
     "--out",

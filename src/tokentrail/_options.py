@@ -13,6 +13,7 @@ import click
 from ._checkpoint import Verifier, load_verifiers
 from ._errors import ConfigError
 from ._paths import DEFAULT_LEDGER, default_verifier_key
+from ._record import is_event_id
 from ._s3._bucket import DEFAULT_DAYS, DEFAULT_MODE, LOCK_MODES
 
 EXIT_INVALID = 1
@@ -34,6 +35,20 @@ PUBLIC_KEY_OPTION = click.option(
     help="Verifier key (name+id+key) or a file of them; repeat for rotated keys"
     " [default: the keygen verifier.pub; env TOKENTRAIL_PUBLIC_KEY].",
 )
+
+
+def _event_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An event id argument, lowercased; a value that is no UUID is a usage error."""
+    lowered = value.strip().lower()
+    if not is_event_id(lowered):
+        raise click.BadParameter(
+            f"{value!r} is not an event id: a record's event_id is a UUID such as"
+            " 0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e (tokentrail search lists them)"
+        )
+    return lowered
+
+
+EVENT_ID_ARGUMENT = click.argument("event_id", callback=_event_id)
 
 #: Every command that talks to S3 reads its endpoint from the first of these that is set (the
 #: second is the name ``serve``, ``verify``, ``count`` and ``prove`` used before 2026-11-27).

@@ -110,6 +110,11 @@ def is_token_source(value: Any) -> bool:
     )
 
 
+def is_event_id(value: Any) -> bool:
+    """Whether ``value`` is an event id as SPEC section 2 stores it: a lowercase UUID."""
+    return isinstance(value, str) and _EVENT_ID.fullmatch(value) is not None
+
+
 def piece(raw: bytes) -> str | list[int]:
     """A token piece as SPEC stores it: a string if valid UTF-8, else its byte values."""
     try:
@@ -239,7 +244,7 @@ class Exchange:
                 f"timestamp must be RFC 3339 UTC with microseconds and Z "
                 f"(2026-01-31T12:00:00.000000Z), not {self.timestamp!r}"
             )
-        if not isinstance(self.event_id, str) or not _EVENT_ID.fullmatch(self.event_id):
+        if not is_event_id(self.event_id):
             raise ConfigError(f"event_id must be a lowercase UUID, not {self.event_id!r}")
         for side in ("input", "output"):
             source = getattr(self, f"{side}_token_source")

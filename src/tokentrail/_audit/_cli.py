@@ -20,6 +20,7 @@ from .._checkpoint import Signer, Verifier
 from .._erasure import FileKeyStore, open_record
 from .._errors import ConfigError, StoreError
 from .._options import (
+    EVENT_ID_ARGUMENT,
     EXIT_INVALID,
     LEDGER_OPTION,
     PUBLIC_KEY_OPTION,
@@ -254,7 +255,7 @@ def _opened(checked: Checked, keystore: Path | None) -> Checked:
 @click.command("show")
 @LEDGER_OPTION
 @PUBLIC_KEY_OPTION
-@click.argument("event_id")
+@EVENT_ID_ARGUMENT
 @click.option("--ids", is_flag=True, help="List every token with its position, id or bytes.")
 @COLOR_OPTION
 @KEYSTORE_OPTION
