@@ -30,6 +30,7 @@ from .._errors import TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
 from .._options import S3_ENDPOINT_ENV, retention_options
+from .._s3._bucket import DEFAULT_DAYS
 from .._verify import LAST_RUN_FILE, default_state_dir
 from ._config import (
     DEFAULT_LEDGER,
@@ -478,7 +479,7 @@ def build_config(
         s3_endpoint_url=options.get("s3_endpoint_url"),
         s3_layout=options.get("s3_layout", "batched"),
         s3_retention_mode=options.get("s3_retention_mode", "GOVERNANCE"),
-        s3_retention_days=int(options.get("s3_retention_days", 2555)),
+        s3_retention_days=int(options.get("s3_retention_days", DEFAULT_DAYS)),
         s3_rotate_s=float(options.get("s3_rotate_s", 60.0)),
         s3_interval_s=float(options.get("s3_interval_s", 10.0)),
         min_free_bytes=int(options.get("min_free_bytes", 16 << 20)),

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from .._errors import ConfigError
 from .._layout import check_log_id
+from .._s3._bucket import DEFAULT_DAYS
 
 TokenData = Literal["off", "logprobs", "ids", "all"]
 
@@ -124,7 +125,7 @@ class ProxyConfig:
     s3_endpoint_url: str | None = None
     s3_layout: Literal["batched", "per-record"] = "batched"
     s3_retention_mode: Literal["GOVERNANCE", "COMPLIANCE"] = "GOVERNANCE"
-    s3_retention_days: int = 2555
+    s3_retention_days: int = DEFAULT_DAYS
     s3_interval_s: float = 10.0
     s3_rotate_s: float = 60.0
     verify_state: Path | None = None  # where `tokentrail verify` notes its last run

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import zstandard
 
 from .._record import SCHEMA, ZERO_HASH, Exchange
+from ._bucket import DEFAULT_DAYS
 
 PUT_PRICE_PER_1000 = 0.005
 STORAGE_PRICE_GB_MONTH = 0.023
@@ -123,7 +124,7 @@ def estimate(
     writers: int = 1,
     segment_seconds: float = 60.0,
     max_segment_bytes: int = 64 << 20,
-    retention_days: int = 2555,
+    retention_days: int = DEFAULT_DAYS,
     sample: RecordSample | None = None,
 ) -> tuple[RecordSample, list[CostRow]]:
     """Monthly PUTs, PUT cost and storage for the per-record and batched layouts."""
