@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import errno
 import hashlib
 import json
@@ -432,6 +433,50 @@ class TestGroupCommit:
             sealed = ledger.writer.seal()
         assert sealed is not None and 300 == sealed.size
         assert_chain(ledger_root, 300)
+        assert verified(ledger_root, signer)
+
+    def test_flush_returns_when_the_batch_it_waits_for_fails(
+        self,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Strict: a flush that began while a batch was being written returns when that batch
+        fails (its appender gets the error), rather than waiting for records that will not come;
+        the log goes on afterwards."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer)
+        real = os.fsync
+        entered, go = threading.Event(), threading.Event()
+        fail = [True]
+
+        def fsync(fd: int) -> None:
+            if fail[0] and os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
+                fail[0] = False
+                entered.set()
+                go.wait(10)
+                raise OSError(errno.EIO, "simulated I/O error")
+            real(fd)
+
+        with Ledger.open(cfg) as ledger:
+            ledger.append(make_exchange(0))
+            monkeypatch.setattr(os, "fsync", fsync)
+            waiter: concurrent.futures.Future[Record] = concurrent.futures.Future()
+            ledger.writer.submit(make_exchange(1), waiter)
+            assert entered.wait(10)
+            flushed = threading.Event()
+            flusher = threading.Thread(target=lambda: (ledger.writer.flush(), flushed.set()))
+            flusher.start()
+            time.sleep(0.05)  # the flush has noted what it waits for
+            go.set()
+            with pytest.raises(StoreError, match="simulated I/O error"):
+                waiter.result(10)
+            assert flushed.wait(5), "flush kept waiting for a batch that failed"
+            flusher.join()
+            ledger.append(make_exchange(2))
+            ledger.writer.flush()
+            assert ledger.writer.size == 2
+        assert_chain(ledger_root, 2)
         assert verified(ledger_root, signer)
 
     @pytest.mark.parametrize("failures", [0, 1, 2])

@@ -85,6 +85,8 @@ ASYNC_RETRY_S = 0.5
 
 #: How long the flusher may wait for the appenders its last fsync released (see ``_run``).
 COMMIT_DELAY_S = 0.001
+#: ``flush`` looks again this often even unwoken (a safety net; each fsync wakes it).
+FLUSH_RECHECK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ class LedgerWriter:
         self._dir = log_dir(config.root, config.log_id)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._synced_cv = threading.Condition(self._lock)  # ``flush`` waits on it
         self._queue: list[_Pending] = []
         self._line_head = b'{"schema":"%s","log_id":"%s","seq":' % (
             SCHEMA.encode(),
@@ -527,16 +530,13 @@ class LedgerWriter:
             if self._deferred or self._building or self._orphans:
                 self._link_deferred_locked()
             target = self._next_seq
-            self._sync_wanted = True
-            self._wake.notify()
-        while self._synced_size < target:
-            if self._error is not None:
-                raise self._error
-            time.sleep(0.001)
-            if not self._sync_wanted:  # a sync ran before all of ours was written: ask again
-                with self._wake:
+            # A strict batch that fails is rewound (``_fail``): its appenders were told, and
+            # there is nothing more of it to wait for.
+            while self._synced_size < min(target, self._next_seq):
+                if not self._sync_wanted:  # none asked for, or one ran before ours was written
                     self._sync_wanted = True
                     self._wake.notify()
+                self._synced_cv.wait(FLUSH_RECHECK_S)
 
     def seal(self) -> Checkpoint | None:
         """Flush, then sign a checkpoint now (``None`` if nothing new); for tests and tools."""
@@ -711,14 +711,17 @@ class LedgerWriter:
             self._queue = []
             self._next_seq = self._tree.size
             self._prev_hex = self._durable_prev_hex
+            self._synced_cv.notify_all()
         log.error("%s", error)
         self.failed_at = time.monotonic()
         _release(failed, error)
 
     def _synced(self, size: int) -> None:
-        self._unsynced = False
-        self._last_sync = time.monotonic()
-        self._synced_size = size
+        with self._lock:
+            self._unsynced = False
+            self._last_sync = time.monotonic()
+            self._synced_size = size
+            self._synced_cv.notify_all()
 
     def _sync(self) -> None:
         """Fsync what async durability wrote and has not yet synced.
