@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -108,11 +109,21 @@ def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[An
     }
 
 
-def timed(fn: Callable[[Any], Any], client: Any, n: int, cpu: list[float]) -> list[float]:
-    """``n`` calls' latencies (µs); appends the process's CPU time per call (µs) to ``cpu``."""
+def timed(
+    fn: Callable[[Any], Any], client: Any, n: int, cpu: list[float], pause: float = 0.0
+) -> list[float]:
+    """``n`` calls' latencies (µs); appends the process's CPU time per call (µs) to ``cpu``.
+
+    ``pause``: an untimed random pause (0 to ``pause`` s) before each call, so calls reach a
+    simulator that paces its answers at random phases of its event loop's millisecond timer
+    clock, not locked to it (a locked phase would let the timer swallow or magnify a
+    difference).
+    """
     out = []
     c0 = time.process_time()
     for _ in range(n):
+        if pause:
+            time.sleep(random.uniform(0.0, pause))
         t0 = time.perf_counter()
         fn(client)
         out.append((time.perf_counter() - t0) * 1e6)
@@ -138,6 +149,9 @@ def main() -> None:
         parser.error(
             f"--durability: a comma-separated list of async, strict; not {args.durability!r}"
         )
+    # With model delays, an untimed pause of up to 1 ms (one tick of the simulator's timers)
+    # before each call; without, none: a pause would give the writer thread idle time to use.
+    pause = 0.001 if args.ttft_ms or args.token_ms else 0.0
     delays = ["--ttft-ms", str(args.ttft_ms), "--token-ms", str(args.token_ms)]
     sims = [start_sim("ollama", *delays), start_sim("openai", *delays)]
     rows = []
@@ -157,8 +171,8 @@ def main() -> None:
                     cb: list[float] = []
                     cw: list[float] = []
                     while len(b) < args.calls:
-                        b += timed(fn, bare, args.block, cb)
-                        w += timed(fn, wrapped, args.block, cw)
+                        b += timed(fn, bare, args.block, cb, pause)
+                        w += timed(fn, wrapped, args.block, cw, pause)
                     mb, mw = statistics.median(b), statistics.median(w)
                     rows.append(
                         (
