@@ -523,7 +523,11 @@ class LedgerWriter:
         return waiter.result()
 
     def flush(self) -> None:
-        """Wait until everything queued so far is on disk."""
+        """Wait until everything queued so far is on disk.
+
+        Records whose write failed under strict durability are not waited for: their appenders
+        had the error. Under async durability a failed write is retried, and this waits for it.
+        """
         with self._wake:
             if self._error is not None:
                 raise self._error
