@@ -185,7 +185,6 @@ class LedgerWriter:
         # Appends from finalizers (``orphan``): taken without the lock, moved to ``_deferred``.
         self._orphans: deque[Callable[[], Exchange]] = deque()
         self._closing = False
-        self._error: TokentrailError | None = None
         # Chain state as appends see it (may run ahead of the disk).
         self._next_seq = 0
         self._prev_hex = ZERO_HASH
@@ -347,8 +346,6 @@ class LedgerWriter:
             os.close(self._journal_fd)
             self._journal_fd = None
         self._unlock()
-        if self._error is not None:
-            raise self._error
 
     @property
     def size(self) -> int:
@@ -425,8 +422,6 @@ class LedgerWriter:
             self._deferred.append(self._orphans.popleft())
 
     def _check_open(self) -> None:
-        if self._error is not None:
-            raise self._error
         if self._closing:
             raise StoreError(f"ledger {self.config.log_id} is closed")
 
@@ -529,8 +524,6 @@ class LedgerWriter:
         had the error. Under async durability a failed write is retried, and this waits for it.
         """
         with self._wake:
-            if self._error is not None:
-                raise self._error
             if self._deferred or self._building or self._orphans:
                 self._link_deferred_locked()
             target = self._next_seq
