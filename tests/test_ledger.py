@@ -479,6 +479,52 @@ class TestGroupCommit:
         assert_chain(ledger_root, 2)
         assert verified(ledger_root, signer)
 
+    @pytest.mark.parametrize("durability", ["strict", "async"])
+    def test_a_writer_that_dies_leaves_nobody_waiting(
+        self,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+        monkeypatch: pytest.MonkeyPatch,
+        durability: Durability,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A bug that kills the flusher thread mid-batch: the batch's appenders, ``flush``,
+        ``seal``, later appends and ``close`` all raise a StoreError that says so; none hangs;
+        what was written before stays valid."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer, durability=durability)
+        ledger = Ledger.open(cfg)
+        writer = ledger.writer
+        ledger.append(make_exchange(0))
+        writer.flush()
+
+        def write(batch: list[Any]) -> None:
+            raise RuntimeError("a bug in the writer")
+
+        monkeypatch.setattr(writer, "_write", write)
+        waiter: concurrent.futures.Future[Record] = concurrent.futures.Future()
+        writer.submit(make_exchange(1), waiter)
+        with pytest.raises(StoreError, match="stopped on an unexpected error"):
+            waiter.result(10)
+        for call in (
+            lambda: ledger.append(make_exchange(2)),
+            writer.flush,
+            writer.seal,
+            lambda: writer.defer(lambda: make_exchange(3)),
+            ledger.close,
+        ):
+            with pytest.raises(StoreError, match="RuntimeError: a bug in the writer"):
+                call()
+        assert "the writer of ledger" in caplog.text
+        assert_chain(ledger_root, 1)
+
+    def test_seal_after_close(self, ledger_root: Path, signer: Signer) -> None:
+        """Sealing a closed writer says it is closed (it used to wait forever)."""
+        ledger = Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer))
+        ledger.close()
+        with pytest.raises(StoreError, match="is closed"):
+            ledger.writer.seal()
+
     @pytest.mark.parametrize("failures", [0, 1, 2])
     def test_async_fsyncs_every_segment_it_wrote(
         self,

@@ -185,6 +185,9 @@ class LedgerWriter:
         # Appends from finalizers (``orphan``): taken without the lock, moved to ``_deferred``.
         self._orphans: deque[Callable[[], Exchange]] = deque()
         self._closing = False
+        #: Set when the flusher thread stopped on an unexpected error: every call raises it.
+        self._error: StoreError | None = None
+        self._inflight: list[_Pending] = []  # the batch the flusher is writing
         # Chain state as appends see it (may run ahead of the disk).
         self._next_seq = 0
         self._prev_hex = ZERO_HASH
@@ -245,7 +248,7 @@ class LedgerWriter:
         if config.compress_sealed:
             writer._compressor = concurrent.futures.ThreadPoolExecutor(1, "tokentrail-zstd")
         writer._flusher = threading.Thread(
-            target=writer._run, name=f"tokentrail-flush-{config.log_id}", daemon=True
+            target=writer._run_guarded, name=f"tokentrail-flush-{config.log_id}", daemon=True
         )
         writer._flusher.start()
         writer._replay_journal()
@@ -346,6 +349,8 @@ class LedgerWriter:
             os.close(self._journal_fd)
             self._journal_fd = None
         self._unlock()
+        if self._error is not None:
+            raise self._error
 
     @property
     def size(self) -> int:
@@ -422,6 +427,8 @@ class LedgerWriter:
             self._deferred.append(self._orphans.popleft())
 
     def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
         if self._closing:
             raise StoreError(f"ledger {self.config.log_id} is closed")
 
@@ -469,6 +476,8 @@ class LedgerWriter:
         """Link every deferred append now, on this thread (an ordinary append is behind them)."""
         while self._building:  # the flusher is building some: it links them, then wakes us
             self._wake.wait()
+        if self._error is not None:  # it stopped meanwhile
+            raise self._error
         self._adopt_orphans_locked()
         builds, self._deferred = self._deferred, []
         for event_id, content in self._build_deferred(builds):
@@ -530,6 +539,8 @@ class LedgerWriter:
             # A strict batch that fails is rewound (``_fail``): its appenders were told, and
             # there is nothing more of it to wait for.
             while self._synced_size < min(target, self._next_seq):
+                if self._error is not None:
+                    raise self._error
                 if not self._sync_wanted:  # none asked for, or one ran before ours was written
                     self._sync_wanted = True
                     self._wake.notify()
@@ -540,11 +551,49 @@ class LedgerWriter:
         self.flush()
         done: concurrent.futures.Future[Checkpoint | None] = concurrent.futures.Future()
         with self._wake:
+            self._check_open()  # a closed writer's flusher would never answer
             self._seal_requests.append(done)
             self._wake.notify()
         return done.result()
 
     # ------------------------------------------------------------------ flusher thread
+
+    def _run_guarded(self) -> None:
+        """The flusher thread: :meth:`_run`, and if that dies, nobody is left waiting for it."""
+        try:
+            self._run()
+        except BaseException as exc:
+            log.exception("tokentrail: the writer of ledger %s stopped", self.config.log_id)
+            self._stop(
+                StoreError(
+                    f"the writer of ledger {self.config.log_id} stopped on an unexpected error"
+                    f" ({type(exc).__name__}: {exc}); records not yet written are lost"
+                )
+            )
+
+    def _stop(self, error: StoreError) -> None:
+        """Fail every waiter (appenders, ``flush``, ``seal``) and every later call: ``error``."""
+        with self._wake:
+            self._error = error
+            failed = self._inflight + self._queue
+            self._inflight, self._queue = [], []
+            requests, self._seal_requests = self._seal_requests, []
+            lost = len(self._deferred) + len(self._orphans)
+            self._deferred = []
+            self._orphans.clear()
+            self._building = False
+            self._wake.notify_all()
+            self._synced_cv.notify_all()
+        if lost:
+            log.error("tokentrail: %d deferred records of %s are lost", lost, self.config.log_id)
+        _release(failed, error)
+        for req in requests:
+            if not req.done():
+                req.set_exception(error)
+        if self._segment_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._segment_fd)
+            self._segment_fd = None
 
     def _run(self) -> None:
         while True:
@@ -594,7 +643,9 @@ class LedgerWriter:
                     self._wake.notify_all()
                     batch = self._take_batch_locked()
             if batch:
+                self._inflight = batch
                 self._write(batch)
+                self._inflight = []
             elif self._rotation_due():
                 self._close_segment()
             if self._sync_due():
