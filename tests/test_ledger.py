@@ -515,7 +515,9 @@ class TestGroupCommit:
         ):
             with pytest.raises(StoreError, match="RuntimeError: a bug in the writer"):
                 call()
+        writer.orphan(lambda: make_exchange(4))  # from a finalizer: never raises, says so
         assert "the writer of ledger" in caplog.text
+        assert f"ledger {LOG_ID} is stopped; a record is lost" in caplog.text
         assert_chain(ledger_root, 1)
 
     def test_seal_after_close(self, ledger_root: Path, signer: Signer) -> None:

@@ -412,8 +412,9 @@ class LedgerWriter:
         inside any allocation), so this never waits for the lock: the build goes on a queue the
         flusher drains (on its next round, at ``flush`` and at close), under either durability.
         """
-        if self._closing:
-            log.error("tokentrail: ledger %s is closed; a record is lost", self.config.log_id)
+        if self._closing or self._error is not None:
+            state = "closed" if self._error is None else "stopped"
+            log.error("tokentrail: ledger %s is %s; a record is lost", self.config.log_id, state)
             return
         self._orphans.append(build)
         if self._lock.acquire(blocking=False):  # else its holder is busy and will look again
