@@ -171,9 +171,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="exchanges per second")
     parser.add_argument("--sample", type=float, default=5.0, help="RSS sample interval, s")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the baseline")
+    parser.add_argument(
+        "--json", type=Path, help="also write the figures to this file (for tests/test_soak.py)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tt-soak-") as tmp:
         r = soak(args.minutes * 60, args.rate, args.sample, args.warmup, Path(tmp))
+    if args.json is not None:
+        args.json.write_text(json.dumps(r))
     lat = r["latencies"]
     print(
         f"soak: {args.minutes:g} min at {args.rate:g}/s (mixed streamed/non-streamed, chat and"

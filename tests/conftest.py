@@ -3,9 +3,15 @@ folder, and a helper that writes N varied records (token ids, UTF-8 and byte pie
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -102,3 +108,47 @@ def write_records(ledger_root: Path, signer: Signer) -> WriteRecords:
         return records
 
     return write
+
+
+# ---------------------------------------------------------------------- the soak, early
+
+SOAK_TEST = "tests/test_soak.py::test_sixty_seconds_flat_and_lossless"
+#: The CI-sized soak of issue 7: a minute at 40 exchanges/s.
+SOAK_ARGS: dict[str, float] = {"seconds": 60.0, "rate": 40.0, "sample": 5.0, "warmup": 10.0}
+SOAK_KEY = pytest.StashKey[tuple[subprocess.Popen[bytes], Path, Path]]()
+_SOAK_LOG = pytest.StashKey[TextIO]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the soak now if it is among the tests to run (see ``tests/test_soak.py``)."""
+    config = session.config
+    if config.option.collectonly or not any(i.nodeid == SOAK_TEST for i in session.items):
+        return
+    if len(session.items) == 1:
+        return  # alone: the test runs it itself
+    work = Path(tempfile.mkdtemp(prefix="tt-soak-test-"))
+    out, log_path = work / "soak.json", work / "soak.log"
+    log = log_path.open("w")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(bench), "--minutes", str(SOAK_ARGS["seconds"] / 60),
+         "--rate", str(SOAK_ARGS["rate"]), "--sample", str(SOAK_ARGS["sample"]),
+         "--warmup", str(SOAK_ARGS["warmup"]), "--json", str(out)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    config.stash[SOAK_KEY] = (proc, out, log_path)
+    config.stash[_SOAK_LOG] = log
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A soak the run did not wait for (stopped early, deselected) is stopped with its children."""
+    started = session.config.stash.get(SOAK_KEY, None)
+    if started is None:
+        return
+    proc, out, _ = started
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    session.config.stash[_SOAK_LOG].close()
+    if proc.returncode == 0:
+        shutil.rmtree(out.parent, ignore_errors=True)
