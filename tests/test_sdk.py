@@ -842,6 +842,98 @@ for i in range(50):
             verify(root, signer, tmp_path / "state")
 
 
+class TestFork:
+    """A process that forks after opening a recorder (gunicorn's preloaded app, multiprocessing
+    workers): the child neither hangs on the parent's writer nor loses its records."""
+
+    @pytest.mark.parametrize("durability", ["strict", "async"])
+    @pytest.mark.parametrize("exit_how", ["close", "atexit"])
+    def test_child_records_to_a_log_of_its_own(
+        self, tmp_path: Path, signer: Signer, durability: str, exit_how: str
+    ) -> None:
+        """Each forked child writes ``<log id>-<pid>``; parent and children all verify."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        script = f"""
+import os, signal, sys
+from tokentrail._sdk import Recorder
+rec = Recorder.open({str(root)!r}, key={str(key)!r}, log_id="app", durability={durability!r})
+rec.record(model="m", input_text="parent, before", output_text="o")
+children = []
+for n in range(2):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)  # a hang fails the test instead of stalling it
+        for i in range(5):
+            rec.record(model="m", input_text=f"child {{n}} #{{i}}", output_text="o")
+        {"rec.close()" if exit_how == "close" else "pass"}
+        sys.exit(0)  # atexit closes (flushes, seals) what the child opened
+    children.append(pid)
+for pid in children:
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    print(pid)
+rec.record(model="m", input_text="parent, after", output_text="o")
+rec.close()
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, timeout=120, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        pids = done.stdout.split()
+        logs = sorted(p.name for p in (root / "logs").iterdir())
+        assert logs == sorted(["app", *(f"app-{pid}" for pid in pids)])
+        texts = sorted(r["input_text"] for r in read_records(root))
+        assert texts == sorted(
+            ["parent, before", "parent, after"]
+            + [f"child {n} #{i}" for n in range(2) for i in range(5)]
+        )
+        for pid in pids:  # each child sealed its log on the way out
+            assert (root / "logs" / f"app-{pid}" / "checkpoints" / f"{5:020d}.checkpoint").exists()
+        verify(root, signer, tmp_path / "state")
+
+    def test_a_plain_ledger_refuses_a_fork(self, tmp_path: Path, signer: Signer) -> None:
+        """A ``Ledger`` used from a forked child raises a StoreError that says why (it used to
+        wait forever, under strict durability, for a flusher thread the child does not have)."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        script = f"""
+import os, signal
+from pathlib import Path
+from tokentrail._checkpoint import Signer
+from tokentrail._errors import StoreError
+from tokentrail._ledger import Ledger, LedgerConfig
+from tokentrail._record import Exchange
+root, key = Path({str(tmp_path / "ledger")!r}), Path({str(key)!r})
+ledger = Ledger.open(LedgerConfig(root, "plain", Signer.load(key)))
+ledger.append(Exchange(model="m", api="sdk", stop_reason="stop"))
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)
+    try:
+        ledger.append(Exchange(model="m", api="sdk", stop_reason="stop"))
+        os._exit(3)
+    except StoreError as exc:
+        print(exc, flush=True)
+    ledger.close()  # the parent's to close: nothing happens here
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+ledger.append(Exchange(model="m", api="sdk", stop_reason="stop"))
+ledger.close()
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, timeout=60, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "is a fork of it and must open a writer of its own" in done.stdout
+        assert 2 == len(read_records(tmp_path / "ledger"))
+        verify(tmp_path / "ledger", signer, tmp_path / "state")
+
+
 class TestSessions:
     """Reconstructing what the model saw at each turn of a session."""
 

@@ -185,6 +185,9 @@ class LedgerWriter:
         # Appends from finalizers (``orphan``): taken without the lock, moved to ``_deferred``.
         self._orphans: deque[Callable[[], Exchange]] = deque()
         self._closing = False
+        # The process that opened this writer; a fork of it must not touch it (its flusher
+        # thread does not exist there, and its locks may have been held at the fork).
+        self._pid = os.getpid()
         #: Set when the flusher thread stopped on an unexpected error: every call raises it.
         self._error: StoreError | None = None
         self._inflight: list[_Pending] = []  # the batch the flusher is writing
@@ -335,7 +338,13 @@ class LedgerWriter:
             self._lock_fd = None
 
     def close(self) -> None:
-        """Flush everything queued, seal a final checkpoint and stop the flusher."""
+        """Flush everything queued, seal a final checkpoint and stop the flusher.
+
+        In a forked child of the process that opened the writer this does nothing: the writer
+        is its parent's to close.
+        """
+        if os.getpid() != self._pid:
+            return
         with self._wake:
             if self._closing:
                 return
@@ -371,6 +380,7 @@ class LedgerWriter:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Record:
         """Queue one record and return it; ``waiter`` is resolved once it is on disk."""
+        self._check_process()
         content = self._content(exchange)
         with self._wake:
             self._check_open()
@@ -395,6 +405,7 @@ class LedgerWriter:
         is built here and this returns once it is on disk. A ``build`` that raises loses that
         record; the error is logged.
         """
+        self._check_process()
         if self.config.durability == "strict":
             self.append(build())
             return
@@ -412,8 +423,11 @@ class LedgerWriter:
         inside any allocation), so this never waits for the lock: the build goes on a queue the
         flusher drains (on its next round, at ``flush`` and at close), under either durability.
         """
-        if self._closing or self._error is not None:
-            state = "closed" if self._error is None else "stopped"
+        if self._closing or self._error is not None or os.getpid() != self._pid:
+            if os.getpid() != self._pid:
+                state = f"open in process {self._pid}, not this one"
+            else:
+                state = "closed" if self._error is None else "stopped"
             log.error("tokentrail: ledger %s is %s; a record is lost", self.config.log_id, state)
             return
         self._orphans.append(build)
@@ -426,6 +440,16 @@ class LedgerWriter:
     def _adopt_orphans_locked(self) -> None:
         while self._orphans:
             self._deferred.append(self._orphans.popleft())
+
+    def _check_process(self) -> None:
+        """Refuse use from a forked child, before touching any lock the fork may have copied
+        held; the child must open a writer of its own."""
+        if os.getpid() != self._pid:
+            raise StoreError(
+                f"ledger {self.config.log_id} was opened by process {self._pid}; process"
+                f" {os.getpid()} is a fork of it and must open a writer of its own, on a log"
+                " of its own (tokentrail.Recorder does so by itself)"
+            )
 
     def _check_open(self) -> None:
         if self._error is not None:
@@ -499,6 +523,7 @@ class LedgerWriter:
             + provisional.content_bytes()
             + b"}\n"
         )
+        self._check_process()
         with self._wake:
             try:
                 if self._journal_fd is None:
@@ -516,6 +541,7 @@ class LedgerWriter:
 
     def abandon(self, event_id: str) -> None:
         """Forget a begun exchange that will have no record (it never reached the upstream)."""
+        self._check_process()
         with self._wake:
             self._intents.pop(event_id, None)
 
@@ -533,6 +559,7 @@ class LedgerWriter:
         Records whose write failed under strict durability are not waited for: their appenders
         had the error. Under async durability a failed write is retried, and this waits for it.
         """
+        self._check_process()
         with self._wake:
             if self._deferred or self._building or self._orphans:
                 self._link_deferred_locked()
@@ -549,7 +576,7 @@ class LedgerWriter:
 
     def seal(self) -> Checkpoint | None:
         """Flush, then sign a checkpoint now (``None`` if nothing new); for tests and tools."""
-        self.flush()
+        self.flush()  # refuses a forked child too
         done: concurrent.futures.Future[Checkpoint | None] = concurrent.futures.Future()
         with self._wake:
             self._check_open()  # a closed writer's flusher would never answer

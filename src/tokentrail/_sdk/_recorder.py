@@ -24,6 +24,7 @@ import atexit
 import concurrent.futures
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -71,6 +72,22 @@ def default_log_id() -> str:
 _open_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
 _atexit_registered = False
+# Taken in a forked child by the first call that reopens a recorder's writer (local_writer).
+_fork_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_log_id(log_id: str, pid: int) -> str:
+    """The log a forked child writes to: its parent's log id and the child's pid."""
+    suffix = f"-{pid}"
+    return log_id[: 64 - len(suffix)] + suffix
 
 
 def _close_all_at_exit() -> None:
@@ -170,6 +187,7 @@ class Recorder:
         self._tokenizer = tokenizer
         self._owns_writer = owns_writer
         self._closed = False
+        self._pid = os.getpid()
         self._strict = writer.config.durability == "strict"
 
     # ------------------------------------------------------------------ lifecycle
@@ -241,10 +259,34 @@ class Recorder:
             return
         self._closed = True
         _open_recorders.discard(self)
+        if self._pid != os.getpid():
+            return  # a fork that never recorded: the writer is its parent's
         if self._owns_writer:
             self.writer.close()
         else:
             self.writer.flush()
+
+    def local_writer(self) -> LedgerWriter:
+        """This process's writer. In a forked child (gunicorn's or multiprocessing's workers,
+        say) a recorder that opened its writer opens another, on log ``<log id>-<pid>``: a log
+        has one writer, and the parent's flusher thread does not exist in the child. A recorder
+        over someone else's ledger cannot, and says so (``StoreError``)."""
+        if self._pid == os.getpid():
+            return self.writer
+        with _fork_lock:
+            if self._pid != os.getpid():
+                if self._closed:
+                    raise StoreError(f"the recorder of {self.writer.config.log_id} is closed")
+                if not self._owns_writer:
+                    self.writer.flush()  # raises the writer's own explanation
+                config = self.writer.config
+                forked = replace(config, log_id=forked_log_id(config.log_id, os.getpid()))
+                self.writer = LedgerWriter.open(forked)
+                self._pid = os.getpid()
+                self._closed = False
+                _register(self)
+                log.info("tokentrail: forked process records to log %s", forked.log_id)
+        return self.writer
 
     async def aclose(self) -> None:
         """:meth:`close` off the event loop."""
@@ -252,7 +294,7 @@ class Recorder:
 
     def flush(self) -> None:
         """Wait until every record queued so far is on disk."""
-        self.writer.flush()
+        self.local_writer().flush()
 
     def __enter__(self) -> Recorder:
         return self
@@ -295,36 +337,38 @@ class Recorder:
     def append(self, exchange: Exchange) -> Record:
         """Append; under strict durability return once the record is on disk (blocking)."""
         exchange = self.prepare(exchange)
+        writer = self.local_writer()
         if not self._strict:
-            return self.writer.submit(exchange)
+            return writer.submit(exchange)
         waiter: concurrent.futures.Future[Record] = concurrent.futures.Future()
-        self.writer.submit(exchange, waiter)
+        writer.submit(exchange, waiter)
         return waiter.result()
 
     async def aappend(self, exchange: Exchange) -> Record:
         """Append; under strict durability resume once the record is on disk."""
         exchange = self.prepare(exchange)
+        writer = self.local_writer()
         if not self._strict:
-            return self.writer.submit(exchange)
+            return writer.submit(exchange)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Record] = loop.create_future()
-        self.writer.submit(exchange, waiter, loop)
+        writer.submit(exchange, waiter, loop)
         return await waiter
 
     def defer(self, build: Callable[[], Exchange]) -> None:
         """Record the exchange ``build()`` makes, built on the writer thread under async
         durability; under strict, here, returning once it is on disk (``LedgerWriter.defer``).
         """
-        self.writer.defer(lambda: self.prepare(build()))
+        self.local_writer().defer(lambda: self.prepare(build()))
 
     def orphan(self, build: Callable[[], Exchange]) -> None:
         """Record what ``build()`` makes, from a finalizer: never waits for any lock."""
-        self.writer.orphan(lambda: self.prepare(build()))
+        self.writer.orphan(lambda: self.prepare(build()))  # never waits: no reopening here
 
     def submit(self, exchange: Exchange) -> Record | None:
         """Queue without waiting (for finalizers and abandoned streams); errors are logged."""
         try:
-            return self.writer.submit(self.prepare(exchange))
+            return self.local_writer().submit(self.prepare(exchange))
         except Exception as exc:
             log.error("tokentrail: could not record exchange %s: %s", exchange.event_id, exc)
             return None
