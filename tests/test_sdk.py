@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -708,6 +709,39 @@ class TestFaults:
         after = read_records(root)
         assert before == after[:1]
         assert ["before", "after"] == [r["input_text"] for r in after]
+        verify(root, signer, tmp_path / "state")
+
+    def test_unwritable_ledger_async(
+        self, sims: dict[str, str], root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """Async durability: a call accepted before the disk failed is kept and written once it
+        recovers; while it fails, new calls are refused before they are sent (StoreError)."""
+        rec = Recorder.open(root, key=signer, log_id="sdk", durability="async")
+        wrapped = audit(ollama.Client(host=sims["ollama"]), ledger=rec)
+        wrapped.generate(model=MODEL, prompt="before")
+        rec.flush()
+        (segment,) = root.glob("logs/sdk/segments/*/*.jsonl")
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size, old_limit[1]))
+        try:
+            wrapped.generate(model=MODEL, prompt="accepted")  # queued: the writer finds out
+            deadline = time.monotonic() + 10
+            while rec.writer.failed_at is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert rec.writer.failed_at is not None
+            with pytest.raises(StoreError, match="refusing to send an unaudited call"):
+                wrapped.generate(model=MODEL, prompt="refused")
+            with pytest.raises(StoreError, match="refusing to send an unaudited call"):
+                list(wrapped.generate(model=MODEL, prompt="refused", stream=True))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        rec.flush()  # the writer's own retry writes what it had accepted
+        assert rec.writer.failed_at is None
+        wrapped.generate(model=MODEL, prompt="after")
+        rec.close()
+        assert ["before", "accepted", "after"] == [r["input_text"] for r in read_records(root)]
         verify(root, signer, tmp_path / "state")
 
 

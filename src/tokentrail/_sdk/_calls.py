@@ -65,7 +65,7 @@ class Auditor:
 
     def begin(self, api: str, body: Mapping[str, Any]) -> Call:
         """Start a call: the body must already be the wire copy (see :func:`wire_copy`)."""
-        self.recorder.local_writer()  # after a fork, open this process's log here, not at a GC
+        self.recorder.check_ready()  # also opens a forked process's own log here, not at a GC
         return Call(self, new_capture(api, body))
 
 

@@ -288,6 +288,19 @@ class Recorder:
                 log.info("tokentrail: forked process records to log %s", forked.log_id)
         return self.writer
 
+    def check_ready(self) -> None:
+        """Before a wrapped call is sent: under async durability, refuse it (``StoreError``)
+        while the ledger cannot be written, as the proxy does, rather than let it happen
+        unaudited or queue records without bound. Records accepted before stay queued and are
+        written when the disk recovers (the writer retries on its own); under strict durability
+        a failed write is the call's own error."""
+        writer = self.local_writer()
+        if not self._strict and writer.failed_at is not None:
+            raise StoreError(
+                f"the audit ledger {writer.config.log_id} cannot be written; refusing to send an"
+                " unaudited call (records accepted before are kept and written once it recovers)"
+            )
+
     async def aclose(self) -> None:
         """:meth:`close` off the event loop."""
         await asyncio.to_thread(self.close)
