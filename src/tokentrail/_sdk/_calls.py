@@ -11,6 +11,7 @@ caller closed or dropped a stream half-way).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,8 +25,10 @@ from ._recorder import VIA_FIELD, VIA_SDK, Recorder
 #: The SDK's own provenance fields: which client library made the call.
 CLIENT_FIELD = "tokentrail.sdk.client"
 NOT_JSON = "upstream sent a body that is not JSON"
-_DONE = '"done"'
-_ERROR = '"error"'
+# What may end an NDJSON exchange, found in a line's text without parsing it: a "done" key set to
+# true, or an "error" key. In JSON text a quote inside a string is escaped, so neither can come
+# from the text of an answer; a line with "done": false (every other ollama line) is not parsed.
+_MAY_END = re.compile(r'"done"\s*:\s*true|"error"')
 
 
 def wire_copy(body: Any, dumps: Callable[[Any], bytes] | None = None) -> dict[str, Any]:
@@ -146,8 +149,8 @@ class Call:
         """Take one chunk's JSON text: an NDJSON line (``str``) or a whole body (``bytes``).
 
         Text that is not JSON marks the call as failed. A lazy call keeps the text and parses
-        it later, unless a line may end the exchange (it names ``"done"`` or ``"error"``, which
-        the text of an answer cannot, as JSON escapes the quotes in a string).
+        it later, unless a line may end the exchange (``"done": true`` or an ``"error"`` key,
+        which the text of an answer cannot hold, as JSON escapes the quotes in a string).
         """
         if self.recorded:
             return
@@ -164,7 +167,7 @@ class Call:
         self.pending.append((_Text(raw), time.perf_counter()))
         if self.last_seen or not isinstance(raw, str):  # a whole body: nothing follows it
             return
-        if _DONE in raw or _ERROR in raw:
+        if _MAY_END.search(raw) is not None:
             try:
                 self.last_seen = self.capture.is_last(loads(raw))
             except ValueError:
