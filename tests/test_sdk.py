@@ -734,6 +734,8 @@ class TestFaults:
                 wrapped.generate(model=MODEL, prompt="refused")
             with pytest.raises(StoreError, match="refusing to send an unaudited call"):
                 list(wrapped.generate(model=MODEL, prompt="refused", stream=True))
+            with pytest.raises(StoreError, match="refusing to take this record"):
+                rec.record(model=MODEL, input_text="refused too")
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
             signal.signal(signal.SIGXFSZ, old_handler)

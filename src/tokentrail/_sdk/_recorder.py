@@ -294,11 +294,13 @@ class Recorder:
         unaudited or queue records without bound. Records accepted before stay queued and are
         written when the disk recovers (the writer retries on its own); under strict durability
         a failed write is the call's own error."""
-        writer = self.local_writer()
+        self._refuse_while_failing(self.local_writer(), "send an unaudited call")
+
+    def _refuse_while_failing(self, writer: LedgerWriter, doing: str) -> None:
         if not self._strict and writer.failed_at is not None:
             raise StoreError(
-                f"the audit ledger {writer.config.log_id} cannot be written; refusing to send an"
-                " unaudited call (records accepted before are kept and written once it recovers)"
+                f"the audit ledger {writer.config.log_id} cannot be written; refusing to {doing}"
+                " (records accepted before are kept and written once it recovers)"
             )
 
     async def aclose(self) -> None:
@@ -348,10 +350,15 @@ class Recorder:
         return tok.get("*")
 
     def append(self, exchange: Exchange) -> Record:
-        """Append; under strict durability return once the record is on disk (blocking)."""
+        """Append; under strict durability return once the record is on disk (blocking).
+
+        Under async durability, while the ledger cannot be written, a ``StoreError`` instead of
+        a record queued in memory without bound.
+        """
         exchange = self.prepare(exchange)
         writer = self.local_writer()
         if not self._strict:
+            self._refuse_while_failing(writer, "take this record")
             return writer.submit(exchange)
         waiter: concurrent.futures.Future[Record] = concurrent.futures.Future()
         writer.submit(exchange, waiter)
@@ -362,6 +369,7 @@ class Recorder:
         exchange = self.prepare(exchange)
         writer = self.local_writer()
         if not self._strict:
+            self._refuse_while_failing(writer, "take this record")
             return writer.submit(exchange)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Record] = loop.create_future()
