@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,9 @@ import pytest
 from s3server import Outage
 from test_proxy import ProxyProc, _env, start_proxy
 from test_s3 import MotoS3, bucket, s3  # noqa: F401  (fixtures)
+from tokentrail._errors import StoreError
+from tokentrail._proxy import Proxy, ProxyConfig
+from tokentrail._record import Exchange
 from tokentrail._sim import SimConfig, sim_in_thread
 
 #: The outage the acceptance asks for is 60 s; TOKENTRAIL_OUTAGE_S shortens it for quick runs.
@@ -162,3 +166,32 @@ def test_two_proxies_share_a_bucket(s3: MotoS3, bucket: str, tmp_path: Path) -> 
     assert "2 logs, 800 records read" in verify.stdout
     count = cli("count", "--s3", url, "--endpoint-url", s3.endpoint, "--date", "today")
     assert "800" == count.stdout.strip()
+
+
+async def test_close_stops_the_shipper_when_the_writer_died(
+    s3: MotoS3,  # noqa: F811
+    bucket: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ledger writer that stopped on a bug: ``close()`` says so and still stops the shipper."""
+    config = ProxyConfig(
+        upstream="http://127.0.0.1:9", port=0, ledger=tmp_path / "ledger",
+        key=tmp_path / "signing.key", log_id="dies", s3_url=f"s3://{bucket}/dies",
+        s3_endpoint_url=s3.endpoint,
+    )  # fmt: skip
+    proxy = Proxy(config)
+    await proxy.start()
+    assert proxy.ledger is not None and proxy.shipper is not None
+    thread = proxy.shipper._thread
+    assert thread is not None and thread.is_alive()
+
+    def write(batch: list[Any]) -> None:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(proxy.ledger.writer, "_write", write)
+    with pytest.raises(StoreError, match="stopped on an unexpected error"):
+        await proxy.ledger.append(Exchange(model="m", api="sdk", stop_reason="stop"))
+    with pytest.raises(StoreError, match="RuntimeError: a bug in the writer"):
+        await proxy.close()
+    assert proxy.shipper is None and not thread.is_alive()

@@ -133,12 +133,14 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if self.ledger is not None and self._own_ledger:
-            await self.ledger.close()
-            self.ledger = None
-        if self.shipper is not None:  # after the ledger's final seal: ship it all
-            await asyncio.to_thread(self.shipper.stop)
-            self.shipper = None
+        try:
+            if self.ledger is not None and self._own_ledger:
+                ledger, self.ledger = self.ledger, None
+                await ledger.close()  # raises if its writer stopped on an error
+        finally:
+            if self.shipper is not None:  # after the ledger's final seal: ship it all
+                await asyncio.to_thread(self.shipper.stop)
+                self.shipper = None
 
     def _make_shipper(self) -> Any:
         from .._s3 import ClientOptions, Retention, S3Url, Shipper, ShipperConfig
