@@ -515,6 +515,8 @@ class TestGroupCommit:
         ):
             with pytest.raises(StoreError, match="RuntimeError: a bug in the writer"):
                 call()
+        with pytest.raises(StoreError, match="a bug in the writer"):
+            writer.flush()  # nothing is pending now: it still says the writer stopped
         writer.orphan(lambda: make_exchange(4))  # from a finalizer: never raises, says so
         assert "the writer of ledger" in caplog.text
         assert f"ledger {LOG_ID} is stopped; a record is lost" in caplog.text

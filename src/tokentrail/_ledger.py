@@ -561,6 +561,8 @@ class LedgerWriter:
         """
         self._check_process()
         with self._wake:
+            if self._error is not None:
+                raise self._error
             if self._deferred or self._building or self._orphans:
                 self._link_deferred_locked()
             target = self._next_seq
