@@ -930,6 +930,39 @@ rec.close()
             assert (root / "logs" / f"app-{pid}" / "checkpoints" / f"{5:020d}.checkpoint").exists()
         verify(root, signer, tmp_path / "state")
 
+    def test_two_programs_on_the_default_log(self, tmp_path: Path, signer: Signer) -> None:
+        """A second live process that opens the default log gets ``<default>-<pid>`` instead
+        of an error; one that names a busy log is refused with LogBusyError."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        script = f"""
+import os, sys
+from tokentrail import LogBusyError
+from tokentrail._sdk import Recorder
+from tokentrail._sdk._recorder import default_log_id
+rec = Recorder.open({str(root)!r}, key={str(key)!r})
+assert rec.writer.config.log_id == default_log_id(), rec.writer.config.log_id
+rec.record(model="m", input_text="first", output_text="o")
+again = Recorder.open({str(root)!r}, key={str(key)!r})  # as another program on this host would
+assert again.writer.config.log_id == f"{{default_log_id()}}-{{os.getpid()}}"
+again.record(model="m", input_text="second", output_text="o")
+try:
+    Recorder.open({str(root)!r}, key={str(key)!r}, log_id=default_log_id())
+    sys.exit("a named busy log was opened twice")
+except LogBusyError as exc:
+    assert "give each writer its own log id" in str(exc), exc
+again.close()
+rec.close()
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, timeout=60, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert ["first", "second"] == sorted(r["input_text"] for r in read_records(root))
+        verify(root, signer, tmp_path / "state")
+
     def test_a_plain_ledger_refuses_a_fork(self, tmp_path: Path, signer: Signer) -> None:
         """A ``Ledger`` used from a forked child raises a StoreError that says why (it used to
         wait forever, under strict durability, for a flusher thread the child does not have)."""

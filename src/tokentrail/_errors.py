@@ -4,7 +4,8 @@
     ├── ConfigError          bad arguments, options or configuration files
     ├── KeyError_            a signing or verifier key that cannot be used
     ├── StoreError           a ledger store that cannot be read or written
-    │   └── DamagedLogError  a log whose stored tail cannot be continued
+    │   ├── DamagedLogError  a log whose stored tail cannot be continued
+    │   └── LogBusyError     a log another live writer holds
     └── VerificationError    a stored value that fails an integrity check
 
 Errors from libraries underneath are mapped at the edge (``raise ... from exc``) so that a user
@@ -28,6 +29,10 @@ class KeyError_(TokentrailError):
 
 class StoreError(TokentrailError):
     """A ledger store that cannot be read or written."""
+
+
+class LogBusyError(StoreError):
+    """A log that another live writer (process) already holds; each writer needs its own."""
 
 
 class DamagedLogError(StoreError):

@@ -42,7 +42,14 @@ import orjson
 import zstandard
 
 from ._checkpoint import Checkpoint, Signer, open_note
-from ._errors import ConfigError, DamagedLogError, StoreError, TokentrailError, VerificationError
+from ._errors import (
+    ConfigError,
+    DamagedLogError,
+    LogBusyError,
+    StoreError,
+    TokentrailError,
+    VerificationError,
+)
 from ._layout import (
     checkpoint_name,
     checkpoints_dir,
@@ -326,9 +333,9 @@ class LedgerWriter:
                     time.sleep(0.01)
         else:
             os.close(fd)
-            raise StoreError(
+            raise LogBusyError(
                 f"log {self.config.log_id} under {self.config.root} already has a live writer;"
-                " give each writer its own --log-id"
+                " give each writer its own log id (--log-id, or log_id= in the SDK)"
             ) from None
         self._lock_fd = fd
 

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from .._checkpoint import Signer
-from .._errors import ConfigError, StoreError
+from .._errors import ConfigError, LogBusyError, StoreError
 from .._ledger import AsyncLedger, Durability, Ledger, LedgerConfig, LedgerWriter
 from .._paths import DEFAULT_LEDGER, default_signing_key
 from .._record import (
@@ -225,7 +225,17 @@ class Recorder:
             seal_interval_s=seal_interval_s,
             **ledger_options,
         )
-        recorder = cls(LedgerWriter.open(config), tokenizer=tokenizer, owns_writer=True)
+        try:
+            writer = LedgerWriter.open(config)
+        except LogBusyError:
+            if log_id is not None:
+                raise
+            # The default log of this host is another live process's: take one of our own, as
+            # a forked child does, rather than fail the program.
+            config = replace(config, log_id=forked_log_id(config.log_id, os.getpid()))
+            writer = LedgerWriter.open(config)
+            log.info("tokentrail: default log in use; recording to log %s", config.log_id)
+        recorder = cls(writer, tokenizer=tokenizer, owns_writer=True)
         _register(recorder)
         return recorder
 
