@@ -95,6 +95,18 @@ COMMIT_DELAY_S = 0.001
 #: ``flush`` looks again this often even unwoken (a safety net; each fsync wakes it).
 FLUSH_RECHECK_S = 0.05
 
+# How many forks this process is from the one that imported this module: a writer belongs to
+# the generation that opened it (a counter, not ``os.getpid()``, a system call on every append).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 @dataclass(frozen=True)
 class LedgerConfig:
@@ -194,7 +206,8 @@ class LedgerWriter:
         self._closing = False
         # The process that opened this writer; a fork of it must not touch it (its flusher
         # thread does not exist there, and its locks may have been held at the fork).
-        self._pid = os.getpid()
+        self._pid = os.getpid()  # for messages
+        self._generation = _forks
         #: Set when the flusher thread stopped on an unexpected error: every call raises it.
         self._error: StoreError | None = None
         self._inflight: list[_Pending] = []  # the batch the flusher is writing
@@ -350,7 +363,7 @@ class LedgerWriter:
         In a forked child of the process that opened the writer this does nothing: the writer
         is its parent's to close.
         """
-        if os.getpid() != self._pid:
+        if not self.owned_here:
             return
         with self._wake:
             if self._closing:
@@ -430,8 +443,8 @@ class LedgerWriter:
         inside any allocation), so this never waits for the lock: the build goes on a queue the
         flusher drains (on its next round, at ``flush`` and at close), under either durability.
         """
-        if self._closing or self._error is not None or os.getpid() != self._pid:
-            if os.getpid() != self._pid:
+        if self._closing or self._error is not None or not self.owned_here:
+            if not self.owned_here:
                 state = f"open in process {self._pid}, not this one"
             else:
                 state = "closed" if self._error is None else "stopped"
@@ -448,10 +461,15 @@ class LedgerWriter:
         while self._orphans:
             self._deferred.append(self._orphans.popleft())
 
+    @property
+    def owned_here(self) -> bool:
+        """Whether this process opened the writer (not a fork of the one that did)."""
+        return self._generation == _forks
+
     def _check_process(self) -> None:
         """Refuse use from a forked child, before touching any lock the fork may have copied
         held; the child must open a writer of its own."""
-        if os.getpid() != self._pid:
+        if not self.owned_here:
             raise StoreError(
                 f"ledger {self.config.log_id} was opened by process {self._pid}; process"
                 f" {os.getpid()} is a fork of it and must open a writer of its own, on a log"

@@ -187,7 +187,6 @@ class Recorder:
         self._tokenizer = tokenizer
         self._owns_writer = owns_writer
         self._closed = False
-        self._pid = os.getpid()
         self._strict = writer.config.durability == "strict"
 
     # ------------------------------------------------------------------ lifecycle
@@ -269,7 +268,7 @@ class Recorder:
             return
         self._closed = True
         _open_recorders.discard(self)
-        if self._pid != os.getpid():
+        if not self.writer.owned_here:
             return  # a fork that never recorded: the writer is its parent's
         if self._owns_writer:
             self.writer.close()
@@ -281,20 +280,17 @@ class Recorder:
         say) a recorder that opened its writer opens another, on log ``<log id>-<pid>``: a log
         has one writer, and the parent's flusher thread does not exist in the child. A recorder
         over someone else's ledger cannot, and says so (``StoreError``)."""
-        if self._pid == os.getpid():
+        if self.writer.owned_here:
             return self.writer
         with _fork_lock:
-            if self._pid != os.getpid():
+            if not self.writer.owned_here:
                 if self._closed:
                     raise StoreError(f"the recorder of {self.writer.config.log_id} is closed")
                 if not self._owns_writer:
                     self.writer.flush()  # raises the writer's own explanation
                 config = self.writer.config
                 forked = replace(config, log_id=forked_log_id(config.log_id, os.getpid()))
-                self.writer = LedgerWriter.open(forked)
-                self._pid = os.getpid()
-                self._closed = False
-                _register(self)
+                self.writer = LedgerWriter.open(forked)  # closed at exit as before: registered
                 log.info("tokentrail: forked process records to log %s", forked.log_id)
         return self.writer
 
