@@ -526,8 +526,18 @@ class TestGroupCommit:
         """Sealing a closed writer says it is closed (it used to wait forever)."""
         ledger = Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer))
         ledger.close()
-        with pytest.raises(StoreError, match="is closed"):
-            ledger.writer.seal()
+        outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+        def seal() -> None:
+            try:
+                ledger.writer.seal()
+                outcome.put(None)
+            except BaseException as exc:
+                outcome.put(exc)
+
+        threading.Thread(target=seal, daemon=True).start()  # a hang fails the test, not the run
+        error = outcome.get(timeout=10)
+        assert isinstance(error, StoreError) and "is closed" in str(error), error
 
     @pytest.mark.parametrize("failures", [0, 1, 2])
     def test_async_fsyncs_every_segment_it_wrote(
