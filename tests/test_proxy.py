@@ -307,6 +307,105 @@ class TestTransparency:
             assert proxy.new_records(before) == []
 
 
+@dataclass
+class Seen:
+    """What the recording upstream received: request lines and header names, in order."""
+
+    lines: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+
+@pytest.fixture
+def recording_upstream() -> Iterator[tuple[str, Seen]]:
+    """An Ollama-shaped upstream that notes each request line and its headers as received."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = Seen()
+    answer = json.dumps(
+        {"model": MODEL, "created_at": "2026-01-01T00:00:00Z", "response": "hi", "done": True,
+         "done_reason": "stop", "eval_count": 1}
+    ).encode()  # fmt: skip
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            seen.lines.append(self.requestline)
+            seen.headers.append({k.lower(): v for k, v in self.headers.items()})
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def raw_request(url: str, request: bytes) -> bytes:
+    """Send one HTTP/1.1 request as these exact bytes; the response's bytes."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+class TestUpstreamRequest:
+    """What reaches the upstream is what the client sent, not the HTTP library's defaults."""
+
+    def test_no_headers_the_client_did_not_send(
+        self, recording_upstream: tuple[str, Seen], proxy_factory: Any
+    ) -> None:
+        """A bare client (curl without --compressed, a raw socket) gets no gzip it never asked
+        for: the proxy adds no Accept-Encoding, Accept, Content-Type or User-Agent."""
+        upstream, seen = recording_upstream
+        proxy = proxy_factory(upstream)
+        body = json.dumps({"model": MODEL, "prompt": "hi", "stream": False}).encode()
+        for request in (
+            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+            b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ):
+            assert raw_request(proxy.url, request).startswith(b"HTTP/1.1 200")
+        assert len(seen.headers) >= 2  # and the proxy's own /api/tags (model digests)
+        for headers in seen.headers:
+            added = {"accept-encoding", "accept", "content-type", "user-agent"} & set(headers)
+            assert not added, headers
+        assert len(proxy.records()) == 1
+
+    def test_query_string_as_sent(
+        self, recording_upstream: tuple[str, Seen], proxy_factory: Any
+    ) -> None:
+        """An audited path's query string reaches the upstream byte for byte, as a passed-
+        through one's does."""
+        upstream, seen = recording_upstream
+        proxy = proxy_factory(upstream)
+        query = "?sp=x%20y&r=%2F%3F%7E&plus=a+b"
+        body = {"model": MODEL, "prompt": "hi", "stream": False}
+        with httpx.Client(timeout=30) as client:
+            assert client.post(proxy.url + "/api/generate" + query, json=body).status_code == 200
+            assert client.get(proxy.url + "/api/tags" + query).status_code == 200
+        assert [line for line in seen.lines if "?" in line] == [
+            f"POST /api/generate{query} HTTP/1.1",
+            f"GET /api/tags{query} HTTP/1.1",
+        ]
+
+
 class TestOfficialClients:
     """The ``ollama`` and ``openai`` packages see the same answers through the proxy."""
 

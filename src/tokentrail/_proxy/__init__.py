@@ -44,7 +44,7 @@ from ._config import (
     load_toml,
     parse_listen,
 )
-from ._server import ProxyApp
+from ._server import UPSTREAM_SKIP_AUTO_HEADERS, ProxyApp
 
 
 def load_or_create_key(path: Path) -> tuple[Signer, bool]:
@@ -94,7 +94,11 @@ class Proxy:
             self.shipper.start(self.config.s3_interval_s)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector,
+            auto_decompress=False,
+            # The upstream sees the client's headers, not aiohttp's defaults: an added
+            # "Accept-Encoding: gzip" would bring compressed bytes to a client that never asked.
+            skip_auto_headers=UPSTREAM_SKIP_AUTO_HEADERS,
         )
         self.metrics = Metrics()
         writer = self.ledger.writer

@@ -42,6 +42,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
 from .._errors import StoreError
@@ -72,6 +73,9 @@ _NOT_FORWARDED = frozenset(
     h.lower() for h in ("Host", "Content-Length", USER_HEADER, SESSION_HEADER)
 )
 _ENCODINGS_WE_READ = ("gzip", "deflate", "identity")
+#: Headers aiohttp's client adds by itself when a request lacks them; the proxy sends only the
+#: client's own (a client that sent no Accept-Encoding must not get gzip it did not ask for).
+UPSTREAM_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def _hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
@@ -314,7 +318,7 @@ class ProxyApp:
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Relay a request the proxy does not audit, streaming both bodies."""
         self.metrics.passthrough.inc()
-        url = self.config.upstream + request.raw_path
+        url = URL(self.config.upstream + request.raw_path, encoded=True)  # as sent: no re-encoding
         headers = upstream_request_headers(request.headers, audited=False)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
@@ -471,7 +475,8 @@ class ProxyApp:
                 self._release(ex)
                 return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
         try:
-            target = path + ("?" + request.query_string if request.query_string else "")
+            query = request.raw_path.partition("?")[2]  # as sent, not decoded and re-encoded
+            target = path + ("?" + query if query else "")
             return await self._exchange(request, ex, send, headers, strip, target)
         except asyncio.CancelledError:
             if not ex.recorded:
@@ -490,7 +495,7 @@ class ProxyApp:
         strip: Strip,
         target: str,
     ) -> web.StreamResponse:
-        url = self.config.upstream + target
+        url = URL(self.config.upstream + target, encoded=True)
         try:
             upstream = await self.session.post(
                 url, data=send, headers=headers, timeout=self.timeout
