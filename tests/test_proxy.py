@@ -660,6 +660,26 @@ class TestFaults:
         ok = httpx.post(proxy.url + "/api/generate", json={**body, "stream": False}, timeout=30)
         assert ok.status_code == 200
 
+    def test_client_leaves_before_the_first_byte(
+        self, sims: dict[str, str], proxy_factory: Any
+    ) -> None:
+        """A client that gives up while the upstream has not answered yet is a
+        client_disconnect, not an upstream error."""
+        proxy = proxy_factory(sims["ollama"])
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                proxy.url + "/api/generate",
+                json={"model": MODEL, "prompt": "x"},
+                headers={"X-Sim-Fault": "stall:1000"},
+                timeout=0.3,
+            )
+        deadline = time.time() + 10
+        while not proxy.records() and time.time() < deadline:
+            time.sleep(0.05)
+        (rec,) = proxy.records()
+        assert rec["stop_reason"] == "client_disconnect"
+        assert "error_message" not in rec
+
     @pytest.mark.parametrize("mode", ["ollama", "openai"])
     def test_client_disconnect(self, tmp_path: Path, mode: str, proxy_factory: Any) -> None:
         """A client that leaves mid-stream still leaves a record with the tokens so far."""

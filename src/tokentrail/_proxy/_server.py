@@ -210,6 +210,14 @@ class _ClientGone(Exception):
     pass
 
 
+async def _prepare(out: web.StreamResponse, request: web.Request) -> None:
+    """Send the response's headers, turning a closed connection into :class:`_ClientGone`."""
+    try:
+        await out.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+        raise _ClientGone from exc
+
+
 async def _send(out: web.StreamResponse, data: bytes) -> None:
     """Write to the client, turning a closed connection into :class:`_ClientGone`."""
     try:
@@ -341,8 +349,8 @@ class ProxyApp:
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers, keep_length=True),
             )
-            await out.prepare(request)
             try:
+                await _prepare(out, request)
                 async for chunk in upstream.content.iter_any():
                     await _send(out, chunk)
                 await out.write_eof()
@@ -581,7 +589,7 @@ class ProxyApp:
         holding = False
         stop: str | None = None
         try:
-            await out.prepare(request)
+            await _prepare(out, request)  # a client gone before the first byte: a disconnect
             async for data in upstream.content.iter_any():
                 pending += inflate(data) if inflate is not None else data
                 if len(pending) > MAX_LINE_BYTES:
