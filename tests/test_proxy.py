@@ -635,6 +635,21 @@ class TestFaults:
                     )
                 )
 
+    def test_upstream_cut_non_streamed(self, proxies: dict[str, ProxyProc]) -> None:
+        """A body cut short: the client gets 502, and the record says so, not the 200 the
+        upstream's headers promised."""
+        proxy = proxies["ollama"]
+        before = len(proxy.records())
+        r = httpx.post(
+            proxy.url + "/api/generate",
+            json={"model": MODEL, "prompt": "a long answer please", "stream": False},
+            headers={"X-Sim-Fault": "cut:3"},
+            timeout=30,
+        )
+        assert r.status_code == 502
+        (rec,) = proxy.new_records(before)
+        assert (rec["stop_reason"], rec["http.response.status_code"]) == ("upstream_error", 502)
+
     def test_upstream_stall(self, sims: dict[str, str], proxy_factory: Any) -> None:
         """Stalls past --upstream-timeout: 504 before the answer, an error event mid-stream."""
         proxy = proxy_factory(sims["ollama"], "--upstream-timeout", "0.5")

@@ -537,10 +537,9 @@ class ProxyApp:
         except (aiohttp.ClientError, TimeoutError) as exc:
             stalled = isinstance(exc, TimeoutError)
             ex.capture.error = f"upstream {'stalled' if stalled else 'failed'}: {exc}"
-            await self._record(ex, "upstream_error")
-            return error_response(
-                ex.dialect, 504 if stalled else 502, f"tokentrail: {ex.capture.error}"
-            )
+            status = 504 if stalled else 502  # what the client gets, and so what is recorded
+            await self._record(ex, "upstream_error", status=status)
+            return error_response(ex.dialect, status, f"tokentrail: {ex.capture.error}")
         try:
             text = _decoded(raw, upstream.headers.get("Content-Encoding"))
             ex.capture.feed(loads(text))
