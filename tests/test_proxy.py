@@ -30,6 +30,7 @@ import ollama
 import openai
 import pytest
 
+from tokentrail import ConfigError
 from tokentrail._proxy import build_config, serve_command
 from tokentrail._proxy._config import key_digest
 from tokentrail._sim import SimConfig, sim_in_thread
@@ -251,6 +252,13 @@ ALL_CASES = [(m, path, body) for m in OLLAMA_MODES for path, body in OLLAMA_CASE
 ]
 
 
+def client_error(url: str, body: bytes) -> Any:
+    """The JSON error a bad request body gets."""
+    r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    return r.json()
+
+
 class TestTransparency:
     """The client's bytes are unchanged and each exchange leaves one record."""
 
@@ -285,6 +293,27 @@ class TestTransparency:
             assert rec["ollama.context_split"]["counts_agree"]
         else:
             assert (rec["output_token_source"], rec["output_tokens"]) == ("none", None)
+
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_llamacpp_chat_without_v1(
+        self, sims: dict[str, str], proxies: dict[str, ProxyProc], stream: bool
+    ) -> None:
+        """llama.cpp's /chat/completions (no /v1), which an OpenAI client with the server's
+        root as base URL calls, is audited as /v1/chat/completions is."""
+        proxy = proxies["llamacpp"]
+        before = len(proxy.records())
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims["llamacpp"] + "/chat/completions", json=body)
+            proxied = client.post(proxy.url + "/chat/completions", json=body)
+        same_response(direct, proxied)
+        oai = openai.OpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+        got = oai.chat.completions.create(model=MODEL, messages=body["messages"])
+        recs = proxy.new_records(before)
+        assert [r["api"] for r in recs] == ["openai.chat", "openai.chat"]
+        assert recs[1]["output_text"] == got.choices[0].message.content
+        missing = client_error(proxy.url + "/chat/completions", b"{")
+        assert missing["error"]["type"] == "invalid_request_error"  # the OpenAI dialect
 
     def test_passthrough_paths(self, sims: dict[str, str], proxies: dict[str, ProxyProc]) -> None:
         """Unaudited paths (and an unknown one) pass through untouched, with no record."""
@@ -822,6 +851,13 @@ class TestDurability:
 
 class TestConfig:
     """Options, environment and the TOML file."""
+
+    @pytest.mark.parametrize("upstream", ["http://h:8000/v1", "http://h:8000/v1/", "http://h/api"])
+    def test_upstream_is_the_root(self, upstream: str) -> None:
+        """An OpenAI base URL given as --upstream is refused: every call would go to /v1/v1."""
+        ctx = serve_command.make_context("serve", ["--upstream", upstream])
+        with pytest.raises(ConfigError, match="root URL"):
+            build_config(ctx.params, None)
 
     def test_precedence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Command line beats TOKENTRAIL_* beats the config file beats the default."""

@@ -33,6 +33,9 @@ PATHS = {
     "/api/chat": "ollama.chat",
     "/v1/chat/completions": "openai.chat",
     "/v1/completions": "openai.completions",
+    # llama.cpp serves its OpenAI chat endpoint without /v1 too. (Its /completion and
+    # /completions without /v1 are its own, non-OpenAI format: passed through, not audited.)
+    "/chat/completions": "openai.chat",
 }
 
 

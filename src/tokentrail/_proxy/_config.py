@@ -64,7 +64,16 @@ def check_upstream(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"--upstream must be an http(s) URL, not {value!r}")
-    return value.rstrip("/")
+    base = value.rstrip("/")
+    if base.endswith(("/v1", "/api")):
+        # Clients call the proxy at /v1/chat/completions, /api/chat …, and it forwards that
+        # path: with a /v1 upstream every call would go to /v1/v1/… (and the client that then
+        # drops /v1 from its own base URL would reach the model unaudited).
+        raise ConfigError(
+            f"--upstream is the model server's root URL ({base.rsplit('/', 1)[0]}), not its API"
+            f" base URL ({base}): the proxy forwards each path as the client sent it"
+        )
+    return base
 
 
 def api_key_table(table: Mapping[str, Any], where: str) -> dict[str, str]:

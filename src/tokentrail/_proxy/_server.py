@@ -117,8 +117,11 @@ def client_response_headers(
 
 
 def dialect_of(path: str) -> str:
-    """``openai`` for ``/v1/...`` paths, else ``ollama``: the dialect of error bodies."""
-    return "openai" if path.startswith("/v1/") or path == "/v1" else "ollama"
+    """``openai`` for ``/v1/...`` paths and llama.cpp's ``/chat/completions``, else ``ollama``:
+    the dialect of error bodies."""
+    if path.startswith("/v1/") or path == "/v1":
+        return "openai"
+    return "openai" if PATHS.get(path, "").startswith("openai.") else "ollama"
 
 
 def error_body(
