@@ -161,7 +161,8 @@ class TestVerify:
     def test_findings_output(
         self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
     ) -> None:
-        """A violation exits 1: the summary line first, then a line naming log/seq/event/file."""
+        """A violation exits 1: a line naming log/seq/event/file, then the summary line, last
+        (SPEC section 4: what `tail -1` of a cron log reads)."""
         target = ledger[15]
         (path,) = [
             p
@@ -172,7 +173,7 @@ class TestVerify:
         path.write_bytes(path.read_bytes().replace(target.leaf, edited))
         result = run(*verify_args(ledger_root, signer, tmp_path))
         assert 1 == result.exit_code, result.output
-        summary, *rest = result.stdout.splitlines()
+        *rest, summary = result.stdout.splitlines()
         assert summary.startswith("tokentrail verify FAIL: ")
         matches = [m.groupdict() for line in rest if (m := FINDING_RE.match(line))]
         assert {"log": LOG_ID, "seq": "15", "event": target.event_id, "file": str(path)} in matches

@@ -461,7 +461,7 @@ class TestTamperMatrix:
         assert not report.ok, describe(report)
         result = cli_verify(scene.root, scene.signer, scene.state_dir)
         assert 1 == result.exit_code, result.output
-        assert result.output.startswith("tokentrail verify FAIL")
+        assert result.output.splitlines()[-1].startswith("tokentrail verify FAIL")
         assert [f for f in report.findings if scene.names(f)], describe(report)
 
     @pytest.mark.parametrize("name", ["token-list-byte", "rollback", "last-segment-deleted"])

@@ -224,12 +224,14 @@ def verify(
     if as_json:
         click.echo(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
-        click.echo(report.summary())
+        # SPEC section 4: a line per finding or warning, then the summary line, last (what a
+        # cron log's reader, or `tail -1`, takes as the run's result).
         for item in report.findings + report.warnings:
             click.echo(item.to_line())
         suppressed = sum(lg.suppressed for lg in report.logs)
         if suppressed:
             click.echo(f"FINDING: {suppressed} more findings not shown")
+        click.echo(report.summary())
     sys.exit(0 if report.ok else EXIT_INVALID)
 
 

@@ -45,6 +45,7 @@ from .._record import (
     Record,
     TokenList,
     clean_text,
+    is_token_source,
     new_event_id,
     now_rfc3339,
     parse_rfc3339,
@@ -107,14 +108,41 @@ def _register(recorder: Recorder) -> None:
         _open_recorders.add(recorder)
 
 
-def _token_source(tokens: TokenList | None, given: str | None) -> str:
-    if given == "none" and tokens is not None:
-        raise ConfigError("a token source of 'none' says there are no tokens, but tokens are given")
-    if given is not None:
+#: Sources whose tokens are ids, and the one whose tokens are pieces (SPEC section 5).
+_ID_SOURCES = frozenset({"upstream-ids", "upstream-context"})
+_PIECE_SOURCE = "upstream-pieces"
+#: Largest token id stored: every JSON reader holds it exactly (I-JSON, RFC 7493 section 2.2).
+MAX_TOKEN_ID = (1 << 53) - 1
+#: How far ahead of this host's clock a caller's timestamp may be (clock skew between hosts).
+FUTURE_SKEW_S = 300.0
+#: Extra fields a caller may not set: tokentrail's own marker of sealed content (SPEC section 7),
+#: and the names secrets go by (SPEC section 2: secrets never enter a record).
+_RESERVED_EXTRA = frozenset({"content_sealed"})
+_SECRET_NAMES = frozenset(
+    {"authorization", "proxy-authorization", "api_key", "api-key", "x-api-key", "apikey"}
+)
+
+
+def _token_source(name: str, tokens: TokenList | None, given: str | None) -> str:
+    """The source of a caller's tokens: the one given, checked against the tokens, or the
+    one they show (ids: ``upstream-ids``, pieces: ``upstream-pieces``, none: ``none``)."""
+    if given is None:
+        if not tokens:
+            return "none" if tokens is None else "upstream-ids"
+        return "upstream-ids" if isinstance(tokens[0], int) else _PIECE_SOURCE
+    if not is_token_source(given):
+        return given  # the Exchange names the sources there are
+    if given == "none":
+        if tokens is not None:
+            raise ConfigError(f"{name}: a source of 'none' says there are no tokens, but some are")
         return given
-    if not tokens:
-        return "none" if tokens is None else "upstream-ids"
-    return "upstream-ids" if all(isinstance(t, int) for t in tokens) else "upstream-pieces"
+    if tokens is None:
+        raise ConfigError(f"{name}: a source of {given!r} says where tokens came from; none given")
+    if tokens and given in _ID_SOURCES and not isinstance(tokens[0], int):
+        raise ConfigError(f"{name}: {given!r} tokens are ids, but pieces are given")
+    if tokens and given == _PIECE_SOURCE and isinstance(tokens[0], int):
+        raise ConfigError(f"{name}: {given!r} tokens are pieces, but ids are given")
+    return given
 
 
 def _check_tokens(name: str, tokens: Any) -> TokenList | None:
@@ -132,8 +160,8 @@ def _check_tokens(name: str, tokens: Any) -> TokenList | None:
     ids = pieces = 0
     for t in tokens:
         if isinstance(t, int) and not isinstance(t, bool):
-            if t < 0:
-                raise ConfigError(f"{name}: token id {t} is negative")
+            if not 0 <= t <= MAX_TOKEN_ID:
+                raise ConfigError(f"{name}: token id {t} is not between 0 and 2**53 - 1")
             ids += 1
             out.append(t)
         elif isinstance(t, str):
@@ -158,14 +186,37 @@ def _check_timestamp(timestamp: str | float | None) -> str:
     if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
         if not math.isfinite(timestamp):
             raise ConfigError(f"timestamp must be finite, not {timestamp!r}")
-        return rfc3339(float(timestamp))
+        return _not_future(rfc3339(float(timestamp)), float(timestamp))
     moment = parse_rfc3339(timestamp)
     if moment is None or moment.tzinfo is None:
         raise ConfigError(
             f"timestamp {timestamp!r} is not an RFC 3339 time with a UTC offset "
             "(e.g. 2026-01-31T12:00:00Z) or epoch seconds"
         )
-    return rfc3339(moment)
+    return _not_future(rfc3339(moment), moment.timestamp())
+
+
+def _not_future(stamp: str, epoch: float) -> str:
+    """``stamp``, unless it is later than now (beyond clock skew): a request cannot arrive in
+    the future, and ``verify`` treats an unsealed record from the future as forged."""
+    ahead = epoch - time.time()
+    if ahead > FUTURE_SKEW_S:
+        raise ConfigError(f"timestamp {stamp} is {ahead:.0f}s in the future")
+    return stamp
+
+
+def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A caller's extra fields, refusing tokentrail's own markers and secrets."""
+    if not extra:
+        return {}
+    for key in extra:
+        if key in _RESERVED_EXTRA:
+            raise ConfigError(f"extra field {key!r} is tokentrail's own; it may not be set")
+        if isinstance(key, str) and key.lower() in _SECRET_NAMES:
+            raise ConfigError(
+                f"extra field {key!r} looks like a secret; secrets never enter a record"
+            )
+    return dict(extra)
 
 
 class Recorder:
@@ -424,16 +475,19 @@ class Recorder:
         """The :class:`Exchange` :meth:`record` would append (api ``sdk``)."""
         if model == "":  # the proxy's "" means "the request named none"; a caller names one
             raise ConfigError("model must name the model, not be empty")
+        if stop_reason == "":
+            raise ConfigError("stop_reason must say why the exchange ended, not be empty")
         in_tokens = _check_tokens("input_tokens", input_tokens)
         out_tokens = _check_tokens("output_tokens", output_tokens)
+        fields = _check_extra(extra)
         return Exchange(
             model=model,
             api="sdk",
             stop_reason=stop_reason,
             input_tokens=in_tokens,
             output_tokens=out_tokens,
-            input_token_source=_token_source(in_tokens, input_token_source),
-            output_token_source=_token_source(out_tokens, output_token_source),
+            input_token_source=_token_source("input_tokens", in_tokens, input_token_source),
+            output_token_source=_token_source("output_tokens", out_tokens, output_token_source),
             input_text=input_text,
             output_text=output_text,
             user_id=user_id,
@@ -442,7 +496,7 @@ class Recorder:
             request_duration_ms=request_duration_ms,
             timestamp=_check_timestamp(timestamp),
             event_id=new_event_id() if event_id is None else event_id,
-            extra={VIA_FIELD: VIA_SDK, **(extra or {})},
+            extra={VIA_FIELD: VIA_SDK, **fields},
         )
 
     def record(self, **fields: Any) -> Record:
