@@ -494,6 +494,28 @@ class TestUnsealed:
         result = cli_verify(scene.root, scene.signer, scene.state_dir, "--require-sealed")
         assert 1 == result.exit_code
 
+    @pytest.mark.parametrize("ahead", [timedelta(days=1000), timedelta(minutes=10)])
+    def test_forged_record_from_the_future_is_a_finding(
+        self, ahead: timedelta, scene: Scene
+    ) -> None:
+        """A forged tail dated after now (beyond the grace) cannot pass as young: a finding
+        naming the record, exit 1."""
+        _append_forged(-ahead)(scene)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not report.ok, describe(report)
+        assert [(LOG_ID, N, str(segment_of(scene.root, N)))] == [
+            (f.log_id, f.seq, f.location) for f in report.findings
+        ]
+        assert "in the future" in report.findings[0].message
+        assert scene.event_ids == {report.findings[0].event_id}
+        assert 1 == cli_verify(scene.root, scene.signer, scene.state_dir).exit_code
+
+    def test_clock_skew_within_the_grace_is_a_warning(self, scene: Scene) -> None:
+        """A record a minute ahead (a writer's clock a little fast) is still only young."""
+        _append_forged(-timedelta(minutes=1))(scene)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert (True, 1) == (report.ok, len(report.warnings)), describe(report)
+
     @pytest.mark.parametrize(
         ("grace", "ok"), [(3600.0, True), (1.0, False), (0.0, False)], ids=["in", "out", "zero"]
     )

@@ -31,7 +31,15 @@ from ._checkpoint import Checkpoint, Verifier, open_note
 from ._errors import StoreError, TokentrailError, VerificationError
 from ._layout import Listing, SegmentRef, iter_lines, list_log, list_logs, mtime
 from ._merkle import CompactRange, leaf_hash
-from ._record import REQUIRED_FIELDS, SCHEMA, ZERO_HASH, parse_rfc3339, text_hash, tokens_json
+from ._record import (
+    REQUIRED_FIELDS,
+    SCHEMA,
+    ZERO_HASH,
+    parse_rfc3339,
+    rfc3339,
+    text_hash,
+    tokens_json,
+)
 
 MAX_FINDINGS_PER_LOG = 100
 Level = Literal["finding", "warning"]
@@ -334,6 +342,10 @@ def check_record(obj: Any, log_id: str) -> list[str]:
 # ---------------------------------------------------------------------- one log
 
 
+_Where = tuple[str | None, str | None, datetime | None]  # file, event id, timestamp
+_Future = tuple[int, str, str | None, datetime]  # seq, file, event id, timestamp
+
+
 class _LogVerifier:
     """Verifies one log of a local store; see the module docstring for the stages."""
 
@@ -631,18 +643,37 @@ class _LogVerifier:
         self.report.unsealed = unsealed
         if unsealed == 0:
             return
-        location, event_id, ts = self._first_unsealed(sealed)
+        grace = self.options.seal_grace_s
+        (location, event_id, ts), future = self._unsealed(sealed, grace)
         age = None if ts is None else (self.options.now - ts).total_seconds()
         msg = f"{unsealed} records after the last verified checkpoint are not sealed"
         at = {"seq": sealed, "event_id": event_id, "location": location}
-        if self.options.require_sealed or age is None or age >= self.options.seal_grace_s:
+        if future:
+            # A writer stamps a record when its request arrives, so an unsealed record dated
+            # later than now (beyond the grace, for clock skew) was not written by one: it
+            # cannot hide behind the grace a young tail gets.
+            seq, where, eid, moment = future[0]
+            ahead = (moment - self.options.now).total_seconds()
+            self.finding(
+                f"unsealed record dated {ahead:.0f}s in the future ({rfc3339(moment)}): a"
+                f" forgery, or a writer with a wrong clock ({len(future)} such records)",
+                seq=seq,
+                event_id=eid,
+                location=where,
+            )
+        if self.options.require_sealed or age is None or age >= grace:
             age_text = "of unknown age" if age is None else f"the oldest {age:.0f}s old"
             self.finding(f"{msg} ({age_text}: a dead writer or a forgery)", **at)
         else:
             grace = self.options.seal_grace_s
             self.warning(f"{msg} (younger than the {grace:.0f}s seal grace)", **at)
 
-    def _first_unsealed(self, seq: int) -> tuple[str | None, str | None, datetime | None]:
+    def _unsealed(self, seq: int, grace: float) -> tuple[_Where, list[_Future]]:
+        """File, event id and time of record ``seq``, and every record from it on that is
+        dated more than ``grace`` seconds after now."""
+        first: _Where = (None, None, None)
+        future: list[_Future] = []
+        at = seq
         for idx, seg in enumerate(self.listing.segments):
             nxt = (
                 self.listing.segments[idx + 1].first_seq
@@ -658,9 +689,15 @@ class _LogVerifier:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue
-                if isinstance(obj, dict) and obj.get("seq") == seq:
-                    return str(seg.path), obj.get("event_id"), parse_rfc3339(obj.get("timestamp"))
-        return None, None, None
+                if not isinstance(obj, dict) or obj.get("seq") != at:
+                    continue
+                moment = parse_rfc3339(obj.get("timestamp"))
+                if at == seq:
+                    first = (str(seg.path), obj.get("event_id"), moment)
+                if moment is not None and (moment - self.options.now).total_seconds() > grace:
+                    future.append((at, str(seg.path), obj.get("event_id"), moment))
+                at += 1
+        return first, future
 
 
 def verify_local(root: Path, options: VerifyOptions) -> Report:
