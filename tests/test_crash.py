@@ -54,6 +54,14 @@ def test_killed_mid_stream_is_recorded_as_interrupted(
     assert ["interrupted"] == [r["stop_reason"] for r in records]
     assert "Tell me a story." in (records[0]["input_text"] or "")
     assert records[0]["tokentrail.interrupted"]["request_duration_is_lower_bound"] is True
+    # The client had a chunk; what the model said died with the process: unknown, not "".
+    assert (None, None, None, "none") == (
+        records[0]["output_text"],
+        records[0]["output_text_hash"],
+        records[0]["output_tokens"],
+        records[0]["output_token_source"],
+    )
+    assert "gen_ai.output.messages" not in records[0]
     result = again.verify(tmp_path / "state")
     assert 0 == result.returncode, result.stdout + result.stderr
     assert ["stop"] == [r["stop_reason"] for r in done.records()]

@@ -76,6 +76,8 @@ LOCK_FILE = "writer.lock"
 LOCK_ATTEMPTS = 20
 #: Exchanges begun whose records are not yet on disk (see :meth:`LedgerWriter.begin`).
 JOURNAL_FILE = "inflight.jsonl"
+#: Fields of a note taken at an exchange's start that speak of its output (the empty answer).
+_OUTPUT_FIELDS = frozenset({"gen_ai.output.messages", "output_logprobs"})
 _JOURNAL_COMPACT_BYTES = 4 << 20
 
 #: Async durability: while records flow the flusher looks for them this often (appenders do not
@@ -301,7 +303,9 @@ class LedgerWriter:
                 exchange = Exchange.from_fields(fields)
                 started = parse_rfc3339(exchange.timestamp)
                 duration = max(0.0, (last_alive - started.timestamp()) * 1000.0) if started else 0.0
-                extra = dict(exchange.extra)
+                # What the model said, if anything, died with the process: unknown (null), not
+                # the empty answer the note taken at the start would say.
+                extra = {k: v for k, v in exchange.extra.items() if k not in _OUTPUT_FIELDS}
                 extra["tokentrail.interrupted"] = {
                     "recovered_by": "writer restart",
                     "request_duration_is_lower_bound": True,
@@ -311,6 +315,9 @@ class LedgerWriter:
                         exchange,
                         stop_reason="interrupted",
                         request_duration_ms=duration,
+                        output_text=None,
+                        output_tokens=None,
+                        output_token_source="none",
                         extra=extra,
                     )
                 )
