@@ -529,6 +529,29 @@ class TestRequestTokenData:
         if mode == "vllm":
             assert (rec["input_token_source"], bool(rec["input_tokens"])) == ("upstream-ids", True)
 
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"model":"llama3.2:1b","prompt":"lone \\ud800 surrogate","stream":false}',
+            b'{"model":"llama3.2:1b","prompt":"x","stream":false,'
+            b'"options":{"seed":18446744073709551616}}',
+        ],
+        ids=["surrogate", "int-beyond-64-bits"],
+    )
+    def test_body_it_cannot_reencode_is_sent_as_is(
+        self, sims: dict[str, str], proxy_factory: Any, raw: bytes
+    ) -> None:
+        """A body orjson cannot re-encode to the same meaning is forwarded unedited (no token
+        data asked for), so the client gets what it gets directly, refusal included."""
+        proxy = proxy_factory(sims["ollama"], "--request-token-data", "logprobs")
+        headers = {"Content-Type": "application/json"}
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims["ollama"] + "/api/generate", content=raw, headers=headers)
+            proxied = client.post(proxy.url + "/api/generate", content=raw, headers=headers)
+        same_response(direct, proxied)
+        (rec,) = proxy.records()
+        assert "token_data_requested" not in rec
+
 
 class TestBadInput:
     """Input the proxy refuses never reaches the upstream and leaves no record."""

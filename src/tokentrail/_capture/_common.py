@@ -47,7 +47,9 @@ def loads(raw: bytes | str) -> Any:
     orjson refuses ``\\ud800``-style lone surrogates that Go's and Python's decoders accept, so a
     value that fails there is parsed by the standard library and its strings cleaned (U+FFFD).
     Raises ``ValueError`` (``orjson.JSONDecodeError`` is one) on anything that is not JSON, or
-    not I-JSON as orjson reads it (``NaN``, integers beyond 64 bits, nesting beyond 1024).
+    not I-JSON as orjson reads it (``NaN``, ``1e400``, nesting beyond 1024). An integer beyond
+    64 bits is read by orjson as the nearest double (``2**64`` as ``1.8446744073709552e+19``), and
+    so recorded; the proxy still relays the client's own bytes.
     """
     try:
         return orjson.loads(raw)

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import zlib
 from collections.abc import Mapping
@@ -211,6 +212,23 @@ class _LineTooLong(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+#: A run of 20 digits: an integer orjson may read as a double (beyond 64 bits), if not in a string.
+_LONG_NUMBER = re.compile(rb"\d{20}")
+
+
+def reencodes_exactly(raw: bytes) -> bool:
+    """Whether ``orjson.dumps(orjson.loads(raw))`` means what ``raw`` does, so that the proxy may
+    send an edited copy (``--request-token-data``): not when a value is only readable with a
+    repair (a lone surrogate escape), and not when a number may have been rounded (an integer
+    beyond 64 bits). Duplicate keys collapse to the last, as Go's and Python's decoders read
+    them."""
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return _LONG_NUMBER.search(raw) is None
 
 
 async def _prepare(out: web.StreamResponse, request: web.Request) -> None:
@@ -436,6 +454,8 @@ class ProxyApp:
             return resp
         capture = new_capture(api, body)
         new_body, strip = plan(api, body, self.config.request_token_data)
+        if new_body is not None and not reencodes_exactly(raw):
+            new_body, strip = None, Strip()  # send the client's bytes, without the token data
         send = raw if new_body is None else orjson.dumps(new_body)
         event_id = new_event_id()
         meta_base: dict[str, Any] = {"stream": capture.stream}
