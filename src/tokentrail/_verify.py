@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Literal
 
@@ -342,6 +343,16 @@ def check_record(obj: Any, log_id: str) -> list[str]:
 # ---------------------------------------------------------------------- one log
 
 
+def _event_id_of(line: bytes) -> str | None:
+    """The ``event_id`` of a record line, if it parses and has one."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    event_id = obj.get("event_id") if isinstance(obj, dict) else None
+    return event_id if isinstance(event_id, str) else None
+
+
 _Where = tuple[str | None, str | None, datetime | None]  # file, event id, timestamp
 _Future = tuple[int, str, str | None, datetime]  # seq, file, event id, timestamp
 
@@ -579,17 +590,22 @@ class _LogVerifier:
     def _check_pair(self, seg: SegmentRef) -> None:
         if seg.plain is None or seg.packed is None:
             return
-        digests = []
-        for path in (seg.plain, seg.packed):
-            h = hashlib.sha256()
-            for _, line, complete in iter_lines(path):
-                h.update(line + (b"\n" if complete else b""))
-            digests.append(h.digest())
-        if digests[0] != digests[1]:
+        # Line by line, in step: the first line that differs names the record.
+        seq = seg.first_seq
+        pairs = zip_longest(iter_lines(seg.plain), iter_lines(seg.packed))
+        for plain, packed in pairs:
+            if plain is not None and packed is not None and plain[1:] == packed[1:]:
+                seq += 1
+                continue
+            ids = [_event_id_of(side[1]) for side in (plain, packed) if side is not None]
             self.finding(
-                f"{seg.plain.name} and {seg.packed.name} hold different content",
+                f"{seg.plain.name} and {seg.packed.name} hold different content, from this"
+                " record on",
+                seq=seq,
+                event_id=next((i for i in ids if i is not None), None),
                 location=str(seg.packed),
             )
+            return
 
     def _torn(self, seg: SegmentRef, offset: int, seq: int, is_last: bool) -> None:
         where = str(seg.path)
