@@ -727,17 +727,20 @@ class TestFaults:
         ok = httpx.post(proxy.url + "/api/generate", json={**body, "stream": False}, timeout=30)
         assert ok.status_code == 200
 
+    @pytest.mark.parametrize("stream", [True, False])
     def test_client_leaves_before_the_first_byte(
-        self, sims: dict[str, str], proxy_factory: Any
+        self, sims: dict[str, str], proxy_factory: Any, stream: bool
     ) -> None:
         """A client that gives up while the upstream has not answered yet is a
-        client_disconnect, not an upstream error."""
+        client_disconnect, not an upstream error, and the proxy stops waiting for (and drops
+        its request to) the upstream then, not when the answer comes, as a model server talked
+        to directly stops generating when its client leaves."""
         proxy = proxy_factory(sims["ollama"])
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
                 proxy.url + "/api/generate",
-                json={"model": MODEL, "prompt": "x"},
-                headers={"X-Sim-Fault": "stall:1000"},
+                json={"model": MODEL, "prompt": "x", "stream": stream},
+                headers={"X-Sim-Fault": "stall:3000"},
                 timeout=0.3,
             )
         deadline = time.time() + 10
@@ -746,6 +749,11 @@ class TestFaults:
         (rec,) = proxy.records()
         assert rec["stop_reason"] == "client_disconnect"
         assert "error_message" not in rec
+        assert rec["request_duration_ms"] < 2000  # the upstream would have answered at 3000
+        ok = httpx.post(
+            proxy.url + "/api/generate", json={"model": MODEL, "prompt": "x"}, timeout=30
+        )
+        assert ok.status_code == 200 and len(proxy.records()) == 2
 
     @pytest.mark.parametrize("mode", ["ollama", "openai"])
     def test_client_disconnect(self, tmp_path: Path, mode: str, proxy_factory: Any) -> None:

@@ -35,9 +35,9 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -55,6 +55,9 @@ from ._identity import IDEMPOTENCY_HEADER, SESSION_HEADER, USER_HEADER, Identity
 from ._tokendata import Strip, plan, strip_json, strip_line
 
 log = logging.getLogger("tokentrail.proxy")
+_T = TypeVar("_T")
+#: How often a wait for the upstream looks whether its client has gone (see _ClientWatch).
+WATCH_S = 0.25
 
 _HOP_BY_HOP = frozenset(
     h.lower()
@@ -229,6 +232,55 @@ def reencodes_exactly(raw: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return _LONG_NUMBER.search(raw) is None
+
+
+class _ClientWatch:
+    """Notices, while the proxy waits for the upstream, that the client has gone.
+
+    A client that gives up (a timeout, a cancelled request) closes its connection; a model
+    server talked to directly would stop generating then, but the proxy's own request to the
+    upstream would run on to the end of the answer. So every :data:`WATCH_S` seconds while a
+    wait is armed (:meth:`waiting`), a timer looks at the client's connection and, if it is
+    closed, cancels the wait: aiohttp then drops the upstream connection, which stops the
+    generation, and the wait raises :class:`_ClientGone`. A timer, not a task: a request
+    shorter than :data:`WATCH_S` costs one timer set and cancelled.
+    """
+
+    __slots__ = ("armed", "fired", "handle", "loop", "request", "task")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.task = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.armed = False
+        self.fired = False
+        self.handle: asyncio.TimerHandle | None = self.loop.call_later(WATCH_S, self._check)
+
+    def _check(self) -> None:
+        transport = self.request.transport
+        if self.armed and self.task is not None and (transport is None or transport.is_closing()):
+            self.fired = True
+            self.handle = None
+            self.task.cancel()
+            return
+        self.handle = self.loop.call_later(WATCH_S, self._check)
+
+    async def waiting(self, awaitable: Awaitable[_T]) -> _T:
+        """``await awaitable``, or :class:`_ClientGone` if the client leaves meanwhile."""
+        self.armed = True
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if not self.fired or self.task is None or self.task.uncancel() > 0:
+                raise  # cancelled by someone else too (a shutdown): that wins
+            raise _ClientGone from None
+        finally:
+            self.armed = False
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 async def _prepare(out: web.StreamResponse, request: web.Request) -> None:
@@ -527,10 +579,29 @@ class ProxyApp:
         target: str,
     ) -> web.StreamResponse:
         url = URL(self.config.upstream + target, encoded=True)
+        watch = _ClientWatch(request)
         try:
-            upstream = await self.session.post(
-                url, data=send, headers=headers, timeout=self.timeout
+            return await self._exchange_watched(request, ex, send, headers, strip, url, watch)
+        finally:
+            watch.stop()
+
+    async def _exchange_watched(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        send: bytes,
+        headers: CIMultiDict[str],
+        strip: Strip,
+        url: URL,
+        watch: _ClientWatch,
+    ) -> web.StreamResponse:
+        try:
+            upstream = await watch.waiting(
+                self.session.post(url, data=send, headers=headers, timeout=self.timeout)
             )
+        except _ClientGone:  # the upstream had not answered: it stops, and nothing is relayed
+            await self._record(ex, "client_disconnect")
+            return web.Response(status=499)  # for nobody: the client has gone
         except aiohttp.ClientConnectorError as exc:
             self.metrics.upstream_errors.labels("unreachable").inc()
             self._release(ex)
@@ -547,16 +618,26 @@ class ProxyApp:
             ex.status = upstream.status
             ctype = upstream.headers.get("Content-Type", "")
             if "ndjson" in ctype or "event-stream" in ctype:
+                watch.stop()  # from here on, a write to the client finds it gone
                 return await self._relay_stream(
                     request, ex, upstream, strip, sse="event-stream" in ctype
                 )
-            return await self._relay_body(request, ex, upstream, strip)
+            return await self._relay_body(request, ex, upstream, strip, watch)
 
     async def _relay_body(
-        self, request: web.Request, ex: _Exchange, upstream: aiohttp.ClientResponse, strip: Strip
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        upstream: aiohttp.ClientResponse,
+        strip: Strip,
+        watch: _ClientWatch,
     ) -> web.StreamResponse:
         try:
-            raw = await upstream.read()
+            raw = await watch.waiting(upstream.read())
+        except _ClientGone:
+            upstream.close()  # the generation stops with the connection
+            await self._record(ex, "client_disconnect")
+            return web.Response(status=499)
         except (aiohttp.ClientError, TimeoutError) as exc:
             stalled = isinstance(exc, TimeoutError)
             ex.capture.error = f"upstream {'stalled' if stalled else 'failed'}: {exc}"
@@ -568,6 +649,7 @@ class ProxyApp:
             ex.capture.feed(loads(text))
         except (ValueError, zlib.error):
             ex.capture.error = f"upstream sent a body that is not JSON (HTTP {upstream.status})"
+        watch.stop()
         if upstream.status >= 400 and ex.capture.error is None:
             ex.capture.error = f"HTTP {upstream.status}"
         stop = "upstream_error" if upstream.status >= 400 else None
