@@ -473,6 +473,45 @@ class TestTamperMatrix:
         assert (False, False) == (first.ok, second.ok), describe(second)
 
 
+class TestDateFolders:
+    """A segment's date folder is the day its first record was appended (SPEC section 3)."""
+
+    @pytest.mark.parametrize(
+        ("which", "shift"),
+        [(-1, timedelta(days=30)), (0, -timedelta(days=30))],
+        ids=["later", "earlier"],
+    )
+    def test_moved_segment(self, which: int, shift: timedelta, scene: Scene) -> None:
+        """The first segment moved to a folder before its records arrived: a finding naming
+        its first record; the last moved to a folder after today: a warning (a writer whose
+        clock ran ahead leaves the same honestly)."""
+        seg = segment_files(scene.root)[which]
+        first = json.loads(read_lines(seg)[0])
+        day = (datetime.fromisoformat(seg.parent.name) + shift).strftime("%Y-%m-%d")
+        moved = seg.parent.parent / day / seg.name
+        moved.parent.mkdir()
+        seg.rename(moved)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        named = [(LOG_ID, first["seq"], first["event_id"], str(moved))]
+        about = tuple(
+            [(f.log_id, f.seq, f.event_id, f.location) for f in items if "date folder" in f.message]
+            for items in (report.findings, report.warnings)
+        )
+        assert about == (([], named) if shift > timedelta(0) else (named, [])), describe(report)
+        assert report.ok == (shift > timedelta(0))
+
+    def test_requests_from_earlier_days_are_fine(
+        self, ledger_root: Path, signer: Signer, state_dir: Path
+    ) -> None:
+        """Records whose requests arrived days before the folder's day (an import through the
+        SDK's plain API, a request across midnight) are not findings."""
+        old = rfc3339(datetime.now(UTC) - timedelta(days=10))
+        with Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer)) as ledger:
+            ledger.append(Exchange(model="m", api="sdk", stop_reason="stop", timestamp=old))
+        report = run_verify(ledger_root, signer, state_dir)
+        assert (True, []) == (report.ok, report.findings), describe(report)
+
+
 class TestUnsealed:
     def test_young_forged_record_is_a_warning(self, scene: Scene) -> None:
         """A forged record younger than the seal grace is a warning naming it, not a finding."""

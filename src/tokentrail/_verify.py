@@ -21,7 +21,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Literal
@@ -510,10 +510,12 @@ class _LogVerifier:
                 seq: int = obj["seq"]
                 event_id = obj.get("event_id")
                 at = {"seq": seq, "event_id": event_id, "location": where}
-                if first_line and seq != seg.first_seq:
-                    self.finding(
-                        f"segment named for seq {seg.first_seq} starts with seq {seq}", **at
-                    )
+                if first_line:
+                    if seq != seg.first_seq:
+                        self.finding(
+                            f"segment named for seq {seg.first_seq} starts with seq {seq}", **at
+                        )
+                    self._check_day(seg, obj, at)
                 first_line = False
                 if seq < start:
                     below = max(below, seq + 1)
@@ -586,6 +588,31 @@ class _LogVerifier:
             # log was truncated (or its last segments deleted) since the last run.
             return below
         return expected
+
+    def _check_day(self, seg: SegmentRef, first: dict[str, Any], at: dict[str, Any]) -> None:
+        """A segment's date folder is the UTC day its first record was appended (SPEC section
+        3): not before the day that record's request arrived (a record is appended after its
+        request; a finding), and not after today (a warning), each with a day's slack."""
+        try:
+            day = date.fromisoformat(seg.date)
+        except ValueError:
+            return  # not a date folder: listed as a stray file
+        if day > self.options.now.date() + timedelta(days=1):
+            # A warning: a writer whose clock ran ahead leaves such folders honestly (and keeps
+            # writing there, as folders never go backwards), as does a segment moved.
+            self.warning(
+                f"segment is in date folder {seg.date}, after today"
+                f" ({self.options.now.date().isoformat()}): a writer's clock ahead, or a"
+                " segment moved",
+                **at,
+            )
+        arrived = parse_rfc3339(first.get("timestamp"))
+        if arrived is not None and arrived.astimezone(UTC).date() > day + timedelta(days=1):
+            self.finding(
+                f"segment is in date folder {seg.date}, before its first record's request"
+                f" arrived ({rfc3339(arrived)})",
+                **at,
+            )
 
     def _check_pair(self, seg: SegmentRef) -> None:
         if seg.plain is None or seg.packed is None:
