@@ -288,6 +288,11 @@ def ref_root_from_path(index: int, size: int, lhash: bytes, proof: list[bytes]) 
     return None if sub is None else ref_node(sibling, sub)
 
 
+def sha256_sized(*hashes: bytes) -> bool:
+    """Whether every hash has the size of a SHA-256 digest."""
+    return all(len(h) == 32 for h in hashes)
+
+
 def ref_includes(index: int, size: int, lhash: bytes, proof: list[bytes], root: bytes) -> bool:
     """Whether ``proof`` is a PATH putting ``lhash`` at ``index`` under ``root``."""
     return ref_root_from_path(index, size, lhash, proof) == root
@@ -777,8 +782,12 @@ class TestMutatedInclusion:
     def test_arbitrary_input(
         self, index: int, size: int, lhash: bytes, proof: list[bytes], root: bytes
     ) -> None:
-        """Arbitrary input verifies exactly when the reference says, else VerificationError."""
-        expected = not ref_includes(index, size, lhash, proof, root)
+        """Arbitrary input verifies exactly when the reference says, else VerificationError;
+        a leaf hash or root that is not 32 bytes (SHA-256) never verifies, as in the Go
+        reference's RootFromInclusionProof (the reference here, which only compares bytes,
+        would take an empty leaf hash for an empty root of a one-leaf tree)."""
+        formed = sha256_sized(lhash, root, *proof)
+        expected = not (formed and ref_includes(index, size, lhash, proof, root))
         assert expected == raises_verification(verify_inclusion, index, size, lhash, proof, root)
 
 
