@@ -8,6 +8,7 @@ capture makes of the same exchange on the wire, and the ledger verifies.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import hashlib
@@ -401,6 +402,154 @@ class TestOpenAI:
             "return_token_ids": True,
         }
         assert rec["input_token_source"] == "upstream-ids"
+
+
+class TestOpenAIUsage:
+    """How applications use the openai client, beyond ``create``."""
+
+    def test_parse_and_stream_helpers(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """``chat.completions.parse`` (structured outputs) and the ``chat.completions.stream``
+        helper post as ``create`` does, and are recorded."""
+        wrapped = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        parsed = wrapped.chat.completions.parse(model=MODEL, messages=MSGS)
+        with wrapped.chat.completions.stream(model=MODEL, messages=MSGS) as stream:
+            text = "".join(e.delta for e in stream if getattr(e, "type", None) == "content.delta")
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert [(r["api"], r["stop_reason"]) for r in recs] == [("openai.chat", "stop")] * 2
+        assert recs[0]["output_text"] == parsed.choices[0].message.content
+        assert recs[1]["output_text"] == text and recs[1]["stream"] is True
+
+    async def test_context_managers_and_aclose(
+        self, sims: dict[str, str], recorder: Recorder
+    ) -> None:
+        """``with`` / ``async with`` an audited client works as with the client itself, and
+        ``aclose()`` of an async stream records it."""
+        url = sims["openai"] + "/v1"
+        with audit(openai.OpenAI(base_url=url, api_key="k"), ledger=recorder) as client:
+            client.chat.completions.create(model=MODEL, messages=MSGS)
+        async with audit(openai.AsyncOpenAI(base_url=url, api_key="k"), ledger=recorder) as ac:
+            stream = await ac.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+            await stream.__anext__()
+            await stream.aclose()
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert [r["stop_reason"] for r in recs] == ["stop", "client_disconnect"]
+
+    def test_settings_changed_after_wrapping(
+        self, sims: dict[str, str], recorder: Recorder
+    ) -> None:
+        """An api_key or base_url set later, on the audited client or on the caller's own, is
+        the one the next call uses, as it would be unwrapped."""
+        seen: list[str] = []
+
+        def note(r: httpx.Request) -> None:
+            seen.append(f"{r.url.host} {r.headers['authorization']}")
+
+        http = httpx.Client(event_hooks={"request": [note]})
+        bare = openai.OpenAI(base_url="http://192.0.2.1:9/v1", api_key="old", http_client=http)
+        wrapped = audit(bare, ledger=recorder)
+        wrapped.base_url = sims["openai"] + "/v1"
+        wrapped.api_key = "new"
+        wrapped.chat.completions.create(model=MODEL, messages=MSGS)
+        bare.api_key = "newer"
+        wrapped.chat.completions.create(model=MODEL, messages=MSGS)
+        assert seen == ["127.0.0.1 Bearer new", "127.0.0.1 Bearer newer"]
+        recorder.flush()
+        assert 2 == len(read_records(recorder.writer.config.root))
+
+    def test_stopping_at_the_finish_reason(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """A caller that stops reading at the chunk with ``finish_reason`` had the whole answer:
+        the model's own reason is recorded, not client_disconnect."""
+        wrapped = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        stream = wrapped.chat.completions.create(
+            model=MODEL, messages=MSGS, stream=True, stream_options={"include_usage": True}
+        )
+        text = ""
+        for chunk in stream:
+            text += chunk.choices[0].delta.content or ""
+            if chunk.choices[0].finish_reason:
+                break
+        stream.close()
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        assert (rec["stop_reason"], rec["output_text"]) == ("stop", text)
+
+
+class TestCancelled:
+    @pytest.mark.parametrize("client", ["openai", "ollama"])
+    async def test_cancelled_call_is_a_client_disconnect(
+        self, recorder: Recorder, client: str
+    ) -> None:
+        """An async call the caller cancels (a timeout around it) after it was sent: the
+        caller gave up, so client_disconnect, not an upstream error."""
+        with sim_in_thread(SimConfig(mode=client, ttft_ms=3000)) as url:
+            if client == "openai":
+                oai = audit(openai.AsyncOpenAI(base_url=url + "/v1", api_key="k"), ledger=recorder)
+                call = oai.chat.completions.create(model=MODEL, messages=MSGS)
+            else:
+                oc = audit(ollama.AsyncClient(host=url), ledger=recorder)
+                call = oc.generate(model=MODEL, prompt="x")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(call, 0.3)
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        assert rec["stop_reason"] == "client_disconnect"
+        assert "error_message" not in rec
+
+
+class TestRecorderClose:
+    """What a recorder's close does to calls still in flight, and to calls after it."""
+
+    @pytest.mark.parametrize("durability", ["strict", "async"])
+    def test_stream_held_at_exit(
+        self, sims: dict[str, str], tmp_path: Path, signer: Signer, durability: str
+    ) -> None:
+        """A stream still referenced when the program exits (a global, read half-way or to its
+        finish_reason) is recorded at exit, before the writer stops, not lost."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        script = f"""
+import ollama, openai
+from tokentrail._sdk import Recorder, audit
+rec = Recorder.open({str(root)!r}, key={str(key)!r}, log_id="sdk", durability={durability!r})
+oai = audit(openai.OpenAI(base_url={sims["openai"]!r} + "/v1", api_key="k"), ledger=rec)
+msgs = [{{"role": "user", "content": "hi"}}]
+held = oai.chat.completions.create(model={MODEL!r}, messages=msgs, stream=True)
+next(held)
+oc = audit(ollama.Client(host={sims["ollama"]!r}), ledger=rec)
+gen = oc.generate(model={MODEL!r}, prompt="a long answer", stream=True)
+next(gen)
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, timeout=60, capture_output=True, text=True
+        )
+        assert out.returncode == 0 and "lost" not in out.stderr, out.stderr
+        recs = read_records(root)
+        assert [r["stop_reason"] for r in recs] == ["client_disconnect"] * 2
+        verify(root, signer, tmp_path / "state")
+
+    def test_calls_after_close_are_refused(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """After close, a wrapped call is refused before it is sent (no unaudited answer)."""
+        sent: list[str] = []
+        http = httpx.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]})
+        oai = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k", http_client=http),
+            ledger=recorder,
+        )
+        oc = audit(ollama.Client(host=sims["ollama"]), ledger=recorder)
+        recorder.close()
+        with pytest.raises(StoreError, match="closed"):
+            oai.chat.completions.create(model=MODEL, messages=MSGS)
+        with pytest.raises(StoreError, match="closed"):
+            oc.generate(model=MODEL, prompt="x")
+        assert sent == []
 
 
 def train_tokenizer(path: Path) -> Any:

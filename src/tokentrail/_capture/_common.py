@@ -299,6 +299,11 @@ class Capture(ABC):
         """Whether ``chunk`` ends the exchange, judged without feeding it (cheap)."""
         return False
 
+    def model_finished(self) -> bool:
+        """Whether the model's answer is complete, though the stream may have had more to send
+        (OpenAI's usage chunk, ``[DONE]``): a reader that stops here has the whole answer."""
+        return self.finished and self.error is None
+
     def default_model_version(self) -> str | None:
         """The most specific version the wire revealed, unless the caller knows better."""
         return None

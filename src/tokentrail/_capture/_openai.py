@@ -178,6 +178,13 @@ class OpenAICapture(Capture):
             elif args is not None:
                 slot["arguments"] = args
 
+    def model_finished(self) -> bool:
+        """Every choice asked for (``n``) has its ``finish_reason``."""
+        n = self.request.get("n")
+        wanted = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        done = sum(c.finish_reason is not None for c in self.choices.values())
+        return self.error is None and done >= wanted
+
     def default_model_version(self) -> str | None:
         """``model@system_fingerprint`` when the fingerprint is known, else the response model."""
         if self.response_model is not None and self.fingerprint:

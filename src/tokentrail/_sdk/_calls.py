@@ -69,7 +69,9 @@ class Auditor:
     def begin(self, api: str, body: Mapping[str, Any]) -> Call:
         """Start a call: the body must already be the wire copy (see :func:`wire_copy`)."""
         self.recorder.check_ready()  # also opens a forked process's own log here, not at a GC
-        return Call(self, new_capture(api, body))
+        call = Call(self, new_capture(api, body))
+        self.recorder.track(call)
+        return call
 
 
 class _Text:
@@ -94,6 +96,7 @@ class Call:
     """
 
     __slots__ = (
+        "__weakref__",
         "auditor",
         "capture",
         "event_id",
@@ -202,10 +205,19 @@ class Call:
         if self.noted is not None and capture.error is None:
             capture.error = self.noted
 
-    def _exchange(self, stop: str | None, ended: float, expect_end: bool) -> Exchange:
-        """The :class:`~tokentrail._record.Exchange` as captured (after the replay, if lazy)."""
+    def _exchange(
+        self, stop: str | None, ended: float, expect_end: bool, *, dropped: bool = False
+    ) -> Exchange:
+        """The :class:`~tokentrail._record.Exchange` as captured (after the replay, if lazy).
+
+        ``dropped``: the caller closed or dropped the stream before its end: a
+        ``client_disconnect``, unless the model had already finished its answer (a caller that
+        stops reading at the chunk with ``finish_reason``), when its own reason stands.
+        """
         self._replay()
         capture = self.capture
+        if dropped and not capture.model_finished():
+            stop = "client_disconnect"
         status = self.status or 0
         if status >= 400 and capture.error is None:
             capture.error = f"HTTP {status}"
@@ -266,4 +278,4 @@ class Call:
             return
         self.recorded = True
         ended = time.perf_counter()
-        self.auditor.recorder.orphan(lambda: self._exchange("client_disconnect", ended, False))
+        self.auditor.recorder.orphan(lambda: self._exchange(None, ended, False, dropped=True))

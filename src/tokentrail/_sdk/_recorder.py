@@ -239,6 +239,10 @@ class Recorder:
         self._owns_writer = owns_writer
         self._closed = False
         self._strict = writer.config.durability == "strict"
+        # Calls of wrapped clients not recorded yet (a stream the caller still holds): at close
+        # they are recorded with what they have, before the writer stops.
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._live_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -321,6 +325,10 @@ class Recorder:
         _open_recorders.discard(self)
         if not self.writer.owned_here:
             return  # a fork that never recorded: the writer is its parent's
+        with self._live_lock:
+            unfinished = [call for call in self._live if not call.recorded]
+        for call in unfinished:  # e.g. a stream still referenced at exit, read or not
+            call.abandon()
         if self._owns_writer:
             self.writer.close()
         else:
@@ -346,12 +354,22 @@ class Recorder:
         return self.writer
 
     def check_ready(self) -> None:
-        """Before a wrapped call is sent: under async durability, refuse it (``StoreError``)
-        while the ledger cannot be written, as the proxy does, rather than let it happen
-        unaudited or queue records without bound. Records accepted before stay queued and are
-        written when the disk recovers (the writer retries on its own); under strict durability
-        a failed write is the call's own error."""
+        """Before a wrapped call is sent: refuse it (``StoreError``) once this recorder is
+        closed, and under async durability while the ledger cannot be written, as the proxy
+        does, rather than let it happen unaudited or queue records without bound. Records
+        accepted before stay queued and are written when the disk recovers (the writer retries
+        on its own); under strict durability a failed write is the call's own error."""
+        if self._closed:
+            raise StoreError(
+                f"the recorder of {self.writer.config.log_id} is closed; refusing to send an"
+                " unaudited call"
+            )
         self._refuse_while_failing(self.local_writer(), "send an unaudited call")
+
+    def track(self, call: Any) -> None:
+        """Note a wrapped client's call in flight, so that :meth:`close` records it."""
+        with self._live_lock:
+            self._live.add(call)
 
     def _refuse_while_failing(self, writer: LedgerWriter, doing: str) -> None:
         if not self._strict and writer.failed_at is not None:

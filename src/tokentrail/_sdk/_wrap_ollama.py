@@ -265,6 +265,9 @@ class _AsyncTap(_Tapped):
             resp = await self.http.request(method, url, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise
+        except asyncio.CancelledError:
+            call.abandon()  # the caller gave up on a call that was sent: client_disconnect
+            raise
         except BaseException as exc:
             call.fail(exc)
             await self._version(call)
@@ -295,6 +298,9 @@ class _AsyncStream(_Stream):
         try:
             self.resp = await self.inner.__aenter__()
         except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise
+        except asyncio.CancelledError:
+            self.call.abandon()
             raise
         except BaseException as exc:
             self.call.fail(exc)

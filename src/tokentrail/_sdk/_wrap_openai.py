@@ -29,6 +29,7 @@ durability a stream ends (``StopIteration``) only once its record is on disk.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import copy
 import inspect
@@ -60,7 +61,11 @@ _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 
 
 def _tapped_client(client: Any) -> Any:
-    """A shallow copy of ``client`` that shows the current call each parsed response body."""
+    """A shallow copy of ``client`` that shows the current call each parsed response body.
+
+    The copy takes the client's attributes again before each call (:func:`_resync`), so an
+    ``api_key`` or ``base_url`` the caller sets later is the one used, as with the client.
+    """
     tapped = copy.copy(client)
     process = client._process_response_data
 
@@ -71,7 +76,16 @@ def _tapped_client(client: Any) -> Any:
         return process(data=data, cast_to=cast_to, response=response)
 
     tapped._process_response_data = tap
+    tapped._tt_hook = tap
     return tapped
+
+
+def _resync(tapped: Any, client: Any) -> None:
+    """Give the tapped copy the client's current attributes (keeping the tap)."""
+    hook = tapped._tt_hook
+    tapped.__dict__.update(client.__dict__)
+    tapped._process_response_data = hook
+    tapped._tt_hook = hook
 
 
 def _not_sent(exc: BaseException) -> bool:
@@ -130,6 +144,12 @@ class _Transparent:
             raise AttributeError(name)
         return getattr(self._tt_target, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_tt_"):
+            object.__setattr__(self, name, value)
+        else:  # client.api_key = ...: the caller's client changes, as it would unwrapped
+            setattr(self._tt_target, name, value)
+
     @property  # type: ignore[misc]
     def __class__(self) -> type[Any]:  # isinstance() consults this, as for unittest.mock
         return type(self._tt_target)
@@ -171,6 +191,21 @@ class AuditedOpenAI(_Transparent):
         """The client's ``copy``, audited the same way."""
         return AuditedOpenAI(self._tt_target.copy(**options), self._tt_auditor)
 
+    # ``with openai.OpenAI() as client``: special methods are not found by __getattr__.
+    def __enter__(self) -> AuditedOpenAI:
+        self._tt_target.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tt_target.__exit__(*exc)
+
+    async def __aenter__(self) -> AuditedOpenAI:
+        await self._tt_target.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._tt_target.__aexit__(*exc)
+
 
 class _AuditedChat(_Transparent):
     def __init__(self, chat: Any, auditor: Auditor) -> None:
@@ -192,8 +227,10 @@ class _AuditedCreate(_Transparent):
         self._tt_api = api
         tap = copy.copy(resource)
         client = getattr(resource, "_client", None)
+        self._tt_client = client
+        self._tt_tapped: Any = None
         if client is not None and hasattr(client, "_process_response_data"):
-            tap._client = _tapped_client(client)
+            tap._client = self._tt_tapped = _tapped_client(client)
             self._tt_post = tap._client.post
         else:  # pragma: no cover - a library without the hook: model_dump fallback
             self._tt_post = resource._post
@@ -204,11 +241,21 @@ class _AuditedCreate(_Transparent):
         """The library's ``create``; its result (or stream) comes back as the library made it."""
         return self._tt_tap.create(*args, **kwargs)
 
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's ``parse`` (structured outputs), which posts as ``create`` does."""
+        return self._tt_tap.parse(*args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's ``stream`` helper, whose requests are ``create(stream=True)``."""
+        return self._tt_tap.stream(*args, **kwargs)
+
     def _post(
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
     ) -> Any:
         options = options or {}
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
+        if self._tt_tapped is not None:
+            _resync(self._tt_tapped, self._tt_client)
         token = _CURRENT.set(call)
         try:
             result = self._tt_post(path, body=body, options=options, stream=stream, **kw)
@@ -231,10 +278,15 @@ class _AuditedCreate(_Transparent):
     ) -> Any:
         options = options or {}
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
+        if self._tt_tapped is not None:
+            _resync(self._tt_tapped, self._tt_client)
         token = _CURRENT.set(call)
         try:
             result = await self._tt_post(path, body=body, options=options, stream=stream, **kw)
-        except BaseException as exc:  # a cancelled task too: it was sent
+        except asyncio.CancelledError:
+            call.abandon()  # the caller gave up on a call that was sent: client_disconnect
+            raise
+        except BaseException as exc:
             if _request_failed(call, exc):
                 await _arecord_quietly(call)
             raise
@@ -328,6 +380,10 @@ class AuditedAsyncStream(_Transparent):
         """Close the stream; one closed before its end is recorded as ``client_disconnect``."""
         self._tt_call.abandon()
         await self._tt_target.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, by the name async generators use."""
+        await self.close()
 
     async def __aenter__(self) -> AuditedAsyncStream:
         return self
