@@ -801,6 +801,22 @@ class TestFaults:
         assert recs[2]["http.response.status_code"] == 500
         assert recs[3]["output_text"]
 
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_error_status_keeps_the_servers_message(
+        self, sims: dict[str, str], recorder: Recorder, stream: bool
+    ) -> None:
+        """An unknown model (404): the record keeps the server's own error body, streamed or
+        not, as the proxy's does; the caller gets the library's ResponseError."""
+        wrapped = audit(ollama.Client(host=sims["ollama"]), ledger=recorder)
+        with pytest.raises(ollama.ResponseError) as raised:
+            result = wrapped.generate(model="no-such-model", prompt="x", stream=stream)
+            if stream:
+                list(result)
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        assert (rec["stop_reason"], rec["http.response.status_code"]) == ("upstream_error", 404)
+        assert rec["error_message"] == raised.value.error
+
     def test_abandoned_streams(self, sims: dict[str, str], recorder: Recorder) -> None:
         """A stream dropped or closed half-way: client_disconnect with the tokens so far."""
         wrapped = audit(ollama.Client(host=sims["ollama"]), ledger=recorder)

@@ -164,6 +164,19 @@ class _Stream:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.resp, name)
 
+    def _feed_error_body(self) -> None:
+        """An error status whose body the library read itself (to raise ``ResponseError``):
+        the capture takes the server's own error from it, as the proxy's does."""
+        resp = self.resp
+        if resp is None or resp.status_code < 400 or self.call.fed:
+            return
+        try:
+            body = resp.content
+        except httpx.ResponseNotRead:
+            return
+        if body:
+            self.call.feed_raw(body)
+
 
 class _SyncStream(_Stream):
     """``with tap.stream(...) as r``: feeds each line, records once, whatever way it ends."""
@@ -213,6 +226,7 @@ class _SyncStream(_Stream):
                 else:
                     self.tap._version(call)
                     if exc is not None:
+                        self._feed_error_body()
                         call.fail(exc)
                         _record_quietly(call)
                     else:
@@ -339,6 +353,7 @@ class _AsyncStream(_Stream):
                 else:
                     await self.tap._version(call)
                     if exc is not None:
+                        self._feed_error_body()
                         call.fail(exc)
                         await _arecord_quietly(call)
                     else:
