@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -669,6 +670,69 @@ class TestTamper:
             (LOG_ID, 3, "no record object holds seqs 3-3 (deleted objects?)"),
             (LOG_ID, 11, "no record object holds seqs 11-11 (deleted objects?)"),
         } <= gaps, describe_findings(report)
+
+    def test_inserted_segment_caught_by_the_daily_run(
+        self, s3: MotoS3, client: Any, shipped: Any, signer: Signer, tmp_path: Path
+    ):
+        """After a clean run, a forged segment object holding one record at a seq a checkpoint
+        already covers (hashes recomputed, locked, checksummed, with the shipper's metadata):
+        the next incremental run, which reads no record below what it verified, names it from
+        the listing (its key range overlaps another object's)."""
+        url, segments = shipped
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        key = segments[1]
+        head = client.head_object(Bucket=url.bucket, Key=key)
+        data = client.get_object(Bucket=url.bucket, Key=key)["Body"].read()
+        lines = zstandard.ZstdDecompressor().decompressobj().decompress(data).splitlines()
+        (forged,) = _forge(lines[1:2], json.loads(lines[1])["prev_hash"])
+        seq = json.loads(forged)["seq"]
+        fresh = f"{key.rsplit('/', 1)[0]}/{seq:020d}-{seq:020d}.jsonl.zst"
+        raw = forged + b"\n"
+        client.put_object(
+            Bucket=url.bucket,
+            Key=fresh,
+            Body=zstandard.ZstdCompressor().compress(raw),
+            ChecksumAlgorithm="SHA256",
+            ObjectLockMode="GOVERNANCE",
+            ObjectLockRetainUntilDate=head["ObjectLockRetainUntilDate"],
+            Metadata={"tokentrail-sha256": hashlib.sha256(raw).hexdigest()},
+        )
+        report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert not report.ok
+        assert any("overlap" in line for line in findings_at(report, fresh)), describe_findings(
+            report
+        )
+
+    def test_inserted_record_caught_by_the_daily_run(
+        self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
+    ):
+        """Per-record: after a clean run, a forged copy of a sealed record under a fresh event
+        id (its own key) is named by the next incremental run: two objects hold its seq."""
+        records = write_log(tmp_path, signer, 12)
+        url = S3Url(bucket, "ins")
+        ship_once(tmp_path, url, layout="per-record", client_options=options(s3))
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        obj = json.loads(records[5].leaf)
+        obj["event_id"] = str(uuid.uuid4())
+        obj["output_text"] = "forged answer"
+        obj["output_text_hash"] = hashlib.sha256(b"forged answer").hexdigest()
+        leaf = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        fresh = f"ins/audit/{obj['timestamp'][:10]}/{obj['event_id']}.json"
+        client.put_object(
+            Bucket=bucket,
+            Key=fresh,
+            Body=leaf,
+            ChecksumAlgorithm="SHA256",
+            Metadata={"tokentrail-sha256": hashlib.sha256(leaf).hexdigest()},
+        )
+        report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert not report.ok
+        named = [f for f in report.findings if "two record objects hold seq 5" in f.message]
+        assert named and {(LOG_ID, 5)} == {(f.log_id, f.seq) for f in named}, describe_findings(
+            report
+        )
 
     def test_shortened_retention(self, s3: MotoS3, client: Any, shipped: Any, signer: Signer):
         """A retention shortened (governance bypass) below the configured days is a finding."""

@@ -116,7 +116,7 @@ class _Mirror:
         self._staging: IO[bytes] = tempfile.TemporaryFile(prefix="tokentrail-records-")  # noqa: SIM115
         self._staged: dict[str, list[_Staged]] = {}
         self._claimed: dict[str, str] = {}
-        self._ranges: dict[str, list[tuple[int, int]]] = {}
+        self._ranges: dict[str, list[tuple[int, int, str]]] = {}  # first, last, key
         self._covered: dict[str, int] = {}  # log id -> the largest checkpoint size in the bucket
 
     # ------------------------------------------------------------------ findings
@@ -199,10 +199,12 @@ class _Mirror:
         record it covers, so a gap below the largest checkpoint is never an upload in flight.
         """
         held: dict[str, list[tuple[int, int]]] = {
-            log_id: list(ranges) for log_id, ranges in self._ranges.items()
+            log_id: [(first, last) for first, last, _ in ranges]
+            for log_id, ranges in self._ranges.items()
         }
         for log_id, seq in self.result.record_keys:
             held.setdefault(log_id, []).append((seq, seq))
+        self._check_overlaps()
         for log_id in sorted(held.keys() | self._covered.keys()):
             if self.log_ids is not None and log_id not in self.log_ids:
                 continue
@@ -224,6 +226,27 @@ class _Mirror:
                         seq=expected,
                     )
                 expected = max(expected, last + 1)
+
+    def _check_overlaps(self) -> None:
+        """Segment objects whose key ranges overlap: a seq held twice is an inserted or
+        duplicated segment (the shipper's keys are a pure function of their content's position,
+        so it never writes two). Seen from the listing alone, so an incremental run, which does
+        not re-read the records below what it verified before, finds it too."""
+        for log_id, ranges in sorted(self._ranges.items()):
+            if self.log_ids is not None and log_id not in self.log_ids:
+                continue
+            expected, holder = 0, ""
+            for first, last, key in sorted(ranges):
+                if first < expected:
+                    self.finding(
+                        f"segment objects overlap: seqs {first}-{min(last, expected - 1)} are"
+                        f" also in {self.url.uri(holder)} (an inserted or duplicated segment)",
+                        key,
+                        log_id=log_id,
+                        seq=first,
+                    )
+                if last + 1 > expected:
+                    expected, holder = last + 1, key
 
     def _triage(
         self, key: str, versions: list[dict[str, Any]], markers: list[dict[str, Any]]
@@ -260,7 +283,7 @@ class _Mirror:
             return None
         newest = next((v for v in versions if v.get("IsLatest")), versions[0])
         if isinstance(parsed, SegmentKey):
-            self._ranges.setdefault(parsed.log_id, []).append((parsed.first, parsed.last))
+            self._ranges.setdefault(parsed.log_id, []).append((parsed.first, parsed.last, key))
         return _Version(
             key,
             newest.get("VersionId"),
@@ -456,7 +479,14 @@ class _Mirror:
             self._staged.setdefault(log_id, []).append(
                 _Staged(seq, date, offset, len(leaf) + 1, uri)
             )
-            self.result.record_keys.setdefault((log_id, seq), uri)
+            other = self.result.record_keys.setdefault((log_id, seq), uri)
+        if other != uri:  # read from the listing, so an incremental run finds it too
+            self.finding(
+                f"two record objects hold seq {seq}: this one and {other} (an inserted or"
+                " duplicated record)",
+                rk.key,
+                **where,
+            )
 
     def _write_staged(self) -> None:
         """Write per-record objects as local segments, in seq order, one per UTC date."""
