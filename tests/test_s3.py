@@ -734,6 +734,53 @@ class TestTamper:
             report
         )
 
+    def test_log_deleted_caught_by_the_daily_run(
+        self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
+    ):
+        """Every object of one log deleted for good after a clean run (governance bypass, no
+        delete markers): nothing of it is left to read, and the witness state of the earlier
+        run, kept under the store's s3:// URL, says it was there."""
+        write_log(tmp_path / "a", signer, 12, log_id="keep")
+        write_log(tmp_path / "b", signer, 12, log_id="gone")
+        url = S3Url(bucket, "lg")
+        for root in (tmp_path / "a", tmp_path / "b"):
+            ship_once(root, url, client_options=options(s3))
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        for key in keys_under(client, bucket, "lg/logs/gone/"):
+            vid = client.head_object(Bucket=bucket, Key=key)["VersionId"]
+            client.delete_object(
+                Bucket=bucket, Key=key, VersionId=vid, BypassGovernanceRetention=True
+            )
+        report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert not report.ok
+        (gone,) = [f for f in report.findings if "log deleted" in f.message]
+        assert (gone.log_id, gone.location) == ("gone", f"s3://{bucket}/lg/logs/gone")
+
+    def test_findings_name_objects_not_the_mirror(
+        self, s3: MotoS3, client: Any, shipped: Any, signer: Signer
+    ):
+        """An edited record (one byte, no hash recomputed): every finding names S3 objects,
+        in its location and in its message, never the temporary mirror's files."""
+        url, segments = shipped
+        key = segments[1]
+        data = client.get_object(Bucket=url.bucket, Key=key)["Body"].read()
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        edited = raw.replace(b"prompt number", b"prompt numbeR", 1)
+        client.put_object(
+            Bucket=url.bucket,
+            Key=key,
+            Body=zstandard.ZstdCompressor().compress(edited),
+            ChecksumAlgorithm="SHA256",
+        )
+        report = verify_s3(url, verify_opts(signer, full=True), client_options=options(s3))
+        assert not report.ok
+        lines = [f.to_line() for f in report.findings]
+        assert any("record edited" in line for line in lines), lines
+        assert not [line for line in lines if "tokentrail-s3-" in line], lines
+        edited_lines = [line for line in lines if "record edited" in line]
+        assert all(f"s3://{url.bucket}/" in line.split(": ", 1)[1] for line in edited_lines)
+
     def test_shortened_retention(self, s3: MotoS3, client: Any, shipped: Any, signer: Signer):
         """A retention shortened (governance bypass) below the configured days is a finding."""
         url, segments = shipped

@@ -94,6 +94,10 @@ class VerifyOptions:
     seal_grace_s: float = 300.0
     state_dir: Path | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The store's name in the witness state (default: the ledger's path). ``verify --s3``
+    #: reads a temporary mirror and gives its ``s3://`` URL here, so that the next run finds
+    #: what this one verified (a log deleted since is a finding).
+    store: str | None = None
 
 
 @dataclass
@@ -581,7 +585,12 @@ class _LogVerifier:
                     continue
                 stamp = self.options.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                 self.new_state = WitnessState(
-                    cp.origin, tree.copy(), cp.root, prev_hex, stamp, str(self.root)
+                    cp.origin,
+                    tree.copy(),
+                    cp.root,
+                    prev_hex,
+                    stamp,
+                    self.options.store or str(self.root),
                 )
         if expected == start and below < start and self.listing.segments:
             # Nothing at or after the remembered size, and the records below it stop short: the
@@ -755,7 +764,7 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
     reports = []
     if options.state_dir is not None:
         key_names = {v.name for v in options.verifiers}
-        for state in remembered_states(options.state_dir, str(root)):
+        for state in remembered_states(options.state_dir, options.store or str(root)):
             name, _, log_id = state.origin.partition("/")
             if name in key_names and log_id not in log_ids:
                 report = LogReport(log_id)

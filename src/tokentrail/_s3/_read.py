@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -564,7 +565,11 @@ def mirror_s3(
 
 def _relocate(finding: Finding, result: MirrorResult, tmp: Path, url: S3Url) -> Finding:
     """Name the S3 object instead of the temporary file: the mirrored object itself, else
-    (per-record) the record's object, else the key under the same relative path."""
+    (per-record) the record's object, else the key under the same relative path; in the
+    message too (a finding about an edit names the record after it, and its file)."""
+    if str(tmp) in finding.message:
+        message = _message_uris(finding.message, result, tmp, url)
+        finding = dataclasses.replace(finding, message=message)
     location = finding.location
     if location is not None and location in result.locations:
         return dataclasses.replace(finding, location=result.locations[location])
@@ -578,6 +583,18 @@ def _relocate(finding: Finding, result: MirrorResult, tmp: Path, url: S3Url) -> 
         rel = Path(location).relative_to(tmp)
         return dataclasses.replace(finding, location=url.uri(url.key(*rel.parts)))
     return finding
+
+
+def _message_uris(message: str, result: MirrorResult, tmp: Path, url: S3Url) -> str:
+    """``message`` with each path into the temporary mirror replaced by its ``s3://`` URI."""
+
+    def uri(match: re.Match[str]) -> str:
+        path = match.group(0)
+        if path in result.locations:
+            return result.locations[path]
+        return url.uri(url.key(*Path(path).relative_to(tmp).parts))
+
+    return re.sub(re.escape(str(tmp)) + r"/[^\s,;)]+", uri, message)
 
 
 def verify_s3(
@@ -606,7 +623,7 @@ def verify_s3(
         )
         has_logs = (tmp / "logs").is_dir() and bool(list_logs(tmp))
         if has_logs:
-            local = verify_local(tmp, options)
+            local = verify_local(tmp, dataclasses.replace(options, store=str(url)))
             logs = [
                 dataclasses.replace(
                     lg, findings=[_relocate(f, result, tmp, url) for f in lg.findings]
