@@ -883,6 +883,28 @@ class TestDurability:
 class TestConfig:
     """Options, environment and the TOML file."""
 
+    @pytest.mark.parametrize("which", ["--listen", "--metrics-listen"])
+    def test_address_in_use_or_malformed(self, tmp_path: Path, which: str) -> None:
+        """A port another process holds, or a malformed address: one error line naming the
+        option, exit 2, no traceback, no unclosed session, and no log left in the ledger."""
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = f"127.0.0.1:{held.getsockname()[1]}"
+            for value in (taken, "nonsense"):
+                extra = ["--listen", value] if which == "--listen" else [
+                    "--listen", "127.0.0.1:0", "--metrics-listen", value
+                ]  # fmt: skip
+                out = subprocess.run(
+                    [sys.executable, "-m", "tokentrail", "serve", "--ledger",
+                     str(tmp_path / "ledger"), "--key", str(tmp_path / "k"), *extra],
+                    env=_env(), capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                assert out.returncode == 2, out.stderr
+                assert out.stderr.startswith(f"tokentrail: error: {which}"), out.stderr
+                assert "Traceback" not in out.stderr and "Unclosed" not in out.stderr
+                assert not (tmp_path / "ledger" / "logs").exists()
+
     @pytest.mark.parametrize("upstream", ["http://h:8000/v1", "http://h:8000/v1/", "http://h/api"])
     def test_upstream_is_the_root(self, upstream: str) -> None:
         """An OpenAI base URL given as --upstream is refused: every call would go to /v1/v1."""

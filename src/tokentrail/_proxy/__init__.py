@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from aiohttp import web
 
 from .._checkpoint import Signer
 from .._erasure import FileKeyStore, Sealer
-from .._errors import TokentrailError
+from .._errors import ConfigError, TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
 from .._options import S3_ENDPOINT_ENV, retention_options
@@ -71,7 +72,26 @@ class Proxy:
         self.metrics_url = ""
 
     async def start(self) -> str:
-        """Open everything and start listening; returns the base URL (``http://host:port``)."""
+        """Open everything and start listening; returns the base URL (``http://host:port``).
+
+        On failure (a port in use, say) what was opened is closed again and the error raised.
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
+
+    async def _start(self) -> str:
+        metrics_at = (
+            parse_listen(self.config.metrics_listen, "--metrics-listen")
+            if self.config.metrics_listen
+            else None
+        )
+        _check_free(self.config.host, self.config.port, "--listen")
+        if metrics_at is not None:
+            _check_free(*metrics_at, "--metrics-listen")
         if self.ledger is None:
             self.signer, self.key_created = load_or_create_key(self.config.key_path)
             self.ledger = await AsyncLedger.open(
@@ -114,14 +134,15 @@ class Proxy:
         )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
+        await _listen(site, "--listen")
         host, port = self.runner.addresses[0][:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        if self.config.metrics_listen:
-            mhost, mport = parse_listen(self.config.metrics_listen)
+        if metrics_at is not None:
+            mhost, mport = metrics_at
             self.metrics_runner = web.AppRunner(self.metrics.app(), access_log=None)
             await self.metrics_runner.setup()
-            await web.TCPSite(self.metrics_runner, mhost, mport, reuse_address=True).start()
+            metrics_site = web.TCPSite(self.metrics_runner, mhost, mport, reuse_address=True)
+            await _listen(metrics_site, "--metrics-listen")
             h, p = self.metrics_runner.addresses[0][:2]
             self.metrics_url = f"http://{'[' + h + ']' if ':' in h else h}:{p}/metrics"
         return self.url
@@ -168,6 +189,33 @@ class Proxy:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _check_free(host: str, port: int, option: str) -> None:
+    """Refuse an address taken by another process before the ledger is opened (so that a
+    mistake leaves no log behind); the bind itself is checked again by :func:`_listen`."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot resolve {host!r}: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"{option}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+
+
+async def _listen(site: web.TCPSite, option: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot listen on {site.name}: {exc.strerror or exc}") from exc
 
 
 @contextlib.asynccontextmanager

@@ -51,11 +51,11 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → (host, port)."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen must be HOST:PORT, not {value!r}")
+        raise ConfigError(f"{option} must be HOST:PORT, not {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
