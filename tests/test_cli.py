@@ -587,3 +587,20 @@ def test_every_s3_command_reads_one_endpoint_variable(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     result = CliRunner().invoke(main, command)
     assert "127.0.0.1:9" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["cost", "--rps", "nan"],
+        ["cost", "--rps", "inf"],
+        ["verify", "--ledger", ".", "--public-key", "x", "--seal-grace", "nan"],
+        ["sim", "--ttft-ms", "nan"],
+        ["serve", "--upstream-timeout", "inf"],
+    ],
+    ids=" ".join,
+)
+def test_numbers_must_be_finite(args: list[str]) -> None:
+    """``nan`` and ``inf`` pass click's range bounds; every numeric option refuses them."""
+    line = assert_one_error_line(run(*args))
+    assert "is not a finite number" in line

@@ -33,6 +33,7 @@ from ._options import (
     LEDGER_OPTION,
     PUBLIC_KEY_OPTION,
     S3_ENDPOINT_ENV,
+    FiniteFloatRange,
     fail,
     parse_moment,
     resolve_verifiers,
@@ -154,7 +155,7 @@ def keygen(name: str | None, out: Path | None) -> None:
 @click.option("--require-sealed", is_flag=True, help="Treat any unsealed record as a finding.")
 @click.option(
     "--seal-grace",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=300.0,
     show_default=True,
     help="Seconds an unsealed record may be young before it is a finding.",

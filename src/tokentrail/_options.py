@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,19 @@ from ._s3._bucket import DEFAULT_DAYS, DEFAULT_MODE, LOCK_MODES
 
 EXIT_INVALID = 1
 EXIT_CANNOT_RUN = 2
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf`` (which pass its bounds)."""
+
+    name = "float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
 
 LEDGER_OPTION = click.option(
     "--ledger",

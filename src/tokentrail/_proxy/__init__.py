@@ -30,7 +30,7 @@ from .._erasure import FileKeyStore, Sealer
 from .._errors import ConfigError, TokentrailError
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
-from .._options import S3_ENDPOINT_ENV, retention_options
+from .._options import S3_ENDPOINT_ENV, FiniteFloatRange, retention_options
 from .._s3._bucket import DEFAULT_DAYS
 from .._verify import LAST_RUN_FILE, default_state_dir
 from ._config import (
@@ -366,7 +366,7 @@ Examples:
 )
 @click.option(
     "--upstream-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=DEFAULT_UPSTREAM_TIMEOUT,
     show_default=True,
     envvar="TOKENTRAIL_UPSTREAM_TIMEOUT",
@@ -456,7 +456,7 @@ Examples:
 @click.option(
     "--s3-rotate-seconds",
     "s3_rotate_s",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=60.0,
     show_default=True,
     envvar="TOKENTRAIL_S3_ROTATE_SECONDS",
@@ -465,7 +465,7 @@ Examples:
 @click.option(
     "--s3-interval",
     "s3_interval_s",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=10.0,
     show_default=True,
     envvar="TOKENTRAIL_S3_INTERVAL",

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from .._errors import ConfigError, StoreError
-from .._options import S3_ENDPOINT_ENV, retention_options
+from .._options import S3_ENDPOINT_ENV, FiniteFloatRange, retention_options
 from .._paths import DEFAULT_LEDGER
 from ._bucket import DEFAULT_DAYS, Retention, init_bucket, read_status
 from ._client import ClientOptions, S3Url, check_bucket_name, make_client
@@ -153,7 +153,7 @@ def check_command(
 @_retention_options
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=10.0,
     show_default=True,
     help="Seconds between passes.",
@@ -217,7 +217,7 @@ def ship_command(
 
 
 @click.command("cost")
-@click.option("--rps", type=click.FloatRange(min=0), required=True, help="Exchanges per second.")
+@click.option("--rps", type=FiniteFloatRange(min=0), required=True, help="Exchanges per second.")
 @click.option(
     "--tokens-per-exchange",
     type=click.IntRange(min=0),
@@ -234,7 +234,7 @@ def ship_command(
 )
 @click.option(
     "--segment-seconds",
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     default=60.0,
     show_default=True,
     help="How often each writer closes a segment.",

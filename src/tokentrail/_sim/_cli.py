@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from tokentrail._errors import ConfigError
+from tokentrail._options import FiniteFloatRange
 from tokentrail._sim._config import DEFAULT_MODELS, MODES, SimConfig
 from tokentrail._sim._server import running_sim
 
@@ -47,10 +48,18 @@ Examples:
     help="Address to listen on.",
 )
 @click.option(
-    "--ttft-ms", type=float, default=0.0, show_default=True, help="Delay before the first token."
+    "--ttft-ms",
+    type=FiniteFloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Delay before the first token.",
 )
 @click.option(
-    "--token-ms", type=float, default=0.0, show_default=True, help="Delay per further token."
+    "--token-ms",
+    type=FiniteFloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Delay per further token.",
 )
 @click.option(
     "--model",
