@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import ollama
 import openai
@@ -882,6 +883,13 @@ class TestDurability:
 
 class TestConfig:
     """Options, environment and the TOML file."""
+
+    def test_unknown_setting_in_the_config_file(self, tmp_path: Path) -> None:
+        """A typo in the TOML file is refused, not ignored (the proxy would run on defaults)."""
+        cfg = tmp_path / "tt.toml"
+        cfg.write_text('upstrem = "http://10.0.0.1:1"\n')
+        with pytest.raises(click.BadParameter, match=r"unknown setting.*upstrem"):
+            serve_command.make_context("serve", ["--config", str(cfg)])
 
     @pytest.mark.parametrize("which", ["--listen", "--metrics-listen"])
     def test_address_in_use_or_malformed(self, tmp_path: Path, which: str) -> None:

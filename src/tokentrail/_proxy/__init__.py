@@ -289,6 +289,11 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
         data["api_keys"] = table  # a path
     elif table is not None:
         ctx.meta["tokentrail.api_key_table"] = table
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    unknown = sorted(set(data) - known)
+    if unknown:  # a typo ("upstrem") must not leave the proxy on its defaults, silently
+        names = ", ".join(name.replace("_", "-") for name in unknown)
+        raise click.BadParameter(f"{value}: unknown setting(s) {names}")
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
