@@ -406,6 +406,14 @@ class TestProve:
         assert 0 == result.exit_code, result.output
         return out
 
+    def test_unwritable_out(self, ledger: list[Record], ledger_root: Path, tmp_path: Path) -> None:
+        """--out in a folder that does not exist: one error line, not a traceback."""
+        out = tmp_path / "no" / "such" / "proof.json"
+        line = assert_one_error_line(
+            run("prove", "--ledger", ledger_root, ledger[13].event_id, "--out", out)
+        )
+        assert f"cannot write {out}" in line
+
     def test_round_trip(
         self, bundle: Path, ledger: list[Record], signer: Signer, tmp_path: Path
     ) -> None:

@@ -318,7 +318,10 @@ def prove(
     if out is None:
         click.echo(data.decode(), nl=False)
     else:
-        out.write_bytes(data)
+        try:
+            out.write_bytes(data)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from exc
         click.echo(f"wrote inclusion proof of {event_id} to {out}", err=True)
 
 
