@@ -397,6 +397,18 @@ class TestShowAndSession:
                      "--no-color")  # fmt: skip
         assert re.search(r"^\s*0\s+'[^']+'\s+piece\s+-?\d+\.\d{4}\s*$", listed.output, re.M)
 
+    def test_show_with_a_key_that_signed_nothing(
+        self, chat: tuple[Path, str, list[str]], tmp_path: Path
+    ) -> None:
+        """A verifier key that signed none of the checkpoints: NOT PROVEN, and exit 1 (as for a
+        record that fails its checks), not 0."""
+        ledger, _, _ = chat
+        event = records_of(ledger)[0]["event_id"]
+        other = Signer.generate("someone-else").verifier.to_text()
+        result = run("show", "--ledger", ledger, "--public-key", other, event, "--no-color")
+        assert "inclusion      NOT PROVEN" in result.output
+        assert result.exit_code == 1, result.output
+
     def test_show_without_key_says_not_checked(self, chat: tuple[Path, str, list[str]]) -> None:
         """With no verifier key at hand, show says inclusion was not checked."""
         ledger, _, _ = chat

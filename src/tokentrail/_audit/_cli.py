@@ -286,7 +286,7 @@ def show_command(
     checked = _opened(checked, keystore)
     print_all(console, render_show(checked, inclusion, color=console.is_terminal and
                                    not console.no_color, ids=ids))  # fmt: skip
-    if not checked.ok:
+    if not checked.ok or inclusion.failed:  # a key was given and the proof fails: exit 1
         sys.exit(EXIT_INVALID)
 
 

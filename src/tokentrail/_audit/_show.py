@@ -40,6 +40,8 @@ class Inclusion:
     proven: bool
     message: str
     tree_size: int | None = None
+    #: A key was given and the proof fails (not merely unchecked or not sealed yet).
+    failed: bool = False
 
 
 def prove_included(
@@ -58,7 +60,9 @@ def prove_included(
     try:
         head = latest_checkpoint(root, log_id, verifiers)
     except TokentrailError as exc:
-        return Inclusion(False, f"NOT PROVEN: the newest checkpoint of {log_id} fails: {exc}")
+        return Inclusion(
+            False, f"NOT PROVEN: the newest checkpoint of {log_id} fails: {exc}", failed=True
+        )
     if head is None or head.checkpoint.size <= seq:
         size = 0 if head is None else head.checkpoint.size
         return Inclusion(
@@ -89,6 +93,7 @@ def prove_included(
         False,
         f"NOT PROVEN: no inclusion proof leads to the signed root of size {size}"
         " (run tokentrail verify)",
+        failed=True,
     )
 
 
