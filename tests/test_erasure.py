@@ -163,7 +163,7 @@ def test_show_opens_sealed_content_and_states_erasure(tmp_path: Path) -> None:
             for user in ("alice", "bob")
         }  # fmt: skip
     forget(FileKeyStore(keystore), "alice", ledger)
-    runner = CliRunner()
+    runner = CliRunner(env={"TOKENTRAIL_HOME": str(tmp_path / "home")})  # no default key here
     common = ["--ledger", str(ledger), "--keystore", str(keystore), "--no-color"]
     bob = runner.invoke(main, ["show", ids["bob"], *common])
     alice = runner.invoke(main, ["show", ids["alice"], *common])
