@@ -557,15 +557,17 @@ class ProxyApp:
                 self.metrics.refused.inc()
                 self._release(ex)
                 return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
+        watch = _ClientWatch(request)
         try:
             query = request.raw_path.partition("?")[2]  # as sent, not decoded and re-encoded
             target = path + ("?" + query if query else "")
-            return await self._exchange(request, ex, send, headers, strip, target)
+            return await self._exchange(request, ex, send, headers, strip, target, watch)
         except asyncio.CancelledError:
             if not ex.recorded:
                 await asyncio.shield(self._record(ex, "interrupted"))
             raise
         finally:
+            watch.stop()
             if digest_task is not None and not digest_task.done():
                 digest_task.cancel()
 
@@ -577,24 +579,9 @@ class ProxyApp:
         headers: CIMultiDict[str],
         strip: Strip,
         target: str,
-    ) -> web.StreamResponse:
-        url = URL(self.config.upstream + target, encoded=True)
-        watch = _ClientWatch(request)
-        try:
-            return await self._exchange_watched(request, ex, send, headers, strip, url, watch)
-        finally:
-            watch.stop()
-
-    async def _exchange_watched(
-        self,
-        request: web.Request,
-        ex: _Exchange,
-        send: bytes,
-        headers: CIMultiDict[str],
-        strip: Strip,
-        url: URL,
         watch: _ClientWatch,
     ) -> web.StreamResponse:
+        url = URL(self.config.upstream + target, encoded=True)
         try:
             upstream = await watch.waiting(
                 self.session.post(url, data=send, headers=headers, timeout=self.timeout)
