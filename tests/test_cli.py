@@ -461,6 +461,39 @@ class TestProve:
             line = assert_one_error_line(run("prove", "--ledger", ledger_root, record.event_id))
         assert "not covered by a checkpoint" in line
 
+    @pytest.mark.parametrize("which", ["proven", "other"])
+    def test_tampered_ledger(
+        self, which: str, ledger: list[Record], ledger_root: Path, tmp_path: Path
+    ) -> None:
+        """A ledger edited after sealing gives no bundle: exit 1 and one line saying why,
+        whether the edit is to the record being proven or to another under the checkpoint."""
+        target = ledger[13 if which == "proven" else 5]
+        (path,) = [
+            p
+            for p in (ledger_root / "logs" / LOG_ID / "segments").glob("*/*.jsonl")
+            if target.leaf in p.read_bytes()
+        ]
+        edited = target.leaf.replace(b"prompt number", b"prompt NUMBER")
+        path.write_bytes(path.read_bytes().replace(target.leaf, edited))
+        out = tmp_path / "proof.json"
+        result = run("prove", "--ledger", ledger_root, ledger[13].event_id, "--out", out)
+        assert (1, "") == (result.exit_code, result.stdout), result.output
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"tokentrail: error: cannot prove {ledger[13].event_id}: ")
+        assert ("fails its own hashes" if which == "proven" else "changed after sealing") in line
+        assert not out.exists()
+
+    def test_tree_size_not_a_checkpoint(self, ledger: list[Record], ledger_root: Path) -> None:
+        """--tree-size naming no checkpoint says so (and which sizes there are), not "yet"."""
+        line = assert_one_error_line(
+            run("prove", "--ledger", ledger_root, ledger[3].event_id, "--tree-size", 15)
+        )
+        assert "has no checkpoint of size 15 (newest sizes: 10, 20, 30)" in line
+        line = assert_one_error_line(
+            run("prove", "--ledger", ledger_root, ledger[13].event_id, "--tree-size", 10)
+        )
+        assert "is not covered by the checkpoint of size 10" in line
+
     @pytest.mark.parametrize(
         "edit",
         [

@@ -307,13 +307,16 @@ def prove(
       tokentrail prove 0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e --out proof.json
       tokentrail verify-proof proof.json --public-key verifier.pub
     """
-    if s3_url:
-        from ._s3 import prove_s3
+    try:
+        if s3_url:
+            from ._s3 import prove_s3
 
-        client = _client_options(endpoint_url, region)
-        bundle = prove_s3(s3_url, event_id, tree_size, client_options=client)
-    else:
-        bundle = build_bundle(ledger, event_id, tree_size)
+            client = _client_options(endpoint_url, region)
+            bundle = prove_s3(s3_url, event_id, tree_size, client_options=client)
+        else:
+            bundle = build_bundle(ledger, event_id, tree_size)
+    except VerificationError as exc:
+        fail(f"cannot prove {event_id}: {exc}", EXIT_INVALID)
     data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out is None:
         click.echo(data.decode(), nl=False)

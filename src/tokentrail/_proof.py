@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ._checkpoint import Checkpoint, Verifier, open_note
+from ._checkpoint import Checkpoint, Verifier, open_note, split_note
 from ._errors import StoreError, VerificationError
 from ._layout import iter_lines, list_log, list_logs
 from ._merkle import MerkleLevels, leaf_hash, verify_inclusion
@@ -48,16 +48,30 @@ def find_record(root: Path, event_id: str) -> Located:
 
 
 def build_bundle(root: Path, event_id: str, tree_size: int | None = None) -> dict[str, Any]:
-    """An inclusion proof bundle for ``event_id`` against the newest (or given) checkpoint."""
+    """An inclusion proof bundle for ``event_id`` against the newest (or given) checkpoint.
+
+    The bundle is only built if it would check: the record passes its own hashes, it is stored
+    at its seq, and the log's leaves up to the checkpoint give the checkpoint's root. Otherwise
+    :class:`VerificationError` says what is wrong (the signature is left to the auditor, who
+    holds the key).
+    """
     found = find_record(root, event_id)
     listing = list_log(root, found.log_id)
+    where = f"record {event_id} (log {found.log_id}, seq {found.seq})"
+    if tree_size is not None and tree_size not in listing.checkpoints:
+        newest = ", ".join(str(s) for s in sorted(listing.checkpoints)[-5:]) or "none"
+        raise StoreError(
+            f"log {found.log_id} has no checkpoint of size {tree_size} (newest sizes: {newest})"
+        )
     sizes = sorted(s for s in listing.checkpoints if s > found.seq)
     if tree_size is not None:
-        sizes = [s for s in sizes if s == tree_size]
+        if tree_size not in sizes:
+            raise StoreError(f"{where} is not covered by the checkpoint of size {tree_size}")
+        sizes = [tree_size]
     if not sizes:
         raise StoreError(
-            f"record {event_id} (log {found.log_id}, seq {found.seq}) is not covered by a"
-            " checkpoint yet; wait for the writer to seal (at most a minute) and try again"
+            f"{where} is not covered by a checkpoint yet; wait for the writer to seal (at most"
+            " a minute) and try again"
         )
     size = sizes[-1]
     note = listing.checkpoints[size].read_bytes()
@@ -69,14 +83,25 @@ def build_bundle(root: Path, event_id: str, tree_size: int | None = None) -> dic
             hashes.append(leaf_hash(line))
     if len(hashes) < size:
         raise StoreError(f"log {found.log_id} has fewer records than its checkpoint of {size}")
-    proof = MerkleLevels(hashes).proof(found.seq)
+    problems = check_record(orjson.loads(found.leaf), found.log_id)
+    if problems:
+        raise VerificationError(f"{where} fails its own hashes: {'; '.join(problems)}")
+    if hashes[found.seq] != leaf_hash(found.leaf):
+        raise VerificationError(f"{where} is not stored at position {found.seq} of its log")
+    levels = MerkleLevels(hashes)
+    checkpoint = Checkpoint.from_text(split_note(note)[0])
+    if levels.root() != checkpoint.root:
+        raise VerificationError(
+            f"log {found.log_id} does not give the root of its checkpoint of size {size}: a"
+            f" record was changed after sealing (run tokentrail verify to find it)"
+        )
     return {
         "format": BUNDLE_FORMAT,
         "log_id": found.log_id,
         "index": found.seq,
         "tree_size": size,
         "record": found.leaf.decode("utf-8"),
-        "proof": [base64.b64encode(p).decode() for p in proof],
+        "proof": [base64.b64encode(p).decode() for p in levels.proof(found.seq)],
         "checkpoint": note.decode("utf-8"),
     }
 
