@@ -639,6 +639,17 @@ class TestExport:
         assert [r["event_id"] for r in recs[3:9]] == got
         assert _verify(out, "--public-key", small.pub).exit_code == 0
 
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv", "html"])
+    def test_subject_with_no_records(self, small: Ledgers, tmp_path: Path, fmt: str) -> None:
+        """A subject the ledger holds nothing of still gets a package, and it verifies: an
+        answer of "no records" is an answer a DSAR needs, signed like any other."""
+        out = tmp_path / f"nobody-{fmt}"
+        result = _export(small, out, "--user", "nobody", "--format", fmt)
+        assert result.output.startswith("exported 0 records of user nobody")
+        result = _verify(out, "--public-key", small.pub)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"verify-export OK: {out}: 0 records of user nobody")
+
     def test_unsealed_records_refused(self, tmp_path: Path) -> None:
         """A subject record not yet under a checkpoint is refused with advice, exit 2."""
         signer, _key, pub = _keys(tmp_path)

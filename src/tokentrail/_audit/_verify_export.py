@@ -282,8 +282,10 @@ def _read_items(fmt: str, data: bytes) -> tuple[list[Item], list[str]]:
         return html_items, html_problems
     items: list[Item] = []
     problems: list[str] = []
-    for n, line in enumerate(data.split(b"\n")[:-1] if data.endswith(b"\n") else
-                             data.split(b"\n"), 1):  # fmt: skip
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the newline ending the last line, or an export of no records
+        lines.pop()
+    for n, line in enumerate(lines, 1):
         try:
             items.append(item_from_json(orjson.loads(line)))
         except (orjson.JSONDecodeError, ValueError) as exc:
