@@ -257,6 +257,9 @@ def count(
 ) -> None:
     """Count the records appended on one UTC day (the seed's verification step).
 
+    A quick count that reads no record: the stored lines of that day's segments (with --s3,
+    the key names alone). It does not check what it counts; verify does that.
+
     \b
     Example:
       tokentrail count --date today --min 1
