@@ -257,6 +257,23 @@ class TestSearch:
         got = [orjson.loads(line)["event_id"] for line in result.output.splitlines()]
         assert [r["event_id"] for r in recs[100:200]] == got
 
+    @pytest.mark.parametrize("command", ["search", "export"])
+    @pytest.mark.parametrize("until", ["2026-01-01", "2026-03-01T00:00:00Z"])
+    def test_empty_range_refused(
+        self, small: Ledgers, tmp_path: Path, command: str, until: str
+    ) -> None:
+        """--since not before --until selects nothing by construction: refused, exit 2, one
+        line, rather than an empty answer that reads like "no records"."""
+        extra = ["--user", "user-3", "--out", str(tmp_path / "x")] if command == "export" else []
+        result = run(command, "--ledger", small.root, "--since", "2026-03-01", "--until", until,
+                     *extra)  # fmt: skip
+        assert (2, "") == (result.exit_code, result.stdout), result.output
+        assert result.stderr == (
+            f"tokentrail: error: --since 2026-03-01 is not before --until {until}: the range is"
+            " empty\n"
+        )
+        assert not (tmp_path / "x").exists()
+
     def test_table_and_limit(self, small: Ledgers) -> None:
         """The table shows the hits and says when more matched."""
         result = run("search", "--ledger", small.root, "--user", "user-3", "--limit", "5")

@@ -129,3 +129,12 @@ def parse_moment(value: str, option: str) -> datetime:
             f"{option} {value!r} is not a date (YYYY-MM-DD) or RFC 3339 time"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """``--since``/``--until`` as aware UTC times, refusing a range that holds no moment."""
+    start = parse_moment(since, "--since") if since else None
+    end = parse_moment(until, "--until") if until else None
+    if start is not None and end is not None and start >= end:
+        raise ConfigError(f"--since {since} is not before --until {until}: the range is empty")
+    return start, end

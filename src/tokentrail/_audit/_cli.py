@@ -24,7 +24,7 @@ from .._options import (
     EXIT_INVALID,
     LEDGER_OPTION,
     PUBLIC_KEY_OPTION,
-    parse_moment,
+    parse_range,
     resolve_verifiers,
 )
 from .._paths import default_signing_key
@@ -173,12 +173,13 @@ def search_command(
       tokentrail search --user alice --since 2025-01-01
       tokentrail search --text "refund" --model llama3.2:1b --json
     """
+    start, end = parse_range(since, until)
     filters = Filters(
         user=user,
         session=session,
         model=model,
-        since=parse_moment(since, "--since") if since else None,
-        until=parse_moment(until, "--until") if until else None,
+        since=start,
+        until=end,
         stop_reason=stop_reason,
         text=text,
     )
@@ -387,14 +388,15 @@ def export_command(
                 " (pass --key to sign it)",
                 err=True,
             )
+    start, end = parse_range(since, until)
     package = build_export(
         ledger,
         user,
         fmt=fmt,
         verifiers=verifiers,
         signer=signer,
-        since=parse_moment(since, "--since") if since else None,
-        until=parse_moment(until, "--until") if until else None,
+        since=start,
+        until=end,
         keystore=FileKeyStore(keystore) if keystore is not None else None,
     )
     write_package(package, out)
