@@ -283,6 +283,20 @@ class TestSearch:
             result.output
         )
 
+    def test_no_update_on_an_empty_index_warns(self, small: Ledgers) -> None:
+        """--no-update on a ledger never indexed finds nothing, and says why on stderr."""
+        shutil.rmtree(small.root / "index", ignore_errors=True)
+        result = run("search", "--ledger", small.root, "--user", "user-0", "--no-update")
+        assert result.exit_code == 0
+        assert result.stdout.endswith("0 records, each re-checked against the ledger\n")
+        assert result.stderr == (
+            f"tokentrail: warning: the index of {small.root} is empty, so nothing is searched;"
+            " run tokentrail index, or search without --no-update\n"
+        )
+        run("index", "--ledger", small.root)
+        result = run("search", "--ledger", small.root, "--user", "user-0", "--no-update")
+        assert (0, "") == (result.exit_code, result.stderr)
+
     def test_edited_leaf_is_reported(self, small: Ledgers) -> None:
         """A record edited after indexing is reported as MISMATCH, not shown, exit 1."""
         run("index", "--ledger", small.root)

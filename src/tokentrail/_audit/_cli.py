@@ -58,6 +58,12 @@ def _open_index(ledger: Path, *, update: bool = True) -> Index:
         stats = index.update()
         for warning in stats.warnings:
             click.echo(f"tokentrail: warning: {warning}", err=True)
+    elif index.count() == 0:
+        click.echo(
+            f"tokentrail: warning: the index of {ledger} is empty, so nothing is searched; run"
+            " tokentrail index, or search without --no-update",
+            err=True,
+        )
     return index
 
 
