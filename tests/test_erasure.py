@@ -93,6 +93,31 @@ class TestSealer:
             Sealer(keys)(self.exchange())
 
 
+def test_forget_ledger_named_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --ledger that is not there is refused before the key is touched (the index holding
+    the subject's text would stay); with --ledger left out, the key goes and a warning says no
+    index was dropped."""
+    from click.testing import CliRunner
+
+    from tokentrail._cli import main
+    from tokentrail._erasure import key_id, subject_of
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TOKENTRAIL_LEDGER", raising=False)
+    keys = FileKeyStore(tmp_path / "keys")
+    keys.key_for(subject_of("alice"))
+    args = ["forget", "--user", "alice", "--keystore", str(tmp_path / "keys"), "--yes"]
+    result = CliRunner().invoke(main, [*args, "--ledger", str(tmp_path / "typo")])
+    assert (2, "") == (result.exit_code, result.stdout)
+    assert result.stderr.startswith(f"tokentrail: error: --ledger {tmp_path / 'typo'} is not")
+    assert keys.lookup(key_id(subject_of("alice"))) is not None
+    result = CliRunner().invoke(main, args)
+    assert 0 == result.exit_code, result.output
+    assert result.stdout.startswith("erased: the content key of alice was destroyed at ")
+    assert result.stderr.startswith("tokentrail: warning: no ledger at tokentrail-ledger, so no")
+    assert keys.lookup(key_id(subject_of("alice"))) is None
+
+
 def test_forget_through_the_proxy(tmp_path: Path) -> None:
     """Erasing one user: nothing of her prompt anywhere, the ledger verifies, others intact."""
     keystore = tmp_path / "keys"

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 import orjson
+from click.core import ParameterSource
 
 from . import __version__
 from ._audit import (
@@ -408,10 +409,23 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
     from ._erasure import FileKeyStore
     from ._erasure import forget as do_forget
 
+    given = click.get_current_context().get_parameter_source("ledger")
+    if not ledger.is_dir() and given not in (None, ParameterSource.DEFAULT):
+        raise ConfigError(
+            f"--ledger {ledger} is not a directory; nothing was erased (name the ledger whose"
+            " search index is to be dropped with the key, or leave --ledger out)"
+        )
     if not yes:
         click.confirm(f"Destroy the content key of {user_id!r} for good?", abort=True)
     when = do_forget(FileKeyStore(keystore), user_id, ledger if ledger.is_dir() else None)
     click.echo(f"erased: the content key of {user_id} was destroyed at {when}")
+    if not ledger.is_dir():
+        click.echo(
+            f"tokentrail: warning: no ledger at {ledger}, so no search index was dropped; delete"
+            " the index/ folder of the ledger holding these records (it is rebuilt without"
+            " their text)",
+            err=True,
+        )
 
 
 main.add_command(sim_command, "sim")
