@@ -118,6 +118,26 @@ class TestKeygen:
         assert "already exists" in line
         assert before == (isolated_home / "signing.key").read_bytes()
 
+    def test_file_in_the_way(self, tmp_path: Path) -> None:
+        """--out under a path whose parent is a file: says a file is in the way, not that the
+        key already exists."""
+        (tmp_path / "plain").write_text("x")
+        line = assert_one_error_line(run("keygen", "--out", tmp_path / "plain" / "k.key"))
+        assert line.endswith(f"cannot write signing key {tmp_path / 'plain' / 'k.key'}: a file"
+                             " is in the way")  # fmt: skip
+
+    def test_verifier_key_given_as_signing_key(self, tmp_path: Path) -> None:
+        """A verifier key passed where the signing key goes is named as such, whatever its
+        mode (verifier.pub is rightly world-readable; "chmod 600" would be the wrong advice)."""
+        out = tmp_path / "keys" / "signing.key"
+        run("keygen", "--name", "k", "--out", out)
+        pub = out.parent / "verifier.pub"
+        pub.chmod(0o644)
+        result = run("export", "--ledger", tmp_path, "--public-key", pub, "--user", "u",
+                     "--key", pub, "--out", tmp_path / "pkg")  # fmt: skip
+        line = assert_one_error_line(result)
+        assert line.endswith(f"{pub} is not a tokentrail signing key (it holds a verifier key)")
+
     @pytest.mark.parametrize("name", ["has space", "a+b", "a/b"])
     def test_bad_name(self, name: str) -> None:
         """A key name signed notes cannot carry is one error line."""

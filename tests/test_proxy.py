@@ -891,6 +891,19 @@ class TestConfig:
         with pytest.raises(click.BadParameter, match=r"unknown setting.*upstrem"):
             serve_command.make_context("serve", ["--config", str(cfg)])
 
+    def test_api_keys_file_named_in_errors(self, tmp_path: Path) -> None:
+        """A broken or missing --api-keys file is named as the API keys file, not as the
+        config file (which the user may not have)."""
+        bad = tmp_path / "keys.toml"
+        bad.write_text('"k1" = \n')
+        for path, says in ((bad, f"cannot read API keys file {bad}: "),
+                           (tmp_path / "none.toml", f"API keys file {tmp_path / 'none.toml'} does"
+                            " not exist")):  # fmt: skip
+            ctx = serve_command.make_context("serve", ["--api-keys", str(path)])
+            with pytest.raises(ConfigError) as caught:
+                build_config(ctx.params, None)
+            assert str(caught.value).startswith(says)
+
     @pytest.mark.parametrize("which", ["--listen", "--metrics-listen"])
     def test_address_in_use_or_malformed(self, tmp_path: Path, which: str) -> None:
         """A port another process holds, or a malformed address: one error line naming the

@@ -203,6 +203,11 @@ class Signer:
         """Write the key to ``path`` with mode 0600, refusing to overwrite."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise KeyError_(f"cannot write signing key {path}: a file is in the way") from exc
+        except OSError as exc:
+            raise KeyError_(f"cannot write signing key {path}: {exc.strerror}") from exc
+        try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError as exc:
             raise KeyError_(f"{path} already exists; refusing to overwrite a signing key") from exc
@@ -240,12 +245,23 @@ class Signer:
             ) from exc
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyError_(f"cannot read signing key {path}: {exc}") from exc
+        if not text.strip().startswith("PRIVATE+KEY+"):
+            hint = " (it holds a verifier key)" if _looks_like_verifier(text) else ""
+            raise KeyError_(f"{path} is not a tokentrail signing key{hint}")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise KeyError_(
                 f"signing key {path} is readable by group or others (mode {stat.S_IMODE(mode):o});"
                 f" run: chmod 600 {path}"
             )
         return cls.from_text(text)
+
+
+def _looks_like_verifier(text: str) -> bool:
+    try:
+        Verifier.from_text(text)
+    except KeyError_:
+        return False
+    return True
 
 
 def split_note(note: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:

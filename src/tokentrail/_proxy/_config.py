@@ -87,20 +87,20 @@ def api_key_table(table: Mapping[str, Any], where: str) -> dict[str, str]:
     return out
 
 
-def load_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file, mapping failures to ConfigError."""
+def load_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """Read a TOML file (``what`` names it in errors), mapping failures to ConfigError."""
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
+        raise ConfigError(f"{what} {path} does not exist") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
 
 
 def load_api_keys(path: Path) -> dict[str, str]:
     """An ``--api-keys`` file: ``"<key>" = "<user_id>"`` pairs (top level or ``[api_keys]``)."""
-    data = load_toml(path)
+    data = load_toml(path, "API keys file")
     table = data.get("api_keys", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [api_keys] must be a table")
