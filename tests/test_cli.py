@@ -623,6 +623,29 @@ class TestSubprocess:
         assert 2 == days.returncode
         assert 1 == len(days.stderr.splitlines()) and "Traceback" not in days.stderr
 
+    def test_ctrl_c_while_loading(self) -> None:
+        """A Ctrl-C while the command is still importing (aiohttp, boto3: most of a second) is
+        one line and exit 130, as later, not a traceback. The interrupt is raised by an import
+        hook at the import of the command group, where a real Ctrl-C lands."""
+        code = (
+            "import runpy, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'tokentrail._cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "sys.argv = ['tokentrail', '--version']\n"
+            "runpy.run_module('tokentrail', run_name='__main__')\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert (130, "", "tokentrail: error: interrupted\n") == (
+            out.returncode,
+            out.stdout,
+            out.stderr,
+        )
+
 
 VERIFIER = Signer.generate("k").verifier.to_text()
 

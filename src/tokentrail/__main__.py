@@ -1,5 +1,5 @@
 """``python -m tokentrail``: the same as the ``tokentrail`` command."""
 
-from ._cli import main
+from ._main import run
 
-main()
+run()
