@@ -427,6 +427,10 @@ class TestShowAndSession:
         listed = run("show", "--ledger", ledger, "--public-key", verifier, event, "--ids",
                      "--no-color")  # fmt: skip
         assert re.search(r"^\s*0\s+'[^']+'\s+piece\s+-?\d+\.\d{4}\s*$", listed.output, re.M)
+        rec = records_of(ledger)[0]
+        assert rec["input_tokens"] is None  # an openai chat: no token data for the prompt
+        assert "tokens: (unknown: no token data recorded)" in listed.output
+        assert 1 == len(re.findall(r"^\s*#\s+token\s+kind", listed.output, re.M))
 
     def test_show_with_a_key_that_signed_nothing(
         self, chat: tuple[Path, str, list[str]], tmp_path: Path

@@ -213,11 +213,11 @@ def render_show(checked: Checked, inclusion: Inclusion, *, color: bool, ids: boo
         source = rec.get(f"{side}_token_source")
         out.append(Rule(f"{side}: {count} tokens, source {source}", style="dim"))
         out.append(Text.assemble(("text: ", "bold"), _text(rec.get(f"{side}_text"))))
-        if ids:
+        if ids and tokens:
             out.append(
                 token_table(tokens, rec.get("output_logprobs") if side == "output" else None)
             )
-        else:
+        else:  # with no tokens to list, --ids says so as the default view does
             out.append(Text.assemble(("tokens: ", "bold"), render_tokens(tokens, color=color)))
     return out
 
