@@ -108,7 +108,7 @@ def main() -> None:
     Quick start (no Ollama, no AWS needed):
       tokentrail demo
     The daily check, for cron (see deploy/):
-      0 6 * * * tokentrail verify --ledger /var/lib/tokentrail --days 1 \
+      0 6 * * * tokentrail verify --ledger /var/lib/tokentrail --days 1 \\
           >> /var/log/audit-validation.log 2>&1
     """
 
@@ -189,7 +189,8 @@ def verify(
     """Verify a ledger: hashes, chain, checkpoints, and consistency with the last run.
 
     Exit status 0 when valid, 1 on any integrity violation, 2 when it could not run.
-    Prints one summary line, then one line per finding or warning.
+    Prints one line per finding or warning, then one summary line, last (the verdict that
+    `tail -1` of a cron log reads).
 
     \b
     Examples:
