@@ -667,6 +667,42 @@ class TestIncremental:
         obj = json.loads(state.read_text())
         assert (f"test-key/{LOG_ID}", N) == (obj["origin"], obj["size"])
 
+    def test_two_stores_of_one_origin(
+        self, scene: Scene, write_records: Callable[..., Any]
+    ) -> None:
+        """The spool and a copy that lags it (the S3 mirror, shipped behind) share an origin
+        and one --state: each store is remembered apart, so the copy is no "rollback", while a
+        store of its own still is caught when it goes back."""
+        mirror = scene.tmp / "mirror"
+        shutil.copytree(scene.root, mirror)
+        write_records(20, start=N, max_segment_bytes=SEGMENT_BYTES)
+        spool = run_verify(scene.root, scene.signer, scene.state_dir)
+        behind = run_verify(mirror, scene.signer, scene.state_dir)
+        assert (True, True) == (spool.ok, behind.ok), describe(behind)
+        assert [N + 20, N] == [r.logs[0].verified_size for r in (spool, behind)]
+        assert 2 == len(list(scene.state_dir.glob("*.json")))
+        shutil.rmtree(scene.root)
+        shutil.copytree(mirror, scene.root)  # the spool put back to the mirror's older state
+        rolled = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert any("rollback" in f.message for f in rolled.findings), describe(rolled)
+
+    def test_state_of_an_older_version_is_taken_over(
+        self, scene: Scene, write_records: Callable[..., Any]
+    ) -> None:
+        """A witness state written under the per-origin name (before states were kept per
+        store) is used for its own store, and moved to the per-store name when next saved."""
+        run_verify(scene.root, scene.signer, scene.state_dir)
+        (state,) = scene.state_dir.glob("*.json")
+        origin = f"test-key/{LOG_ID}"
+        legacy = scene.state_dir / (hashlib.sha256(origin.encode()).hexdigest()[:32] + ".json")
+        state.rename(legacy)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert (True, 0) == (report.ok, report.logs[0].records_read), describe(report)
+        write_records(20, start=N, max_segment_bytes=SEGMENT_BYTES)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert (True, 20) == (report.ok, report.logs[0].records_read), describe(report)
+        assert [state] == list(scene.state_dir.glob("*.json"))
+
     @pytest.mark.parametrize("junk", [b"", b"{", b"[]", b'{"origin": 1}'])
     def test_corrupt_state_fails(self, junk: bytes, scene: Scene) -> None:
         """A witness state that cannot be read fails the run (never a silent first run)."""

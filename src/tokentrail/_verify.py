@@ -17,6 +17,7 @@ Memory stays flat: one line, the compact range and the findings at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -237,17 +238,33 @@ def default_state_dir() -> Path:
     return Path(base) / "tokentrail" / "witness"
 
 
-def _state_path(state_dir: Path, origin: str) -> Path:
-    return state_dir / (hashlib.sha256(origin.encode()).hexdigest()[:32] + ".json")
+def store_key(root: Path, options: VerifyOptions) -> str:
+    """The store a witness state belongs to: ``options.store`` (an ``s3://`` URL), else the
+    ledger's absolute path."""
+    return options.store or str(root.resolve())
 
 
-def load_state(state_dir: Path, origin: str) -> WitnessState | None:
-    """The witness state for ``origin``, or ``None`` on a first run."""
-    path = _state_path(state_dir, origin)
+def _state_path(state_dir: Path, origin: str, store: str | None) -> Path:
+    """Per store and origin: the local spool and its S3 copy (one origin, shipped behind) are
+    remembered apart. ``store=None``: the per-origin name of states written before that."""
+    name = origin if store is None else store + "\n" + origin
+    return state_dir / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".json")
+
+
+def load_state(state_dir: Path, origin: str, store: str) -> WitnessState | None:
+    """The witness state for ``origin`` in ``store``, or ``None`` on a first run."""
+    path = _state_path(state_dir, origin, store)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None
+        legacy = _state_path(state_dir, origin, None)
+        try:
+            data = legacy.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read witness state {legacy}: {exc.strerror}") from exc
+        path = legacy
     except OSError as exc:
         raise StoreError(f"cannot read witness state {path}: {exc.strerror}") from exc
     try:
@@ -258,7 +275,7 @@ def load_state(state_dir: Path, origin: str) -> WitnessState | None:
         raise StoreError(f"witness state {path}: {exc}; remove it to start over") from exc
     if state.origin != origin:
         raise StoreError(f"witness state {path} is for origin {state.origin!r}, not {origin!r}")
-    return state
+    return state if state.store == store else None  # a legacy state of another store
 
 
 def remembered_states(state_dir: Path, store: str) -> list[WitnessState]:
@@ -300,7 +317,7 @@ def save_last_run(state_dir: Path, report: Report, when: datetime) -> None:
 
 def save_state(state_dir: Path, state: WitnessState) -> None:
     """Write the witness state atomically."""
-    path = _state_path(state_dir, state.origin)
+    path = _state_path(state_dir, state.origin, state.store)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -308,6 +325,10 @@ def save_state(state_dir: Path, state: WitnessState) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise StoreError(f"cannot write witness state {path}: {exc.strerror}") from exc
+    legacy = _state_path(state_dir, state.origin, None)
+    with contextlib.suppress(OSError, orjson.JSONDecodeError, VerificationError):
+        if WitnessState.from_json(orjson.loads(legacy.read_bytes())).store == state.store:
+            legacy.unlink()  # moved to the per-store name
 
 
 # ---------------------------------------------------------------------- record checks
@@ -437,7 +458,10 @@ class _LogVerifier:
         # rollback may have deleted them all.
         origins = {cp.origin for cp in self.checkpoints.values()}
         origins |= {f"{v.name}/{self.log_id}" for v in self.options.verifiers}
-        states = [s for o in origins if (s := load_state(self.options.state_dir, o)) is not None]
+        store = store_key(self.root, self.options)
+        states = [
+            s for o in origins if (s := load_state(self.options.state_dir, o, store)) is not None
+        ]
         if not states:
             return
         state = max(states, key=lambda s: s.tree.size)
@@ -590,7 +614,7 @@ class _LogVerifier:
                     cp.root,
                     prev_hex,
                     stamp,
-                    self.options.store or str(self.root),
+                    store_key(self.root, self.options),
                 )
         if expected == start and below < start and self.listing.segments:
             # Nothing at or after the remembered size, and the records below it stop short: the
@@ -764,7 +788,7 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
     reports = []
     if options.state_dir is not None:
         key_names = {v.name for v in options.verifiers}
-        for state in remembered_states(options.state_dir, options.store or str(root)):
+        for state in remembered_states(options.state_dir, store_key(root, options)):
             name, _, log_id = state.origin.partition("/")
             if name in key_names and log_id not in log_ids:
                 report = LogReport(log_id)
@@ -800,7 +824,7 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
             reports.append(report)
         except TokentrailError:
             raise
-    outcome = Report(str(root), reports)
+    outcome = Report(options.store or str(root), reports)
     if options.state_dir is not None:
         save_last_run(options.state_dir, outcome, options.now)
     return outcome
