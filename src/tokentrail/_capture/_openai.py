@@ -88,6 +88,10 @@ class OpenAICapture(Capture):
             msg = err.get("message") if isinstance(err, Mapping) else err
             self.error = msg if isinstance(msg, str) else compact_json(err)
             return False
+        if chunk.get("object") == "error":  # vLLM's error body: message, type, code at the top
+            msg = chunk.get("message")
+            self.error = msg if isinstance(msg, str) and msg else compact_json(chunk)
+            return False
         if isinstance(chunk.get("id"), str):
             self.response_id = chunk["id"]
         if isinstance(chunk.get("model"), str):
@@ -103,8 +107,9 @@ class OpenAICapture(Capture):
             for raw in choices:
                 if isinstance(raw, Mapping):
                     produced = self._feed_choice(raw) or produced
-        if chunk.get("object") in ("chat.completion", "text_completion") or not self.stream:
-            self.finished = True
+        if chunk.get("object") == "chat.completion" or not self.stream:
+            self.finished = True  # a whole answer (a streamed completions chunk is also called
+            # "text_completion": it is finished by its finish_reason, as a chat chunk is)
         return produced
 
     def _feed_choice(self, raw: Mapping[str, Any]) -> bool:

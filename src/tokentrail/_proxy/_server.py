@@ -5,7 +5,9 @@ Audited paths (``POST /api/generate``, ``/api/chat``, ``/v1/chat/completions``,
 (method, path, query, headers except hop-by-hop ones, body and response streamed both ways).
 
 For an audited request the upstream's response bytes are relayed as they arrive; a copy of each
-complete NDJSON line (Ollama) or SSE ``data:`` line (OpenAI) is parsed and fed to the capture.
+complete NDJSON line (Ollama), or the data of each SSE event as a client reads it (OpenAI,
+:mod:`.._capture._sse`), is parsed and fed to the capture. An SSE event with data is relayed
+whole at its end.
 Under strict durability the final piece (Ollama's ``"done": true`` line, the SSE
 ``data: [DONE]`` event, an error event, or the whole body of a non-streamed response) is held
 until the record is on disk, then released; every other chunk goes out at once.
@@ -46,6 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
+from .._capture._sse import SSEEvents, cut_at_line_end
 from .._errors import StoreError
 from .._ledger import AsyncLedger
 from .._metrics import Metrics
@@ -584,8 +587,10 @@ class ProxyApp:
         url = URL(self.config.upstream + target, encoded=True)
         try:
             upstream = await watch.waiting(
-                self.session.post(url, data=send, headers=headers, timeout=self.timeout)
-            )
+                self.session.post(
+                    url, data=send, headers=headers, timeout=self.timeout, allow_redirects=False
+                )
+            )  # a redirect goes to the client as it is: following it would answer another request
         except _ClientGone:  # the upstream had not answered: it stops, and nothing is relayed
             await self._record(ex, "client_disconnect")
             return web.Response(status=499)  # for nobody: the client has gone
@@ -604,6 +609,10 @@ class ProxyApp:
         async with upstream:
             ex.status = upstream.status
             ctype = upstream.headers.get("Content-Type", "")
+            if ex.capture.stream and upstream.status < 300 and "json" not in ctype:
+                # A stream asked for and no JSON body said (no type, text/plain …): the clients
+                # read it as the stream of the path's format, and so does the record.
+                ctype = "text/event-stream" if ex.dialect == "openai" else "application/x-ndjson"
             if "ndjson" in ctype or "event-stream" in ctype:
                 watch.stop()  # from here on, a write to the client finds it gone
                 return await self._relay_stream(
@@ -637,9 +646,13 @@ class ProxyApp:
         except (ValueError, zlib.error):
             ex.capture.error = f"upstream sent a body that is not JSON (HTTP {upstream.status})"
         watch.stop()
-        if upstream.status >= 400 and ex.capture.error is None:
+        failed = upstream.status >= 300  # an error, or a redirect: no answer either way
+        if 300 <= upstream.status < 400:
+            where = upstream.headers.get("Location", "nowhere")
+            ex.capture.error = f"HTTP {upstream.status}: the upstream redirects to {where}"
+        elif failed and ex.capture.error is None:
             ex.capture.error = f"HTTP {upstream.status}"
-        stop = "upstream_error" if upstream.status >= 400 else None
+        stop = "upstream_error" if failed else None
         if request.transport is None or request.transport.is_closing():
             stop = "client_disconnect"
         out_body = strip_json(raw, strip) if strip else raw
@@ -675,7 +688,10 @@ class ProxyApp:
         )
         strict = self.config.durability == "strict"
         capture = ex.capture
+        events = SSEEvents() if sse else None
         pending = b""  # decoded bytes of an incomplete line
+        event: list[bytes] = []  # SSE: the lines of an event with data, kept until its end
+        event_bytes = 0
         held: list[bytes] = []  # the final piece, released after the record (strict)
         holding = False
         stop: str | None = None
@@ -685,7 +701,7 @@ class ProxyApp:
                 pending += inflate(data) if inflate is not None else data
                 if len(pending) > MAX_LINE_BYTES:
                     raise _LineTooLong
-                cut = pending.rfind(b"\n") + 1
+                cut = cut_at_line_end(pending) if sse else pending.rfind(b"\n") + 1
                 lines: list[bytes] = []
                 if cut:
                     lines = pending[:cut].splitlines(keepends=True)
@@ -694,7 +710,7 @@ class ProxyApp:
                     # Compressed bytes cannot be split at a line: relay or hold whole chunks.
                     for line in lines:
                         if not holding:
-                            holding = self._feed_line(ex, line, sse) and strict
+                            holding = self._feed_line(ex, line, events) and strict
                     if holding:
                         held.append(data)
                     else:
@@ -702,22 +718,36 @@ class ProxyApp:
                     continue
                 relay: list[bytes] = []
                 for line in lines:
-                    if not holding:
-                        holding = self._feed_line(ex, line, sse) and strict
-                    (held if holding else relay).append(
-                        strip_line(line, strip, sse=sse) if strip else line
-                    )
+                    out_line = strip_line(line, strip, sse=sse) if strip else line
+                    if holding:
+                        held.append(out_line)
+                        continue
+                    holding = self._feed_line(ex, line, events) and strict
+                    if events is None or not (event or events.open):
+                        (held if holding else relay).append(out_line)
+                        continue
+                    # An event with data goes out whole at its end, when a client acts on it:
+                    # so the final one is held whole, and a cut one never reaches the client.
+                    event.append(out_line)
+                    event_bytes += len(out_line)
+                    if events.open:
+                        if event_bytes > MAX_LINE_BYTES:
+                            raise _LineTooLong
+                        continue
+                    (held if holding else relay).extend(event)
+                    event, event_bytes = [], 0
                 if relay:
                     await _send(out, b"".join(relay))
-            if pending:  # a last line without its newline
+            if pending and inflate is None:  # a last line without its line end
                 if not holding:
-                    holding = self._feed_line(ex, pending, sse) and strict
-                if inflate is None:
-                    tail = strip_line(pending, strip, sse=sse) if strip else pending
-                    if holding:
-                        held.append(tail)
-                    else:
-                        await _send(out, tail)
+                    holding = self._feed_line(ex, pending, events) and strict
+                tail = strip_line(pending, strip, sse=sse) if strip else pending
+                if holding:
+                    held.append(tail)
+                elif events is None:
+                    await _send(out, tail)
+                else:
+                    event.append(tail)  # an SSE event never ended: what follows decides
         except _ClientGone:
             stop = "client_disconnect"
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -738,6 +768,8 @@ class ProxyApp:
             capture.error = "upstream closed the stream before its end"
             stop = "upstream_error"
             held.append(self._error_event(ex, capture.error, sse))
+        elif stop is None:  # an SSE event cut short after the end: relayed (a client drops it)
+            held[:0] = event
         if stop == "client_disconnect":
             upstream.close()
         try:
@@ -753,14 +785,17 @@ class ProxyApp:
             await out.write_eof()
         return out
 
-    def _feed_line(self, ex: _Exchange, line: bytes, sse: bool) -> bool:
-        """Feed one line's JSON to the capture; True when it is the stream's final piece."""
-        body = line.strip()
-        if sse:
-            if not body.startswith(b"data:"):
+    def _feed_line(self, ex: _Exchange, line: bytes, events: SSEEvents | None) -> bool:
+        """Feed one NDJSON line's JSON, or at an SSE event's end its data, to the capture;
+        True when it is the stream's final piece (done, ``[DONE]`` or an error)."""
+        if events is None:
+            body = line.strip()
+        else:
+            data = events.line(line)
+            if data is None:
                 return False
-            body = body[5:].strip()
-            if body == b"[DONE]":
+            body = data.strip()
+            if body.startswith(b"[DONE]"):  # as the openai clients test it
                 ex.capture.finished = True
                 return True
         if not body:
@@ -773,7 +808,7 @@ class ProxyApp:
             ex.first_token = time.perf_counter()
         if ex.capture.error is not None:
             return True
-        return (not sse) and ex.capture.finished
+        return events is None and ex.capture.finished
 
     def _ledger_refusal(self) -> str | None:
         """Why a new exchange cannot be audited now, or ``None`` (fail closed)."""

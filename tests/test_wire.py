@@ -1,0 +1,329 @@
+"""The proxy against upstreams that use the wire formats' legal variations.
+
+The project's simulator writes SSE and NDJSON one way; real servers use the rest of what the
+formats allow. Here a scripted upstream sends exact bytes (line ends, field spellings, event
+layouts, redirects, content types), and each case checks what a conforming client receives
+through the proxy against what it receives directly, and what the record says. The SSE parser
+itself is checked against the WHATWG "Parsing an event stream" rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+
+from test_proxy import ProxyProc, start_proxy
+from tokentrail._capture._sse import SSEEvents, cut_at_line_end
+
+# ---------------------------------------------------------------------- the SSE parser
+
+
+def events_of(stream: bytes, cuts: tuple[int, ...] = ()) -> list[bytes]:
+    """The event data a conforming client dispatches from ``stream``, read in pieces cut at
+    ``cuts``, the way the proxy reads it (complete lines at each read, the rest kept)."""
+    parser = SSEEvents()
+    out: list[bytes] = []
+    pending = b""
+    bounds = [0, *cuts, len(stream)]
+    for a, b in itertools.pairwise(bounds):
+        pending += stream[a:b]
+        cut = cut_at_line_end(pending)
+        for line in pending[:cut].splitlines(keepends=True):
+            data = parser.line(line)
+            if data:
+                out.append(data)
+        pending = pending[cut:]
+    if pending:
+        assert parser.line(pending) is None  # an unterminated line never ends an event
+    return out
+
+
+class TestSSEParser:
+    @pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+    def test_line_ends(self, end: bytes) -> None:
+        """LF, CRLF and CR all end a line (WHATWG: end-of-line = CRLF / LF / CR)."""
+        stream = b"data: a" + end + end + b"data: b" + end + end
+        assert [b"a", b"b"] == events_of(stream)
+
+    def test_crlf_cut_between_reads(self) -> None:
+        """A CRLF cut between two reads is one line end, not a line end and a blank line."""
+        stream = b"data: a\r\ndata: b\r\n\r\n"
+        for cut in range(1, len(stream)):
+            assert [b"a\nb"] == events_of(stream, (cut,)), cut
+
+    def test_multi_line_data(self) -> None:
+        """The data lines of one event are joined with LF; the event ends at the blank line."""
+        assert [b'{"a":\n1}'] == events_of(b'data: {"a":\ndata: 1}\n\n')
+
+    @pytest.mark.parametrize(
+        ("stream", "expected"),
+        [
+            (b"data:x\n\n", [b"x"]),  # no space after the colon
+            (b"data:  x\n\n", [b" x"]),  # only one space is dropped
+            (b" data: x\n\n", []),  # a field named " data": ignored
+            (b"DATA: x\n\n", []),  # names are case-sensitive
+            (b": comment\ndata: x\n: more\n\n", [b"x"]),
+            (b"event: e\nid: 1\nretry: 5\ndata: x\n\n", [b"x"]),
+            (b"\xef\xbb\xbfdata: x\n\n", [b"x"]),  # a leading BOM is not part of the name
+            (b"data: x\n", []),  # no blank line before the end: never dispatched
+            (b"data: x", []),
+            (b"data\n\n", []),  # a data field with no value: an empty event
+        ],
+    )
+    def test_fields(self, stream: bytes, expected: list[bytes]) -> None:
+        """Field names match exactly, comments and other fields are skipped."""
+        assert expected == events_of(stream)
+
+
+# ---------------------------------------------------------------------- a scripted upstream
+
+
+@dataclass
+class Script:
+    """What the upstream answers: status, headers and the body in pieces (sent with a pause)."""
+
+    body: list[bytes]
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    pause_s: float = 0.0
+
+
+SCRIPTS: dict[str, Script] = {}
+
+
+async def _answer(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    script = SCRIPTS.get(request.headers.get("X-Script", ""))
+    if script is None:  # the proxy's own look-ups (/api/tags for the model digest)
+        return web.json_response({"models": []})
+    out = web.StreamResponse(status=script.status, headers=script.headers)
+    await out.prepare(request)
+    for piece in script.body:
+        await out.write(piece)
+        if script.pause_s:
+            await asyncio.sleep(script.pause_s)
+    await out.write_eof()
+    return out
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    """The scripted upstream, in a thread: every path answers with ``SCRIPTS[X-Script]``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _answer)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: str) -> Iterator[ProxyProc]:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_proxy(Path(tmp), upstream)
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
+
+def chunk(content: str | None, finish: str | None = None) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "system_fingerprint": "fp1",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def sse_body(end: bytes = b"\n") -> bytes:
+    """A three-chunk chat stream saying "Hello", with ``[DONE]``, lines ended by ``end``."""
+    out = b""
+    for obj in (chunk("Hel"), chunk("lo"), chunk(None, "stop")):
+        out += b"data: " + orjson.dumps(obj) + end + end
+    return out + b"data: [DONE]" + end + end
+
+
+def multi_line_first_event() -> bytes:
+    """:func:`sse_body` with its first event's JSON written over two ``data:`` lines."""
+    first = orjson.dumps(chunk("Hel"))
+    cut = first.index(b',"model"') + 1
+    rest = sse_body().split(b"\n\n", 1)[1]
+    return b"data: " + first[:cut] + b"\ndata: " + first[cut:] + b"\n\n" + rest
+
+
+SSE = {"Content-Type": "text/event-stream"}
+
+
+def exchange(
+    base: str, proxy: ProxyProc | None, name: str, path: str, body: dict[str, Any]
+) -> tuple[int, bytes, dict[str, Any] | None]:
+    """Status and body a client gets from ``base``, and the record it left (through a proxy)."""
+    before = len(proxy.records()) if proxy is not None else 0
+    r = httpx.post(base + path, json=body, headers={"X-Script": name}, timeout=30)
+    record = None
+    if proxy is not None:
+        records = proxy.records()
+        assert before + 1 == len(records), "exactly one record per exchange"
+        record = records[-1]
+    return r.status_code, r.content, record
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+class TestOddButLegalStreams:
+    """Client bytes as direct, and the record holding what the client was shown."""
+
+    @pytest.mark.parametrize(
+        ("name", "body", "text", "stop"),
+        [
+            ("cr", sse_body(b"\r"), "Hello", "stop"),
+            ("crlf", sse_body(b"\r\n"), "Hello", "stop"),
+            ("multi-line-data", multi_line_first_event(), "Hello", "stop"),
+            (
+                "leading-space-field",
+                b" data: " + orjson.dumps(chunk("INJECTED")) + b"\n\n" + sse_body(),
+                "Hello",
+                "stop",
+            ),
+        ],
+    )
+    def test_sse_variants(
+        self,
+        upstream: str,
+        proxy: ProxyProc,
+        name: str,
+        body: bytes,
+        text: str,
+        stop: str,
+    ) -> None:
+        SCRIPTS[name] = Script([body[i : i + 7] for i in range(0, len(body), 7)], headers=SSE)
+        direct = exchange(upstream, None, name, "/v1/chat/completions", CHAT)
+        status, got, record = exchange(proxy.url, proxy, name, "/v1/chat/completions", CHAT)
+        assert (direct[0], direct[1]) == (status, got)
+        assert record is not None
+        assert (text, stop) == (record["output_text"], record["stop_reason"])
+        assert "m@fp1" == record["model_version"]
+
+    def test_cr_stream_is_relayed_as_it_comes(self, upstream: str, proxy: ProxyProc) -> None:
+        """CR-ended events reach the client one by one, not all at the end."""
+        pieces = sse_body(b"\r").split(b"\r\r")
+        SCRIPTS["cr-slow"] = Script([p + b"\r\r" for p in pieces if p], headers=SSE, pause_s=0.4)
+        with httpx.stream(
+            "POST",
+            proxy.url + "/v1/chat/completions",
+            json=CHAT,
+            headers={"X-Script": "cr-slow"},
+            timeout=30,
+        ) as r:
+            pieces = r.iter_raw()
+            first = next(pieces)
+            rest = b"".join(pieces)
+        assert first.startswith(b"data: {") and first.count(b"\r\r") == 1
+        assert (first + rest) == sse_body(b"\r")
+
+    def test_legacy_completions_cut_short(self, upstream: str, proxy: ProxyProc) -> None:
+        """A /v1/completions stream that ends before any finish_reason is an upstream error
+        with its reason, as a chat stream is (its chunks are all "text_completion")."""
+        obj = {"id": "c", "object": "text_completion", "model": "m",
+               "choices": [{"index": 0, "text": "Hel", "finish_reason": None}]}  # fmt: skip
+        SCRIPTS["comp-cut"] = Script([b"data: " + orjson.dumps(obj) + b"\n\n"], headers=SSE)
+        body = {"model": "m", "prompt": "hi", "stream": True}
+        _, got, record = exchange(proxy.url, proxy, "comp-cut", "/v1/completions", body)
+        assert record is not None
+        assert ("upstream_error", "upstream closed the stream before its end") == (
+            record["stop_reason"],
+            record["error_message"],
+        )
+        assert b"upstream closed the stream before its end" in got
+
+    @pytest.mark.parametrize("streamed", [False, True])
+    def test_vllm_error_body(self, upstream: str, proxy: ProxyProc, streamed: bool) -> None:
+        """vLLM's error shape (message at the top, "object": "error") is the record's error."""
+        err = {"object": "error", "message": "max_tokens too large", "type": "BadRequest",
+               "code": 400}  # fmt: skip
+        if streamed:
+            script = Script([b"data: " + orjson.dumps(err) + b"\n\n"], headers=SSE)
+        else:
+            script = Script([orjson.dumps(err)], status=400,
+                            headers={"Content-Type": "application/json"})  # fmt: skip
+        SCRIPTS[f"vllm-error-{streamed}"] = script
+        body = {**CHAT, "stream": streamed}
+        _, _, record = exchange(
+            proxy.url, proxy, f"vllm-error-{streamed}", "/v1/chat/completions", body
+        )
+        assert record is not None
+        assert ("upstream_error", "max_tokens too large") == (
+            record["stop_reason"],
+            record["error_message"],
+        )
+
+    @pytest.mark.parametrize("ctype", ["application/octet-stream", "text/plain"])
+    def test_stream_without_a_stream_type(
+        self, upstream: str, proxy: ProxyProc, ctype: str
+    ) -> None:
+        """A stream asked for and sent under a type that is neither a stream's nor JSON is
+        read as the clients read it (the stream of the path's format), not as one JSON body."""
+        lines = [
+            {"model": "m", "response": "Hel", "done": False},
+            {"model": "m", "response": "lo", "done": True, "done_reason": "stop"},
+        ]
+        name = f"ndjson-{ctype}"
+        SCRIPTS[name] = Script(
+            [orjson.dumps(x) + b"\n" for x in lines],
+            headers={"Content-Type": ctype},
+        )
+        body = {"model": "m", "prompt": "hi"}
+        direct = exchange(upstream, None, name, "/api/generate", body)
+        status, got, record = exchange(proxy.url, proxy, name, "/api/generate", body)
+        assert (direct[0], direct[1]) == (status, got)
+        assert record is not None
+        assert ("Hello", "stop") == (record["output_text"], record["stop_reason"])
+
+
+class TestRedirects:
+    @pytest.mark.parametrize("status", [301, 302, 307, 308])
+    @pytest.mark.parametrize("path", ["/api/generate", "/v1/chat/completions"])
+    def test_relayed_not_followed(
+        self, upstream: str, proxy: ProxyProc, status: int, path: str
+    ) -> None:
+        """A redirect reaches the client as it is (following it would pair this request with
+        another one's answer, and a 301/302 would turn the POST into a GET)."""
+        name = f"redirect-{status}"
+        SCRIPTS[name] = Script([b""], status=status, headers={"Location": "/elsewhere"})
+        body = {"model": "m", "prompt": "p", "stream": False}
+        direct = exchange(upstream, None, name, path, body)
+        got, content, record = exchange(proxy.url, proxy, name, path, body)
+        assert (status, b"") == direct[:2] == (got, content)
+        assert record is not None
+        assert (record["stop_reason"], record["error_message"]) == (
+            "upstream_error",
+            f"HTTP {status}: the upstream redirects to /elsewhere",
+        )
