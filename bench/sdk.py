@@ -8,7 +8,9 @@ difference, in microseconds. Under ``strict`` the difference includes waiting fo
 the record (group commit); under ``async`` the record is only queued, and built, encoded and
 hashed on the ledger's writer thread. "added CPU" is the process's CPU time per call (all its
 threads, the writer's included; median over blocks) wrapped minus bare: the work the wrapper
-does wherever it runs.
+does wherever it runs. Each wrapped block ends by waiting (untimed) until the writer has written
+its records, so none of that work spills into the bare block that follows and flatters the
+difference.
 
     .venv/bin/python bench/sdk.py                  # 300 calls per cell
     .venv/bin/python bench/sdk.py --calls 1000
@@ -110,9 +112,17 @@ def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[An
 
 
 def timed(
-    fn: Callable[[Any], Any], client: Any, n: int, cpu: list[float], pause: float = 0.0
+    fn: Callable[[Any], Any],
+    client: Any,
+    n: int,
+    cpu: list[float],
+    pause: float = 0.0,
+    drain: Callable[[], None] | None = None,
 ) -> list[float]:
     """``n`` calls' latencies (µs); appends the process's CPU time per call (µs) to ``cpu``.
+
+    ``drain``: run after the calls (untimed, but its CPU counted): the wrapped blocks wait for
+    the writer to finish their records, so that work is not left to slow the bare block after.
 
     ``pause``: an untimed random pause (0 to ``pause`` s) before each call, so calls reach a
     simulator that paces its answers at random phases of its event loop's millisecond timer
@@ -127,6 +137,8 @@ def timed(
         t0 = time.perf_counter()
         fn(client)
         out.append((time.perf_counter() - t0) * 1e6)
+    if drain is not None:
+        drain()
     cpu.append((time.process_time() - c0) / n * 1e6)
     return out
 
@@ -165,14 +177,14 @@ def main() -> None:
                 for name, (bare, fn) in cases(sims[0][1], sims[1][1]).items():
                     wrapped = audit(bare, ledger=rec)
                     timed(fn, bare, 20, [])  # warm up: connections, digests, imports
-                    timed(fn, wrapped, 20, [])
+                    timed(fn, wrapped, 20, [], drain=rec.flush)
                     b: list[float] = []
                     w: list[float] = []
                     cb: list[float] = []
                     cw: list[float] = []
                     while len(b) < args.calls:
                         b += timed(fn, bare, args.block, cb, pause)
-                        w += timed(fn, wrapped, args.block, cw, pause)
+                        w += timed(fn, wrapped, args.block, cw, pause, rec.flush)
                     mb, mw = statistics.median(b), statistics.median(w)
                     rows.append(
                         (
