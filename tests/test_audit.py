@@ -8,6 +8,7 @@ goes through the real proxy (a subprocess) in front of the simulator, driven by 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import os
@@ -216,6 +217,29 @@ class TestIndex:
             assert index.count("r.log_id = 'log-1'") == 3
 
 
+@contextlib.contextmanager
+def read_only(*paths: Path) -> Iterator[None]:
+    """Make ``paths`` unwritable for this process: ``chmod a-w``, or for root (whom modes do not
+    stop) the immutable attribute; skip the test where neither works."""
+    root = os.geteuid() == 0
+    done: list[Path] = []
+    try:
+        for path in paths:
+            if root:
+                if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+                    pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+            else:
+                path.chmod(path.stat().st_mode & ~0o222)
+            done.append(path)
+        yield
+    finally:
+        for path in reversed(done):
+            if root:
+                subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+            else:
+                path.chmod(path.stat().st_mode | 0o200)
+
+
 class TestSearch:
     """Filters agree with a brute-force scan, and every hit is re-checked."""
 
@@ -296,6 +320,32 @@ class TestSearch:
         run("index", "--ledger", small.root)
         result = run("search", "--ledger", small.root, "--user", "user-0", "--no-update")
         assert (0, "") == (result.exit_code, result.stderr)
+
+    def test_read_only_ledger(self, small: Ledgers, tmp_path: Path) -> None:
+        """An auditor's read-only copy: search uses the index its operator built, as built,
+        and says so; with no index it says to search a writable copy; index refuses."""
+        ledger = tmp_path / "copy"
+        shutil.copytree(small.root, ledger)
+        run("index", "--ledger", ledger)
+        bare = tmp_path / "bare"
+        shutil.copytree(small.root, bare, ignore=shutil.ignore_patterns("index"))
+        with read_only(ledger, ledger / "index", *(ledger / "index").iterdir(), bare):
+            result = run("search", "--ledger", ledger, "--user", "user-3", "--json", "--limit", 0)
+            assert result.exit_code == 0, result.output
+            hits = [orjson.loads(line) for line in result.stdout.splitlines()]
+            assert len(hits) == sum(r["user_id"] == "user-3" for r in records_of(small.root))
+            assert result.stderr.startswith(
+                f"tokentrail: warning: {ledger} cannot be written here: searching its index as"
+                " last built (600 records)"
+            )
+            refused = run("index", "--ledger", ledger)
+            assert (2, "") == (refused.exit_code, refused.stdout)
+            assert "cannot be written here (a read-only ledger)" in refused.stderr
+            missing = run("search", "--ledger", bare, "--user", "user-3")
+            assert 2 == missing.exit_code
+            assert "has no search index: search keeps its index beside the ledger" in (
+                missing.stderr
+            )
 
     def test_edited_leaf_is_reported(self, small: Ledgers) -> None:
         """A record edited after indexing is reported as MISMATCH, not shown, exit 1."""

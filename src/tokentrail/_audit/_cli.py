@@ -54,7 +54,13 @@ def _console(color: bool | None) -> Console:
 
 def _open_index(ledger: Path, *, update: bool = True) -> Index:
     index = Index.open(ledger)
-    if update:
+    if index.read_only:
+        click.echo(
+            f"tokentrail: warning: {ledger} cannot be written here: searching its index as last"
+            f" built ({index.count()} records); records appended since are not searched",
+            err=True,
+        )
+    elif update:
         stats = index.update()
         for warning in stats.warnings:
             click.echo(f"tokentrail: warning: {warning}", err=True)

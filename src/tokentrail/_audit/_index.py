@@ -21,8 +21,10 @@ that log is re-indexed from seq 0. Deleting the folder loses nothing (``index --
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -101,6 +103,19 @@ def index_path(root: Path) -> Path:
     return root / INDEX_DIR / INDEX_FILE
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in ``folder`` (tried: permissions, a read-only mount and an
+    immutable attribute all count, for root too)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".tokentrail-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return True
+
+
 def ts_micros(value: Any) -> int | None:
     """An RFC 3339 timestamp as integer microseconds since the epoch, or None."""
     if not isinstance(value, str):
@@ -164,9 +179,11 @@ class _LogGone(Exception):
 class Index:
     """The sidecar index of one ledger; see the module docstring."""
 
-    def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, root: Path, conn: sqlite3.Connection, *, read_only: bool = False) -> None:
         self.root = root
         self.conn = conn
+        #: Opened from a folder it cannot write (a read-only ledger): searched as last built.
+        self.read_only = read_only
         self._seg_ids: dict[tuple[str, str, int], int] = {}
 
     @classmethod
@@ -174,6 +191,8 @@ class Index:
         """Open (creating, or with ``rebuild`` recreating) the index of the ledger at ``root``."""
         list_logs(root)  # raises StoreError unless root is a ledger
         folder = root / INDEX_DIR
+        if not _writable(folder if folder.is_dir() else root):
+            return cls._open_read_only(root, folder)
         if rebuild and folder.exists():
             shutil.rmtree(folder)
         try:
@@ -190,6 +209,27 @@ class Index:
                 f"search index {folder / INDEX_FILE} is unreadable ({exc});"
                 " rebuild it: tokentrail index --rebuild"
             ) from exc
+        return index
+
+    @classmethod
+    def _open_read_only(cls, root: Path, folder: Path) -> Index:
+        """The index of a ledger this process cannot write, as its operator last built it."""
+        path = folder / INDEX_FILE
+        if not path.is_file():
+            raise StoreError(
+                f"{root} cannot be written here and has no search index: search keeps its index"
+                " beside the ledger, so search a writable copy, or have the ledger's operator"
+                " keep one (tokentrail index, from cron)"
+            )
+        try:
+            conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?immutable=1", uri=True, isolation_level=None
+            )
+            index = cls(root, conn, read_only=True)
+            index._check_schema()
+            index._load_segments()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"search index {path} is unreadable ({exc})") from exc
         return index
 
     def close(self) -> None:
@@ -214,15 +254,21 @@ class Index:
             c.execute(_FTS)
         except sqlite3.OperationalError:  # SQLite < 3.43 lacks contentless_delete
             c.execute(_FTS_OLD)
-        version = c.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if version is None:
+        if c.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() is None:
             c.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif version[0] != SCHEMA_VERSION:
+        self._check_schema()
+        self._load_segments()
+
+    def _check_schema(self) -> None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None or row[0] != SCHEMA_VERSION:
             raise StoreError(
-                f"search index has schema {version[0]}, this tokentrail needs {SCHEMA_VERSION};"
-                " rebuild it: tokentrail index --rebuild"
+                f"search index has schema {row[0] if row else 'none'}, this tokentrail needs"
+                f" {SCHEMA_VERSION}; rebuild it: tokentrail index --rebuild"
             )
-        for row in c.execute("SELECT id, log_id, date, first_seq FROM segments"):
+
+    def _load_segments(self) -> None:
+        for row in self.conn.execute("SELECT id, log_id, date, first_seq FROM segments"):
             self._seg_ids[(row[1], row[2], row[3])] = row[0]
 
     # ------------------------------------------------------------------ update
@@ -231,6 +277,11 @@ class Index:
         """Index every complete line appended since the last update, in one transaction."""
         import time
 
+        if self.read_only:
+            raise StoreError(
+                f"the search index in {self.root / INDEX_DIR} cannot be written here (a"
+                " read-only ledger); index a writable copy"
+            )
         started = time.perf_counter()
         stats = UpdateStats()
         c = self.conn
