@@ -522,6 +522,20 @@ class TestUnsealed:
         assert scene.event_ids == {report.warnings[0].event_id}
         assert 1 == report.logs[0].unsealed
 
+    def test_sealed_records_past_a_break_are_not_called_unsealed(self, scene: Scene) -> None:
+        """An edit under a checkpoint stops verification there; the records after it are
+        under signed checkpoints, and the report says that, not "a dead writer or a forgery"
+        (which would send an auditor after the wrong cause)."""
+        edit_record(scene.root, 12, b"prompt number 12:", b"prompt number 99:")
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        text = describe(report)
+        assert not report.ok
+        assert "dead writer" not in text and "not sealed" not in text, text
+        assert (
+            f"{N - SEAL_EVERY} records from seq {SEAL_EVERY} on are under signed checkpoints"
+            f" (up to size {N}) that could not be verified past the findings above"
+        ) in text
+
     def test_young_forged_record_fails_when_sealing_is_required(self, scene: Scene) -> None:
         """Under ``require_sealed`` the same forged record is a finding naming it."""
         _append_forged(timedelta(seconds=5))(scene)
