@@ -501,6 +501,30 @@ class TestOfficialClients:
         assert recs[1]["gen_ai.usage.output_tokens"] > 0
         assert all("sk-test" not in json.dumps(r) for r in recs)
 
+    @pytest.mark.parametrize("mode", OLLAMA_MODES)
+    def test_openai_client_to_ollama(
+        self, sims: dict[str, str], proxies: dict[str, ProxyProc], mode: str
+    ) -> None:
+        """The openai client against Ollama's own /v1 layer: the same answers, and the model
+        version is Ollama's digest (the most specific one, SPEC), not ``model@fp_ollama``."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        msgs: Any = [{"role": "user", "content": "Tell me about audits"}]
+        texts = []
+        for base in (sims[mode], proxy.url):
+            c = openai.OpenAI(base_url=base + "/v1", api_key="ollama")
+            chat = c.chat.completions.create(model=MODEL, messages=msgs)
+            stream = c.chat.completions.create(model=MODEL, messages=msgs, stream=True)
+            streamed = "".join((ch.choices[0].delta.content or "") for ch in stream if ch.choices)
+            texts.append((chat.choices[0].message.content, streamed))
+        assert texts[0] == texts[1]
+        recs = proxy.new_records(before)
+        assert [r["api"] for r in recs] == ["openai.chat", "openai.chat"]
+        assert list(texts[1]) == [r["output_text"] for r in recs]
+        digest = next(m.digest for m in ollama.Client(host=sims[mode]).list().models
+                      if m.model == MODEL)  # fmt: skip
+        assert [digest, digest] == [r["model_version"] for r in recs]
+
 
 class TestRequestTokenData:
     """``--request-token-data``: token data captured, and hidden from the client."""

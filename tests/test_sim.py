@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -323,6 +324,96 @@ class TestOllama:
 
 
 OPENAI_MODES = ["openai", "llamacpp", "vllm"]
+
+
+class TestOllamaOpenAICompat:
+    """Ollama's own OpenAI-compatible layer (/v1 in an ollama mode), as middleware/openai.go
+    writes it: the official openai client works, and the shapes are Ollama's, not OpenAI's."""
+
+    @pytest.mark.parametrize("sim", ["ollama-0.4", "ollama"], indirect=True)
+    async def test_chat_as_native(self, sim: str) -> None:
+        """The same answer as /api/chat for the same messages and seed, whole and streamed."""
+        client = openai.AsyncOpenAI(base_url=sim + "/v1", api_key="ollama")
+        native = await ollama.AsyncClient(host=sim).chat(
+            MODEL, messages=CHAT, options={"seed": CHAT_SEED}
+        )
+        whole = await client.chat.completions.create(model=MODEL, messages=CHAT, seed=CHAT_SEED)
+        assert native.message.content == whole.choices[0].message.content
+        assert ("fp_ollama", "stop") == (whole.system_fingerprint, whole.choices[0].finish_reason)
+        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (  # type: ignore[union-attr]
+            native.prompt_eval_count,
+            native.eval_count,
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=CHAT, seed=CHAT_SEED, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        assert native.message.content == "".join(
+            c.choices[0].delta.content or "" for c in chunks if c.choices
+        )
+        assert all(c.choices[0].delta.role == "assistant" for c in chunks if c.choices)
+        assert ([], whole.usage) == (chunks[-1].choices, chunks[-1].usage)
+        assert ("", "stop") == (
+            chunks[-2].choices[0].delta.content,
+            chunks[-2].choices[0].finish_reason,
+        )
+
+    @pytest.mark.parametrize("sim", ["ollama"], indirect=True)
+    async def test_wire_shapes(self, sim: str) -> None:
+        """Ids, field order, types and Go's encoder newline, as Ollama writes them."""
+        body = {"model": MODEL, "messages": CHAT}
+        async with httpx.AsyncClient() as http:
+            whole = await http.post(sim + "/v1/chat/completions", json=body)
+            streamed = await http.post(sim + "/v1/chat/completions", json={**body, "stream": True})
+            comp = await http.post(
+                sim + "/v1/completions",
+                json={"model": MODEL, "prompt": PROMPT, "stream": True,
+                      "stream_options": {"include_usage": True}},
+            )  # fmt: skip
+            missing = await http.post(sim + "/v1/chat/completions", json={**body, "model": "x"})
+            empty = await http.post(sim + "/v1/chat/completions", json={**body, "messages": []})
+        assert ("application/json", True) == (
+            whole.headers["Content-Type"],
+            whole.content.endswith(b"}\n"),
+        )
+        obj = orjson.loads(whole.content)
+        assert list(obj) == ["id", "object", "created", "model", "system_fingerprint", "choices",
+                             "usage"]  # fmt: skip
+        assert re.fullmatch(r"chatcmpl-\d{1,3}", obj["id"])
+        assert list(obj["usage"]) == ["prompt_tokens", "completion_tokens", "total_tokens"]
+        assert streamed.headers["Content-Type"] == "text/event-stream"
+        events = _sse(streamed.content)
+        assert "[DONE]" == events[-1]
+        assert list(events[0]) == ["id", "object", "created", "model", "system_fingerprint",
+                                   "choices"]  # fmt: skip
+        legacy = _sse(comp.content)
+        assert re.fullmatch(r"cmpl-\d{1,3}", legacy[0]["id"])
+        zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        assert all(e["usage"] == zero for e in legacy[:-2])  # Ollama's all-zero usage
+        assert ([], legacy[-2]["usage"]["completion_tokens"] > 0) == (legacy[-2]["choices"], True)
+        assert (404, "not_found_error") == (missing.status_code, missing.json()["error"]["type"])
+        error = {"message": "[] is too short - 'messages'", "type": "invalid_request_error",
+                 "param": None, "code": None}  # fmt: skip
+        assert (400, error) == (empty.status_code, empty.json()["error"])
+
+    @pytest.mark.parametrize("sim", ["ollama-0.4"], indirect=True)
+    async def test_models_and_embeddings(self, sim: str) -> None:
+        client = openai.AsyncOpenAI(base_url=sim + "/v1", api_key="ollama")
+        assert [MODEL, "qwen2.5:0.5b"] == [m.id async for m in client.models.list()]
+        assert "library" == (await client.models.retrieve(MODEL)).owned_by
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("nope:1b")
+        emb = await client.embeddings.create(
+            model=MODEL, input=["a b", "c"], encoding_format="float"
+        )
+        assert [0, 1] == [d.index for d in emb.data]
+        native = await ollama.AsyncClient(host=sim).embed(MODEL, ["a b", "c"])
+        assert [list(v) for v in native.embeddings] == [d.embedding for d in emb.data]
+        packed = await client.embeddings.create(model=MODEL, input=["a b", "c"])  # base64
+        assert [pytest.approx(v, rel=1e-6) for v in native.embeddings] == [
+            d.embedding for d in packed.data
+        ]
 
 
 def _client(url: str) -> openai.AsyncOpenAI:

@@ -163,6 +163,13 @@ class ModelDigests:
         self._digests: dict[str, str] = {}
         self._fetched = float("-inf")
         self._lock = asyncio.Lock()
+        #: Whether the upstream answers /api/tags (an Ollama): None until it was asked.
+        self.available: bool | None = None
+
+    def worth_asking(self) -> bool:
+        """Whether an OpenAI-dialect exchange should look its model up: the upstream is an
+        Ollama (its /v1 layer), or it was not asked lately (an OpenAI server answers 404)."""
+        return self.available is not False or time.monotonic() - self._fetched > self.ttl
 
     def cached(self, model: str | None) -> str | None:
         """The digest if it is known and fresh, without waiting (the common case)."""
@@ -190,6 +197,7 @@ class ModelDigests:
             try:
                 timeout = aiohttp.ClientTimeout(total=5)
                 async with self.session.get(self.url, timeout=timeout) as resp:
+                    self.available = resp.status == 200
                     if resp.status != 200:
                         return
                     data = loads(await resp.read())
@@ -528,7 +536,7 @@ class ProxyApp:
                 meta_base["retry_of"] = earlier
         digest_task = None
         model_version = None
-        if dialect == "ollama":
+        if dialect == "ollama" or self.digests.worth_asking():  # Ollama's /v1 too
             known = self.digests.cached(capture.model)
             if known is not None:
                 model_version = known

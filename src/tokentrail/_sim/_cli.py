@@ -75,7 +75,8 @@ def sim_command(
 
     Answers are a pure function of model, prompt and seed, token by token from a small
     built-in vocabulary, on the real wire formats, so proxies and clients can be tested
-    without model weights. Faults are injected per request with the X-Sim-Fault header:
+    without model weights. An ollama mode also serves Ollama's OpenAI-compatible /v1 layer,
+    as Ollama does. Faults are injected per request with the X-Sim-Fault header:
     500, cut:N (close after N streamed chunks), stall:MS (before the first byte) and
     stall-mid:MS (after the first chunk), comma-separated.
     """

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from tokentrail._sim._config import SimConfig
 from tokentrail._sim._engine import TEMPLATE, Generation, Step, embedding, generate, render_chat
+from tokentrail._sim._ollama_openai import OllamaOpenAI
 from tokentrail._sim._tokenizer import SimTokenizer
 from tokentrail._sim._wire import (
     JSON,
@@ -84,10 +85,13 @@ class OllamaDialect:
     def fault_error(self) -> web.Response:
         return self.error(500, "llama runner process has terminated: exit status 2")
 
-    def not_found(self, model: str) -> web.Response:
+    def not_found_message(self, model: str) -> str:
         if self.modern:
-            return self.error(404, f"model '{model}' not found")
-        return self.error(404, f'model "{model}" not found, try pulling it first')
+            return f"model '{model}' not found"
+        return f'model "{model}" not found, try pulling it first'
+
+    def not_found(self, model: str) -> web.Response:
+        return self.error(404, self.not_found_message(model))
 
     def known(self, model: str) -> bool:
         return normalize_name(model) in self._models
@@ -387,4 +391,5 @@ class OllamaDialect:
             web.post("/api/embed", self.embed),
             web.post("/api/generate", self.generate),
             web.post("/api/chat", self.chat),
+            *OllamaOpenAI(self).routes(),
         ]
