@@ -113,15 +113,21 @@ class OllamaDialect:
     def modified_at(self) -> str:
         return go_time(self.config.created * 1_000_000_000)
 
-    async def body(self, request: web.Request) -> dict[str, Any] | web.Response:
+    @staticmethod
+    async def read_body(request: web.Request) -> dict[str, Any] | str:
+        """The request's JSON object, or the message Go's decoder gives for it."""
         try:
             body = await read_json(request)
         except BodyError as exc:
-            return self.error(400, str(exc))
+            return str(exc)
         if not isinstance(body, dict):
             kind = "array" if isinstance(body, list) else type(body).__name__
-            return self.error(400, f"json: cannot unmarshal {kind} into Go value")
+            return f"json: cannot unmarshal {kind} into Go value"
         return body
+
+    async def body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        body = await self.read_body(request)
+        return self.error(400, body) if isinstance(body, str) else body
 
     def metrics(self, gen: Generation, pacer: Pacer) -> dict[str, int]:
         total = max(1, time.perf_counter_ns() - pacer.started_ns)

@@ -31,15 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tokentrail._sim._engine import Generation, embedding, generate, render_chat
-from tokentrail._sim._wire import (
-    BodyError,
-    ChunkWriter,
-    Pacer,
-    dumps,
-    fault_of,
-    read_json,
-    send_body,
-)
+from tokentrail._sim._wire import ChunkWriter, Pacer, dumps, fault_of, send_body
 
 if TYPE_CHECKING:
     from tokentrail._sim._ollama import OllamaDialect
@@ -72,14 +64,8 @@ class OllamaOpenAI:
         return self.error(500, "llama runner process has terminated: exit status 2")
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
-        try:
-            body = await read_json(request)
-        except BodyError as exc:
-            return self.error(400, str(exc))
-        if not isinstance(body, dict):
-            kind = "array" if isinstance(body, list) else type(body).__name__
-            return self.error(400, f"json: cannot unmarshal {kind} into Go value")
-        return body
+        body = await self.native.read_body(request)
+        return self.error(400, body) if isinstance(body, str) else body
 
     def _model(self, body: Mapping[str, Any]) -> str | web.Response:
         model = body.get("model")
