@@ -307,6 +307,17 @@ class TestOddButLegalStreams:
         assert record is not None
         assert ("Hello", "stop") == (record["output_text"], record["stop_reason"])
 
+    def test_html_answer_to_a_stream_stays_a_body(self, upstream: str, proxy: ProxyProc) -> None:
+        """An HTML page (a misconfigured gateway's, say) answering a stream request is relayed
+        as it is and recorded as not JSON: only untyped bodies are read as the stream."""
+        page = b"<html><body>Bad gateway config</body></html>\n"
+        SCRIPTS["html"] = Script([page], headers={"Content-Type": "text/html"})
+        body = {"model": "m", "prompt": "hi"}
+        status, got, record = exchange(proxy.url, proxy, "html", "/api/generate", body)
+        assert (200, page) == (status, got)
+        assert record is not None
+        assert record["error_message"].startswith("upstream sent a body that is not JSON")
+
 
 class TestRedirects:
     @pytest.mark.parametrize("status", [301, 302, 307, 308])

@@ -617,8 +617,8 @@ class ProxyApp:
         async with upstream:
             ex.status = upstream.status
             ctype = upstream.headers.get("Content-Type", "")
-            if ex.capture.stream and upstream.status < 300 and "json" not in ctype:
-                # A stream asked for and no JSON body said (no type, text/plain …): the clients
+            if ex.capture.stream and upstream.status < 300 and _untyped(ctype):
+                # A stream asked for and sent with no type that says what it is: the clients
                 # read it as the stream of the path's format, and so does the record.
                 ctype = "text/event-stream" if ex.dialect == "openai" else "application/x-ndjson"
             if "ndjson" in ctype or "event-stream" in ctype:
@@ -891,6 +891,12 @@ class ProxyApp:
             status=status if status is not None else ex.status,
             extra=ex.meta_base,
         )
+
+
+def _untyped(ctype: str) -> bool:
+    """A Content-Type that says nothing of the body's format (none, text, bytes)."""
+    main = ctype.split(";", 1)[0].strip().lower()
+    return main in ("", "text/plain", "application/octet-stream")
 
 
 def _inflater(encoding: str) -> Any:
