@@ -240,8 +240,9 @@ def default_state_dir() -> Path:
 
 def store_key(root: Path, options: VerifyOptions) -> str:
     """The store a witness state belongs to: ``options.store`` (an ``s3://`` URL), else the
-    ledger's absolute path."""
-    return options.store or str(root.resolve())
+    ledger's absolute path (as named: symlinks are not followed, so that the states of earlier
+    versions, which kept the path as given, still match the cron line that gave it)."""
+    return options.store or os.path.abspath(root)
 
 
 def _state_path(state_dir: Path, origin: str, store: str | None) -> Path:
