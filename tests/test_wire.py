@@ -10,6 +10,7 @@ itself is checked against the WHATWG "Parsing an event stream" rules.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import socket
 import tempfile
@@ -306,6 +307,29 @@ class TestOddButLegalStreams:
         assert (direct[0], direct[1]) == (status, got)
         assert record is not None
         assert ("Hello", "stop") == (record["output_text"], record["stop_reason"])
+
+    def test_gzip_stream_ending_without_a_newline(self, upstream: str, proxy: ProxyProc) -> None:
+        """A compressed NDJSON stream whose last (done) line has no newline: relayed as sent,
+        and that line still ends the record (it is read, though the bytes go out whole)."""
+        lines = [
+            {"model": "m", "response": "Hel", "done": False},
+            {"model": "m", "response": "lo", "done": True, "done_reason": "stop"},
+        ]
+        data = gzip.compress(orjson.dumps(lines[0]) + b"\n" + orjson.dumps(lines[1]))
+        SCRIPTS["gzip-tail"] = Script(
+            [data[:20], data[20:]],
+            headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+        )
+        body = {"model": "m", "prompt": "hi"}
+        direct = exchange(upstream, None, "gzip-tail", "/api/generate", body)
+        status, got, record = exchange(proxy.url, proxy, "gzip-tail", "/api/generate", body)
+        assert (direct[0], direct[1]) == (status, got)
+        assert record is not None
+        assert ("Hello", "stop", None) == (
+            record["output_text"],
+            record["stop_reason"],
+            record.get("error_message"),
+        )
 
     def test_html_answer_to_a_stream_stays_a_body(self, upstream: str, proxy: ProxyProc) -> None:
         """An HTML page (a misconfigured gateway's, say) answering a stream request is relayed

@@ -746,16 +746,17 @@ class ProxyApp:
                     event, event_bytes = [], 0
                 if relay:
                     await _send(out, b"".join(relay))
-            if pending and inflate is None:  # a last line without its line end
+            if pending:  # a last line without its line end
                 if not holding:
                     holding = self._feed_line(ex, pending, events) and strict
-                tail = strip_line(pending, strip, sse=sse) if strip else pending
-                if holding:
-                    held.append(tail)
-                elif events is None:
-                    await _send(out, tail)
-                else:
-                    event.append(tail)  # an SSE event never ended: what follows decides
+                if inflate is None:  # compressed bytes have gone out (or are held) whole
+                    tail = strip_line(pending, strip, sse=sse) if strip else pending
+                    if holding:
+                        held.append(tail)
+                    elif events is None:
+                        await _send(out, tail)
+                    else:
+                        event.append(tail)  # an SSE event never ended: what follows decides
         except _ClientGone:
             stop = "client_disconnect"
         except (aiohttp.ClientError, TimeoutError) as exc:
