@@ -373,6 +373,9 @@ class TestOllamaOpenAICompat:
             )  # fmt: skip
             missing = await http.post(sim + "/v1/chat/completions", json={**body, "model": "x"})
             empty = await http.post(sim + "/v1/chat/completions", json={**body, "messages": []})
+            crashed = await http.post(
+                sim + "/v1/chat/completions", json=body, headers={FAULT_HEADER: "500"}
+            )
         assert ("application/json", True) == (
             whole.headers["Content-Type"],
             whole.content.endswith(b"}\n"),
@@ -396,6 +399,11 @@ class TestOllamaOpenAICompat:
         error = {"message": "[] is too short - 'messages'", "type": "invalid_request_error",
                  "param": None, "code": None}  # fmt: skip
         assert (400, error) == (empty.status_code, empty.json()["error"])
+        assert (500, "api_error", "llama runner process has terminated: exit status 2") == (
+            crashed.status_code,
+            crashed.json()["error"]["type"],
+            crashed.json()["error"]["message"],
+        )
 
     @pytest.mark.parametrize("sim", ["ollama-0.4"], indirect=True)
     async def test_models_and_embeddings(self, sim: str) -> None:

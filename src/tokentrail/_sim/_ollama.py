@@ -43,6 +43,8 @@ from tokentrail._sim._wire import (
 
 __all__ = ["OllamaDialect"]
 
+RUNNER_CRASHED = "llama runner process has terminated: exit status 2"
+
 
 def go_time(ns: int | None = None) -> str:
     """``time.Now().UTC()`` as Go marshals it: RFC 3339 with nanoseconds, zeros trimmed."""
@@ -67,6 +69,7 @@ class OllamaDialect:
         self.tok = tok
         self.modern = config.mode == "ollama"
         self._models = {normalize_name(m): m for m in config.models}
+        self.compat = OllamaOpenAI(self)  # Ollama's OpenAI-compatible /v1 layer
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -82,8 +85,11 @@ class OllamaDialect:
         """Ollama's error body: ``{"error": "..."}``."""
         return self.json({"error": message}, status)
 
-    def fault_error(self) -> web.Response:
-        return self.error(500, "llama runner process has terminated: exit status 2")
+    def fault_error(self, path: str) -> web.Response:
+        """A crashed runner, as the native API reports it, or its /v1 layer does."""
+        if path.startswith("/v1/"):
+            return self.compat.error(500, RUNNER_CRASHED)
+        return self.error(500, RUNNER_CRASHED)
 
     def not_found_message(self, model: str) -> str:
         if self.modern:
@@ -397,5 +403,5 @@ class OllamaDialect:
             web.post("/api/embed", self.embed),
             web.post("/api/generate", self.generate),
             web.post("/api/chat", self.chat),
-            *OllamaOpenAI(self).routes(),
+            *self.compat.routes(),
         ]

@@ -60,9 +60,6 @@ class OllamaOpenAI:
         body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
         return web.Response(status=status, body=_encoded(body), content_type=JSON)
 
-    def fault_error(self) -> web.Response:
-        return self.error(500, "llama runner process has terminated: exit status 2")
-
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
         body = await self.native.read_body(request)
         return self.error(400, body) if isinstance(body, str) else body
@@ -75,13 +72,19 @@ class OllamaOpenAI:
             return self.error(404, self.native.not_found_message(model))
         return model
 
-    @staticmethod
-    def _options(body: Mapping[str, Any]) -> tuple[int | None, object, list[str]]:
+    def _generate(self, body: Mapping[str, Any], model: str, prompt_text: str) -> Generation:
+        """The answer to ``prompt_text`` under the request's ``max_tokens``, ``seed``, ``stop``."""
         limit = body.get("max_tokens")
         stop = body.get("stop") or []
-        stops = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
         counted = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-        return (limit if counted else None), body.get("seed"), stops
+        return generate(
+            self.native.tok,
+            model=model,
+            prompt_text=prompt_text,
+            seed=body.get("seed"),
+            max_tokens=limit if counted else None,
+            stop=[stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)],
+        )
 
     @staticmethod
     def _usage(gen: Generation) -> dict[str, int]:
@@ -106,14 +109,8 @@ class OllamaOpenAI:
         model = self._model(body)
         if isinstance(model, web.Response):
             return model
-        limit, seed, stops = self._options(body)
-        gen = generate(
-            self.native.tok,
-            model=model,
-            prompt_text=render_chat([m for m in messages if isinstance(m, Mapping)]),
-            seed=seed,
-            max_tokens=limit,
-            stop=stops,
+        gen = self._generate(
+            body, model, render_chat([m for m in messages if isinstance(m, Mapping)])
         )
         ident = f"chatcmpl-{random.randrange(999)}"
         created = int(time.time())
@@ -183,15 +180,7 @@ class OllamaOpenAI:
         model = self._model(body)
         if isinstance(model, web.Response):
             return model
-        limit, seed, stops = self._options(body)
-        gen = generate(
-            self.native.tok,
-            model=model,
-            prompt_text=render_chat([{"role": "user", "content": prompt or ""}]),
-            seed=seed,
-            max_tokens=limit,
-            stop=stops,
-        )
+        gen = self._generate(body, model, render_chat([{"role": "user", "content": prompt or ""}]))
         ident = f"cmpl-{random.randrange(999)}"
         created = int(time.time())
 

@@ -123,7 +123,8 @@ class OpenAIDialect:
         err = {"message": message, "type": kind, "param": param, "code": code}
         return self.json({"error": err}, status)
 
-    def fault_error(self) -> web.Response:
+    def fault_error(self, path: str) -> web.Response:
+        """The flavor's answer to ``X-Sim-Fault: 500`` (the same on every ``path``)."""
         if self.flavor == "openai":
             message = "The server had an error while processing your request. Sorry about that!"
         else:

@@ -16,7 +16,6 @@ from aiohttp import web
 
 from tokentrail._sim._config import SimConfig
 from tokentrail._sim._ollama import OllamaDialect
-from tokentrail._sim._ollama_openai import OllamaOpenAI
 from tokentrail._sim._openai import OpenAIDialect
 from tokentrail._sim._tokenizer import SimTokenizer
 from tokentrail._sim._wire import FAULT_HEADER, Fault, FaultSyntaxError
@@ -45,9 +44,7 @@ def make_app(config: SimConfig | None = None) -> web.Application:
         if fault.stall_ms > 0:
             await asyncio.sleep(fault.stall_ms / 1000)
         if fault.error_500:
-            if isinstance(dialect, OllamaDialect) and request.path.startswith("/v1/"):
-                return OllamaOpenAI(dialect).fault_error()  # its OpenAI-compatible layer
-            return dialect.fault_error()
+            return dialect.fault_error(request.path)
         try:
             return await handler(request)
         except web.HTTPNotFound:
