@@ -26,12 +26,13 @@ BUNDLE_FORMAT = "tokentrail.inclusion-proof/v1"
 
 @dataclass(frozen=True)
 class Located:
-    """Where a record is: its log, seq and stored line."""
+    """Where a record is: its log, seq and stored line, and the line parsed."""
 
     log_id: str
     seq: int
     leaf: bytes
     location: str
+    record: dict[str, Any]
 
 
 def find_record(root: Path, event_id: str) -> Located:
@@ -43,7 +44,7 @@ def find_record(root: Path, event_id: str) -> Located:
                 if complete and needle in line:
                     obj = orjson.loads(line)
                     if obj.get("event_id") == event_id:
-                        return Located(log_id, obj["seq"], line, str(seg.path))
+                        return Located(log_id, obj["seq"], line, str(seg.path), obj)
     raise StoreError(f"no record with event_id {event_id} in {root}")
 
 
@@ -83,7 +84,7 @@ def build_bundle(root: Path, event_id: str, tree_size: int | None = None) -> dic
             hashes.append(leaf_hash(line))
     if len(hashes) < size:
         raise StoreError(f"log {found.log_id} has fewer records than its checkpoint of {size}")
-    problems = check_record(orjson.loads(found.leaf), found.log_id)
+    problems = check_record(found.record, found.log_id)
     if problems:
         raise VerificationError(f"{where} fails its own hashes: {'; '.join(problems)}")
     if hashes[found.seq] != leaf_hash(found.leaf):
