@@ -410,17 +410,18 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
     from ._erasure import FileKeyStore
     from ._erasure import forget as do_forget
 
+    present = ledger.is_dir()
     given = click.get_current_context().get_parameter_source("ledger")
-    if not ledger.is_dir() and given not in (None, ParameterSource.DEFAULT):
+    if not present and given not in (None, ParameterSource.DEFAULT):
         raise ConfigError(
             f"--ledger {ledger} is not a directory; nothing was erased (name the ledger whose"
             " search index is to be dropped with the key, or leave --ledger out)"
         )
     if not yes:
         click.confirm(f"Destroy the content key of {user_id!r} for good?", abort=True)
-    when = do_forget(FileKeyStore(keystore), user_id, ledger if ledger.is_dir() else None)
+    when = do_forget(FileKeyStore(keystore), user_id, ledger if present else None)
     click.echo(f"erased: the content key of {user_id} was destroyed at {when}")
-    if not ledger.is_dir():
+    if not present:
         click.echo(
             f"tokentrail: warning: no ledger at {ledger}, so no search index was dropped; delete"
             " the index/ folder of the ledger holding these records (it is rebuilt without"
