@@ -717,6 +717,23 @@ class TestIncremental:
         assert (True, 20) == (report.ok, report.logs[0].records_read), describe(report)
         assert [state] == list(scene.state_dir.glob("*.json"))
 
+    def test_older_state_of_a_ledger_named_through_a_symlink(self, scene: Scene) -> None:
+        """Earlier versions kept the ledger's path as the cron line named it; a path through a
+        symlink (/var/lib/tokentrail -> /data/...) must still find that state, not start over
+        (a first run would not notice a rollback in between)."""
+        link = scene.tmp / "ledger-link"
+        link.symlink_to(scene.root, target_is_directory=True)
+        run_verify(link, scene.signer, scene.state_dir)
+        (state,) = scene.state_dir.glob("*.json")
+        obj = json.loads(state.read_text())
+        obj["store"] = str(link)  # as an earlier version wrote it, under the per-origin name
+        origin = f"test-key/{LOG_ID}"
+        legacy = scene.state_dir / (hashlib.sha256(origin.encode()).hexdigest()[:32] + ".json")
+        state.unlink()
+        legacy.write_text(json.dumps(obj))
+        report = run_verify(link, scene.signer, scene.state_dir)
+        assert (True, 0) == (report.ok, report.logs[0].records_read), describe(report)
+
     @pytest.mark.parametrize("junk", [b"", b"{", b"[]", b'{"origin": 1}'])
     def test_corrupt_state_fails(self, junk: bytes, scene: Scene) -> None:
         """A witness state that cannot be read fails the run (never a silent first run)."""
