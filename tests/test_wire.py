@@ -182,6 +182,11 @@ def multi_line_first_event() -> bytes:
 SSE = {"Content-Type": "text/event-stream"}
 
 
+def _data_events(stream: bytes) -> list[Any]:
+    """The JSON data of each event in ``stream``, as a conforming client dispatches them."""
+    return [orjson.loads(data) for data in events_of(stream)]
+
+
 def exchange(
     base: str, proxy: ProxyProc | None, name: str, path: str, body: dict[str, Any]
 ) -> tuple[int, bytes, dict[str, Any] | None]:
@@ -249,6 +254,23 @@ class TestOddButLegalStreams:
             rest = b"".join(pieces)
         assert first.startswith(b"data: {") and first.count(b"\r\r") == 1
         assert (first + rest) == sse_body(b"\r")
+
+    def test_event_cut_short_is_not_relayed_before_the_error(
+        self, upstream: str, proxy: ProxyProc
+    ) -> None:
+        """An upstream that stops inside an event: the proxy's error event follows the last
+        whole event, so the half event cannot run into it (a client would join the two data
+        lines into one event that is not JSON)."""
+        whole = b"data: " + orjson.dumps(chunk("Hel")) + b"\n\n"
+        half = b"data: " + orjson.dumps(chunk("lo"))[:25]
+        SCRIPTS["cut-event"] = Script([whole, half], headers=SSE)
+        _, got, record = exchange(proxy.url, proxy, "cut-event", "/v1/chat/completions", CHAT)
+        assert got.startswith(whole)
+        assert got[len(whole) :].startswith(b'data: {"error":')  # the half event is not relayed
+        (error,) = _data_events(got[len(whole) :])
+        assert error["error"]["message"] == "tokentrail: upstream closed the stream before its end"
+        assert record is not None
+        assert ("Hel", "upstream_error") == (record["output_text"], record["stop_reason"])
 
     def test_legacy_completions_cut_short(self, upstream: str, proxy: ProxyProc) -> None:
         """A /v1/completions stream that ends before any finish_reason is an upstream error
