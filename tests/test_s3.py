@@ -488,6 +488,19 @@ def _forge(lines: list[bytes], prev_hash: str) -> list[bytes]:
     return out
 
 
+def _put_segment(client: Any, url: S3Url, key: str, raw: bytes, retain_until: Any) -> None:
+    """Upload ``raw`` records as a locked zstd segment object, as the shipper would."""
+    client.put_object(
+        Bucket=url.bucket,
+        Key=key,
+        Body=zstandard.ZstdCompressor().compress(raw),
+        ChecksumAlgorithm="SHA256",
+        ObjectLockMode="GOVERNANCE",
+        ObjectLockRetainUntilDate=retain_until,
+        Metadata={"tokentrail-sha256": hashlib.sha256(raw).hexdigest()},
+    )
+
+
 class TestTamper:
     @pytest.fixture
     def shipped(
@@ -576,15 +589,7 @@ class TestTamper:
             VersionId=head["VersionId"],
             BypassGovernanceRetention=True,
         )
-        client.put_object(
-            Bucket=url.bucket,
-            Key=key,
-            Body=zstandard.ZstdCompressor().compress(raw),
-            ChecksumAlgorithm="SHA256",
-            ObjectLockMode="GOVERNANCE",
-            ObjectLockRetainUntilDate=head["ObjectLockRetainUntilDate"],
-            Metadata={"tokentrail-sha256": hashlib.sha256(raw).hexdigest()},
-        )
+        _put_segment(client, url, key, raw, head["ObjectLockRetainUntilDate"])
         assert versions(client, url.bucket)[key] == 1
         report = self.verify(s3, url, signer)
         assert not report.ok
@@ -689,15 +694,7 @@ class TestTamper:
         seq = json.loads(forged)["seq"]
         fresh = f"{key.rsplit('/', 1)[0]}/{seq:020d}-{seq:020d}.jsonl.zst"
         raw = forged + b"\n"
-        client.put_object(
-            Bucket=url.bucket,
-            Key=fresh,
-            Body=zstandard.ZstdCompressor().compress(raw),
-            ChecksumAlgorithm="SHA256",
-            ObjectLockMode="GOVERNANCE",
-            ObjectLockRetainUntilDate=head["ObjectLockRetainUntilDate"],
-            Metadata={"tokentrail-sha256": hashlib.sha256(raw).hexdigest()},
-        )
+        _put_segment(client, url, fresh, raw, head["ObjectLockRetainUntilDate"])
         report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
         assert not report.ok
         assert any("overlap" in line for line in findings_at(report, fresh)), describe_findings(
