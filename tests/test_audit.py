@@ -284,10 +284,17 @@ class TestSearch:
     @pytest.mark.parametrize("command", ["search", "export"])
     @pytest.mark.parametrize("until", ["2026-01-01", "2026-03-01T00:00:00Z"])
     def test_empty_range_refused(
-        self, small: Ledgers, tmp_path: Path, command: str, until: str
+        self,
+        small: Ledgers,
+        tmp_path: Path,
+        command: str,
+        until: str,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """--since not before --until selects nothing by construction: refused, exit 2, one
-        line, rather than an empty answer that reads like "no records"."""
+        line, rather than an empty answer that reads like "no records" — before anything the
+        environment lacks (here, with no default key, export names the range, not the key)."""
+        monkeypatch.setenv("TOKENTRAIL_HOME", str(tmp_path / "no-keys-here"))
         extra = ["--user", "user-3", "--out", str(tmp_path / "x")] if command == "export" else []
         result = run(command, "--ledger", small.root, "--since", "2026-03-01", "--until", until,
                      *extra)  # fmt: skip

@@ -388,6 +388,7 @@ def export_command(
       tokentrail export --user alice --since 2025-01-01 --out alice-2025.zip
       tokentrail verify-export alice-2025.zip --public-key verifier.pub
     """
+    start, end = parse_range(since, until)  # the arguments first, then the keys they need
     verifiers = resolve_verifiers(public_keys)
     signer: Signer | None = None
     if not no_sign:
@@ -400,7 +401,6 @@ def export_command(
                 " (pass --key to sign it)",
                 err=True,
             )
-    start, end = parse_range(since, until)
     package = build_export(
         ledger,
         user,
