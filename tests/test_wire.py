@@ -99,19 +99,24 @@ class Script:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     pause_s: float = 0.0
+    #: The body instead, when the request asks for logprobs (as the proxy does for a client).
+    with_logprobs: list[bytes] | None = None
 
 
 SCRIPTS: dict[str, Script] = {}
 
 
 async def _answer(request: web.Request) -> web.StreamResponse:
-    await request.read()
+    sent = await request.read()
     script = SCRIPTS.get(request.headers.get("X-Script", ""))
     if script is None:  # the proxy's own look-ups (/api/tags for the model digest)
         return web.json_response({"models": []})
+    body = script.body
+    if script.with_logprobs is not None and orjson.loads(sent).get("logprobs"):
+        body = script.with_logprobs
     out = web.StreamResponse(status=script.status, headers=script.headers)
     await out.prepare(request)
-    for piece in script.body:
+    for piece in body:
         await out.write(piece)
         if script.pause_s:
             await asyncio.sleep(script.pause_s)
@@ -146,6 +151,17 @@ def upstream() -> Iterator[str]:
 def proxy(upstream: str) -> Iterator[ProxyProc]:
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_proxy(Path(tmp), upstream)
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def logprobs_proxy(upstream: str) -> Iterator[ProxyProc]:
+    """A proxy that asks for logprobs on the client's behalf and hides them again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_proxy(Path(tmp), upstream, "--request-token-data", "logprobs")
         try:
             yield proc
         finally:
@@ -363,6 +379,92 @@ class TestOddButLegalStreams:
         assert (200, page) == (status, got)
         assert record is not None
         assert record["error_message"].startswith("upstream sent a body that is not JSON")
+
+
+def logprobs_of(text: str) -> dict[str, Any]:
+    return {
+        "content": [
+            {"token": text, "logprob": -0.5, "bytes": list(text.encode()), "top_logprobs": []}
+        ]
+    }
+
+
+def lp_chunk(content: str | None, finish: str | None, logprobs: bool) -> bytes:
+    """A chat chunk written over three ``data:`` lines, its ``logprobs`` on the middle one
+    (an object when asked for, else ``null``, as OpenAI sends it)."""
+    obj = chunk(content, finish)
+    lp = orjson.dumps(logprobs_of(content or "") if logprobs and content else None)
+    head = orjson.dumps(obj).split(b',"finish_reason"')[0]
+    tail = orjson.dumps(obj["choices"][0]["finish_reason"])
+    return b'data: %s,\ndata: "logprobs":%s,\ndata: "finish_reason":%s}]}\n\n' % (head, lp, tail)
+
+
+class TestTokenDataHidden:
+    """``--request-token-data``: what the proxy asked for is taken out of what it relays."""
+
+    def test_event_over_several_data_lines(self, upstream: str, logprobs_proxy: ProxyProc) -> None:
+        """An event whose JSON spans several ``data:`` lines is edited as the client reads it
+        (the lines joined), so the client gets the bytes it gets directly."""
+
+        def stream(logprobs: bool) -> list[bytes]:
+            events = [lp_chunk("Hel", None, logprobs), lp_chunk("lo", None, logprobs)]
+            events.append(lp_chunk(None, "stop", logprobs))
+            return [b"".join(events) + b"data: [DONE]\n\n"]
+
+        SCRIPTS["lp-multi"] = Script(stream(False), headers=SSE, with_logprobs=stream(True))
+        direct = exchange(upstream, None, "lp-multi", "/v1/chat/completions", CHAT)
+        got = exchange(logprobs_proxy.url, logprobs_proxy, "lp-multi", "/v1/chat/completions", CHAT)
+        assert b'"logprobs":{' in stream(True)[0] and b'"logprobs":{' not in direct[1]
+        assert direct[:2] == got[:2]
+        assert got[2] is not None
+        assert (["Hel", "lo"], "upstream-pieces") == (
+            got[2]["output_tokens"],
+            got[2]["output_token_source"],
+        )
+
+    @pytest.mark.parametrize("streamed", [False, True])
+    def test_compressed_all_the_same(
+        self, upstream: str, logprobs_proxy: ProxyProc, streamed: bool
+    ) -> None:
+        """The proxy asks for ``identity`` when it will edit the bytes; an upstream that
+        compresses all the same has its answer relayed decoded, with the token data taken out."""
+        name = f"lp-gzip-{streamed}"
+        body = dict(CHAT, stream=streamed)
+        if streamed:
+            plain = [b"".join(lp_chunk(t, f, False) for t, f in (("Hi", None), (None, "stop")))]
+            asked = [b"".join(lp_chunk(t, f, True) for t, f in (("Hi", None), (None, "stop")))]
+            headers = {**SSE, "Content-Encoding": "gzip"}
+        else:
+            answer = {
+                "id": "c1",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "Hi"},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+            plain = [orjson.dumps(answer)]
+            answer["choices"][0]["logprobs"] = logprobs_of("Hi")  # type: ignore[index]
+            asked = [orjson.dumps(answer)]
+            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        SCRIPTS[name] = Script(
+            [gzip.compress(b"".join(plain))],
+            headers=headers,
+            with_logprobs=[gzip.compress(b"".join(asked))],
+        )
+        direct = exchange(upstream, None, name, "/v1/chat/completions", body)
+        got = exchange(logprobs_proxy.url, logprobs_proxy, name, "/v1/chat/completions", body)
+        assert direct[:2] == got[:2]
+        assert got[2] is not None
+        assert (["Hi"], "upstream-pieces") == (
+            got[2]["output_tokens"],
+            got[2]["output_token_source"],
+        )
 
 
 class TestRedirects:

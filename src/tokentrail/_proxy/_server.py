@@ -55,7 +55,7 @@ from .._metrics import Metrics
 from .._record import new_event_id, now_rfc3339
 from ._config import ProxyConfig
 from ._identity import IDEMPOTENCY_HEADER, SESSION_HEADER, USER_HEADER, IdentityResolver, RetryIndex
-from ._tokendata import Strip, plan, strip_json, strip_line
+from ._tokendata import Strip, plan, strip_event, strip_json, strip_line
 
 log = logging.getLogger("tokentrail.proxy")
 _T = TypeVar("_T")
@@ -648,6 +648,7 @@ class ProxyApp:
             status = 504 if stalled else 502  # what the client gets, and so what is recorded
             await self._record(ex, "upstream_error", status=status)
             return error_response(ex.dialect, status, f"tokentrail: {ex.capture.error}")
+        text = raw
         try:
             text = _decoded(raw, upstream.headers.get("Content-Encoding"))
             ex.capture.feed(loads(text))
@@ -663,7 +664,14 @@ class ProxyApp:
         stop = "upstream_error" if failed else None
         if request.transport is None or request.transport.is_closing():
             stop = "client_disconnect"
-        out_body = strip_json(raw, strip) if strip else raw
+        relayed_headers = client_response_headers(upstream.headers, keep_length=False)
+        out_body = raw
+        if strip:
+            # Token data asked for with "identity"; an upstream that compressed all the same
+            # has its body relayed decoded, so that the data can be taken out of it.
+            out_body = strip_json(text, strip)
+            if text is not raw:
+                relayed_headers.popall("Content-Encoding", None)
         try:
             await self._record(ex, stop)
         except StoreError as exc:
@@ -675,7 +683,7 @@ class ProxyApp:
             status=upstream.status,
             reason=upstream.reason,
             body=out_body,
-            headers=client_response_headers(upstream.headers, keep_length=False),
+            headers=relayed_headers,
         )
 
     async def _relay_stream(
@@ -689,11 +697,13 @@ class ProxyApp:
     ) -> web.StreamResponse:
         encoding = upstream.headers.get("Content-Encoding", "identity").lower()
         inflate = _inflater(encoding)
-        out = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=client_response_headers(upstream.headers, keep_length=not strip),
-        )
+        headers = client_response_headers(upstream.headers, keep_length=not strip)
+        # Relayed as they came, unless token data is to be taken out of a compressed stream
+        # (asked for with "identity", compressed all the same): then relayed decoded.
+        whole = inflate is not None and not strip
+        if inflate is not None and strip:
+            headers.popall("Content-Encoding", None)
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         strict = self.config.durability == "strict"
         capture = ex.capture
         events = SSEEvents() if sse else None
@@ -714,7 +724,7 @@ class ProxyApp:
                 if cut:
                     lines = pending[:cut].splitlines(keepends=True)
                     pending = pending[cut:]
-                if inflate is not None:
+                if whole:
                     # Compressed bytes cannot be split at a line: relay or hold whole chunks.
                     for line in lines:
                         if not holding:
@@ -726,37 +736,37 @@ class ProxyApp:
                     continue
                 relay: list[bytes] = []
                 for line in lines:
-                    out_line = strip_line(line, strip, sse=sse) if strip else line
                     if holding:
-                        held.append(out_line)
+                        held.append(strip_line(line, strip, sse=sse) if strip else line)
                         continue
                     holding = self._feed_line(ex, line, events) and strict
                     if events is None or not (event or events.open):
+                        out_line = strip_line(line, strip, sse=sse) if strip else line
                         (held if holding else relay).append(out_line)
                         continue
                     # An event with data goes out whole at its end, when a client acts on it:
                     # so the final one is held whole, and a cut one never reaches the client.
-                    event.append(out_line)
-                    event_bytes += len(out_line)
+                    event.append(line)
+                    event_bytes += len(line)
                     if events.open:
                         if event_bytes > MAX_LINE_BYTES:
                             raise _LineTooLong
                         continue
-                    (held if holding else relay).extend(event)
+                    (held if holding else relay).extend(strip_event(event, strip))
                     event, event_bytes = [], 0
                 if relay:
                     await _send(out, b"".join(relay))
             if pending:  # a last line without its line end
                 if not holding:
                     holding = self._feed_line(ex, pending, events) and strict
-                if inflate is None:  # compressed bytes have gone out (or are held) whole
+                if not whole:  # compressed bytes have gone out (or are held) whole
                     tail = strip_line(pending, strip, sse=sse) if strip else pending
                     if holding:
                         held.append(tail)
                     elif events is None:
                         await _send(out, tail)
                     else:
-                        event.append(tail)  # an SSE event never ended: what follows decides
+                        event.append(pending)  # an SSE event never ended: what follows decides
         except _ClientGone:
             stop = "client_disconnect"
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -778,7 +788,7 @@ class ProxyApp:
             stop = "upstream_error"
             held.append(self._error_event(ex, capture.error, sse))
         elif stop is None:  # an SSE event cut short after the end: relayed (a client drops it)
-            held[:0] = event
+            held[:0] = strip_event(event, strip)
         if stop == "client_disconnect":
             upstream.close()
         try:

@@ -9,7 +9,8 @@ for itself:
   unknown parameter, which is why it is a separate choice).
 
 and removes from every response chunk exactly what that addition put there, editing the upstream's
-bytes in place (never re-serialising) so the client receives the bytes it would have received:
+bytes in place (never re-serialising) so the client receives the bytes it would have received
+(an SSE event whose JSON spans several ``data:`` lines is edited as a client reads it, joined):
 
 - Ollama: the top-level ``logprobs`` member is removed (Ollama omits it when not asked:
   ``json:"logprobs,omitempty"``);
@@ -245,3 +246,38 @@ def strip_line(line: bytes, strip: Strip, *, sse: bool) -> bytes:
     body = line[head:body_end]
     new = strip_json(body, strip)
     return line if new is body else line[:head] + new + line[body_end:]
+
+
+def _data_value(line: bytes) -> bytes | None:
+    """The value of an SSE ``data`` field line (one space after the colon dropped), else None."""
+    name, colon, value = line.rstrip(b"\r\n").partition(b":")
+    if name != b"data":
+        return None
+    return value[1:] if colon and value[:1] == b" " else value
+
+
+def strip_event(lines: list[bytes], strip: Strip) -> list[bytes]:
+    """An SSE event's lines (its blank line last) with the token data hidden from its data.
+
+    A client joins an event's ``data`` lines with LF and parses that, so an event whose JSON
+    spans several ``data`` lines is edited as a whole (line by line, no line is JSON): the
+    edited data goes out as ``data:`` lines split where it has LFs, in the place of the old
+    ones, with the first one's spelling and line end. An event with one data line is edited
+    in place (:func:`strip_line`).
+    """
+    if not strip:
+        return lines
+    at = [i for i, line in enumerate(lines) if _data_value(line) is not None]
+    if len(at) < 2:
+        return [strip_line(line, strip, sse=True) for line in lines]
+    first = lines[at[0]]
+    data = b"\n".join(_data_value(lines[i]) or b"" for i in at)
+    new = strip_json(data, strip)
+    if new is data:
+        return lines
+    head = b"data: " if first[5:6] == b" " else b"data:"
+    end = first[len(first.rstrip(b"\r\n")) :]
+    data_lines = [head + part + end for part in new.split(b"\n")]
+    data_at = set(at)
+    rest = [line for i, line in enumerate(lines) if i not in data_at]
+    return rest[: at[0]] + data_lines + rest[at[0] :]
