@@ -577,6 +577,23 @@ class TestRequestTokenData:
         (rec,) = proxy.records()
         assert "token_data_requested" not in rec
 
+    def test_noncharacter_is_stored_as_replacement(
+        self, sims: dict[str, str], proxy_factory: Any
+    ) -> None:
+        """A prompt holding a noncharacter reaches the upstream as the client sent it, and the
+        record, a line of I-JSON (SPEC section 2; RFC 7493 bars noncharacters), holds U+FFFD."""
+        proxy = proxy_factory(sims["ollama"])
+        raw = '{"model":"llama3.2:1b","prompt":"odd \uffff\ufdd0 one","stream":false}'.encode()
+        headers = {"Content-Type": "application/json"}
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims["ollama"] + "/api/generate", content=raw, headers=headers)
+            proxied = client.post(proxy.url + "/api/generate", content=raw, headers=headers)
+        same_response(direct, proxied)
+        (rec,) = proxy.records()
+        assert ("odd \ufffd\ufffd one",) * 2 == (rec["input_text"], rec["request_body"]["prompt"])
+        stored = b"".join(f.read_bytes() for f in proxy.ledger.rglob("*.jsonl"))
+        assert b"\xef\xbf\xbf" not in stored and b"\xef\xb7\x90" not in stored
+
 
 class TestBadInput:
     """Input the proxy refuses never reaches the upstream and leaves no record."""

@@ -46,9 +46,17 @@ any_char = st.one_of(
     st.characters(min_codepoint=0x10000),
     st.characters(max_codepoint=0x1F),
     st.sampled_from(['"', "\\", "/", "\x7f", "\u2028", "\u2029", "\ufeff", "\ufffd"]),
+    st.sampled_from(["\ufdd0", "\ufdef", "\ufffe", "\uffff", "\U0001fffe", "\U0010ffff"]),
 )
 #: Text over ``any_char``: ``st.text(any_char)`` would almost never draw a surrogate.
 any_text = st.lists(any_char).map("".join)
+#: The 66 Unicode noncharacters, which I-JSON strings may not hold (RFC 7493 section 2.1).
+NONCHARACTERS = frozenset(
+    [chr(c) for c in range(0xFDD0, 0xFDF0)]
+    + [chr(p << 16 | low) for p in range(17) for low in (0xFFFE, 0xFFFF)]
+)
+#: Text that is I-JSON as it is: no surrogates (Hypothesis leaves them out), no noncharacters.
+i_json_text = st.text(st.characters().filter(lambda c: c not in NONCHARACTERS))
 edge_ints = st.sampled_from(
     [0, -1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1]
 )
@@ -260,29 +268,56 @@ class TestTextHash:
             assert expected == fields[f"{side}_text_hash"]
 
     @HYP
-    @given(st.text())
+    @given(i_json_text)
     def test_valid_text_stored_unchanged(self, text: str) -> None:
-        """Text without surrogates is stored as given."""
+        """Text without surrogates or noncharacters is stored as given."""
         assert text == exchange(input_text=text).fields()["input_text"]
 
 
 def replace_surrogates(text: str) -> str:
-    """One U+FFFD for each lone surrogate code point, everything else kept."""
-    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    """One U+FFFD for each lone surrogate code point or noncharacter, everything else kept."""
+    return "".join(
+        "\ufffd" if "\ud800" <= c <= "\udfff" or c in NONCHARACTERS else c for c in text
+    )
 
 
 class TestCleanText:
     @HYP
-    @given(st.text())
+    @given(i_json_text)
     def test_valid_text_unchanged(self, text: str) -> None:
-        """Text that already encodes to UTF-8 comes back unchanged."""
+        """Text that is already I-JSON comes back unchanged."""
         assert text == clean_text(text)
 
     @HYP
     @given(any_text)
-    def test_always_encodes(self, text: str) -> None:
-        """Whatever comes in, the result encodes to UTF-8."""
-        clean_text(text).encode("utf-8")
+    def test_always_i_json(self, text: str) -> None:
+        """Whatever comes in, the result encodes to UTF-8 and holds no noncharacter."""
+        cleaned = clean_text(text)
+        cleaned.encode("utf-8")
+        assert not NONCHARACTERS.intersection(cleaned)
+
+    @pytest.mark.parametrize("char", sorted(NONCHARACTERS), ids=lambda c: f"U+{ord(c):04X}")
+    def test_noncharacter_becomes_one_replacement(self, char: str) -> None:
+        """Each noncharacter becomes exactly one U+FFFD, beside a lone surrogate too."""
+        assert "a\ufffdb" == clean_text(f"a{char}b")
+        assert "\ufffd\ufffd" == clean_text(f"{char}\ud800")
+
+    @HYP
+    @given(any_text, strings, any_text)
+    def test_record_bytes_are_i_json(self, text: str, pieces: list[str], key: str) -> None:
+        """A record whose values and keys hold surrogates or noncharacters is stored with
+        U+FFFD in their place, everywhere, and its hashes are over what is stored."""
+        ex = exchange(
+            model=text or "m",
+            input_text=text,
+            output_tokens=pieces,
+            extra={"request_body": {key: [text]}},
+        )
+        data = ex.content_bytes()
+        back = orjson.loads(data)
+        assert not NONCHARACTERS.intersection(data.decode("utf-8"))
+        assert hashlib.sha256(back["input_text"].encode()).hexdigest() == back["input_text_hash"]
+        assert hashlib.sha256(dumps(back["output_tokens"])).hexdigest() == back["output_hash"]
 
     @pytest.mark.parametrize(
         ("text", "expected"),
@@ -301,7 +336,8 @@ class TestCleanText:
     @HYP
     @given(any_text)
     def test_surrogates_replaced_one_for_one(self, text: str) -> None:
-        """Every surrogate code point becomes one U+FFFD and nothing else changes."""
+        """Every surrogate code point or noncharacter becomes one U+FFFD and nothing else
+        changes."""
         assert replace_surrogates(text) == clean_text(text)
 
     def test_surrogates_replaced_not_kept(self) -> None:

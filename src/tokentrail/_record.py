@@ -124,14 +124,35 @@ def piece(raw: bytes) -> str | list[int]:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: The 66 Unicode noncharacters: U+FDD0..U+FDEF and the last two code points of each plane.
+_NONCHARACTER = re.compile(
+    "[\ufdd0-\ufdef"
+    + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17))
+    + "]"
+)
+#: A noncharacter's UTF-8 starts with EF (U+FDD0..U+FDEF: EF B7 90..AF, U+FFFE/F: EF BF BE/BF)
+#: or F0..F4 (the other planes' last two, ending BF BE/BF): bytes with none of these lead bytes
+#: (ASCII, Latin, Cyrillic, most CJK) are cleared by one-byte searches, which are fast (memchr).
+_NONCHARACTER_LEADS = (b"\xef", b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")
+_NONCHARACTER_HINTS = (b"\xef\xb7", b"\xbf\xbe", b"\xbf\xbf")
+
+
+def may_hold_noncharacter(data: bytes) -> bool:
+    """False when UTF-8 ``data`` holds no Unicode noncharacter (True: it may)."""
+    if not any(lead in data for lead in _NONCHARACTER_LEADS):
+        return False
+    return any(hint in data for hint in _NONCHARACTER_HINTS)
 
 
 def clean_text(text: str) -> str:
-    """Text that encodes to UTF-8: a lone surrogate (a ``\\ud800`` escape) becomes U+FFFD."""
+    """Text a record can store as I-JSON (RFC 7493 section 2.1): a lone surrogate (a
+    ``\\ud800`` escape, which no UTF-8 can hold) or a noncharacter becomes U+FFFD."""
     try:
-        text.encode("utf-8")
+        data = text.encode("utf-8")
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
+        return _NONCHARACTER.sub("\ufffd", _SURROGATE.sub("\ufffd", text))
+    if may_hold_noncharacter(data):
+        return _NONCHARACTER.sub("\ufffd", text)
     return text
 
 
@@ -289,11 +310,14 @@ class Exchange:
     def content_bytes(self) -> bytes:
         """The content fields as compact JSON (an object), encoding each token list once."""
         try:
-            return orjson.dumps(self._fields(fragments=True))
+            data = orjson.dumps(self._fields(fragments=True))
+            if not may_hold_noncharacter(data):
+                return data
         except TypeError:
             pass
-        # A lone surrogate (a client's "\\ud800" escape) cannot be UTF-8: store U+FFFD instead,
-        # and hash what is stored, so the record stays self-consistent.
+        # A lone surrogate (a client's "\\ud800" escape) cannot be UTF-8, and I-JSON holds no
+        # noncharacter (U+FFFF, ...): store U+FFFD instead, and hash what is stored, so the
+        # record stays self-consistent.
         scrubbed = replace(
             self,
             **{
