@@ -276,9 +276,7 @@ class TestTextHash:
 
 def replace_surrogates(text: str) -> str:
     """One U+FFFD for each lone surrogate code point or noncharacter, everything else kept."""
-    return "".join(
-        "\ufffd" if "\ud800" <= c <= "\udfff" or c in NONCHARACTERS else c for c in text
-    )
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" or c in NONCHARACTERS else c for c in text)
 
 
 class TestCleanText:
