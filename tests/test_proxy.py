@@ -595,6 +595,42 @@ class TestRequestTokenData:
         assert b"\xef\xbf\xbf" not in stored and b"\xef\xb7\x90" not in stored
 
 
+class TestPathSpelling:
+    @pytest.mark.parametrize(
+        ("mode", "path"),
+        [
+            ("ollama", "/api/generate/"),
+            ("ollama", "//api/generate"),
+            ("openai", "/v1/chat/completions/"),
+            ("openai", "//v1/chat/completions"),
+        ],
+    )
+    def test_forwarded_as_sent_and_recorded(
+        self, sims: dict[str, str], proxies: dict[str, ProxyProc], mode: str, path: str
+    ) -> None:
+        """Another spelling of an audited path reaches the upstream as sent, so the client gets
+        the upstream's own answer to it (the simulator's router, like Ollama's and vLLM's,
+        does not serve it), and the exchange is recorded all the same."""
+        proxy = proxies[mode]
+        body = (
+            {"model": MODEL, "prompt": "hi", "stream": False}
+            if mode == "ollama"
+            else {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        before = len(proxy.records())
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims[mode] + path, json=body)
+            proxied = client.post(proxy.url + path, json=body)
+        assert 404 == direct.status_code
+        same_response(direct, proxied)
+        records = proxy.records()
+        assert before + 1 == len(records)
+        assert ("upstream_error", 404) == (
+            records[-1]["stop_reason"],
+            records[-1]["http.response.status_code"],
+        )
+
+
 class TestBadInput:
     """Input the proxy refuses never reaches the upstream and leaves no record."""
 

@@ -293,7 +293,8 @@ class TestPathInjection:
     def test_dot_segments_do_not_bypass_the_audit(
         self, proxies: list[ProxyProc], tmp_path: Path, path: str
     ) -> None:
-        """Either the exchange is recorded, or it is refused and never reaches the upstream."""
+        """The exchange is recorded, whether the upstream acts on that spelling or not (it is
+        forwarded as sent, so the upstream's answer to it is the client's)."""
         seen = Seen()
         with upstream_in_thread(seen=seen) as url:
             proxy = _start(proxies, tmp_path, url)
@@ -311,7 +312,7 @@ class TestPathInjection:
                     pass
             reached = "dot-1" in seen.keys
             recorded = any(r.get("idempotency_key") == "dot-1" for r in proxy.records())
-        assert reached == recorded
+        assert recorded, f"reached the upstream as an audited path: {reached}"
 
 
 class TestSigningKey:

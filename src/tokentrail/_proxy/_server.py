@@ -334,6 +334,12 @@ class _Exchange:
 MAX_LINE_BYTES = 16 << 20
 
 
+def _target_as_sent(request: web.Request) -> str:
+    """The request's path and query as the client sent them: not decoded, not normalised."""
+    raw = request.raw_path
+    return raw if raw.startswith("/") else request.rel_url.raw_path_qs  # absolute-form
+
+
 def canonical_path(path: str) -> str:
     """The path with empty and dot segments resolved and no trailing slash (RFC 3986 5.2.4)."""
     out: list[str] = []
@@ -397,20 +403,22 @@ class ProxyApp:
                 kind="invalid_request_error",
                 code="invalid_api_key",
             )
-        # Audit by the path the upstream will act on: "/api/./generate", "/api/x/../generate",
-        # "//api/generate/" and their %-encoded spellings all reach /api/generate.
+        # Audit by the path the upstream may act on: "/api/./generate", "/api/x/../generate",
+        # "//api/generate/" and their %-encoded spellings may all reach /api/generate. They are
+        # forwarded as sent (a server that refuses them refuses them through the proxy too), and
+        # recorded whatever the answer, so no spelling gets past the ledger.
         canonical = canonical_path(request.path)
         api = PATHS.get(canonical) if request.method == "POST" else None
         if api is None:
             return await self.passthrough(request)
-        return await self.audited(request, api, ident.user_id, ident.session_id, canonical)
+        return await self.audited(request, api, ident.user_id, ident.session_id)
 
     # -- pass-through -------------------------------------------------------------------------
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Relay a request the proxy does not audit, streaming both bodies."""
         self.metrics.passthrough.inc()
-        url = URL(self.config.upstream + request.raw_path, encoded=True)  # as sent: no re-encoding
+        url = URL(self.config.upstream + _target_as_sent(request), encoded=True)
         headers = upstream_request_headers(request.headers, audited=False)
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
@@ -468,7 +476,6 @@ class ProxyApp:
         api: str,
         user_id: str | None,
         session_id: str | None,
-        path: str,
     ) -> web.StreamResponse:
         """Relay one audited exchange and record it."""
         started = time.perf_counter()
@@ -570,8 +577,9 @@ class ProxyApp:
                 return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
         watch = _ClientWatch(request)
         try:
-            query = request.raw_path.partition("?")[2]  # as sent, not decoded and re-encoded
-            target = path + ("?" + query if query else "")
+            # The target as sent: audited by the path the upstream may act on (see ``handle``),
+            # but what the upstream makes of "/api/generate/" is its own answer to give.
+            target = _target_as_sent(request)
             return await self._exchange(request, ex, send, headers, strip, target, watch)
         except asyncio.CancelledError:
             if not ex.recorded:
