@@ -165,6 +165,16 @@ class TestOllama:
         assert all(v and v > 0 for v in (r.total_duration, r.load_duration, r.eval_duration))
         assert r.logprobs is None
 
+    @pytest.mark.parametrize("sim", ["ollama"], indirect=True)
+    async def test_large_body(self, sim: str) -> None:
+        """A chat with a 3 MB image is answered (Ollama sets no 1 MiB cap, as aiohttp would)."""
+        client = ollama.AsyncClient(host=sim)
+        image = bytes(range(256)) * 12_000
+        r = await client.chat(
+            MODEL, messages=[{"role": "user", "content": "What is this?", "images": [image]}]
+        )
+        assert r.done and r.message.content
+
     @pytest.mark.parametrize("sim", ["ollama-0.4", "ollama"], indirect=True)
     async def test_generate_stream(self, sim: str) -> None:
         """Streamed chunks add up to the whole answer; only the last is done, with context."""

@@ -24,6 +24,8 @@ __all__ = ["make_app", "running_sim", "sim_in_thread"]
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: The largest request body the simulator reads (1 GiB).
+MAX_BODY_BYTES = 1 << 30
 CONFIG_KEY = web.AppKey("sim_config", SimConfig)
 TOKENIZER_KEY = web.AppKey("sim_tokenizer", SimTokenizer)
 
@@ -56,7 +58,9 @@ def make_app(config: SimConfig | None = None) -> web.Application:
                 return dialect.error(405, "Method Not Allowed")
             return web.Response(status=404, text="404 page not found")
 
-    app = web.Application(middlewares=[faults])
+    # Ollama and vLLM put no small cap on a request body (base64 images run to megabytes);
+    # aiohttp's default would refuse anything over 1 MiB.
+    app = web.Application(middlewares=[faults], client_max_size=MAX_BODY_BYTES)
     app[CONFIG_KEY] = config
     app[TOKENIZER_KEY] = tok
     app.add_routes(dialect.routes())
