@@ -501,6 +501,40 @@ class TestOfficialClients:
         assert recs[1]["gen_ai.usage.output_tokens"] > 0
         assert all("sk-test" not in json.dumps(r) for r in recs)
 
+    @pytest.mark.parametrize("mode", ["openai", "vllm"])
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    def test_n_choices(
+        self, sims: dict[str, str], proxies: dict[str, ProxyProc], mode: str, stream: bool
+    ) -> None:
+        """n=3: the client gets the three choices it gets directly (streamed: interleaved);
+        the record's text and tokens are the first choice's, and it keeps all three."""
+        proxy = proxies[mode]
+        before = len(proxy.records())
+        kw: Any = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Three takes"}],
+            "n": 3,
+            "logprobs": True,
+        }
+        got = []
+        for base in (sims[mode], proxy.url):
+            c = openai.OpenAI(base_url=base + "/v1", api_key="sk-test")
+            texts = ["", "", ""]
+            if stream:
+                for ch in c.chat.completions.create(**kw, stream=True):
+                    for choice in ch.choices:
+                        texts[choice.index] += choice.delta.content or ""
+            else:
+                for choice in c.chat.completions.create(**kw).choices:
+                    texts[choice.index] = choice.message.content or ""
+            got.append(texts)
+        assert got[0] == got[1] and len(set(got[0])) == 3
+        (rec,) = proxy.new_records(before)
+        assert got[1][0] == rec["output_text"] == "".join(rec["output_tokens"])
+        assert "upstream-pieces" == rec["output_token_source"]
+        assert got[1] == [m["parts"][0]["content"] for m in rec["gen_ai.output.messages"]]
+        assert ["stop"] * 3 == rec["gen_ai.response.finish_reasons"]
+
     @pytest.mark.parametrize("mode", OLLAMA_MODES)
     def test_openai_client_to_ollama(
         self, sims: dict[str, str], proxies: dict[str, ProxyProc], mode: str

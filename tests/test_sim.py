@@ -438,6 +438,50 @@ def _client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
 
+class TestChoices:
+    """``n``: OpenAI and vLLM answer with n choices, streamed interleaved; llama.cpp refuses."""
+
+    @pytest.mark.parametrize("sim", ["openai", "vllm"], indirect=True)
+    @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+    async def test_n_choices(self, sim: str, chat: bool) -> None:
+        client = _client(sim)
+        create: Any = client.chat.completions.create if chat else client.completions.create
+        kw: dict[str, Any] = {"model": MODEL, "seed": CHAT_SEED, "n": 3, "max_tokens": 40}
+        kw.update({"messages": CHAT} if chat else {"prompt": PROMPT})
+        whole = await create(**kw)
+        texts = [c.message.content if chat else c.text for c in whole.choices]
+        assert [0, 1, 2] == [c.index for c in whole.choices]
+        assert len(set(texts)) == 3, "each choice is a generation of its own"
+        one = await create(**{**kw, "n": 1})
+        assert texts[0] == (one.choices[0].message.content if chat else one.choices[0].text)
+        assert whole.usage.prompt_tokens == one.usage.prompt_tokens
+        assert whole.usage.completion_tokens > one.usage.completion_tokens
+
+        stream = await create(**kw, stream=True, stream_options={"include_usage": True})
+        got = ["", "", ""]
+        finish: dict[int, str] = {}
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                got[c.index] += (c.delta.content or "") if chat else c.text
+                if c.finish_reason is not None:
+                    finish[c.index] = c.finish_reason
+        assert texts == got
+        assert {0, 1, 2} == set(finish)
+        assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+    @pytest.mark.parametrize("sim", ["llamacpp"], indirect=True)
+    async def test_llamacpp_refuses_n(self, sim: str) -> None:
+        with pytest.raises(openai.BadRequestError, match="Only one completion choice"):
+            await _client(sim).chat.completions.create(model=MODEL, messages=CHAT, n=2)
+
+    @pytest.mark.parametrize("sim", OPENAI_MODES, indirect=True)
+    async def test_n_below_one_refused(self, sim: str) -> None:
+        with pytest.raises(openai.BadRequestError):
+            await _client(sim).chat.completions.create(model=MODEL, messages=CHAT, n=0)
+
+
 class TestOpenAIChat:
     @pytest.mark.parametrize("sim", OPENAI_MODES, indirect=True)
     async def test_whole(self, sim: str) -> None:

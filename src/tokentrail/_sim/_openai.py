@@ -62,6 +62,10 @@ def _rand(n: int) -> str:
     return "".join(secrets.choice(_ALNUM) for _ in range(n))
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class _Request:
     """What one completion request asked for, read once from its body."""
 
@@ -87,6 +91,9 @@ class _Request:
             self.logprobs = isinstance(top, int) and not isinstance(top, bool) and top >= 0
             self.top_n = int(top) if self.logprobs and isinstance(top, int) else 0
         self.return_token_ids = body.get("return_token_ids") is True
+        n = body.get("n")
+        #: Choices asked for; ``None`` when ``n`` is not a positive integer (a 400).
+        self.n: int | None = 1 if n is None else n if _positive_int(n) else None
 
 
 class OpenAIDialect:
@@ -168,8 +175,13 @@ class OpenAIDialect:
 
     # -- shared pieces ----------------------------------------------------------------------
 
-    def usage(self, gen: Generation, *, final_chunk: bool = False) -> dict[str, Any]:
-        prompt, completion = len(gen.prompt_ids), len(gen.output_ids)
+    def usage(
+        self, gen: Generation | Sequence[Generation], *, final_chunk: bool = False
+    ) -> dict[str, Any]:
+        """Token counts: the prompt once, the completion tokens of every choice."""
+        gens = [gen] if isinstance(gen, Generation) else list(gen)
+        prompt = len(gens[0].prompt_ids)
+        completion = sum(len(g.output_ids) for g in gens)
         total = prompt + completion
         if self.flavor == "llamacpp":
             return {
@@ -324,6 +336,20 @@ class OpenAIDialect:
             return self.error(400, "token id out of range")
         return self.json({"content": self.tok.decode(tokens)})
 
+    def check_n(self, req: _Request) -> web.Response | None:
+        """The flavor's refusal of ``n``, if it refuses it (llama.cpp serves one choice)."""
+        if req.n is None:
+            return self.error(400, "Invalid value for 'n': expected an integer of at least 1.",
+                              param="n", code="invalid_value")  # fmt: skip
+        if req.n != 1 and self.flavor == "llamacpp":
+            return self.error(400, "Only one completion choice is allowed")
+        return None
+
+    def more_choices(self, req: _Request, gen: Generation, **kwargs: Any) -> list[Generation]:
+        """``gen`` and the other ``n - 1`` choices, each from a seed of its own."""
+        n = req.n or 1
+        return [gen] + [generate(self.tok, seed=(req.seed, i), **kwargs) for i in range(1, n)]
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         pacer = Pacer(self.config.ttft_ms, self.config.token_ms)
         body = await self.body(request)
@@ -339,28 +365,32 @@ class OpenAIDialect:
                 code="missing_required_parameter",
             )  # fmt: skip
         req = _Request(body, chat=True)
-        gen = generate(
-            self.tok,
-            model=model,
-            prompt_text=render_chat([m for m in messages if isinstance(m, Mapping)]),
-            seed=req.seed,
-            max_tokens=req.max_tokens,
-            stop=req.stops,
-            top_logprobs=req.top_n,
-        )
+        refused = self.check_n(req)
+        if refused is not None:
+            return refused
+        spec: dict[str, Any] = {
+            "model": model,
+            "prompt_text": render_chat([m for m in messages if isinstance(m, Mapping)]),
+            "max_tokens": req.max_tokens,
+            "stop": req.stops,
+            "top_logprobs": req.top_n,
+        }
+        gens = self.more_choices(req, generate(self.tok, seed=req.seed, **spec), **spec)
         ident = "chatcmpl-" + (_rand(29) if self.flavor == "openai" else secrets.token_hex(16))
         created = int(time.time())
         fault = fault_of(request)
         if req.stream:
-            return await self._chat_stream(request, fault, req, gen, model, ident, created, pacer)
-        await pacer.all(len(gen.output_ids))
+            return await self._chat_stream(request, fault, req, gens, model, ident, created, pacer)
+        await pacer.all(max(len(g.output_ids) for g in gens))
         return await send_body(
-            request, fault, dumps(self._chat_whole(req, gen, model, ident, created, pacer))
+            request, fault, dumps(self._chat_whole(req, gens, model, ident, created, pacer))
         )
 
     def _chat_whole(
-        self, req: _Request, gen: Generation, model: str, ident: str, created: int, pacer: Pacer
-    ) -> dict[str, Any]:
+        self, req: _Request, gens: list[Generation], model: str, ident: str, created: int,
+        pacer: Pacer,
+    ) -> dict[str, Any]:  # fmt: skip
+        gen = gens[0]
         logprobs = self.chat_logprobs(gen.steps, req.top_n) if req.logprobs else None
         if self.flavor == "llamacpp":
             choice: dict[str, Any] = {
@@ -398,17 +428,20 @@ class OpenAIDialect:
                 "model": model,
                 "choices": [
                     {
-                        "index": 0,
-                        "message": message,
-                        "logprobs": logprobs,
-                        "finish_reason": gen.finish_reason,
-                        "stop_reason": gen.stop_sequence,
-                        "token_ids": list(gen.output_ids) if req.return_token_ids else None,
+                        "index": i,
+                        "message": {**message, "content": g.text},
+                        "logprobs": (
+                            self.chat_logprobs(g.steps, req.top_n) if req.logprobs else None
+                        ),
+                        "finish_reason": g.finish_reason,
+                        "stop_reason": g.stop_sequence,
+                        "token_ids": list(g.output_ids) if req.return_token_ids else None,
                     }
+                    for i, g in enumerate(gens)
                 ],
                 "service_tier": None,
                 "system_fingerprint": None,
-                "usage": self.usage(gen),
+                "usage": self.usage(gens),
                 "prompt_logprobs": None,
                 "prompt_token_ids": list(gen.prompt_ids) if req.return_token_ids else None,
                 "kv_transfer_params": None,
@@ -420,18 +453,19 @@ class OpenAIDialect:
             "model": model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": i,
                     "message": {
                         "role": "assistant",
-                        "content": gen.text,
+                        "content": g.text,
                         "refusal": None,
                         "annotations": [],
                     },
-                    "logprobs": logprobs,
-                    "finish_reason": gen.finish_reason,
+                    "logprobs": self.chat_logprobs(g.steps, req.top_n) if req.logprobs else None,
+                    "finish_reason": g.finish_reason,
                 }
+                for i, g in enumerate(gens)
             ],
-            "usage": self.usage(gen),
+            "usage": self.usage(gens),
             "service_tier": "default",
             "system_fingerprint": self.fingerprint,
         }
@@ -468,7 +502,7 @@ class OpenAIDialect:
             obj["obfuscation"] = _rand(1 + secrets.randbelow(12))
         return b"data: " + dumps(obj) + b"\n\n"
 
-    def _choice(self, delta: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    def _choice(self, delta: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, Any]:
         if self.flavor == "llamacpp":
             choice = {
                 "finish_reason": fields.pop("finish_reason", None),
@@ -480,7 +514,7 @@ class OpenAIDialect:
                 choice["logprobs"] = logprobs
             return choice
         choice = {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": fields.pop("logprobs", None),
             "finish_reason": fields.pop("finish_reason", None),
@@ -490,9 +524,10 @@ class OpenAIDialect:
         return choice
 
     async def _chat_stream(
-        self, request: web.Request, fault: Fault, req: _Request, gen: Generation, model: str,
-        ident: str, created: int, pacer: Pacer,
+        self, request: web.Request, fault: Fault, req: _Request, gens: list[Generation],
+        model: str, ident: str, created: int, pacer: Pacer,
     ) -> web.StreamResponse:  # fmt: skip
+        """The chunks of every choice, interleaved step by step as the servers send them."""
         writer = ChunkWriter(request, fault, SSE)
         await writer.start()
         vllm = self.flavor == "vllm"
@@ -501,50 +536,57 @@ class OpenAIDialect:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             return self._chunk(req, model, ident, created, choices, **extra)
 
-        if self.flavor == "openai":
-            first = chunk([self._choice({"role": "assistant", "content": "", "refusal": None})])
-        elif vllm:
-            prompt_ids = list(gen.prompt_ids) if req.return_token_ids else None
-            first = chunk(
-                [self._choice({"role": "assistant", "content": ""})], prompt_token_ids=prompt_ids
-            )
-        else:
-            first = None  # llama.cpp sends its role chunk with the first token
-        if first is not None and not await writer.send(first):
-            return await writer.finish()
+        firsts: list[bytes] = []
+        for i, gen in enumerate(gens):
+            if self.flavor == "openai":
+                role = {"role": "assistant", "content": "", "refusal": None}
+                firsts.append(chunk([self._choice(role, i)]))
+            elif vllm:
+                prompt_ids = list(gen.prompt_ids) if req.return_token_ids else None
+                role = {"role": "assistant", "content": ""}
+                firsts.append(chunk([self._choice(role, i)], prompt_token_ids=prompt_ids))
+            # llama.cpp sends its role chunk with the first token
+        for first in firsts:
+            if not await writer.send(first):
+                return await writer.finish()
 
-        steps = gen.steps
-        for i, step in enumerate(steps):
-            await pacer.tokens(len(step.tokens))
-            logprobs = self.chat_logprobs((step,), req.top_n) if req.logprobs else None
-            events = []
-            if self.flavor == "llamacpp" and i == 0:
-                events.append(chunk([self._choice({"role": "assistant", "content": None})]))
-            fields: dict[str, Any] = {"logprobs": logprobs}
-            if vllm:
-                last = i == len(steps) - 1
-                fields["finish_reason"] = gen.finish_reason if last else None
-                if last:
-                    fields["stop_reason"] = gen.stop_sequence
-                fields["token_ids"] = ids_or_none(c.token_id for c in step.tokens)
-            events.append(chunk([self._choice({"content": step.text}, **fields)]))
-            for event in events:
-                if not await writer.send(event):
-                    return await writer.finish()
+        for k in range(max(len(g.steps) for g in gens)):
+            await pacer.tokens(max(len(g.steps[k].tokens) for g in gens if k < len(g.steps)))
+            for i, gen in enumerate(gens):
+                if k >= len(gen.steps):
+                    continue
+                step = gen.steps[k]
+                logprobs = self.chat_logprobs((step,), req.top_n) if req.logprobs else None
+                events = []
+                if self.flavor == "llamacpp" and k == 0:
+                    events.append(chunk([self._choice({"role": "assistant", "content": None})]))
+                fields: dict[str, Any] = {"logprobs": logprobs}
+                if vllm:
+                    last = k == len(gen.steps) - 1
+                    fields["finish_reason"] = gen.finish_reason if last else None
+                    if last:
+                        fields["stop_reason"] = gen.stop_sequence
+                    fields["token_ids"] = ids_or_none(c.token_id for c in step.tokens)
+                events.append(chunk([self._choice({"content": step.text}, i, **fields)]))
+                for event in events:
+                    if not await writer.send(event):
+                        return await writer.finish()
 
-        if not vllm or not steps:
+        for i, gen in enumerate(gens):
+            if vllm and gen.steps:
+                continue  # vLLM's last content chunk carries the finish reason
             extra: dict[str, Any] = {}
             fields = {"finish_reason": gen.finish_reason}
             if vllm:
                 fields.update(stop_reason=gen.stop_sequence, token_ids=ids_or_none(()))
             if self.flavor == "llamacpp" and not req.include_usage:
                 extra["timings"] = self.timings(gen, pacer)
-            if not await writer.send(chunk([self._choice({}, **fields)], **extra)):
+            if not await writer.send(chunk([self._choice({}, i, **fields)], **extra)):
                 return await writer.finish()
         if req.include_usage:
-            extra = {"usage": self.usage(gen, final_chunk=True)}
+            extra = {"usage": self.usage(gens, final_chunk=True)}
             if self.flavor == "llamacpp":
-                extra["timings"] = self.timings(gen, pacer)
+                extra["timings"] = self.timings(gens[0], pacer)
             usage_chunk = self._usage_chunk(
                 req, model, ident, created, "chat.completion.chunk", extra
             )
@@ -596,44 +638,49 @@ class OpenAIDialect:
                 code="missing_required_parameter",
             )  # fmt: skip
         req = _Request(body, chat=False)
+        refused = self.check_n(req)
+        if refused is not None:
+            return refused
         limit = 16 if req.max_tokens is None and self.flavor == "openai" else req.max_tokens
-        gen = generate(
-            self.tok,
-            model=model,
-            prompt_text=prompt,
-            seed=req.seed,
-            max_tokens=limit,
-            stop=req.stops,
-            top_logprobs=req.top_n + 1 if self.flavor == "vllm" else req.top_n,
-        )
+        spec: dict[str, Any] = {
+            "model": model,
+            "prompt_text": prompt,
+            "max_tokens": limit,
+            "stop": req.stops,
+            "top_logprobs": req.top_n + 1 if self.flavor == "vllm" else req.top_n,
+        }
+        gens = self.more_choices(req, generate(self.tok, seed=req.seed, **spec), **spec)
         ident = "cmpl-" + (_rand(29) if self.flavor == "openai" else secrets.token_hex(16))
         created = int(time.time())
         fault = fault_of(request)
         if req.stream:
-            return await self._text_stream(request, fault, req, gen, model, ident, created, pacer)
-        await pacer.all(len(gen.output_ids))
-        logprobs = self.legacy_logprobs(gen.steps, req.top_n, 0) if req.logprobs else None
-        choice: dict[str, Any] = {
-            "text": gen.text,
-            "index": 0,
-            "logprobs": logprobs,
-            "finish_reason": gen.finish_reason,
-        }
-        if self.flavor == "vllm":
-            choice = {
-                "index": 0,
+            return await self._text_stream(request, fault, req, gens, model, ident, created, pacer)
+        await pacer.all(max(len(g.output_ids) for g in gens))
+        choices: list[dict[str, Any]] = []
+        for i, gen in enumerate(gens):
+            logprobs = self.legacy_logprobs(gen.steps, req.top_n, 0) if req.logprobs else None
+            choice: dict[str, Any] = {
                 "text": gen.text,
+                "index": i,
                 "logprobs": logprobs,
                 "finish_reason": gen.finish_reason,
-                "stop_reason": gen.stop_sequence,
-                "prompt_logprobs": None,
-                "prompt_token_ids": list(gen.prompt_ids) if req.return_token_ids else None,
-                "token_ids": list(gen.output_ids) if req.return_token_ids else None,
             }
-        obj = self._text_object(model, ident, created, [choice])
-        obj["usage"] = self.usage(gen)
+            if self.flavor == "vllm":
+                choice = {
+                    "index": i,
+                    "text": gen.text,
+                    "logprobs": logprobs,
+                    "finish_reason": gen.finish_reason,
+                    "stop_reason": gen.stop_sequence,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": list(gen.prompt_ids) if req.return_token_ids else None,
+                    "token_ids": list(gen.output_ids) if req.return_token_ids else None,
+                }
+            choices.append(choice)
+        obj = self._text_object(model, ident, created, choices)
+        obj["usage"] = self.usage(gens)
         if self.flavor == "llamacpp":
-            obj["timings"] = self.timings(gen, pacer)
+            obj["timings"] = self.timings(gens[0], pacer)
         return await send_body(request, fault, dumps(obj))
 
     def _text_object(
@@ -660,46 +707,54 @@ class OpenAIDialect:
         return obj
 
     async def _text_stream(
-        self, request: web.Request, fault: Fault, req: _Request, gen: Generation, model: str,
-        ident: str, created: int, pacer: Pacer,
+        self, request: web.Request, fault: Fault, req: _Request, gens: list[Generation],
+        model: str, ident: str, created: int, pacer: Pacer,
     ) -> web.StreamResponse:  # fmt: skip
+        """The chunks of every choice, interleaved step by step as the servers send them."""
         writer = ChunkWriter(request, fault, SSE)
         await writer.start()
         vllm = self.flavor == "vllm"
-        offset = 0
-        steps = gen.steps
-        for i, step in enumerate(steps):
-            await pacer.tokens(len(step.tokens))
-            logprobs = self.legacy_logprobs((step,), req.top_n, offset) if req.logprobs else None
-            offset += len(step.text)
-            choice: dict[str, Any] = {
-                "text": step.text,
-                "index": 0,
-                "logprobs": logprobs,
-                "finish_reason": None,
-            }
-            if vllm:
-                last = i == len(steps) - 1
-                choice = {
-                    "index": 0,
+        offsets = [0] * len(gens)
+        for k in range(max(len(g.steps) for g in gens)):
+            await pacer.tokens(max(len(g.steps[k].tokens) for g in gens if k < len(g.steps)))
+            for i, gen in enumerate(gens):
+                if k >= len(gen.steps):
+                    continue
+                step = gen.steps[k]
+                logprobs = (
+                    self.legacy_logprobs((step,), req.top_n, offsets[i]) if req.logprobs else None
+                )
+                offsets[i] += len(step.text)
+                choice: dict[str, Any] = {
                     "text": step.text,
+                    "index": i,
                     "logprobs": logprobs,
-                    "finish_reason": gen.finish_reason if last else None,
-                    "stop_reason": gen.stop_sequence if last else None,
-                    "prompt_token_ids": (
-                        list(gen.prompt_ids) if req.return_token_ids and i == 0 else None
-                    ),
-                    "token_ids": (
-                        [c.token_id for c in step.tokens] if req.return_token_ids else None
-                    ),
+                    "finish_reason": None,
                 }
-            obj = self._text_object(model, ident, created, [choice])
-            if vllm:
-                obj["usage"] = None
-            if not await writer.send(b"data: " + dumps(obj) + b"\n\n"):
-                return await writer.finish()
-        if not vllm or not steps:
-            choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": gen.finish_reason}
+                if vllm:
+                    last = k == len(gen.steps) - 1
+                    choice = {
+                        "index": i,
+                        "text": step.text,
+                        "logprobs": logprobs,
+                        "finish_reason": gen.finish_reason if last else None,
+                        "stop_reason": gen.stop_sequence if last else None,
+                        "prompt_token_ids": (
+                            list(gen.prompt_ids) if req.return_token_ids and k == 0 else None
+                        ),
+                        "token_ids": (
+                            [c.token_id for c in step.tokens] if req.return_token_ids else None
+                        ),
+                    }
+                obj = self._text_object(model, ident, created, [choice])
+                if vllm:
+                    obj["usage"] = None
+                if not await writer.send(b"data: " + dumps(obj) + b"\n\n"):
+                    return await writer.finish()
+        for i, gen in enumerate(gens):
+            if vllm and gen.steps:
+                continue  # vLLM's last text chunk carries the finish reason
+            choice = {"text": "", "index": i, "logprobs": None, "finish_reason": gen.finish_reason}
             if vllm:
                 choice.update(stop_reason=gen.stop_sequence, prompt_token_ids=None, token_ids=None)
             obj = self._text_object(model, ident, created, [choice])
@@ -709,7 +764,7 @@ class OpenAIDialect:
             if not await writer.send(b"data: " + dumps(obj) + b"\n\n"):
                 return await writer.finish()
         if req.include_usage and self.flavor != "llamacpp":
-            extra = {"usage": self.usage(gen, final_chunk=True)}
+            extra = {"usage": self.usage(gens, final_chunk=True)}
             usage_chunk = self._usage_chunk(req, model, ident, created, "text_completion", extra)
             if not await writer.send(usage_chunk):
                 return await writer.finish()
