@@ -497,7 +497,15 @@ def serve_command(ctx: click.Context, /, **options: Any) -> None:
 
     Clients change only their base URL. Ollama-native (/api/generate, /api/chat) and
     OpenAI-compatible (/v1/chat/completions, /v1/completions) requests are recorded; every
-    other path is passed through untouched.
+    other path is passed through untouched and unrecorded (among them /v1/responses,
+    /api/embed and llama.cpp's native /completion).
+
+    \b
+    Examples:
+      tokentrail serve --upstream http://127.0.0.1:11434 --ledger /var/lib/tokentrail
+      tokentrail serve --upstream http://gpu-1:8000 --listen 0.0.0.0:8001 \\
+          --request-token-data all --api-keys keys.toml
+      tokentrail serve --config /etc/tokentrail/serve.toml
     """
     try:
         config = build_config(options, ctx.meta.get("tokentrail.api_key_table"))
