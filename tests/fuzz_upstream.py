@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import posixpath
 import random
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -314,8 +316,14 @@ BEHAVIOURS: dict[str, _Handler] = {
 RELAY_HEADER = "X-Fuzz-Relay"
 
 
+def resolved(path: str) -> str:
+    """``path`` as a server that resolves dot segments and repeated or trailing slashes acts
+    on it (the proxy forwards odd spellings as sent; such a server would serve them)."""
+    return posixpath.normpath(re.sub("/+", "/", path)).rstrip("/") or "/"
+
+
 class Seen:
-    """The ``Idempotency-Key`` of every audited request that reached this upstream."""
+    """The ``Idempotency-Key`` of every request this upstream could act on as an audited one."""
 
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}
@@ -332,7 +340,7 @@ async def _mark(_request: web.Request, response: web.StreamResponse) -> None:
 async def _handle(request: web.Request) -> web.StreamResponse:
     await request.read()
     key = request.headers.get("Idempotency-Key")
-    if key and request.method == "POST" and request.path in AUDITED:
+    if key and request.method == "POST" and resolved(request.path) in AUDITED:
         seen = request.app[SEEN_KEY]
         with seen.lock:
             seen.keys[key] = request.headers.get(HEADER, "good")
