@@ -130,18 +130,23 @@ _NONCHARACTER = re.compile(
     + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17))
     + "]"
 )
+
+
 #: A noncharacter's UTF-8 starts with EF (U+FDD0..U+FDEF: EF B7 90..AF, U+FFFE/F: EF BF BE/BF)
 #: or F0..F4 (the other planes' last two, ending BF BE/BF): bytes with none of these lead bytes
 #: (ASCII, Latin, Cyrillic, most CJK) are cleared by one-byte searches, which are fast (memchr).
-_NONCHARACTER_LEADS = (b"\xef", b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")
-_NONCHARACTER_HINTS = (b"\xef\xb7", b"\xbf\xbe", b"\xbf\xbf")
-
-
 def may_hold_noncharacter(data: bytes) -> bool:
     """False when UTF-8 ``data`` holds no Unicode noncharacter (True: it may)."""
-    if not any(lead in data for lead in _NONCHARACTER_LEADS):
+    if data.isascii() or not (
+        b"\xef" in data
+        or b"\xf0" in data
+        or b"\xf1" in data
+        or b"\xf2" in data
+        or b"\xf3" in data
+        or b"\xf4" in data
+    ):
         return False
-    return any(hint in data for hint in _NONCHARACTER_HINTS)
+    return b"\xef\xb7" in data or b"\xbf\xbe" in data or b"\xbf\xbf" in data
 
 
 def clean_text(text: str) -> str:
