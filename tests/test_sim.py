@@ -340,6 +340,40 @@ class TestOllamaOpenAICompat:
     """Ollama's own OpenAI-compatible layer (/v1 in an ollama mode), as middleware/openai.go
     writes it: the official openai client works, and the shapes are Ollama's, not OpenAI's."""
 
+    @pytest.mark.parametrize("sim", ["ollama"], indirect=True)
+    async def test_chat_logprobs(self, sim: str) -> None:
+        """0.12.11+: ``logprobs`` (as ``ChoiceLogprobs``: the native entries) whole, and on each
+        streamed chunk with tokens; none when not asked for (``omitempty``)."""
+        client = openai.AsyncOpenAI(base_url=sim + "/v1", api_key="ollama")
+        kw: dict[str, Any] = {"model": MODEL, "messages": CHAT, "seed": CHAT_SEED}
+        native = await ollama.AsyncClient(host=sim).chat(
+            MODEL, messages=CHAT, options={"seed": CHAT_SEED}, logprobs=True, top_logprobs=2
+        )
+        whole = await client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+        lp = whole.choices[0].logprobs
+        assert lp is not None and lp.content is not None and native.logprobs is not None
+        assert [
+            (e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in lp.content
+        ] == [
+            (e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs or []])
+            for e in native.logprobs
+        ]
+        assert all(e.bytes for e in lp.content)
+        stream = await client.chat.completions.create(**kw, logprobs=True, stream=True)
+        chunks = [c.choices[0].logprobs async for c in stream if c.choices]
+        streamed = [e.token for c in chunks if c is not None for e in c.content or []]
+        assert [e.token for e in lp.content] == streamed
+        assert None is chunks[-1]  # the last chunk (finish_reason) has no tokens
+        plain = await client.chat.completions.create(**kw)
+        assert None is plain.choices[0].logprobs
+
+    @pytest.mark.parametrize("sim", ["ollama-0.4"], indirect=True)
+    async def test_old_ollama_has_no_chat_logprobs(self, sim: str) -> None:
+        """Before 0.12.11 the ask is ignored."""
+        client = openai.AsyncOpenAI(base_url=sim + "/v1", api_key="ollama")
+        whole = await client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True)
+        assert None is whole.choices[0].logprobs
+
     @pytest.mark.parametrize("sim", ["ollama-0.4", "ollama"], indirect=True)
     async def test_chat_as_native(self, sim: str) -> None:
         """The same answer as /api/chat for the same messages and seed, whole and streamed."""

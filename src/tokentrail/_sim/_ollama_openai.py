@@ -15,8 +15,13 @@ Real Ollama answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`
   ``invalid_request_error`` (400), ``not_found_error`` (404) or ``api_error``;
 - bodies are written by Go's ``json.Encoder``: Go's escaping and a trailing newline.
 
-Not simulated: logprobs, tools, images and reasoning through this layer (use the native API or
-an OpenAI-family mode for those).
+- chat logprobs (≥ 0.12.11, ``--mode ollama``): ``logprobs: true`` (and ``top_logprobs``) adds
+  ``"logprobs": {"content": [...]}`` after ``finish_reason`` to each choice that has tokens,
+  with the native API's entries (``ChoiceLogprobs`` in ``openai/openai.go``, ``omitempty``);
+  legacy completions pass ``logprobs`` on but answer without them, as Ollama's do.
+
+Not simulated: tools, images and reasoning through this layer (use the native API or an
+OpenAI-family mode for those).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
 from tokentrail._sim._engine import Generation, embedding, generate, render_chat
@@ -72,7 +78,9 @@ class OllamaOpenAI:
             return self.error(404, self.native.not_found_message(model))
         return model
 
-    def _generate(self, body: Mapping[str, Any], model: str, prompt_text: str) -> Generation:
+    def _generate(
+        self, body: Mapping[str, Any], model: str, prompt_text: str, top_logprobs: int = 0
+    ) -> Generation:
         """The answer to ``prompt_text`` under the request's ``max_tokens``, ``seed``, ``stop``."""
         limit = body.get("max_tokens")
         stop = body.get("stop") or []
@@ -84,6 +92,7 @@ class OllamaOpenAI:
             seed=body.get("seed"),
             max_tokens=limit if counted else None,
             stop=[stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)],
+            top_logprobs=top_logprobs,
         )
 
     @staticmethod
@@ -109,9 +118,20 @@ class OllamaOpenAI:
         model = self._model(body)
         if isinstance(model, web.Response):
             return model
+        wants = self.native.check_logprobs(body)  # the same names as the native request's
+        if isinstance(wants, web.Response):  # its message, in this layer's error shape
+            return self.error(400, orjson.loads(wants.body)["error"])  # type: ignore[arg-type]
+        want_logprobs, top_n = wants
         gen = self._generate(
-            body, model, render_chat([m for m in messages if isinstance(m, Mapping)])
+            body, model, render_chat([m for m in messages if isinstance(m, Mapping)]), top_n
         )
+
+        def with_logprobs(choice: dict[str, Any], steps: tuple[Any, ...]) -> dict[str, Any]:
+            entries = self.native.logprobs(steps, top_n) if want_logprobs else []
+            if entries:
+                choice["logprobs"] = {"content": entries}
+            return choice
+
         ident = f"chatcmpl-{random.randrange(999)}"
         created = int(time.time())
         if body.get("stream") is not True:
@@ -123,17 +143,20 @@ class OllamaOpenAI:
                 "model": model,
                 "system_fingerprint": FINGERPRINT,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": gen.text},
-                        "finish_reason": gen.finish_reason,
-                    }
+                    with_logprobs(
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": gen.text},
+                            "finish_reason": gen.finish_reason,
+                        },
+                        gen.steps,
+                    )
                 ],
                 "usage": self._usage(gen),
             }
             return await send_body(request, fault, _encoded(whole), content_type=JSON)
 
-        def chunk(content: str, finish: str | None) -> dict[str, Any]:
+        def chunk(content: str, finish: str | None, steps: tuple[Any, ...] = ()) -> dict[str, Any]:
             return {
                 "id": ident,
                 "object": "chat.completion.chunk",
@@ -141,18 +164,21 @@ class OllamaOpenAI:
                 "model": model,
                 "system_fingerprint": FINGERPRINT,
                 "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": content},
-                        "finish_reason": finish,
-                    }
+                    with_logprobs(
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": content},
+                            "finish_reason": finish,
+                        },
+                        steps,
+                    )
                 ],
             }
 
         writer = ChunkWriter(request, fault, EVENT_STREAM)
         for step in gen.steps:
             await pacer.tokens(len(step.tokens))
-            if not await writer.send(_event(chunk(step.text, None))):
+            if not await writer.send(_event(chunk(step.text, None, (step,)))):
                 return await writer.finish()
         last = chunk("", gen.finish_reason)
         await writer.send(_event(last))
