@@ -588,6 +588,31 @@ class TestRequestTokenData:
         if mode == "vllm":
             assert (rec["input_token_source"], bool(rec["input_tokens"])) == ("upstream-ids", True)
 
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    def test_ollama_openai_layer(
+        self, sims: dict[str, str], proxy_factory: Any, stream: bool
+    ) -> None:
+        """Ollama's /v1 layer omits logprobs it was not asked for (it never sends ``null``):
+        the proxy takes its member out whole, so the bytes are the direct ones."""
+        proxy = proxy_factory(sims["ollama"], "--request-token-data", "logprobs")
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims["ollama"] + "/v1/chat/completions", json=body)
+            proxied = client.post(proxy.url + "/v1/chat/completions", json=body)
+            asked = client.post(
+                sims["ollama"] + "/v1/chat/completions", json={**body, "logprobs": True}
+            )
+        assert b'"logprobs":{"content":[' in asked.content and b"logprobs" not in direct.content
+        same_response(direct, proxied)
+        (rec,) = proxy.records()
+        pieces = b"".join(
+            t.encode() if isinstance(t, str) else bytes(t) for t in rec["output_tokens"]
+        )
+        assert ("upstream-pieces", rec["output_text"]) == (
+            rec["output_token_source"],
+            pieces.decode(),
+        )
+
     @pytest.mark.parametrize(
         "raw",
         [

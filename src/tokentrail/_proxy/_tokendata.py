@@ -17,7 +17,9 @@ bytes in place (never re-serialising) so the client receives the bytes it would 
 - OpenAI-compatible: each ``choices[].logprobs`` value becomes ``null`` (what OpenAI, vLLM and
   llama.cpp's completions send when not asked), except that in a chat response llama.cpp's
   entries, recognisable by their token ``id``, are removed with their member (llama.cpp's
-  ``to_json_oaicompat_chat`` omits ``logprobs`` when there are none);
+  ``to_json_oaicompat_chat`` omits ``logprobs`` when there are none), and so are those of
+  Ollama's ``/v1`` layer, which signs every answer ``"system_fingerprint": "fp_ollama"`` and
+  omits ``logprobs`` when not asked (``ChoiceLogprobs`` is ``omitempty``, 0.12.11+);
 - vLLM ids: ``prompt_token_ids`` (top level and on each choice) and ``choices[].token_ids`` are
   set to ``null`` (vLLM's ``serving_chat.py``/``serving_completion.py`` set them explicitly, to
   ``None`` when not asked, so they are serialised as ``null`` even in ``exclude_unset`` chunks).
@@ -33,6 +35,8 @@ from typing import Any
 _WS = b" \t\r\n"
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _SCALAR_END = re.compile(rb"[,}\]\s]")
+#: Ollama's OpenAI-compatible layer (``openai/openai.go``) names itself so in every answer.
+_OLLAMA_FINGERPRINT = b'"fp_ollama"'
 #: llama.cpp's logprobs entries carry the token ``id``; OpenAI's and vLLM's do not.
 _LLAMACPP_ENTRY = re.compile(rb'\{\s*"id"\s*:|,\s*"id"\s*:')
 
@@ -201,17 +205,21 @@ def strip_json(buf: bytes, strip: Strip) -> bytes:
     try:
         edits = _object_edits(buf, start, strip.top_remove, strip.top_null)
         if strip.choice_null or strip.choice_remove:
-            for key, _, vstart, _ in _members(buf, start):
+            members = _members(buf, start)
+            remove, null = strip.choice_remove, strip.choice_null
+            if b"logprobs" in null and any(
+                key == b"system_fingerprint" and buf[vstart:vend] == _OLLAMA_FINGERPRINT
+                for key, _, vstart, vend in members
+            ):  # Ollama's /v1 layer omits logprobs not asked for (omitempty), never nulls them
+                remove = (*remove, b"logprobs")
+                null = tuple(key for key in null if key != b"logprobs")
+            for key, _, vstart, _ in members:
                 if key == b"choices" and buf[vstart : vstart + 1] == b"[":
                     for estart, _ in _elements(buf, vstart):
                         if buf[estart : estart + 1] == b"{":
                             edits.extend(
                                 _object_edits(
-                                    buf,
-                                    estart,
-                                    strip.choice_remove,
-                                    strip.choice_null,
-                                    strip.drop_llamacpp_logprobs,
+                                    buf, estart, remove, null, strip.drop_llamacpp_logprobs
                                 )
                             )
     except (ValueError, IndexError):
