@@ -221,6 +221,17 @@ def same_response(direct: httpx.Response, proxied: httpx.Response) -> None:
     assert normalize(direct.content) == normalize(proxied.content)
 
 
+def post_both(
+    upstream: str, proxy: ProxyProc, path: str, raw: bytes
+) -> tuple[httpx.Response, httpx.Response]:
+    """The same JSON body, byte for byte, sent to ``upstream`` directly and through ``proxy``."""
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(timeout=30) as client:
+        direct = client.post(upstream + path, content=raw, headers=headers)
+        proxied = client.post(proxy.url + path, content=raw, headers=headers)
+    return direct, proxied
+
+
 OLLAMA_CASES = [
     ("/api/generate", {"model": MODEL, "prompt": "Why is the sky blue?"}),
     ("/api/generate", {"model": MODEL, "prompt": "Why is the sky blue?", "stream": False}),
@@ -628,11 +639,7 @@ class TestRequestTokenData:
         """A body orjson cannot re-encode to the same meaning is forwarded unedited (no token
         data asked for), so the client gets what it gets directly, refusal included."""
         proxy = proxy_factory(sims["ollama"], "--request-token-data", "logprobs")
-        headers = {"Content-Type": "application/json"}
-        with httpx.Client(timeout=30) as client:
-            direct = client.post(sims["ollama"] + "/api/generate", content=raw, headers=headers)
-            proxied = client.post(proxy.url + "/api/generate", content=raw, headers=headers)
-        same_response(direct, proxied)
+        same_response(*post_both(sims["ollama"], proxy, "/api/generate", raw))
         (rec,) = proxy.records()
         assert "token_data_requested" not in rec
 
@@ -643,11 +650,7 @@ class TestRequestTokenData:
         record, a line of I-JSON (SPEC section 2; RFC 7493 bars noncharacters), holds U+FFFD."""
         proxy = proxy_factory(sims["ollama"])
         raw = '{"model":"llama3.2:1b","prompt":"odd \uffff\ufdd0 one","stream":false}'.encode()
-        headers = {"Content-Type": "application/json"}
-        with httpx.Client(timeout=30) as client:
-            direct = client.post(sims["ollama"] + "/api/generate", content=raw, headers=headers)
-            proxied = client.post(proxy.url + "/api/generate", content=raw, headers=headers)
-        same_response(direct, proxied)
+        same_response(*post_both(sims["ollama"], proxy, "/api/generate", raw))
         (rec,) = proxy.records()
         assert ("odd \ufffd\ufffd one",) * 2 == (rec["input_text"], rec["request_body"]["prompt"])
         stored = b"".join(f.read_bytes() for f in proxy.ledger.rglob("*.jsonl"))

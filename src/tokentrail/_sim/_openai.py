@@ -27,7 +27,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +60,18 @@ _OPENAI_BAD_JSON = (
 
 def _rand(n: int) -> str:
     return "".join(secrets.choice(_ALNUM) for _ in range(n))
+
+
+async def _interleaved(
+    gens: list[Generation], pacer: Pacer
+) -> AsyncIterator[tuple[int, int, Generation, Step]]:
+    """``(k, choice index, generation, step k)`` in the order servers stream ``n`` choices:
+    step k of every choice that has one, then step k + 1; paced once a step."""
+    for k in range(max(len(g.steps) for g in gens)):
+        await pacer.tokens(max(len(g.steps[k].tokens) for g in gens if k < len(g.steps)))
+        for i, gen in enumerate(gens):
+            if k < len(gen.steps):
+                yield k, i, gen, gen.steps[k]
 
 
 def _positive_int(value: object) -> bool:
@@ -550,27 +562,22 @@ class OpenAIDialect:
             if not await writer.send(first):
                 return await writer.finish()
 
-        for k in range(max(len(g.steps) for g in gens)):
-            await pacer.tokens(max(len(g.steps[k].tokens) for g in gens if k < len(g.steps)))
-            for i, gen in enumerate(gens):
-                if k >= len(gen.steps):
-                    continue
-                step = gen.steps[k]
-                logprobs = self.chat_logprobs((step,), req.top_n) if req.logprobs else None
-                events = []
-                if self.flavor == "llamacpp" and k == 0:
-                    events.append(chunk([self._choice({"role": "assistant", "content": None})]))
-                fields: dict[str, Any] = {"logprobs": logprobs}
-                if vllm:
-                    last = k == len(gen.steps) - 1
-                    fields["finish_reason"] = gen.finish_reason if last else None
-                    if last:
-                        fields["stop_reason"] = gen.stop_sequence
-                    fields["token_ids"] = ids_or_none(c.token_id for c in step.tokens)
-                events.append(chunk([self._choice({"content": step.text}, i, **fields)]))
-                for event in events:
-                    if not await writer.send(event):
-                        return await writer.finish()
+        async for k, i, gen, step in _interleaved(gens, pacer):
+            logprobs = self.chat_logprobs((step,), req.top_n) if req.logprobs else None
+            events = []
+            if self.flavor == "llamacpp" and k == 0:
+                events.append(chunk([self._choice({"role": "assistant", "content": None})]))
+            fields: dict[str, Any] = {"logprobs": logprobs}
+            if vllm:
+                last = k == len(gen.steps) - 1
+                fields["finish_reason"] = gen.finish_reason if last else None
+                if last:
+                    fields["stop_reason"] = gen.stop_sequence
+                fields["token_ids"] = ids_or_none(c.token_id for c in step.tokens)
+            events.append(chunk([self._choice({"content": step.text}, i, **fields)]))
+            for event in events:
+                if not await writer.send(event):
+                    return await writer.finish()
 
         for i, gen in enumerate(gens):
             if vllm and gen.steps:
@@ -715,42 +722,37 @@ class OpenAIDialect:
         await writer.start()
         vllm = self.flavor == "vllm"
         offsets = [0] * len(gens)
-        for k in range(max(len(g.steps) for g in gens)):
-            await pacer.tokens(max(len(g.steps[k].tokens) for g in gens if k < len(g.steps)))
-            for i, gen in enumerate(gens):
-                if k >= len(gen.steps):
-                    continue
-                step = gen.steps[k]
-                logprobs = (
-                    self.legacy_logprobs((step,), req.top_n, offsets[i]) if req.logprobs else None
-                )
-                offsets[i] += len(step.text)
-                choice: dict[str, Any] = {
-                    "text": step.text,
+        async for k, i, gen, step in _interleaved(gens, pacer):
+            logprobs = (
+                self.legacy_logprobs((step,), req.top_n, offsets[i]) if req.logprobs else None
+            )
+            offsets[i] += len(step.text)
+            choice: dict[str, Any] = {
+                "text": step.text,
+                "index": i,
+                "logprobs": logprobs,
+                "finish_reason": None,
+            }
+            if vllm:
+                last = k == len(gen.steps) - 1
+                choice = {
                     "index": i,
+                    "text": step.text,
                     "logprobs": logprobs,
-                    "finish_reason": None,
+                    "finish_reason": gen.finish_reason if last else None,
+                    "stop_reason": gen.stop_sequence if last else None,
+                    "prompt_token_ids": (
+                        list(gen.prompt_ids) if req.return_token_ids and k == 0 else None
+                    ),
+                    "token_ids": (
+                        [c.token_id for c in step.tokens] if req.return_token_ids else None
+                    ),
                 }
-                if vllm:
-                    last = k == len(gen.steps) - 1
-                    choice = {
-                        "index": i,
-                        "text": step.text,
-                        "logprobs": logprobs,
-                        "finish_reason": gen.finish_reason if last else None,
-                        "stop_reason": gen.stop_sequence if last else None,
-                        "prompt_token_ids": (
-                            list(gen.prompt_ids) if req.return_token_ids and k == 0 else None
-                        ),
-                        "token_ids": (
-                            [c.token_id for c in step.tokens] if req.return_token_ids else None
-                        ),
-                    }
-                obj = self._text_object(model, ident, created, [choice])
-                if vllm:
-                    obj["usage"] = None
-                if not await writer.send(b"data: " + dumps(obj) + b"\n\n"):
-                    return await writer.finish()
+            obj = self._text_object(model, ident, created, [choice])
+            if vllm:
+                obj["usage"] = None
+            if not await writer.send(b"data: " + dumps(obj) + b"\n\n"):
+                return await writer.finish()
         for i, gen in enumerate(gens):
             if vllm and gen.steps:
                 continue  # vLLM's last text chunk carries the finish reason
