@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -148,11 +150,17 @@ class TestVerify:
     def test_clean_ledger(
         self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
     ) -> None:
-        """A clean ledger exits 0 with exactly one summary line."""
+        """A clean ledger exits 0 with exactly one summary line, which ends with when the run
+        was (a cron log that every run appends to shows which day each verdict is for)."""
+        before = datetime.now(UTC).replace(microsecond=0)
         result = run(*verify_args(ledger_root, signer, tmp_path))
         assert 0 == result.exit_code, result.output
         (line,) = result.stdout.splitlines()
         assert line.startswith(f"tokentrail verify OK: {ledger_root}: 1 logs, 30 records read")
+        stamp = re.fullmatch(r".*, checked (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", line)
+        assert stamp is not None, line
+        checked = datetime.strptime(stamp[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert before <= checked <= datetime.now(UTC)
 
     def test_default_keys_from_keygen(
         self,
@@ -688,3 +696,60 @@ def test_numbers_must_be_finite(args: list[str]) -> None:
     """``nan`` and ``inf`` pass click's range bounds; every numeric option refuses them."""
     line = assert_one_error_line(run(*args))
     assert "is not a finite number" in line
+
+
+# --------------------------------------------------------------------------------------------
+# The deployment files: every command line and variable they use exists.
+# --------------------------------------------------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def _deploy_command_lines() -> list[tuple[str, list[str], dict[str, str]]]:
+    """(file, tokentrail arguments, TOKENTRAIL_* environment) of each command in deploy/."""
+    out = []
+    for path in sorted(DEPLOY.iterdir()):
+        env: dict[str, str] = {}
+        for line in path.read_text().splitlines():
+            if line.startswith("Environment=TOKENTRAIL_"):
+                name, _, value = line.removeprefix("Environment=").partition("=")
+                env[name] = value
+            elif line.startswith("ExecStart="):
+                out.append((path.name, shlex.split(line.partition("=")[2])[1:], env))
+            elif re.match(r"^[0-9*]", line):  # a cron line: 5 time fields, a user, the command
+                words = shlex.split(line.split(">>")[0])
+                assert words[6].endswith("tokentrail"), line
+                out.append((path.name, words[7:], env))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "env"),
+    _deploy_command_lines(),
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_deploy_command_lines_exist(name: str, args: list[str], env: dict[str, str]) -> None:
+    """A misspelt option or variable in a unit or cron file would fail only at 6 a.m.: every
+    option parses (with --help, so nothing runs), and every TOKENTRAIL_* variable the file sets
+    is one its command reads."""
+    command = main.commands[args[0]]
+    known = {
+        name
+        for p in command.params
+        if isinstance(p, click.Option) and p.envvar
+        for name in ([p.envvar] if isinstance(p.envvar, str) else p.envvar)
+    }
+    assert set(env) <= known, f"{name}: {sorted(set(env) - known)} not read by {args[0]}"
+    result = CliRunner().invoke(main, [*args, "--help"])
+    assert 0 == result.exit_code, f"{name}: {result.output}"
+
+
+def test_deploy_files_are_all_checked() -> None:
+    """The proxy's unit, the verifier's unit and both cron lines are among those checked."""
+    seen = [(name, args[0]) for name, args, _ in _deploy_command_lines()]
+    assert [
+        ("tokentrail-proxy.service", "serve"),
+        ("tokentrail-verify.cron", "verify"),
+        ("tokentrail-verify.cron", "index"),
+        ("tokentrail-verify.service", "verify"),
+    ] == seen

@@ -132,6 +132,11 @@ class Report:
 
     store: str
     logs: list[LogReport]
+    #: When the run ended (UTC, to the second): the summary line says it, so a cron log that
+    #: many runs append to shows which day each verdict is for.
+    checked_at: str = field(
+        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
 
     @property
     def findings(self) -> list[Finding]:
@@ -160,7 +165,8 @@ class Report:
         return (
             f"tokentrail verify {verdict}: {self.store}: {logs} logs, {records} records"
             f" read, {sealed} sealed under {checkpoints} checkpoints, {unsealed} unsealed,"
-            f" {len(self.findings) + suppressed} findings, {len(self.warnings)} warnings"
+            f" {len(self.findings) + suppressed} findings, {len(self.warnings)} warnings,"
+            f" checked {self.checked_at}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -168,6 +174,7 @@ class Report:
         return {
             "ok": self.ok,
             "store": self.store,
+            "checked_at": self.checked_at,
             "summary": self.summary(),
             "logs": [
                 {
