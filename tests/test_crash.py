@@ -65,3 +65,43 @@ def test_killed_mid_stream_is_recorded_as_interrupted(
     result = again.verify(tmp_path / "state")
     assert 0 == result.returncode, result.stdout + result.stderr
     assert ["stop"] == [r["stop_reason"] for r in done.records()]
+
+
+def test_killed_then_forgotten(tmp_path: Path) -> None:
+    """A sealed ledger: a stream cut by SIGKILL, then its user forgotten before the restart.
+    The restart still records it (``interrupted``, sealed under the destroyed key, so its
+    content is gone), the journal held no plaintext of it, and the ledger verifies."""
+    import subprocess
+    import sys
+
+    from test_erasure import every_byte_under, records_of
+    from test_proxy import _env
+
+    keystore = tmp_path / "keys"
+    args = ("--keystore", str(keystore), "--trust-identity-headers")
+    body = {"model": "llama3.2:1b", "prompt": "carol-secret-word story"}
+    with sim_in_thread(SimConfig(mode="ollama", ttft_ms=0, token_ms=150)) as sim_url:
+        first = start_proxy(tmp_path, sim_url, *args)
+        with httpx.Client(timeout=10) as client, client.stream(
+            "POST", first.url + "/api/generate", json=body,
+            headers={"X-Tokentrail-User": "carol"},
+        ) as resp:  # fmt: skip
+            assert next(resp.iter_bytes())
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(10)
+        assert b"carol-secret-word" not in every_byte_under(first.ledger)
+        result = subprocess.run(
+            [sys.executable, "-m", "tokentrail", "forget", "--user", "carol", "--keystore",
+             str(keystore), "--ledger", str(first.ledger), "--yes"],
+            env=_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert 0 == result.returncode, result.stderr
+        again = start_proxy(tmp_path, sim_url, *args)
+        again.stop()
+    (record,) = records_of(again.ledger)  # sealed: its hashes are keyed, not the seed's
+    assert ("interrupted", "carol", True) == (
+        record["stop_reason"],
+        record["user_id"],
+        record["content_sealed"],
+    )
+    assert 0 == again.verify(tmp_path / "state").returncode

@@ -118,6 +118,63 @@ def test_forget_ledger_named_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert keys.lookup(key_id(subject_of("alice"))) is None
 
 
+def test_forget_while_the_proxy_runs(tmp_path: Path) -> None:
+    """Once a user is forgotten, their requests are refused (403, in the client's dialect)
+    before they reach the model, nothing of theirs is noted in plaintext, the proxy restarts,
+    and everyone else is served and recorded as before."""
+    keystore = tmp_path / "keys"
+
+    def ask(url: str, user: str, prompt: str, stream: bool) -> httpx.Response:
+        body = {"model": "llama3.2:1b", "prompt": prompt, "stream": stream}
+        headers = {"X-Tokentrail-User": user}
+        return httpx.post(url + "/api/generate", json=body, headers=headers, timeout=10)
+
+    with sim_in_thread(SimConfig(mode="ollama")) as sim_url:
+        args = ("--keystore", str(keystore), "--trust-identity-headers", "--log-id", "p")
+        proxy = start_proxy(tmp_path, sim_url, *args)
+        try:
+            assert 200 == ask(proxy.url, "alice", "alice-before", False).status_code
+            result = subprocess.run(
+                [sys.executable, "-m", "tokentrail", "forget", "--user", "alice",
+                 "--keystore", str(keystore), "--ledger", str(proxy.ledger), "--yes"],
+                env=_env(), capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert 0 == result.returncode, result.stderr
+            for stream in (False, True):
+                refused = ask(proxy.url, "alice", "alice-after-forget", stream)
+                assert 403 == refused.status_code
+                assert "erased" in refused.json()["error"]
+            assert 200 == ask(proxy.url, "bob", "bob-after", True).status_code
+            assert b"alice-after-forget" not in every_byte_under(proxy.ledger)
+        finally:
+            proxy.stop()
+        again = start_proxy(tmp_path, sim_url, *args)  # the restart replays what was noted
+        try:
+            assert 200 == ask(again.url, "bob", "bob-after-restart", False).status_code
+        finally:
+            again.stop()
+    users = [r["user_id"] for r in records_of(proxy.ledger)]
+    assert ["alice", "bob", "bob"] == users
+    assert 0 == again.verify(tmp_path / "state").returncode
+
+
+def test_forget_refuses_an_empty_user(tmp_path: Path) -> None:
+    """An empty --user would erase every record without a user_id: refused, key untouched."""
+    from click.testing import CliRunner
+
+    from tokentrail._cli import main
+    from tokentrail._erasure import ANONYMOUS, key_id
+
+    keys = FileKeyStore(tmp_path / "keys")
+    keys.key_for(ANONYMOUS)
+    for user in ("", "  "):
+        args = ["forget", "--user", user, "--keystore", str(tmp_path / "keys"), "--yes"]
+        result = CliRunner().invoke(main, args)
+        assert 2 == result.exit_code
+        assert result.stderr.startswith("tokentrail: error: --user is empty")
+    assert keys.lookup(key_id(ANONYMOUS)) is not None
+
+
 def test_forget_through_the_proxy(tmp_path: Path) -> None:
     """Erasing one user: nothing of her prompt anywhere, the ledger verifies, others intact."""
     keystore = tmp_path / "keys"

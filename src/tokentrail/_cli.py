@@ -401,7 +401,10 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
 
     The records stay, with every hash, so the ledger still verifies; their content can no
     longer be decrypted by anyone. The search index (rebuildable) is dropped with it.
-    Exports made earlier are outside the ledger's reach.
+    Exports made earlier are outside the ledger's reach. From then on, proxies sealing with
+    this key store refuse the user's requests (403) before they reach the model, since
+    nothing of theirs can be recorded. Records written without a key store are not sealed,
+    and this does not erase them.
 
     \b
     Example:
@@ -410,6 +413,11 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
     from ._erasure import FileKeyStore
     from ._erasure import forget as do_forget
 
+    if not user_id.strip():
+        raise ConfigError(
+            "--user is empty: name the data subject to erase (records with no user_id are a"
+            " subject of their own, never erased by an empty name)"
+        )
     present = ledger.is_dir()
     given = click.get_current_context().get_parameter_source("ledger")
     if not present and given not in (None, ParameterSource.DEFAULT):

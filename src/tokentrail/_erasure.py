@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._errors import ConfigError, StoreError, VerificationError
+from ._errors import ConfigError, StoreError, SubjectForgottenError, VerificationError
 from ._record import Exchange, now_rfc3339, tokens_json
 
 ANONYMOUS = "_anonymous"
@@ -97,8 +97,11 @@ class FileKeyStore:
         found = self.lookup(kid)
         if found is not None:
             return found
-        if self.destroyed_at(kid) is not None:
-            raise StoreError(f"the key of subject {subject!r} was destroyed (forgotten)")
+        if (when := self.destroyed_at(kid)) is not None:
+            raise SubjectForgottenError(
+                f"the data of user {subject!r} was erased on {when} (tokentrail forget):"
+                " their exchanges are no longer forwarded or recorded"
+            )
         key = secrets.token_bytes(32)
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -39,6 +39,11 @@ class DamagedLogError(StoreError):
     """A log whose stored tail is damaged, so a writer refuses to continue it."""
 
 
+class SubjectForgottenError(StoreError):
+    """A data subject whose content key was destroyed (``forget``): nothing more of theirs can
+    be recorded, so nothing more of theirs is forwarded."""
+
+
 class VerificationError(TokentrailError):
     """A stored value that fails an integrity check, with where it was found."""
 

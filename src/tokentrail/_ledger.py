@@ -47,6 +47,7 @@ from ._errors import (
     DamagedLogError,
     LogBusyError,
     StoreError,
+    SubjectForgottenError,
     TokentrailError,
     VerificationError,
 )
@@ -310,17 +311,23 @@ class LedgerWriter:
                     "recovered_by": "writer restart",
                     "request_duration_is_lower_bound": True,
                 }
-                self.append(
-                    replace(
-                        exchange,
-                        stop_reason="interrupted",
-                        request_duration_ms=duration,
-                        output_text=None,
-                        output_tokens=None,
-                        output_token_source="none",
-                        extra=extra,
+                try:
+                    self.append(
+                        replace(
+                            exchange,
+                            stop_reason="interrupted",
+                            request_duration_ms=duration,
+                            output_text=None,
+                            output_tokens=None,
+                            output_token_source="none",
+                            extra=extra,
+                        )
                     )
-                )
+                except SubjectForgottenError as exc:
+                    # A note written unsealed (before its ledger was sealed, or by an older
+                    # version) of a subject since forgotten: its content is erased, so it goes.
+                    log.error("exchange %s in flight at a crash is not recorded: %s", event_id, exc)
+                    continue
                 log.warning("recorded exchange %s as interrupted (in flight at a crash)", event_id)
         path.unlink()
         fsync_dir(self._dir)
@@ -548,11 +555,13 @@ class LedgerWriter:
         next writer on this log appends ``provisional`` instead. The note is a write to the
         page cache, not an fsync: it survives the process, not the machine.
         """
+        # Sealed as its record would be (a keystore's subject key): the note holds no plaintext
+        # of a sealed ledger, and a forgotten subject's exchange stops here, before it starts.
         line = (
             b'{"seq_hint":'
             + str(self._next_seq).encode()
             + b',"exchange":'
-            + provisional.content_bytes()
+            + self._content(provisional)
             + b"}\n"
         )
         self._check_process()

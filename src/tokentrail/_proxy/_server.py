@@ -49,7 +49,7 @@ from yarl import URL
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
 from .._capture._sse import SSEEvents, cut_at_line_end
-from .._errors import StoreError
+from .._errors import StoreError, SubjectForgottenError
 from .._ledger import AsyncLedger
 from .._metrics import Metrics
 from .._record import new_event_id, now_rfc3339
@@ -569,6 +569,12 @@ class ProxyApp:
         try:
             self.ledger.begin(
                 capture.finish(self._meta(ex, time.perf_counter(), None), "interrupted")
+            )
+        except SubjectForgottenError as exc:  # refused before it starts, fail-open or not
+            self.metrics.refused.inc()
+            self._release(ex)
+            return error_response(
+                ex.dialect, 403, f"tokentrail: {exc}", kind="invalid_request_error"
             )
         except StoreError as exc:
             if not self.config.fail_open:
