@@ -71,11 +71,7 @@ def test_killed_then_forgotten(tmp_path: Path) -> None:
     """A sealed ledger: a stream cut by SIGKILL, then its user forgotten before the restart.
     The restart still records it (``interrupted``, sealed under the destroyed key, so its
     content is gone), the journal held no plaintext of it, and the ledger verifies."""
-    import subprocess
-    import sys
-
-    from test_erasure import every_byte_under, records_of
-    from test_proxy import _env
+    from test_erasure import every_byte_under, forget_cli, records_of
 
     keystore = tmp_path / "keys"
     args = ("--keystore", str(keystore), "--trust-identity-headers")
@@ -90,12 +86,7 @@ def test_killed_then_forgotten(tmp_path: Path) -> None:
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(10)
         assert b"carol-secret-word" not in every_byte_under(first.ledger)
-        result = subprocess.run(
-            [sys.executable, "-m", "tokentrail", "forget", "--user", "carol", "--keystore",
-             str(keystore), "--ledger", str(first.ledger), "--yes"],
-            env=_env(), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert 0 == result.returncode, result.stderr
+        forget_cli("carol", keystore, first.ledger)
         again = start_proxy(tmp_path, sim_url, *args)
         again.stop()
     (record,) = records_of(again.ledger)  # sealed: its hashes are keyed, not the seed's

@@ -28,6 +28,18 @@ def records_of(ledger: Path) -> list[dict[str, object]]:
     return out
 
 
+def forget_cli(user: str, keystore: Path, ledger: Path) -> subprocess.CompletedProcess[str]:
+    """``tokentrail forget`` as an operator runs it, beside a running proxy (a process of its
+    own); asserts it succeeded."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tokentrail", "forget", "--user", user, "--keystore",
+         str(keystore), "--ledger", str(ledger), "--yes"],
+        env=_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert 0 == result.returncode, result.stderr
+    return result
+
+
 def every_byte_under(*roots: Path) -> bytes:
     return b"\n".join(p.read_bytes() for r in roots for p in sorted(r.rglob("*")) if p.is_file())
 
@@ -134,12 +146,7 @@ def test_forget_while_the_proxy_runs(tmp_path: Path) -> None:
         proxy = start_proxy(tmp_path, sim_url, *args)
         try:
             assert 200 == ask(proxy.url, "alice", "alice-before", False).status_code
-            result = subprocess.run(
-                [sys.executable, "-m", "tokentrail", "forget", "--user", "alice",
-                 "--keystore", str(keystore), "--ledger", str(proxy.ledger), "--yes"],
-                env=_env(), capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            assert 0 == result.returncode, result.stderr
+            forget_cli("alice", keystore, proxy.ledger)
             for stream in (False, True):
                 refused = ask(proxy.url, "alice", "alice-after-forget", stream)
                 assert 403 == refused.status_code
@@ -202,12 +209,7 @@ def test_forget_through_the_proxy(tmp_path: Path) -> None:
     assert b"private-prompt" not in every_byte_under(proxy.ledger)
     before = {r["event_id"]: r for r in records_of(proxy.ledger)}
     assert 6 == len(before)
-    result = subprocess.run(
-        [sys.executable, "-m", "tokentrail", "forget", "--user", "alice", "--keystore",
-         str(keystore), "--ledger", str(proxy.ledger), "--yes"],
-        env=_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert 0 == result.returncode, result.stderr
+    result = forget_cli("alice", keystore, proxy.ledger)
     assert result.stdout.startswith("erased: the content key of alice was destroyed")
     assert 0 == proxy.verify(tmp_path / "state").returncode
     keys = FileKeyStore(keystore)
