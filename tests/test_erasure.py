@@ -309,3 +309,32 @@ def test_dsar_export_opens_sealed_content_and_checks_it(tmp_path: Path) -> None:
     assert "content erased" in (gone / "records.csv").read_text()
     after = runner.invoke(main, ["verify-export", str(gone), "--public-key", pub])
     assert 0 == after.exit_code, after.output
+
+
+def test_destroy_leaves_no_moment_for_a_new_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a key is being destroyed, a writer asking for it gets neither the zeroed key nor
+    a new one: the tombstone is down before the key is zeroed."""
+    from tokentrail._erasure import key_id
+    from tokentrail._errors import SubjectForgottenError
+
+    keys = FileKeyStore(tmp_path / "keys")
+    keys.key_for("dana")
+    seen: list[str] = []
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, *args: object, **kwargs: object) -> None:
+        if path.suffix == ".key":  # the key is zeroed and about to go: a writer asks now
+            assert keys.lookup(key_id("dana")) is None  # never the zeroed key
+            with pytest.raises(SubjectForgottenError) as refused:
+                keys.key_for("dana")  # and no new one
+            seen.append(str(refused.value))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    when = keys.destroy("dana")
+    assert [f"the data of user 'dana' was erased on {when}"] == [m.split(" (")[0] for m in seen]
+    monkeypatch.undo()
+    with pytest.raises(SubjectForgottenError):
+        keys.key_for("dana")

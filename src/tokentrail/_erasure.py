@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import ConfigError, StoreError, SubjectForgottenError, VerificationError
+from ._layout import fsync_dir
 from ._record import Exchange, now_rfc3339, tokens_json
 
 ANONYMOUS = "_anonymous"
@@ -126,7 +127,7 @@ class FileKeyStore:
             return None
         except OSError as exc:
             raise StoreError(f"cannot read key store {self.root}: {exc.strerror}") from exc
-        return key if len(key) == 32 else None
+        return key if len(key) == 32 and key != bytes(32) else None  # zeroed: being destroyed
 
     def destroy(self, subject: str) -> str:
         kid = key_id(subject)
@@ -136,12 +137,17 @@ class FileKeyStore:
             if (already := self.destroyed_at(kid)) is not None:
                 return already
             raise StoreError(f"no key for subject {subject!r} in {self.root}")
+        # The tombstone first: from then on no writer can make the subject a new key (key_for
+        # makes one only when there is neither a key nor a tombstone), and the zeroed key is
+        # never handed out (lookup refuses it) before the file goes.
+        tombstone = self._path(kid, "destroyed")
+        tombstone.write_text(when + "\n")
+        fsync_dir(self.root)
         with path.open("r+b") as fh:
             fh.write(b"\0" * 32)
             fh.flush()
             os.fsync(fh.fileno())
         path.unlink()
-        self._path(kid, "destroyed").write_text(when + "\n")
         return when
 
     def destroyed_at(self, subject_key_id: str) -> str | None:
