@@ -286,6 +286,16 @@ def test_dsar_export_opens_sealed_content_and_checks_it(tmp_path: Path) -> None:
     assert 0 == made.exit_code, made.output
     assert 2 == (out / "records.csv").read_text().count("alice private question")
     assert "bob" not in (out / "content.json").read_text()
+    # The package's README says where sealed content is and how its hashes are checked.
+    guide = (out / "README.txt").read_text()
+    assert "content.json     the content of the 2 sealed records" in guide
+    assert "HMAC-SHA-256 instead, keyed with content_hash_keys[" in guide
+    bare = tmp_path / "alice-bare"
+    made = runner.invoke(
+        main, ["export", "--user", "alice", "--format", "csv", "--out", str(bare), *common]
+    )
+    assert 0 == made.exit_code, made.output
+    assert "(2 records are sealed" in (bare / "README.txt").read_text()
     checked = runner.invoke(main, ["verify-export", str(out), "--public-key", pub])
     assert 0 == checked.exit_code, checked.output
     # An edited opened text is caught, even with the manifest digest made to match.

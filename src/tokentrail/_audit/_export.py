@@ -169,7 +169,10 @@ def build_export(
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
     }
-    files[README] = readme(user, range_, len(records), fmt, signed=signer is not None).encode()
+    files[README] = readme(
+        user, range_, len(records), fmt, signed=signer is not None,
+        sealed=len(sealed), opened=CONTENT in files,
+    ).encode()  # fmt: skip
     manifest: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "subject": {"user_id": user},
@@ -236,7 +239,10 @@ def write_package(package: Package, out: Path) -> None:
         raise StoreError(f"cannot write the export to {out}: {exc.strerror}") from exc
 
 
-def readme(user: str, range_: dict[str, Any], count: int, fmt: str, *, signed: bool) -> str:
+def readme(
+    user: str, range_: dict[str, Any], count: int, fmt: str, *, signed: bool, sealed: int = 0,
+    opened: bool = False,
+) -> str:  # fmt: skip
     """The package's README: what is inside and how to check it."""
     since = range_["since"] or "the beginning of the ledger"
     until = range_["until"] or "the time of export"
@@ -247,6 +253,27 @@ def readme(user: str, range_: dict[str, Any], count: int, fmt: str, *, signed: b
         if signed
         else "(no manifest.sig: this export was made without the signing key, so the\n"
         " completeness of the list rests on the operator's word alone)\n"
+    )
+    if not sealed:
+        content_line = ""
+    elif opened:
+        content_line = (
+            f"content.json     the content of the {sealed} sealed records, opened (or when it was\n"
+            "                 erased), and each subject's content-hash key, which checks the\n"
+            "                 content and cannot decrypt anything (also listed in the manifest)\n"
+        )
+    else:
+        content_line = (
+            f'({sealed} records are sealed ("content_sealed": true): their content is encrypted,\n'
+            " and this export was made without the key store, so it holds none of it)\n"
+        )
+    sealed_step = (
+        "     For a sealed record the content is in content.json (records.<event_id>), and those\n"
+        "     hashes are HMAC-SHA-256 instead, keyed with content_hash_keys[<the record's\n"
+        "     sealed_content.subject_key_id>] (hex); erased content is gone for good, and only\n"
+        "     the record's other fields and its proof can be checked.\n"
+        if sealed
+        else ""
     )
     return f"""\
 tokentrail data-subject access export
@@ -268,7 +295,7 @@ checkpoints/     the signed checkpoint (C2SP signed note, Ed25519) of each log
 verifier.pub     the operator's public verifier key
 manifest.json    the list of records (event id, log, seq, leaf hash) and the SHA-256 of
                  README.txt, verifier.pub and the checkpoints
-{signed_line}
+{content_line}{signed_line}
 How to check it
 ---------------
 With tokentrail (pip install tokentrail):
@@ -287,7 +314,7 @@ By hand, for each record (RFC 9162 sections 2.1.1 and 2.1.3.2):
      signed-note: Ed25519 over the checkpoint text).
   4. The record's own hashes: input_hash = SHA-256 of Python's json.dumps(input_tokens),
      output_hash likewise, input_text_hash = SHA-256 of the UTF-8 input_text.
-
+{sealed_step}
 What this proves, and what it does not
 --------------------------------------
 Each record is proven genuine and part of the append-only log the operator signed. That the
