@@ -179,12 +179,14 @@ class OllamaDialect:
         stops = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
         return limit, opts.get("seed"), stops
 
-    def check_logprobs(self, body: Mapping[str, Any]) -> tuple[bool, int] | web.Response:
+    def check_logprobs(self, body: Mapping[str, Any]) -> tuple[bool, int] | str:
+        """Whether logprobs are asked for and how many top ones, or the refusal's message
+        (the native API and its /v1 layer read the same names, and word errors their own way)."""
         if not self.modern:
             return False, 0
         top = body.get("top_logprobs") or 0
         if not isinstance(top, int) or not 0 <= top <= 20:
-            return self.error(400, "top_logprobs must be between 0 and 20")
+            return "top_logprobs must be between 0 and 20"
         return body.get("logprobs") is True, top
 
     # -- endpoints --------------------------------------------------------------------------
@@ -299,8 +301,8 @@ class OllamaDialect:
         if not self.known(model):
             return self.not_found(model)
         wants = self.check_logprobs(body)
-        if isinstance(wants, web.Response):
-            return wants
+        if isinstance(wants, str):
+            return self.error(400, wants)
         want_logprobs, top_n = wants
         messages = body.get("messages") if chat else None
         if chat and messages is not None and not isinstance(messages, list):

@@ -33,7 +33,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 
 from tokentrail._sim._engine import Generation, embedding, generate, render_chat
@@ -118,9 +117,9 @@ class OllamaOpenAI:
         model = self._model(body)
         if isinstance(model, web.Response):
             return model
-        wants = self.native.check_logprobs(body)  # the same names as the native request's
-        if isinstance(wants, web.Response):  # its message, in this layer's error shape
-            return self.error(400, orjson.loads(wants.body)["error"])  # type: ignore[arg-type]
+        wants = self.native.check_logprobs(body)
+        if isinstance(wants, str):
+            return self.error(400, wants)
         want_logprobs, top_n = wants
         gen = self._generate(
             body, model, render_chat([m for m in messages if isinstance(m, Mapping)]), top_n
