@@ -766,7 +766,9 @@ class ProxyApp:
                         if event_bytes > MAX_LINE_BYTES:
                             raise _LineTooLong
                         continue
-                    (held if holding else relay).extend(strip_event(event, strip))
+                    (held if holding else relay).extend(
+                        strip_event(event, strip) if strip else event
+                    )
                     event, event_bytes = [], 0
                 if relay:
                     await _send(out, b"".join(relay))
@@ -774,13 +776,14 @@ class ProxyApp:
                 if not holding:
                     holding = self._feed_line(ex, pending, events) and strict
                 if not whole:  # compressed bytes have gone out (or are held) whole
-                    tail = strip_line(pending, strip, sse=sse) if strip else pending
-                    if holding:
-                        held.append(tail)
-                    elif events is None:
-                        await _send(out, tail)
-                    else:
+                    if events is not None and not holding:
                         event.append(pending)  # an SSE event never ended: what follows decides
+                    else:
+                        tail = strip_line(pending, strip, sse=sse) if strip else pending
+                        if holding:
+                            held.append(tail)
+                        else:
+                            await _send(out, tail)
         except _ClientGone:
             stop = "client_disconnect"
         except (aiohttp.ClientError, TimeoutError) as exc:
