@@ -132,11 +132,13 @@ _NONCHARACTER = re.compile(
 )
 
 
-#: A noncharacter's UTF-8 starts with EF (U+FDD0..U+FDEF: EF B7 90..AF, U+FFFE/F: EF BF BE/BF)
-#: or F0..F4 (the other planes' last two, ending BF BE/BF): bytes with none of these lead bytes
-#: (ASCII, Latin, Cyrillic, most CJK) are cleared by one-byte searches, which are fast (memchr).
 def may_hold_noncharacter(data: bytes) -> bool:
-    """False when UTF-8 ``data`` holds no Unicode noncharacter (True: it may)."""
+    """False when UTF-8 ``data`` holds no Unicode noncharacter (True: it may).
+
+    A noncharacter's UTF-8 starts with EF (U+FDD0..U+FDEF: EF B7 90..AF; U+FFFE/F: EF BF BE/BF)
+    or F0..F4 (the other planes' last two, ending BF BE/BF): bytes with none of these lead bytes
+    (ASCII, Latin, Cyrillic, most CJK) are cleared by one-byte searches, which are fast (memchr).
+    """
     if data.isascii() or not (
         b"\xef" in data
         or b"\xf0" in data
@@ -152,6 +154,8 @@ def may_hold_noncharacter(data: bytes) -> bool:
 def clean_text(text: str) -> str:
     """Text a record can store as I-JSON (RFC 7493 section 2.1): a lone surrogate (a
     ``\\ud800`` escape, which no UTF-8 can hold) or a noncharacter becomes U+FFFD."""
+    if text.isascii():  # holds neither (and the test costs no pass over the text)
+        return text
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
