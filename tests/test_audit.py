@@ -731,6 +731,23 @@ class TestExport:
         assert [r["event_id"] for r in recs[3:9]] == got
         assert _verify(out, "--public-key", small.pub).exit_code == 0
 
+    def test_only_the_owner_can_read_it(self, small: Ledgers, tmp_path: Path) -> None:
+        """A package holds a person's prompts: its files are 0600 and its folders 0700, as
+        a zip or a directory, whatever the umask."""
+        old = os.umask(0o022)
+        try:
+            _export(small, tmp_path / "u2.zip", "--user", "user-2")
+            _export(small, tmp_path / "u2", "--user", "user-2")
+        finally:
+            os.umask(old)
+        modes = {
+            p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+            for p in [tmp_path / "u2.zip", tmp_path / "u2", *(tmp_path / "u2").rglob("*")]
+        }
+        assert {"0o600"} == {m for name, m in modes.items() if (tmp_path / name).is_file()}
+        assert {"0o700"} == {m for name, m in modes.items() if (tmp_path / name).is_dir()}
+        assert "u2/checkpoints" in modes
+
     @pytest.mark.parametrize("fmt", ["jsonl", "csv", "html"])
     def test_subject_with_no_records(self, small: Ledgers, tmp_path: Path, fmt: str) -> None:
         """A subject the ledger holds nothing of still gets a package, and it verifies: an

@@ -257,6 +257,50 @@ def test_show_opens_sealed_content_and_states_erasure(tmp_path: Path) -> None:
     assert "alice asks" not in alice.output
 
 
+def test_search_opens_sealed_content_with_the_keystore(tmp_path: Path) -> None:
+    """``search --keystore`` shows sealed content opened; without it, or once erased, the
+    texts are null in ``--json`` and the hit says why."""
+    from click.testing import CliRunner
+
+    from tokentrail import Ledger, LedgerConfig, Signer
+    from tokentrail._cli import main
+
+    keystore, ledger = tmp_path / "keys", tmp_path / "ledger"
+    config = LedgerConfig(
+        ledger, "sdk", Signer.generate("t"), sealer=Sealer(FileKeyStore(keystore))
+    )
+    with Ledger.open(config) as writer:
+        for user in ("alice", "bob"):
+            writer.append(
+                Exchange(model="m", api="sdk", stop_reason="stop", user_id=user,
+                         input_text=f"{user} asks something private", output_text="a reply")
+            )  # fmt: skip
+    runner = CliRunner(env={"TOKENTRAIL_HOME": str(tmp_path / "home")})
+
+    def texts(*args: str) -> list[tuple[object, ...]]:
+        result = runner.invoke(main, ["search", "--ledger", str(ledger), "--json", *args])
+        assert 0 == result.exit_code, result.output
+        hits = [orjson.loads(line) for line in result.stdout.splitlines()]
+        return sorted(
+            (h["user_id"], h["input_text"], h["content_sealed"], h["content_erased_at"])
+            for h in hits
+        )
+
+    keys = ["--keystore", str(keystore)]
+    assert [
+        ("alice", "alice asks something private", True, None),
+        ("bob", "bob asks something private", True, None),
+    ] == texts(*keys)
+    assert [("alice", None, True, None), ("bob", None, True, None)] == texts()
+    table = runner.invoke(main, ["search", "--ledger", str(ledger), "--user", "bob", *keys])
+    assert "bob asks something private" in table.output
+    when = forget(FileKeyStore(keystore), "alice", ledger)
+    assert [
+        ("alice", None, True, when),
+        ("bob", "bob asks something private", True, None),
+    ] == texts(*keys)
+
+
 def test_dsar_export_opens_sealed_content_and_checks_it(tmp_path: Path) -> None:
     """export --keystore hands the subject their content, which verify-export checks."""
     from click.testing import CliRunner
@@ -290,10 +334,18 @@ def test_dsar_export_opens_sealed_content_and_checks_it(tmp_path: Path) -> None:
     guide = (out / "README.txt").read_text()
     assert "content.json     the content of the 2 sealed records" in guide
     assert "HMAC-SHA-256 instead, keyed with content_hash_keys[" in guide
+    # Without the key store, an export that would hold none of the sealed content stops,
+    # unless asked for as such.
     bare = tmp_path / "alice-bare"
-    made = runner.invoke(
-        main, ["export", "--user", "alice", "--format", "csv", "--out", str(bare), *common]
-    )
+    args = ["export", "--user", "alice", "--format", "csv", "--out", str(bare), *common]
+    refused = runner.invoke(main, args)
+    assert 2 == refused.exit_code, refused.output
+    assert (
+        "tokentrail: error: 2 of the 2 records of user alice are sealed, and without --keystore the"
+        " package would hold none of their content; nothing was written"
+    ) in refused.output
+    assert not bare.exists()
+    made = runner.invoke(main, [*args, "--without-sealed-content"])
     assert 0 == made.exit_code, made.output
     assert "(2 records are sealed" in (bare / "README.txt").read_text()
     checked = runner.invoke(main, ["verify-export", str(out), "--public-key", pub])

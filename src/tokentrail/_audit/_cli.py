@@ -109,9 +109,9 @@ def index_command(ledger: Path, rebuild: bool) -> None:
     )
 
 
-def _hit_json(hit: Checked) -> dict[str, object]:
+def _hit_json(hit: Checked, keystore: Path | None) -> dict[str, object]:
     rec = hit.record or {}
-    return {
+    found: dict[str, object] = {
         "event_id": rec.get("event_id"),
         "timestamp": rec.get("timestamp"),
         "user_id": rec.get("user_id"),
@@ -124,6 +124,14 @@ def _hit_json(hit: Checked) -> dict[str, object]:
         "output_text": rec.get("output_text"),
         "checked": True,
     }
+    if rec.get("content_sealed"):  # the texts stay null unless the key store opens them
+        opened = open_record(rec, FileKeyStore(keystore)) if keystore is not None else None
+        found["content_sealed"] = True
+        found["content_erased_at"] = opened.erased_at if opened is not None else None
+        if opened is not None and opened.content is not None:
+            found["input_text"] = opened.content.get("input_text")
+            found["output_text"] = opened.content.get("output_text")
+    return found
 
 
 def _problem_json(problem: Checked) -> dict[str, object]:
@@ -136,6 +144,29 @@ def _problem_json(problem: Checked) -> dict[str, object]:
         "checked": False,
         "problem": problem.problem,
     }
+
+
+KEYSTORE_OPTION = click.option(
+    "--keystore",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="TOKENTRAIL_KEYSTORE",
+    help="Key store to open sealed content with (writers run with --keystore).",
+)
+
+
+def _opened(checked: Checked, keystore: Path | None) -> Checked:
+    """``checked`` with sealed content opened for display, or marked as erased."""
+    record = checked.record
+    if record is None or not record.get("content_sealed"):
+        return checked
+    if keystore is None:
+        note = "[sealed content: pass --keystore to open it]"
+        return replace(checked, record={**record, "input_text": note, "output_text": note})
+    opened = open_record(record, FileKeyStore(keystore))
+    if opened.content is None:
+        note = f"[content erased: the subject's key was destroyed at {opened.erased_at}]"
+        return replace(checked, record={**record, "input_text": note, "output_text": note})
+    return replace(checked, record={**record, **opened.content})
 
 
 def _short(value: object, width: int = 40) -> str:
@@ -161,6 +192,7 @@ def _short(value: object, width: int = 40) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--no-update", is_flag=True, help="Do not bring the index up to date first.")
+@KEYSTORE_OPTION
 def search_command(
     ledger: Path,
     user: str | None,
@@ -173,12 +205,14 @@ def search_command(
     limit: int,
     as_json: bool,
     no_update: bool,
+    keystore: Path | None,
 ) -> None:
     """Find exchanges by user, session, model, time, stop reason or text.
 
     Every record shown has been re-read from the ledger and checked against the leaf hash the
     index holds and its own content hashes; a record that fails is reported as MISMATCH (exit
-    status 1), never shown as if it were fine.
+    status 1), never shown as if it were fine. Sealed content is shown opened with
+    --keystore; --text searches only content that is not sealed.
 
     \b
     Examples:
@@ -199,7 +233,7 @@ def search_command(
         result = search(ledger, index, filters, limit or None)
     if as_json:
         for hit in result.hits:
-            click.echo(orjson.dumps(_hit_json(hit)).decode())
+            click.echo(orjson.dumps(_hit_json(hit, keystore)).decode())
         for problem in result.problems:
             click.echo(orjson.dumps(_problem_json(problem)).decode())
     else:
@@ -208,7 +242,7 @@ def search_command(
                        "input"):  # fmt: skip
             table.add_column(column, overflow="fold")
         for hit in result.hits:
-            rec = hit.record or {}
+            rec = _opened(hit, keystore).record or {}
             table.add_row(
                 str(rec.get("timestamp", ""))[:19].replace("T", " "),
                 _short(rec.get("user_id"), 16),
@@ -240,29 +274,6 @@ def _checked_event(ledger: Path, index: Index, event_id: str) -> Checked:
         raise StoreError(f"no record with event_id {event_id} in {ledger}")
     checked = LeafReader(ledger).check(rows[0])
     return checked
-
-
-KEYSTORE_OPTION = click.option(
-    "--keystore",
-    type=click.Path(path_type=Path, file_okay=False),
-    envvar="TOKENTRAIL_KEYSTORE",
-    help="Key store to open sealed content with (writers run with --keystore).",
-)
-
-
-def _opened(checked: Checked, keystore: Path | None) -> Checked:
-    """``checked`` with sealed content opened for display, or marked as erased."""
-    record = checked.record
-    if record is None or not record.get("content_sealed"):
-        return checked
-    if keystore is None:
-        note = "[sealed content: pass --keystore to open it]"
-        return replace(checked, record={**record, "input_text": note, "output_text": note})
-    opened = open_record(record, FileKeyStore(keystore))
-    if opened.content is None:
-        note = f"[content erased: the subject's key was destroyed at {opened.erased_at}]"
-        return replace(checked, record={**record, "input_text": note, "output_text": note})
-    return replace(checked, record={**record, **opened.content})
 
 
 @click.command("show")
@@ -363,6 +374,12 @@ def session_command(
 )
 @click.option("--no-sign", is_flag=True, help="Do not sign the manifest.")
 @KEYSTORE_OPTION
+@click.option(
+    "--without-sealed-content",
+    is_flag=True,
+    help="Export sealed records without a --keystore: with their proofs and metadata, but"
+    " none of their content.",
+)
 def export_command(
     ledger: Path,
     public_keys: tuple[str, ...],
@@ -374,6 +391,7 @@ def export_command(
     key: Path | None,
     no_sign: bool,
     keystore: Path | None,
+    without_sealed_content: bool,
 ) -> None:
     """Export a data subject's records with proofs (a DSAR package).
 
@@ -381,6 +399,9 @@ def export_command(
     against a signed checkpoint, the checkpoints, the verifier key, a manifest signed by the
     deployment's key, and a README explaining how to check it. It is a directory, or a zip
     when --out ends in .zip. The html format is one self-contained page a person can open.
+    Only its owner can read what is written. Records sealed for erasure are opened with
+    --keystore; without it, an export that would hold sealed records stops (exit 2), unless
+    --without-sealed-content says that is what you want.
 
     \b
     Examples:
@@ -411,6 +432,12 @@ def export_command(
         until=end,
         keystore=FileKeyStore(keystore) if keystore is not None else None,
     )
+    if package.sealed and keystore is None and not without_sealed_content:
+        raise ConfigError(
+            f"{package.sealed} of the {package.records} records of user {user} are sealed, and"
+            " without --keystore the package would hold none of their content; nothing was"
+            " written (pass --keystore DIR, or --without-sealed-content)"
+        )
     write_package(package, out)
     click.echo(
         f"exported {package.records} records of user {user} from {package.logs} logs to {out}"

@@ -9,12 +9,13 @@ it in O(log n), checked against the newest signed checkpoint before it is writte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -51,6 +52,8 @@ class Package:
     records: int
     logs: int
     signed: bool
+    sealed: int = 0  # records whose content is sealed
+    opened: bool = False  # their content was opened into content.json
 
 
 def _subject_items(
@@ -197,7 +200,7 @@ def build_export(
         files[SIGNATURE] = signer.sign_note(signature_text(files[MANIFEST]))
     files[DATA_FILES[fmt]] = b"".join(chunk for _, chunk in render(fmt, records, files))
     logs = len({item.log_id for item in records})
-    return Package(files, len(records), logs, signer is not None)
+    return Package(files, len(records), logs, signer is not None, len(sealed), CONTENT in files)
 
 
 def _opened_content(sealed: list[dict[str, Any]], keystore: KeyStore) -> bytes:
@@ -218,25 +221,39 @@ def _opened_content(sealed: list[dict[str, Any]], keystore: KeyStore) -> bytes:
 
 
 def write_package(package: Package, out: Path) -> None:
-    """Write a package as a directory, or as a zip when ``out`` ends in ``.zip``."""
+    """Write a package as a directory, or as a zip when ``out`` ends in ``.zip``.
+
+    Only the owner can read what is written (files 0600, folders 0700): a package holds a
+    person's prompts and answers.
+    """
     try:
         if out.suffix == ".zip":
             if out.exists():
                 raise ConfigError(f"{out} already exists; refusing to overwrite it")
             tmp = out.with_name(out.name + ".tmp")
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            with _private_file(tmp) as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
                 for name in sorted(package.files):
                     zf.writestr(name, package.files[name])
             os.replace(tmp, out)
             return
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"{out} exists and is not an empty directory")
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name, data in package.files.items():
             path = out / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            for folder in reversed(path.relative_to(out).parents[:-1]):  # mkdir(parents=True)
+                (out / folder).mkdir(mode=0o700, exist_ok=True)  # would not pass the mode on
+            with _private_file(path) as fh:
+                fh.write(data)
     except OSError as exc:
         raise StoreError(f"cannot write the export to {out}: {exc.strerror}") from exc
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """``path`` opened for writing, created 0600 whatever the umask (replaced if present)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a leftover .tmp of an interrupted export: its mode is not ours
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
 def readme(
