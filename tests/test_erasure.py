@@ -182,6 +182,42 @@ def test_forget_refuses_an_empty_user(tmp_path: Path) -> None:
     assert keys.lookup(key_id(ANONYMOUS)) is not None
 
 
+def test_forget_counts_what_it_cannot_erase(tmp_path: Path) -> None:
+    """Records written before sealing was turned on stay readable: forget says how many and
+    exits 1, after destroying the key; with no key at all it says so in its error."""
+    from click.testing import CliRunner
+
+    from tokentrail import Ledger, LedgerConfig, Signer
+    from tokentrail._cli import main
+
+    keystore, ledger = tmp_path / "keys", tmp_path / "ledger"
+    sealer = Sealer(FileKeyStore(keystore))
+    for log_id, sealing, users in (("old", None, ("alice", "alice", "carol", "alice-2")),
+                                   ("new", sealer, ("alice", "bob"))):  # fmt: skip
+        with Ledger.open(LedgerConfig(ledger, log_id, Signer.generate("t"), sealer=sealing)) as w:
+            for user in users:
+                w.append(Exchange(model="m", api="sdk", stop_reason="stop", user_id=user,
+                                  input_text=f"{user} says hi"))  # fmt: skip
+    runner = CliRunner()
+    common = ["--keystore", str(keystore), "--ledger", str(ledger), "--yes"]
+    alice = runner.invoke(main, ["forget", "--user", "alice", *common])
+    assert 1 == alice.exit_code, alice.output
+    assert alice.stdout.startswith("erased: the content key of alice was destroyed at")
+    assert (
+        f"tokentrail: warning: 2 records of alice in {ledger} were written without a key store:"
+        " not sealed, the content stays readable, and cannot be erased from the append-only"
+        " log\n"
+    ) == alice.stderr
+    bob = runner.invoke(main, ["forget", "--user", "bob", *common])
+    assert (0, "") == (bob.exit_code, bob.stderr)
+    carol = runner.invoke(main, ["forget", "--user", "carol", *common])
+    assert 2 == carol.exit_code
+    assert carol.stderr.startswith("tokentrail: error: no key for subject 'carol' in")
+    assert carol.stderr.endswith(f"; 1 record of carol in {ledger} was written without a key"
+                                 " store: not sealed, the content stays readable, and cannot"
+                                 " be erased from the append-only log\n")  # fmt: skip
+
+
 def test_forget_through_the_proxy(tmp_path: Path) -> None:
     """Erasing one user: nothing of her prompt anywhere, the ledger verifies, others intact."""
     keystore = tmp_path / "keys"

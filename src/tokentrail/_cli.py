@@ -25,7 +25,7 @@ from ._audit import (
     verify_export_command,
 )
 from ._checkpoint import Signer, propose_key_name
-from ._errors import ConfigError, KeyError_, TokentrailError, VerificationError
+from ._errors import ConfigError, KeyError_, StoreError, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
 from ._options import (
     EVENT_ID_ARGUMENT,
@@ -404,13 +404,13 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
     Exports made earlier are outside the ledger's reach. From then on, proxies sealing with
     this key store refuse the user's requests (403) before they reach the model, since
     nothing of theirs can be recorded. Records written without a key store are not sealed,
-    and this does not erase them.
+    and this cannot erase them: it counts them in --ledger, and exits 1 when there are any.
 
     \b
     Example:
       tokentrail forget --user alice@example.com --keystore /var/lib/tokentrail-keys
     """
-    from ._erasure import FileKeyStore
+    from ._erasure import FileKeyStore, unsealed_records
     from ._erasure import forget as do_forget
 
     if not user_id.strip():
@@ -425,9 +425,18 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
             f"--ledger {ledger} is not a directory; nothing was erased (name the ledger whose"
             " search index is to be dropped with the key, or leave --ledger out)"
         )
+    plain = unsealed_records(ledger, user_id) if present else 0
+    left = (
+        f"{plain} record{'s' if plain != 1 else ''} of {user_id} in {ledger}"
+        f" {'were' if plain != 1 else 'was'} written without a key store: not sealed, the"
+        " content stays readable, and cannot be erased from the append-only log"
+    )
     if not yes:
         click.confirm(f"Destroy the content key of {user_id!r} for good?", abort=True)
-    when = do_forget(FileKeyStore(keystore), user_id, ledger if present else None)
+    try:
+        when = do_forget(FileKeyStore(keystore), user_id, ledger if present else None)
+    except StoreError as exc:
+        raise StoreError(f"{exc}; {left}" if plain else str(exc)) from exc
     click.echo(f"erased: the content key of {user_id} was destroyed at {when}")
     if not present:
         click.echo(
@@ -436,6 +445,9 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
             " their text)",
             err=True,
         )
+    if plain:
+        click.echo(f"tokentrail: warning: {left}", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 main.add_command(sim_command, "sim")

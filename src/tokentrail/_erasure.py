@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import ConfigError, StoreError, SubjectForgottenError, VerificationError
-from ._layout import fsync_dir
+from ._layout import fsync_dir, iter_lines, list_log, list_logs
 from ._record import Exchange, now_rfc3339, tokens_json
 
 ANONYMOUS = "_anonymous"
@@ -283,3 +283,17 @@ def forget(keys: KeyStore, user_id: str, ledger: Path | None = None) -> str:
             with contextlib.suppress(OSError):
                 index.rmdir()
     return when
+
+
+def unsealed_records(ledger: Path, user_id: str) -> int:
+    """How many of ``user_id``'s records in ``ledger`` were written without sealing: their
+    content stays readable whatever happens to the key store (the log is append-only)."""
+    needle = orjson.dumps(user_id)
+    count = 0
+    for log_id in list_logs(ledger):
+        for seg in list_log(ledger, log_id).segments:
+            for _, line, complete in iter_lines(seg.path):
+                if complete and needle in line:
+                    obj = orjson.loads(line)
+                    count += obj.get("user_id") == user_id and not obj.get("content_sealed")
+    return count
