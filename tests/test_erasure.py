@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from conftest import Seen
 from test_proxy import _env, start_proxy
 from tokentrail._erasure import FileKeyStore, Sealer, forget, open_record
 from tokentrail._errors import StoreError, VerificationError
@@ -163,6 +164,42 @@ def test_forget_while_the_proxy_runs(tmp_path: Path) -> None:
     users = [r["user_id"] for r in records_of(proxy.ledger)]
     assert ["alice", "bob", "bob"] == users
     assert 0 == again.verify(tmp_path / "state").returncode
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_a_forgotten_user_never_reaches_the_model(
+    tmp_path: Path, recording_upstream: tuple[str, Seen], fail_open: bool
+) -> None:
+    """A forgotten user's requests, in either dialect, streamed or not, are answered 403 by the
+    proxy and never forwarded, even when it runs fail-open; others still are."""
+    upstream, seen = recording_upstream
+    keystore = tmp_path / "keys"
+    FileKeyStore(keystore).key_for("alice")
+    forget(FileKeyStore(keystore), "alice")
+    args = ["--keystore", str(keystore), "--trust-identity-headers", *(["--fail-open"] * fail_open)]
+    proxy = start_proxy(tmp_path, upstream, *args)
+    try:
+        with httpx.Client(timeout=10) as client:
+            for path, body in (
+                ("/api/generate", {"model": "m", "prompt": "alice-after-forget"}),
+                ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                ("/v1/chat/completions", {"model": "m", "messages": [], "stream": True}),
+                ("/v1/completions", {"model": "m", "prompt": "alice-after-forget"}),
+            ):
+                for user in ("alice", "bob"):
+                    sent = client.post(proxy.url + path, json=body,
+                                       headers={"X-Tokentrail-User": user})  # fmt: skip
+                    assert (403 if user == "alice" else 200) == sent.status_code, sent.text
+        audited = [line for line in seen.lines if line.startswith("POST ")]
+        assert [
+            "POST /api/generate HTTP/1.1",
+            "POST /api/chat HTTP/1.1",
+            "POST /v1/chat/completions HTTP/1.1",
+            "POST /v1/completions HTTP/1.1",
+        ] == audited  # bob's four, none of alice's
+    finally:
+        proxy.stop()
+    assert ["bob"] * 4 == [r["user_id"] for r in records_of(proxy.ledger)]
 
 
 def test_forget_refuses_an_empty_user(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import ollama
 import openai
 import pytest
 
+from conftest import Seen
 from tokentrail import ConfigError
 from tokentrail._proxy import build_config, serve_command
 from tokentrail._proxy._config import key_digest
@@ -346,53 +347,6 @@ class TestTransparency:
                 proxied = client.request(method, proxy.url + path, json=body)
             same_response(direct, proxied)
             assert proxy.new_records(before) == []
-
-
-@dataclass
-class Seen:
-    """What the recording upstream received: request lines and header names, in order."""
-
-    lines: list[str] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-
-
-@pytest.fixture
-def recording_upstream() -> Iterator[tuple[str, Seen]]:
-    """An Ollama-shaped upstream that notes each request line and its headers as received."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    seen = Seen()
-    answer = json.dumps(
-        {"model": MODEL, "created_at": "2026-01-01T00:00:00Z", "response": "hi", "done": True,
-         "done_reason": "stop", "eval_count": 1}
-    ).encode()  # fmt: skip
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _answer(self) -> None:
-            seen.lines.append(self.requestline)
-            seen.headers.append({k.lower(): v for k, v in self.headers.items()})
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def raw_request(url: str, request: bytes) -> bytes:
