@@ -156,6 +156,9 @@ def _check_tokens(name: str, tokens: Any) -> TokenList | None:
         return None
     if not isinstance(tokens, list | tuple):
         raise ConfigError(f"{name} must be a list of token ids or pieces, or None")
+    ids_only = set(map(type, tokens)) <= {int}  # the usual case, checked at C speed
+    if ids_only and 0 <= min(tokens, default=0) and max(tokens, default=0) <= MAX_TOKEN_ID:
+        return list(tokens)
     out: TokenList = []
     ids = pieces = 0
     for t in tokens:
