@@ -36,6 +36,7 @@ from tokentrail import ConfigError
 from tokentrail._proxy import build_config, serve_command
 from tokentrail._proxy._config import key_digest
 from tokentrail._sim import SimConfig, sim_in_thread
+from tokentrail._sim._tokenizer import SimTokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "llama3.2:1b"
@@ -547,9 +548,16 @@ class TestRequestTokenData:
             "llamacpp": "upstream-ids",
             "vllm": "upstream-ids",
         }[mode]
-        assert expected == rec["output_token_source"]
-        if expected != "none":
+        source = rec["output_token_source"]
+        if mode == "llamacpp" and source == "none":  # ids with gaps are no sequence: see below
+            assert rec["tokentrail.output_tokens_missing"] > 0
+            assert rec["output_tokens"] is None
+        else:
+            assert expected == source
+        if source != "none":
             assert rec["output_tokens"]
+        if source == "upstream-ids":  # every token there, none left out
+            assert rec["output_text"] == SimTokenizer().decode(rec["output_tokens"])
         if mode == "vllm":
             assert (rec["input_token_source"], bool(rec["input_tokens"])) == ("upstream-ids", True)
 
@@ -596,6 +604,47 @@ class TestRequestTokenData:
         same_response(*post_both(sims["ollama"], proxy, "/api/generate", raw))
         (rec,) = proxy.records()
         assert "token_data_requested" not in rec
+
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    def test_llamacpp_ids_with_gaps_are_not_a_sequence(
+        self, sims: dict[str, str], proxy_factory: Any, stream: bool
+    ) -> None:
+        """llama.cpp gives no logprobs entry to a token that leaves the text inside a UTF-8
+        character: fewer ids than tokens generated are recorded as no token data, with the
+        count of the missing, never as the model's output."""
+        proxy = proxy_factory(sims["llamacpp"])
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                "logprobs": True, "stream": stream,
+                **({"stream_options": {"include_usage": True}} if stream else {})}  # fmt: skip
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims["llamacpp"] + "/v1/chat/completions", json=body)
+            proxied = client.post(proxy.url + "/v1/chat/completions", json=body)
+        same_response(direct, proxied)
+        events = [e.removeprefix(b"data: ") for e in direct.content.split(b"\n\n") if e]
+        chunks = [json.loads(e) for e in events if e != b"[DONE]"] if stream else [direct.json()]
+        entries = sum(len((c["choices"][0].get("logprobs") or {}).get("content") or [])
+                      for c in chunks if c["choices"])  # fmt: skip
+        generated = next(c["usage"]["completion_tokens"] for c in chunks if c.get("usage"))
+        assert 0 < entries < generated  # the case is exercised
+        (rec,) = proxy.records()
+        assert ("none", None, generated - entries) == (
+            rec["output_token_source"],
+            rec["output_tokens"],
+            rec["tokentrail.output_tokens_missing"],
+        )
+        assert "output_logprobs" not in rec
+
+    def test_top_logprobs_alone_is_the_clients_question(
+        self, sims: dict[str, str], proxy_factory: Any
+    ) -> None:
+        """top_logprobs without logprobs, which llama.cpp refuses, is forwarded as sent: asking
+        for logprobs on the client's behalf would turn the refusal into an answer."""
+        proxy = proxy_factory(sims["llamacpp"], "--request-token-data", "logprobs")
+        raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                          "top_logprobs": 2}).encode()  # fmt: skip
+        direct, proxied = post_both(sims["llamacpp"], proxy, "/v1/chat/completions", raw)
+        assert 400 == direct.status_code
+        same_response(direct, proxied)
 
     def test_noncharacter_is_stored_as_replacement(
         self, sims: dict[str, str], proxy_factory: Any

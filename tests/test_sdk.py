@@ -343,7 +343,10 @@ class TestOpenAI:
             same_content(rec, wire_record(sims[mode], path, rec["request_body"], rec["api"]))
         sources = [r["output_token_source"] for r in recs]
         best = {"openai": "upstream-pieces", "llamacpp": "upstream-ids", "vllm": "upstream-pieces"}
-        assert best[mode] == sources[1]
+        if mode == "llamacpp" and sources[1] == "none":  # ids with gaps (see test_proxy)
+            assert recs[1]["tokentrail.output_tokens_missing"] > 0
+        else:
+            assert best[mode] == sources[1]
         if mode == "vllm":
             assert ("upstream-ids", "upstream-ids") == (
                 recs[0]["input_token_source"],

@@ -77,6 +77,7 @@ class OpenAICapture(Capture):
         self.response_model: str | None = None
         self.fingerprint: str | None = None
         self.usage: Mapping[str, Any] | None = None
+        self.predicted: int | None = None  # tokens generated, by llama.cpp's timings
 
     def feed(self, chunk: Any) -> bool:
         """Take one SSE ``data:`` payload (or the whole non-streamed body) as parsed JSON."""
@@ -100,6 +101,9 @@ class OpenAICapture(Capture):
             self.fingerprint = chunk["system_fingerprint"]
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = chunk["usage"]
+        timings = chunk.get("timings")  # llama.cpp's, on its last chunk, usage or not
+        if isinstance(timings, Mapping) and _count(timings.get("predicted_n")) is not None:
+            self.predicted = timings["predicted_n"]
         self.prompt_ids.add_ids(chunk.get("prompt_token_ids"))
         produced = False
         choices = chunk.get("choices")
@@ -164,6 +168,32 @@ class OpenAICapture(Capture):
         ]
         return choice.logprobs.add_entries(entries) if entries else False
 
+    def _logprobs_shortfall(self, choice: _Choice, tokens: TokenList | None) -> int:
+        """How many generated tokens the logprobs left out (0: none known to be missing).
+
+        llama.cpp's server gives no logprobs entry to a token that leaves the text inside a
+        UTF-8 character (the next entry carries the bytes of both), so its ids can be fewer
+        than the tokens generated; a sequence with gaps is not the model's output. Streamed, it
+        also leaves out the token that ended the answer (end of sequence or a stop word): one
+        fewer on ``stop`` is complete.
+        """
+        if tokens is None or choice.reported.seen or len(self.choices) != 1:
+            return 0
+        usage = self.usage or {}
+        generated = _count(usage.get("completion_tokens"))
+        if generated is None:
+            generated = self.predicted
+        details = usage.get("completion_tokens_details")
+        thought = _count(details.get("reasoning_tokens")) if isinstance(details, Mapping) else None
+        if (
+            generated is None
+            or len(tokens) >= generated
+            or len(tokens) == generated - (thought or 0)
+        ):
+            return 0  # (OpenAI counts reasoning tokens, which have no logprobs)
+        ended = self.stream and choice.finish_reason == "stop"
+        return 0 if ended and len(tokens) == generated - 1 else generated - len(tokens)
+
     @staticmethod
     def _merge_call(choice: _Choice, pos: int, call: Any) -> None:
         if not isinstance(call, Mapping):
@@ -200,6 +230,9 @@ class OpenAICapture(Capture):
         """The exchange, from the first choice; every choice is in ``gen_ai.output.messages``."""
         first = self.choices[min(self.choices)] if self.choices else _Choice()
         output_tokens, output_source = first.tokens()
+        shortfall = self._logprobs_shortfall(first, output_tokens)
+        if shortfall:
+            output_tokens, output_source = None, SOURCE_NONE
         input_tokens: TokenList | None = None
         input_source = SOURCE_NONE
         if self.prompt_ids.seen and self.prompt_ids.ids_ok:
@@ -225,6 +258,8 @@ class OpenAICapture(Capture):
             extra["gen_ai.response.finish_reasons"] = reasons
         if first.logprobs.logprobs and output_source != SOURCE_NONE:
             extra["output_logprobs"] = list(first.logprobs.logprobs)
+        if shortfall:
+            extra["tokentrail.output_tokens_missing"] = shortfall
         extra["gen_ai.output.messages"] = [
             self._output_message(self.choices[i]) for i in sorted(self.choices)
         ]

@@ -4,7 +4,8 @@ With ``--request-token-data`` the proxy adds to an audited request what the clie
 for itself:
 
 - ``logprobs`` (``logprobs`` or ``all``): Ollama ``"logprobs": true`` (0.12.11+; older servers
-  ignore unknown fields), OpenAI chat ``"logprobs": true``, legacy completions ``"logprobs": 0``;
+  ignore unknown fields), OpenAI chat ``"logprobs": true``, legacy completions ``"logprobs": 1``
+  (not when the client sent ``top_logprobs`` without ``logprobs``: that request is its own);
 - ``ids`` (``ids`` or ``all``): vLLM's ``"return_token_ids": true`` (other servers may refuse an
   unknown parameter, which is why it is a separate choice).
 
@@ -66,7 +67,9 @@ def plan(api: str, body: Mapping[str, Any], mode: str) -> tuple[dict[str, Any] |
     choice_null: list[bytes] = []
     choice_remove: list[bytes] = []
     top_null: list[bytes] = []
-    if want_lp and not body.get("logprobs"):
+    # top_logprobs without logprobs is the client's own question, which some servers refuse
+    # (llama.cpp, vLLM): adding logprobs would answer it instead.
+    if want_lp and not body.get("logprobs") and "top_logprobs" not in body:
         if api.startswith("ollama."):
             new["logprobs"] = True
             top_remove.append(b"logprobs")
@@ -74,7 +77,7 @@ def plan(api: str, body: Mapping[str, Any], mode: str) -> tuple[dict[str, Any] |
             new["logprobs"] = True
             choice_null.append(b"logprobs")
         elif "logprobs" not in body or body.get("logprobs") is None:
-            new["logprobs"] = 0
+            new["logprobs"] = 1  # (llama.cpp reads 0 as "none")
             choice_null.append(b"logprobs")
     if want_ids and not body.get("return_token_ids"):
         new["return_token_ids"] = True

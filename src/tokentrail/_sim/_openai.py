@@ -81,7 +81,7 @@ def _positive_int(value: object) -> bool:
 class _Request:
     """What one completion request asked for, read once from its body."""
 
-    def __init__(self, body: Mapping[str, Any], *, chat: bool) -> None:
+    def __init__(self, body: Mapping[str, Any], *, chat: bool, flavor: str) -> None:
         limit = body.get("max_completion_tokens") if chat else None
         if limit is None:
             limit = body.get("max_tokens")
@@ -94,13 +94,16 @@ class _Request:
         options = options if isinstance(options, Mapping) else {}
         self.include_usage = self.stream and options.get("include_usage") is True
         self.obfuscation = options.get("include_obfuscation") is not False
+        #: llama.cpp refuses top_logprobs without logprobs (``params_from_json_cmpl``).
+        self.top_alone = chat and "top_logprobs" in body and body.get("logprobs") is not True
         if chat:
             self.logprobs = body.get("logprobs") is True
             top = body.get("top_logprobs")
             self.top_n = int(top) if isinstance(top, int) and top > 0 else 0
         else:
-            top = body.get("logprobs")
-            self.logprobs = isinstance(top, int) and not isinstance(top, bool) and top >= 0
+            top = body.get("logprobs")  # llama.cpp reads it as n_probs: 0 asks for none
+            least = 1 if flavor == "llamacpp" else 0
+            self.logprobs = isinstance(top, int) and not isinstance(top, bool) and top >= least
             self.top_n = int(top) if self.logprobs and isinstance(top, int) else 0
         self.return_token_ids = body.get("return_token_ids") is True
         n = body.get("n")
@@ -249,11 +252,21 @@ class OpenAIDialect:
         return {"token": text, "logprob": logprob, "bytes": raw}
 
     def logprob_content(self, steps: Sequence[Step], top_n: int) -> list[dict[str, Any]]:
-        """``logprobs.content`` entries for every token of *steps*."""
+        """``logprobs.content`` entries for every token of *steps*.
+
+        llama.cpp's server gives none to a token that leaves the text ending inside a UTF-8
+        character (``process_token`` adds a token only once the text is complete): the step's
+        last token gets the entry, with the text and bytes of the whole step.
+        """
         out = []
         for step in steps:
-            for choice in step.tokens:
+            tokens = step.tokens[-1:] if self.flavor == "llamacpp" else step.tokens
+            for choice in tokens:
                 entry = self._entry(choice.token_id, choice.logprob)
+                if len(step.tokens) > 1 and self.flavor == "llamacpp":
+                    data = self.tok.decode_bytes(c.token_id for c in step.tokens)
+                    entry["token"] = data.decode("utf-8", errors="replace")
+                    entry["bytes"] = list(data)
                 entry["top_logprobs"] = [self._entry(t, lp) for t, lp in choice.top[:top_n]]
                 out.append(entry)
         return out
@@ -349,12 +362,14 @@ class OpenAIDialect:
         return self.json({"content": self.tok.decode(tokens)})
 
     def check_n(self, req: _Request) -> web.Response | None:
-        """The flavor's refusal of ``n``, if it refuses it (llama.cpp serves one choice)."""
+        """The flavor's refusal of ``n`` (llama.cpp serves one choice) or of ``top_logprobs``."""
         if req.n is None:
             return self.error(400, "Invalid value for 'n': expected an integer of at least 1.",
                               param="n", code="invalid_value")  # fmt: skip
         if req.n != 1 and self.flavor == "llamacpp":
             return self.error(400, "Only one completion choice is allowed")
+        if req.top_alone and self.flavor == "llamacpp":
+            return self.error(400, "top_logprobs requires logprobs to be set to true")
         return None
 
     def more_choices(self, req: _Request, gen: Generation, **kwargs: Any) -> list[Generation]:
@@ -376,7 +391,7 @@ class OpenAIDialect:
                 400, "Missing required parameter: 'messages'.", param="messages",
                 code="missing_required_parameter",
             )  # fmt: skip
-        req = _Request(body, chat=True)
+        req = _Request(body, chat=True, flavor=self.flavor)
         refused = self.check_n(req)
         if refused is not None:
             return refused
@@ -644,7 +659,7 @@ class OpenAIDialect:
                 400, "Missing required parameter: 'prompt'.", param="prompt",
                 code="missing_required_parameter",
             )  # fmt: skip
-        req = _Request(body, chat=False)
+        req = _Request(body, chat=False, flavor=self.flavor)
         refused = self.check_n(req)
         if refused is not None:
             return refused
@@ -843,7 +858,9 @@ class OpenAIDialect:
             obj: dict[str, Any] = {
                 "index": 0,
                 "content": step.text,
-                "tokens": [c.token_id for c in step.tokens] if return_tokens else [],
+                # llama.cpp (4227c9b) sends the id of the token that completed the text, asked
+                # or not: a token that ended inside a UTF-8 character has no event of its own.
+                "tokens": [step.tokens[-1].token_id],
                 "stop": False,
                 "id_slot": 0,
                 "tokens_predicted": predicted,
