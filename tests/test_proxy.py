@@ -329,6 +329,42 @@ class TestTransparency:
         missing = client_error(proxy.url + "/chat/completions", b"{")
         assert missing["error"]["type"] == "invalid_request_error"  # the OpenAI dialect
 
+    @pytest.mark.parametrize("token_data", [False, True], ids=["plain", "request-token-data"])
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    def test_llamacpp_api_chat_answers_in_openai_format(
+        self, sims: dict[str, str], proxy_factory: Any, stream: bool, token_data: bool
+    ) -> None:
+        """llama.cpp's server answers Ollama's /api/chat in OpenAI's format: the exchange is
+        recorded as the OpenAI chat it is (its text, finish reason and token data), and token
+        data asked for on the client's behalf is hidden in that format."""
+        extra = ("--request-token-data", "logprobs") if token_data else ()
+        proxy = proxy_factory(sims["llamacpp"], *extra)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        with httpx.Client(timeout=30) as client:
+            direct = client.post(sims["llamacpp"] + "/api/chat", json=body)
+            proxied = client.post(proxy.url + "/api/chat", json=body)
+        assert b"chat.completion" in direct.content  # OpenAI's format, on Ollama's path
+        same_response(direct, proxied)
+        if stream:
+            events = [e.removeprefix(b"data: ") for e in direct.content.split(b"\n\n") if e]
+            chunks = [json.loads(e) for e in events if e != b"[DONE]"]
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            text = direct.json()["choices"][0]["message"]["content"]
+            finish = direct.json()["choices"][0]["finish_reason"]
+        (rec,) = proxy.records()
+        assert ("openai.chat", text, finish, stream) == (
+            rec["api"],
+            rec["output_text"],
+            rec["stop_reason"],
+            rec["stream"],
+        )
+        assert text
+        if token_data:
+            assert rec["output_token_source"] in ("upstream-ids", "none")
+            assert rec["output_tokens"] or rec["tokentrail.output_tokens_missing"] > 0
+
     def test_passthrough_paths(self, sims: dict[str, str], proxies: dict[str, ProxyProc]) -> None:
         """Unaudited paths (and an unknown one) pass through untouched, with no record."""
         cases = [

@@ -635,12 +635,24 @@ class ProxyApp:
                 # A stream asked for and sent with no type that says what it is: the clients
                 # read it as the stream of the path's format, and so does the record.
                 ctype = "text/event-stream" if ex.dialect == "openai" else "application/x-ndjson"
+            if ex.dialect == "ollama" and "event-stream" in ctype and upstream.status < 300:
+                strip = self._speaks_openai(ex, strip)
             if "ndjson" in ctype or "event-stream" in ctype:
                 watch.stop()  # from here on, a write to the client finds it gone
                 return await self._relay_stream(
                     request, ex, upstream, strip, sse="event-stream" in ctype
                 )
             return await self._relay_body(request, ex, upstream, strip, watch)
+
+    def _speaks_openai(self, ex: _Exchange, strip: Strip) -> Strip:
+        """An Ollama path answered in OpenAI's format (llama.cpp's server answers ``/api/chat``
+        so): captured, and its token data hidden, as the OpenAI exchange it is."""
+        api = "openai.chat" if ex.api == "ollama.chat" else "openai.completions"
+        body = ex.capture.request
+        ex.api, ex.dialect, ex.capture = api, "openai", new_capture(api, body)
+        ex.meta_base["stream"] = ex.capture.stream
+        # What was asked on the client's behalf was asked in the same words (logprobs: true).
+        return plan(api, body, self.config.request_token_data)[1] if strip else strip
 
     async def _relay_body(
         self,
@@ -665,7 +677,10 @@ class ProxyApp:
         text = raw
         try:
             text = _decoded(raw, upstream.headers.get("Content-Encoding"))
-            ex.capture.feed(loads(text))
+            answer = loads(text)
+            if ex.dialect == "ollama" and isinstance(answer, dict) and "choices" in answer:
+                strip = self._speaks_openai(ex, strip)
+            ex.capture.feed(answer)
         except (ValueError, zlib.error):
             ex.capture.error = f"upstream sent a body that is not JSON (HTTP {upstream.status})"
         watch.stop()

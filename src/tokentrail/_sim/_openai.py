@@ -78,6 +78,17 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _ollama_listing(name: str) -> dict[str, Any]:
+    """One model of llama.cpp's Ollama-style ``models`` list (``handle_models``): no digest."""
+    return {
+        "name": name, "model": name, "modified_at": "", "size": "", "digest": "",
+        "type": "model", "description": "", "tags": [""], "capabilities": ["completion"],
+        "parameters": "",
+        "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""],
+                    "parameter_size": "", "quantization_level": ""},
+    }  # fmt: skip
+
+
 class _Request:
     """What one completion request asked for, read once from its body."""
 
@@ -324,8 +335,14 @@ class OpenAIDialect:
                     "vocab_type": 2,
                     "n_vocab": self.tok.vocab_size,
                     "n_ctx_train": 32768,
+                    "n_embd": 2048,
+                    "n_params": 1235814400,
+                    "size": 1321082880,
                 }
             data.append(entry)
+        if self.flavor == "llamacpp":  # handle_models, also its /api/tags: Ollama's list first
+            models = [_ollama_listing(name) for name in self.config.models]
+            return self.json({"models": models, "object": "list", "data": data})
         return self.json({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -886,6 +903,8 @@ class OpenAIDialect:
                 web.post("/tokenize", self.tokenize),
                 web.post("/detokenize", self.detokenize),
                 web.post("/chat/completions", self.chat),
+                web.post("/api/chat", self.chat),  # "ollama specific endpoint", OpenAI answers
+                web.get("/api/tags", self.models),
                 web.post("/completion", self.native_completion),
                 web.post("/completions", self.native_completion),
             ]
