@@ -631,6 +631,19 @@ class TestSubprocess:
         assert 2 == days.returncode
         assert 1 == len(days.stderr.splitlines()) and "Traceback" not in days.stderr
 
+    def test_demo(self, tmp_path: Path) -> None:
+        """The README's main job: exits 0 with its summary on stdout (progress goes to stderr,
+        so stdout redirected to a file holds no bar), and leaves a ledger that verifies."""
+        demo = self.python_m("demo", "--dir", tmp_path / "d", "--exchanges", "10")
+        assert 0 == demo.returncode, demo.stderr
+        assert "verify: VALID tokentrail verify OK" in demo.stdout
+        assert "sealed; verifying" not in demo.stdout and "10/10" not in demo.stdout  # the bar
+        pub = tmp_path / "d" / "keys" / "verifier.pub"
+        again = self.python_m("verify", "--ledger", tmp_path / "d" / "ledger", "--public-key",
+                              pub, "--all", "--state", tmp_path / "s")  # fmt: skip
+        assert 0 == again.returncode, again.stdout
+        assert ", 10 records read" in again.stdout
+
     def test_ctrl_c_while_loading(self) -> None:
         """A Ctrl-C while the command is still importing (aiohttp, boto3: most of a second) is
         one line and exit 130, as later, not a traceback. The interrupt is raised by an import
@@ -753,3 +766,103 @@ def test_deploy_files_are_all_checked() -> None:
         ("tokentrail-verify.cron", "index"),
         ("tokentrail-verify.service", "verify"),
     ] == seen
+
+
+# --------------------------------------------------------------------------------------------
+# What an outside audit of the CLI found (hostile but ordinary input): each one error line, or
+# the right answer, never a traceback or a wrong one.
+# --------------------------------------------------------------------------------------------
+
+
+class TestHostileInput:
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            ["--since", "0001-01-01"],
+            ["--since", "0001-01-01T00:00:00+01:00"],
+            ["--days", "1000000"],
+            ["--days", "99999999999"],
+            ["--until", "9999-12-31T23:59:59-01:00"],
+        ],
+        ids=" ".join,
+    )
+    def test_verify_bounds_beyond_the_era(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path,
+        extra: list[str],
+    ) -> None:  # fmt: skip
+        """A bound before 1970 or after 9998 means "everything": the ledger verifies."""
+        result = run(*verify_args(ledger_root, signer, tmp_path), *extra)
+        assert 0 == result.exit_code, result.output
+        assert "30 records read" in result.stdout
+
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            ["--since", "2030-01-01", "--until", "2020-01-01"],
+            ["--days", "1", "--until", "2020-01-01"],
+        ],
+        ids=" ".join,
+    )
+    def test_verify_refuses_an_empty_range(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path,
+        extra: list[str],
+    ) -> None:  # fmt: skip
+        """A range that holds no moment checks nothing: refused, as search and export do."""
+        line = assert_one_error_line(run(*verify_args(ledger_root, signer, tmp_path), *extra))
+        assert "the range is empty" in line
+
+    def test_keystore_that_does_not_exist(
+        self, ledger: list[Record], ledger_root: Path, tmp_path: Path
+    ) -> None:
+        """A mistyped --keystore is an error, never content reported as erased."""
+        event_id = ledger[0].event_id
+        for args in (["show", event_id], ["search"], ["session", "s"]):
+            line = assert_one_error_line(
+                run(*args, "--ledger", ledger_root, "--keystore", tmp_path / "no-such-keys")
+            )
+            assert "no-such-keys' does not exist" in line
+
+    def test_keygen_never_leaves_another_keys_verifier_beside_it(self, tmp_path: Path) -> None:
+        """A verifier.pub already beside a new key's path is another key's: keygen refuses
+        rather than claim to have written it."""
+        first = run("keygen", "--name", "first", "--out", tmp_path / "a.key")
+        assert 0 == first.exit_code
+        line = assert_one_error_line(run("keygen", "--name", "second", "--out", tmp_path / "b.key"))
+        assert "verifier.pub exists beside" in line
+        assert first.stdout == (tmp_path / "verifier.pub").read_text()
+        assert not (tmp_path / "b.key").exists()
+
+    def test_export_refuses_an_empty_user(self, ledger: list[Record], ledger_root: Path) -> None:
+        """An empty --user names nobody: refused, as forget refuses it."""
+        line = assert_one_error_line(
+            run("export", "--ledger", ledger_root, "--user", " ", "--out", "pkg", "--no-sign")
+        )
+        assert "--user is empty" in line
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["search", "--limit", "9223372036854775808"],
+            ["cost", "--rps", "1e300"],
+            ["cost", "--rps", "1", "--tokens-per-exchange", "99999999999999999999"],
+        ],
+        ids=" ".join,
+    )
+    def test_numbers_beyond_reason(self, args: list[str]) -> None:
+        """Numbers too large to mean anything are refused by their option's range."""
+        line = assert_one_error_line(run(*args))
+        assert "is not in the range" in line
+
+    def test_config_file_that_is_not_utf8(self, tmp_path: Path) -> None:
+        """A config or API-keys file of binary junk is one error line."""
+        junk = tmp_path / "junk.toml"
+        junk.write_bytes(b"\xff\xfe garbage")
+        for option in ("--config", "--api-keys"):
+            line = assert_one_error_line(run("serve", option, junk))
+            assert "cannot read" in line and str(junk) in line
+
+    def test_demo_dir_under_a_file(self, tmp_path: Path) -> None:
+        """A --dir whose parent is a file is one error line."""
+        (tmp_path / "afile").write_text("x")
+        line = assert_one_error_line(run("demo", "--dir", tmp_path / "afile" / "sub"))
+        assert "cannot make the demo directory" in line

@@ -473,3 +473,27 @@ def test_destroy_leaves_no_moment_for_a_new_key(
     monkeypatch.undo()
     with pytest.raises(SubjectForgottenError):
         keys.key_for("dana")
+
+
+def test_forget_says_when_the_index_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index forget cannot remove (a read-only ledger) is an error naming it, after the
+    key is gone, never a silent success."""
+    from tokentrail._erasure import key_id
+
+    keys = FileKeyStore(tmp_path / "keys")
+    keys.key_for("erin")
+    index = tmp_path / "ledger" / "index"
+    index.mkdir(parents=True)
+    (index / "audit.sqlite3").write_bytes(b"x")
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, *args: object, **kwargs: object) -> None:
+        if path.parent == index:
+            raise PermissionError(30, "Read-only file system")
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(StoreError, match=f"the search index {index} could not be removed"):
+        forget(keys, "erin", tmp_path / "ledger")
+    assert keys.lookup(key_id("erin")) is None
+    assert keys.destroyed_at(key_id("erin")) is not None

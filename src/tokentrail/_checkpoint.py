@@ -226,11 +226,15 @@ class Signer:
         """
         if path.exists():
             return cls.load(path), False
+        pub = path.with_name("verifier.pub")
+        if pub.exists():  # another key's, published perhaps: never left beside a new key
+            raise KeyError_(
+                f"{pub} exists beside {path}, which does not: it is another key's verifier key;"
+                " move it away (or restore the signing key it belongs to)"
+            )
         signer = cls.generate(name)
         signer.save(path)
-        pub = path.with_name("verifier.pub")
-        if not pub.exists():
-            pub.write_text(signer.verifier.to_text() + "\n")
+        pub.write_text(signer.verifier.to_text() + "\n")
         return signer, True
 
     @classmethod

@@ -28,6 +28,7 @@ from ._checkpoint import Signer, propose_key_name
 from ._errors import ConfigError, KeyError_, StoreError, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
 from ._options import (
+    EARLIEST,
     EVENT_ID_ARGUMENT,
     EXIT_CANNOT_RUN,
     EXIT_INVALID,
@@ -36,7 +37,7 @@ from ._options import (
     S3_ENDPOINT_ENV,
     FiniteFloatRange,
     fail,
-    parse_moment,
+    parse_range,
     resolve_verifiers,
     retention_options,
 )
@@ -200,13 +201,15 @@ def verify(
     if days is not None and since is not None:
         raise ConfigError("give --days or --since, not both")
     now = datetime.now(UTC)
-    since_at = parse_moment(since, "--since") if since else None
+    since_at, until_at = parse_range(since, until)
     if days is not None:
-        since_at = now - timedelta(days=days)
+        since_at = max(EARLIEST, now - timedelta(days=min(days, (now - EARLIEST).days + 1)))
+        if until_at is not None and since_at >= until_at:
+            raise ConfigError(f"--days {days} ends before --until {until}: the range is empty")
     options = VerifyOptions(
         verifiers=resolve_verifiers(public_keys),
         since=since_at,
-        until=parse_moment(until, "--until") if until else None,
+        until=until_at,
         full=full,
         require_sealed=require_sealed,
         seal_grace_s=seal_grace,

@@ -148,13 +148,14 @@ async def _stack(directory: Path, signer: Signer) -> AsyncIterator[list[tuple[st
         yield out
 
 
-async def run_demo(
-    directory: Path, exchanges: int, console: Console, progress: bool = True
-) -> DemoResult:
+async def run_demo(directory: Path, exchanges: int, progress: bool = True) -> DemoResult:
     """Run the demo in ``directory`` (which must be empty or new)."""
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory} is not empty; give a new or empty --dir")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the demo directory {directory}: {exc.strerror}") from exc
     signer = Signer.generate(propose_key_name())
     signer.save(directory / "keys" / "signing.key")
     verifier = signer.verifier.to_text()
@@ -168,7 +169,7 @@ async def run_demo(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        console=Console(stderr=True),  # progress is not the result: stdout keeps the summary
         disable=not progress,
         transient=False,
     )
@@ -227,8 +228,8 @@ def render(result: DemoResult, console: Console) -> None:
     console.print(table)
     if report is not None:
         verdict = "[green]VALID[/green]" if report.ok else "[red]INVALID[/red]"
-        console.print(f"verify: {verdict}", report.summary(), markup=True)
-    console.print(f"ledger: {result.ledger}", markup=False)
+        console.print(f"verify: {verdict}", report.summary(), markup=True, soft_wrap=True)
+    console.print(f"ledger: {result.ledger}", markup=False, soft_wrap=True)
     console.print(f"verifier key: {result.verifier_key}", markup=False, soft_wrap=True)
     pub = result.directory / "keys" / "verifier.pub"
     console.print(
@@ -254,6 +255,6 @@ def demo_main(directory: Path | None, exchanges: int, progress: bool) -> bool:
         ) from exc
     target = directory or Path(tempfile.mkdtemp(prefix="tokentrail-demo-"))
     console = Console(stderr=False)
-    result = asyncio.run(run_demo(target, exchanges, console, progress))
+    result = asyncio.run(run_demo(target, exchanges, progress))
     render(result, console)
     return bool(result.report and result.report.ok and result.records == result.exchanges)

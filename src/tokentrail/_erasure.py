@@ -272,7 +272,11 @@ def keyed_hash_problems(
 
 
 def forget(keys: KeyStore, user_id: str, ledger: Path | None = None) -> str:
-    """Destroy ``user_id``'s key, drop the rebuildable index, and return when."""
+    """Destroy ``user_id``'s key, drop the rebuildable index, and return when.
+
+    The key is gone whatever happens to the index; an index that could not be dropped (a
+    read-only ledger) is a :class:`StoreError` after the fact, naming it.
+    """
     when = keys.destroy(subject_of(user_id))
     if ledger is not None:
         index = ledger / "index"
@@ -282,6 +286,12 @@ def forget(keys: KeyStore, user_id: str, ledger: Path | None = None) -> str:
                     path.unlink() if path.is_file() else path.rmdir()
             with contextlib.suppress(OSError):
                 index.rmdir()
+        if index.exists():
+            raise StoreError(
+                f"the content key of {user_id} was destroyed at {when}, but the search index"
+                f" {index} could not be removed: delete it where the ledger is writable (it is"
+                " rebuilt from the ledger)"
+            )
     return when
 
 

@@ -27,10 +27,10 @@ class FiniteFloatRange(click.FloatRange):
     name = "float range"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):  # first: "inf is out of range" would say less
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+        return super().convert(number, param, ctx)
 
 
 LEDGER_OPTION = click.option(
@@ -120,6 +120,10 @@ def resolve_verifiers(specs: tuple[str, ...]) -> list[Verifier]:
     return load_verifiers(specs)
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def parse_moment(value: str, option: str) -> datetime:
     """An RFC 3339 time or a YYYY-MM-DD date, as aware UTC."""
     try:
@@ -128,7 +132,13 @@ def parse_moment(value: str, option: str) -> datetime:
         raise ConfigError(
             f"{option} {value!r} is not a date (YYYY-MM-DD) or RFC 3339 time"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        moment = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:  # an offset that steps past year 1 or 9999
+        return EARLIEST if moment.year < 5000 else LATEST
+    # Records are stamped in this era: a bound beyond it (0001-01-01 for "everything") means
+    # the same as the era's edge, which date arithmetic can step past without overflowing.
+    return min(max(moment, EARLIEST), LATEST)
 
 
 def parse_range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:

@@ -148,7 +148,7 @@ def _problem_json(problem: Checked) -> dict[str, object]:
 
 KEYSTORE_OPTION = click.option(
     "--keystore",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path, file_okay=False, exists=True),  # (a typo is not "erased")
     envvar="TOKENTRAIL_KEYSTORE",
     help="Key store to open sealed content with (writers run with --keystore).",
 )
@@ -185,7 +185,7 @@ def _short(value: object, width: int = 40) -> str:
 @click.option("--text", help="Prompt or output contains this text (case-insensitive).")
 @click.option(
     "--limit",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=10**9),
     default=100,
     show_default=True,
     help="Show at most this many records (0: all).",
@@ -409,6 +409,8 @@ def export_command(
       tokentrail export --user alice --since 2025-01-01 --out alice-2025.zip
       tokentrail verify-export alice-2025.zip --public-key verifier.pub
     """
+    if not user.strip():
+        raise ConfigError("--user is empty: name the data subject whose records to export")
     start, end = parse_range(since, until)  # the arguments first, then the keys they need
     verifiers = resolve_verifiers(public_keys)
     signer: Signer | None = None

@@ -20,7 +20,7 @@ from .._options import S3_ENDPOINT_ENV, FiniteFloatRange, retention_options
 from .._paths import DEFAULT_LEDGER
 from ._bucket import DEFAULT_DAYS, Retention, init_bucket, read_status
 from ._client import ClientOptions, S3Url, check_bucket_name, make_client
-from ._cost import estimate, format_table
+from ._cost import MAX_TOKENS_PER_EXCHANGE, estimate, format_table
 from ._keys import LAYOUTS
 from ._shipper import DEFAULT_MAX_SPOOL_BYTES, Shipper, ShipperConfig
 
@@ -217,10 +217,12 @@ def ship_command(
 
 
 @click.command("cost")
-@click.option("--rps", type=FiniteFloatRange(min=0), required=True, help="Exchanges per second.")
+@click.option(
+    "--rps", type=FiniteFloatRange(min=0, max=1e9), required=True, help="Exchanges per second."
+)
 @click.option(
     "--tokens-per-exchange",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_TOKENS_PER_EXCHANGE),
     default=1000,
     show_default=True,
     help="Input plus output tokens per exchange.",

@@ -79,8 +79,18 @@ def _text(rng: random.Random, tokens: int) -> str:
     return " ".join(words)
 
 
-def measure_records(tokens_per_exchange: int, samples: int = 64, seed: int = 7) -> RecordSample:
-    """Build ``samples`` realistic records and measure their size and zstd ratio."""
+SAMPLE_TOKENS = 1_600_000
+#: The longest exchange priced (a million-token context): larger ones scale linearly.
+MAX_TOKENS_PER_EXCHANGE = 1_000_000
+
+
+def measure_records(
+    tokens_per_exchange: int, samples: int | None = None, seed: int = 7
+) -> RecordSample:
+    """Build ``samples`` realistic records and measure their size and zstd ratio (by default
+    64, fewer for long exchanges: about 1.6 million tokens in all, and at least 4)."""
+    if samples is None:
+        samples = max(4, min(64, SAMPLE_TOKENS // max(tokens_per_exchange, 1)))
     rng = random.Random(seed)
     n_in = max(tokens_per_exchange * 3 // 4, 0)
     n_out = max(tokens_per_exchange - n_in, 0)
