@@ -141,6 +141,24 @@ class TestIdentitySpoofing:
         (rec,) = proxy.records()
         assert ("mallory", "stolen-session") == (rec["user_id"], rec["session_id"])
 
+    def test_identity_too_long_is_refused_not_cut(
+        self, upstream: str, proxies: list[ProxyProc], tmp_path: Path
+    ) -> None:
+        """A trusted user or session header longer than 256 characters would be stored cut,
+        naming someone else (and no search for the full name would find it): refused with 400
+        on audited paths; 256 characters are stored whole; other paths pass through."""
+        proxy = _start(proxies, tmp_path, upstream, "--trust-identity-headers")
+        long_user, long_session = "u" * 257, "s" * 5000
+        for headers in ({"X-Tokentrail-User": long_user}, {"X-Tokentrail-Session": long_session}):
+            for path in ("/api/generate", "/v1/chat/completions"):
+                refused = _post(proxy, path, headers)
+                assert 400 == refused.status_code
+                assert "longer than 256 characters" in str(refused.json()["error"])
+        assert 200 == httpx.get(proxy.url + "/api/tags", headers={"X-Tokentrail-User": long_user},
+                                timeout=30).status_code  # fmt: skip
+        assert 200 == _post(proxy, "/api/generate", {"X-Tokentrail-User": "u" * 256}).status_code
+        assert ["u" * 256] == [r["user_id"] for r in proxy.records()]
+
 
 class TestSecretsNeverStored:
     """API keys and Authorization headers appear nowhere the proxy writes or shows."""

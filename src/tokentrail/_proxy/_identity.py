@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .._errors import ConfigError
 from ._config import key_digest
 
 USER_HEADER = "X-Tokentrail-User"
@@ -48,7 +49,9 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     if value is None:
         return None
     value = value.strip()
-    return value[:_MAX_HEADER_VALUE] or None
+    if len(value) > _MAX_HEADER_VALUE:  # cut, it would name someone else: refused instead
+        raise ConfigError(f"{name} is longer than {_MAX_HEADER_VALUE} characters")
+    return value or None
 
 
 class IdentityResolver:
@@ -59,7 +62,10 @@ class IdentityResolver:
         self.trust_headers = trust_headers
 
     def resolve(self, headers: Mapping[str, str]) -> Identity:
-        """The caller's identity; unknown keys and untrusted headers resolve to ``None``."""
+        """The caller's identity; unknown keys and untrusted headers resolve to ``None``.
+
+        A trusted identity header too long to store is a :class:`ConfigError`.
+        """
         user: str | None = None
         session: str | None = None
         key = _bearer(headers)

@@ -49,7 +49,7 @@ from yarl import URL
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
 from .._capture._sse import SSEEvents, cut_at_line_end
-from .._errors import StoreError, SubjectForgottenError
+from .._errors import ConfigError, StoreError, SubjectForgottenError
 from .._ledger import AsyncLedger
 from .._metrics import Metrics
 from .._record import new_event_id, now_rfc3339
@@ -394,7 +394,20 @@ class ProxyApp:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Dispatch: audited paths to :meth:`audited`, everything else passed through."""
-        ident = self.identity.resolve(request.headers)
+        # Audit by the path the upstream may act on: "/api/./generate", "/api/x/../generate",
+        # "//api/generate/" and their %-encoded spellings may all reach /api/generate. They are
+        # forwarded as sent (a server that refuses them refuses them through the proxy too), and
+        # recorded whatever the answer, so no spelling gets past the ledger.
+        canonical = canonical_path(request.path)
+        api = PATHS.get(canonical) if request.method == "POST" else None
+        try:
+            ident = self.identity.resolve(request.headers)
+        except ConfigError as exc:  # an identity header too long to store (never cut short)
+            if api is None and not self.config.require_identity:
+                return await self.passthrough(request)  # nothing recorded, nobody to name
+            return error_response(
+                dialect_of(request.path), 400, f"tokentrail: {exc}", kind="invalid_request_error"
+            )
         if self.config.require_identity and ident.user_id is None:
             return error_response(
                 dialect_of(request.path),
@@ -403,12 +416,6 @@ class ProxyApp:
                 kind="invalid_request_error",
                 code="invalid_api_key",
             )
-        # Audit by the path the upstream may act on: "/api/./generate", "/api/x/../generate",
-        # "//api/generate/" and their %-encoded spellings may all reach /api/generate. They are
-        # forwarded as sent (a server that refuses them refuses them through the proxy too), and
-        # recorded whatever the answer, so no spelling gets past the ledger.
-        canonical = canonical_path(request.path)
-        api = PATHS.get(canonical) if request.method == "POST" else None
         if api is None:
             return await self.passthrough(request)
         return await self.audited(request, api, ident.user_id, ident.session_id)
