@@ -631,6 +631,23 @@ class TestSubprocess:
         assert 2 == days.returncode
         assert 1 == len(days.stderr.splitlines()) and "Traceback" not in days.stderr
 
+    @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+    def test_output_that_cannot_be_written(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """A full disk under the cron log: exit 2 (could not run) and one error line, never a
+        traceback and exit 1 (which says the ledger failed its check)."""
+        key = signer.verifier.to_text()
+        for args in (["verify", "--ledger", ledger_root, "--public-key", key, "--state",
+                      tmp_path / "s"], ["count", "--ledger", ledger_root]):  # fmt: skip
+            with open("/dev/full", "w") as full:
+                done = subprocess.run(
+                    [sys.executable, "-m", "tokentrail", *map(str, args)],
+                    stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                )  # fmt: skip
+            assert (2, ["tokentrail: error: cannot write the output: No space left on device"]) \
+                == (done.returncode, done.stderr.splitlines())  # fmt: skip
+
     def test_demo(self, tmp_path: Path) -> None:
         """The README's main job: exits 0 with its summary on stdout (progress goes to stderr,
         so stdout redirected to a file holds no bar), and leaves a ledger that verifies."""

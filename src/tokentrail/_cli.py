@@ -6,6 +6,8 @@ stderr. Exit status: 0 success or a valid ledger, 1 an integrity violation, 2 co
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,13 +79,26 @@ def _client_options(endpoint_url: str | None, region: str | None) -> Any:
     return ClientOptions(endpoint_url=endpoint_url, region=region)
 
 
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's last flush succeeds."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 class _Main(click.Group):
     """The command group, printing every error as one line."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a full disk or closed pipe shows here, not after exit
+        except OSError as exc:  # the output could not be written: the result is not known
+            _silence_stdout()
+            fail(f"cannot write the output: {exc.strerror or exc}")
         except click.exceptions.Abort:
             fail("aborted")
         except click.exceptions.Exit as exc:
