@@ -330,7 +330,8 @@ class TestSearch:
 
     def test_read_only_ledger(self, small: Ledgers, tmp_path: Path) -> None:
         """An auditor's read-only copy: search uses the index its operator built, as built,
-        and says so; with no index it says to search a writable copy; index refuses."""
+        and says so; with no index it indexes the copy in memory, and says so (nothing is
+        written); index refuses."""
         ledger = tmp_path / "copy"
         shutil.copytree(small.root, ledger)
         run("index", "--ledger", ledger)
@@ -348,11 +349,20 @@ class TestSearch:
             refused = run("index", "--ledger", ledger)
             assert (2, "") == (refused.exit_code, refused.stdout)
             assert "cannot be written here (a read-only ledger)" in refused.stderr
-            missing = run("search", "--ledger", bare, "--user", "user-3")
-            assert 2 == missing.exit_code
-            assert "has no search index: search keeps its index beside the ledger" in (
-                missing.stderr
+            before = sorted(p.relative_to(bare) for p in bare.rglob("*"))
+            missing = run("search", "--ledger", bare, "--user", "user-3", "--json", "--limit", 0)
+            assert 0 == missing.exit_code, missing.output
+            assert hits == [orjson.loads(line) for line in missing.stdout.splitlines()]
+            assert missing.stderr == (
+                f"tokentrail: warning: {bare} cannot be written here and has no search index:"
+                " indexing it in memory for this command (keep one beside it: tokentrail"
+                " index)\n"
             )
+            event_id = hits[0]["event_id"]
+            shown = run("show", event_id, "--ledger", bare, "--no-color")
+            assert 0 == shown.exit_code, shown.output
+            assert event_id in shown.stdout
+            assert before == sorted(p.relative_to(bare) for p in bare.rglob("*"))
 
     def test_edited_leaf_is_reported(self, small: Ledgers) -> None:
         """A record edited after indexing is reported as MISMATCH, not shown, exit 1."""

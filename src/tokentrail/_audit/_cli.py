@@ -53,7 +53,14 @@ def _console(color: bool | None) -> Console:
 
 
 def _open_index(ledger: Path, *, update: bool = True) -> Index:
-    index = Index.open(ledger)
+    index = Index.open(ledger, in_memory_ok=True)
+    if index.in_memory:
+        click.echo(
+            f"tokentrail: warning: {ledger} cannot be written here and has no search index:"
+            " indexing it in memory for this command (keep one beside it: tokentrail index)",
+            err=True,
+        )
+        update = True
     if index.read_only:
         click.echo(
             f"tokentrail: warning: {ledger} cannot be written here: searching its index as last"

@@ -179,19 +179,37 @@ class _LogGone(Exception):
 class Index:
     """The sidecar index of one ledger; see the module docstring."""
 
-    def __init__(self, root: Path, conn: sqlite3.Connection, *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        conn: sqlite3.Connection,
+        *,
+        read_only: bool = False,
+        in_memory: bool = False,
+    ) -> None:
         self.root = root
         self.conn = conn
         #: Opened from a folder it cannot write (a read-only ledger): searched as last built.
         self.read_only = read_only
+        #: Built in memory for one command: a ledger it cannot write, with no index beside it.
+        self.in_memory = in_memory
         self._seg_ids: dict[tuple[str, str, int], int] = {}
 
     @classmethod
-    def open(cls, root: Path, *, rebuild: bool = False) -> Index:
-        """Open (creating, or with ``rebuild`` recreating) the index of the ledger at ``root``."""
+    def open(cls, root: Path, *, rebuild: bool = False, in_memory_ok: bool = False) -> Index:
+        """Open (creating, or with ``rebuild`` recreating) the index of the ledger at ``root``.
+
+        A ledger this process cannot write is searched with the index its operator keeps;
+        with none there, ``in_memory_ok`` builds one in memory for this command (kept nowhere,
+        so nothing of it outlives the command, or a forget).
+        """
         list_logs(root)  # raises StoreError unless root is a ledger
         folder = root / INDEX_DIR
         if not _writable(folder if folder.is_dir() else root):
+            if in_memory_ok and not (folder / INDEX_FILE).is_file():
+                index = cls(root, sqlite3.connect(":memory:", isolation_level=None), in_memory=True)
+                index._prepare()
+                return index
             return cls._open_read_only(root, folder)
         if rebuild and folder.exists():
             shutil.rmtree(folder)
