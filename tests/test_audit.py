@@ -448,6 +448,7 @@ class TestShowAndSession:
         assert result.exit_code == 0, result.output
         out = result.output
         assert "session conv-42: 3 turns" in out
+        assert "…" not in out  # a file or pipe gets 160 columns: no header cut short
         turns = re.split(r"─+ turn \d ", out)[1:]
         assert len(turns) == 3
         assert "what the model saw (2 messages):" in turns[0]
@@ -472,6 +473,8 @@ class TestShowAndSession:
         assert result.exit_code == 0, result.output
         out = result.output
         rec = next(r for r in records_of(ledger) if r["event_id"] == second["event_id"])
+        seg = next((ledger / "logs").glob("*/segments/*/*.jsonl"))
+        assert f"file           {seg} @ 0" in out or f"{seg} @" in out  # whole, not cut to "…"
         for expected in ("user           alice", "session        conv-42", "api            "
                          "openai.chat, streamed", "integrity      OK",
                          "inclusion      PROVEN: included in the signed checkpoint of size 3",

@@ -47,9 +47,14 @@ UNTIL_OPTION = click.option("--until", help="Before this time (YYYY-MM-DD or RFC
 
 
 def _console(color: bool | None) -> Console:
+    """stdout as rich writes to it; 160 columns at least into a file or pipe (80 cut the
+    session headers short)."""
+    width = None if Console().is_terminal else max(Console().width, 160)
     if color is None:
-        return Console(highlight=False, soft_wrap=True)
-    return Console(highlight=False, soft_wrap=True, force_terminal=color, no_color=not color)
+        return Console(highlight=False, soft_wrap=True, width=width)
+    return Console(
+        highlight=False, soft_wrap=True, width=width, force_terminal=color, no_color=not color
+    )
 
 
 def _open_index(ledger: Path, *, update: bool = True) -> Index:

@@ -169,7 +169,7 @@ def render_show(checked: Checked, inclusion: Inclusion, *, color: bool, ids: boo
     rec = checked.record or {}
     meta = Table.grid(padding=(0, 2))
     meta.add_column(style="bold")
-    meta.add_column()
+    meta.add_column(overflow="fold")  # a long path wraps whole, never cut to "…"
     version = rec.get("model_version")
     rows: list[tuple[str, str]] = [
         ("event", str(rec.get("event_id"))),
