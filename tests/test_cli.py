@@ -883,3 +883,13 @@ class TestHostileInput:
         (tmp_path / "afile").write_text("x")
         line = assert_one_error_line(run("demo", "--dir", tmp_path / "afile" / "sub"))
         assert "cannot make the demo directory" in line
+
+    @pytest.mark.parametrize("args", [[], ["s3"]], ids=["tokentrail", "tokentrail s3"])
+    def test_no_command_shows_the_help(self, args: list[str]) -> None:
+        """A group run with no command prints its help page (with an example), not the page
+        dressed as one error line; exit 2 as click does."""
+        result = run(*args)
+        assert (2, "") == (result.exit_code, result.stdout)
+        assert result.stderr.startswith("Usage: ")
+        assert "error" not in result.stderr.splitlines()[0]
+        assert ("tokentrail s3 init --bucket" if args else "tokentrail demo") in result.stderr

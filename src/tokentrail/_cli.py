@@ -103,6 +103,9 @@ class _Main(click.Group):
             fail("aborted")
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # the help page, not an error line
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_CANNOT_RUN)
         except click.ClickException as exc:
             hint = ""
             ctx = getattr(exc, "ctx", None)

@@ -55,7 +55,13 @@ _retention_options = retention_options(
 
 @click.group("s3")
 def s3_group() -> None:
-    """Create and check the S3 bucket that holds the audit log (Object Lock, WORM)."""
+    """Create and check the S3 bucket that holds the audit log (Object Lock, WORM).
+
+    \b
+    Examples:
+      tokentrail s3 init --bucket acme-audit-logs --mode GOVERNANCE --days 2555
+      tokentrail s3 check --bucket acme-audit-logs
+    """
 
 
 @s3_group.command("init")
