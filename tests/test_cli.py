@@ -409,9 +409,10 @@ class TestCount:
         assert "12\n" == run("count", "--ledger", ledger_root).stdout
 
     def test_other_day(self, ledger: list[Record], ledger_root: Path) -> None:
-        """A day with no records counts 0, and --min 1 then exits 1."""
+        """A day with no records counts 0, and --min 1 then exits 1, saying why on stderr."""
         result = run("count", "--ledger", ledger_root, "--date", "2001-01-01", "--min", "1")
         assert (1, "0\n") == (result.exit_code, result.stdout)
+        assert "tokentrail: 0 records on 2001-01-01, fewer than --min 1\n" == result.stderr
 
     def test_several_logs(
         self, write_records: Callable[..., list[Record]], ledger_root: Path
@@ -893,3 +894,13 @@ class TestHostileInput:
         assert result.stderr.startswith("Usage: ")
         assert "error" not in result.stderr.splitlines()[0]
         assert ("tokentrail s3 init --bucket" if args else "tokentrail demo") in result.stderr
+
+    def test_key_names_and_keys_that_are_empty_or_too_long(self, tmp_path: Path) -> None:
+        """keygen --name '' is refused (not swapped for a proposed name), so is a name too
+        long for every signature line; an empty --public-key says it is empty."""
+        assert "must be non-empty" in assert_one_error_line(run("keygen", "--name", ""))
+        line = assert_one_error_line(run("keygen", "--name", "k" * 129, "--out", tmp_path / "x"))
+        assert "at most 128" in line
+        line = assert_one_error_line(run("verify", "--ledger", tmp_path, "--public-key", ""))
+        assert "the verifier key given is empty" in line
+        assert "not in the range" in assert_one_error_line(run("sim", "--token-ms", "1e300"))

@@ -36,6 +36,7 @@ from ._errors import KeyError_, VerificationError
 ALG_ED25519 = 0x01
 EM_DASH = "\u2014"
 _NAME_RE = re.compile(r"[^\s+]+")
+MAX_KEY_NAME = 128
 _MAX_SIZE_DIGITS = 20
 _SIZE_RE = re.compile(r"0|[1-9][0-9]*")  # ASCII decimal, no leading zero
 
@@ -154,7 +155,10 @@ class Signer:
     @classmethod
     def generate(cls, name: str | None = None) -> Signer:
         """A fresh key under ``name`` (or a proposed deployment-unique name)."""
-        return cls(check_key_name(name or propose_key_name()), secrets.token_bytes(32))
+        name = check_key_name(propose_key_name() if name is None else name)
+        if len(name) > MAX_KEY_NAME:  # it starts every signature line and every origin
+            raise KeyError_(f"key name is {len(name)} characters long; at most {MAX_KEY_NAME}")
+        return cls(name, secrets.token_bytes(32))
 
     def _private(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.seed)
@@ -317,6 +321,8 @@ def load_verifiers(specs: Iterable[str]) -> list[Verifier]:
     """Verifier keys from strings that are either a key itself or a file holding keys."""
     out: list[Verifier] = []
     for spec in specs:
+        if not spec.strip():
+            raise KeyError_("the verifier key given is empty: pass name+id+key, or a file")
         if "+" in spec and not Path(spec).exists():
             out.append(Verifier.from_text(spec))
             continue

@@ -152,7 +152,7 @@ def keygen(name: str | None, out: Path | None) -> None:
     key_path = out or default_signing_key()
     if key_path.exists():
         raise KeyError_(f"{key_path} already exists; refusing to overwrite a signing key")
-    signer, _ = Signer.load_or_create(key_path, name or propose_key_name())
+    signer, _ = Signer.load_or_create(key_path, propose_key_name() if name is None else name)
     pub_path = key_path.with_name("verifier.pub")
     click.echo(f"wrote signing key {key_path} (mode 0600) and {pub_path}", err=True)
     click.echo(signer.verifier.to_text())
@@ -304,6 +304,7 @@ def count(
                 total += read_bytes(seg.path).count(b"\n")
     click.echo(str(total))
     if minimum is not None and total < minimum:
+        click.echo(f"tokentrail: {total} records on {day}, fewer than --min {minimum}", err=True)
         sys.exit(EXIT_INVALID)
 
 

@@ -49,14 +49,14 @@ Examples:
 )
 @click.option(
     "--ttft-ms",
-    type=FiniteFloatRange(min=0),
+    type=FiniteFloatRange(min=0, max=3_600_000),
     default=0.0,
     show_default=True,
     help="Delay before the first token.",
 )
 @click.option(
     "--token-ms",
-    type=FiniteFloatRange(min=0),
+    type=FiniteFloatRange(min=0, max=3_600_000),
     default=0.0,
     show_default=True,
     help="Delay per further token.",
