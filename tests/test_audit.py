@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import hashlib
 import io
 import os
 import re
@@ -771,6 +772,25 @@ class TestExport:
         result = _verify(out, "--public-key", small.pub)
         assert result.exit_code == 0, result.output
         assert result.output.startswith(f"verify-export OK: {out}: 0 records of user nobody")
+
+    def test_unsigned_manifest_with_require_signed(self, small: Ledgers, tmp_path: Path) -> None:
+        """A package whose signature was taken away, and a record with it, passes on its own
+        hashes; --require-signed fails it, as an auditor relying on completeness needs."""
+        out = tmp_path / "u3"
+        _export(small, out, "--user", "user-3")
+        (out / "manifest.sig").unlink()
+        manifest = orjson.loads((out / "manifest.json").read_bytes())
+        lines = (out / "records.jsonl").read_bytes().splitlines(keepends=True)
+        (out / "records.jsonl").write_bytes(b"".join(lines[1:]))
+        manifest["records"] = manifest["records"][1:]
+        manifest["record_count"] -= 1
+        data = (out / "records.jsonl").read_bytes()
+        manifest["files"]["records.jsonl"] = hashlib.sha256(data).hexdigest()
+        (out / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        assert 0 == _verify(out, "--public-key", small.pub).exit_code
+        strict = _verify(out, "--public-key", small.pub, "--require-signed")
+        assert 1 == strict.exit_code
+        assert "FAIL: the manifest is not signed (--require-signed)" in strict.output
 
     def test_unsealed_records_refused(self, tmp_path: Path) -> None:
         """A subject record not yet under a checkpoint is refused with advice, exit 2."""

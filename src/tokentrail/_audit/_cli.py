@@ -470,21 +470,33 @@ def export_command(
     " the package, which shows only that the package agrees with itself].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify_export_command(path: Path, public_keys: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--require-signed",
+    is_flag=True,
+    help="Fail a package whose manifest is not signed (its completeness then rests on nothing).",
+)
+def verify_export_command(
+    path: Path, public_keys: tuple[str, ...], as_json: bool, require_signed: bool
+) -> None:
     """Check a DSAR package with nothing else at hand; name any failing record.
 
     Checks every record's inclusion proof against its signed checkpoint, its content hashes,
     that it belongs to the subject, the manifest's list and signature, and that every readable
-    field matches the proven record. Exit status 0 when valid, 1 when not.
+    field matches the proven record. Exit status 0 when valid, 1 when not, 2 when the
+    package cannot be read at all.
 
     \b
     Examples:
-      tokentrail verify-export alice-dsar/ --public-key verifier.pub
+      tokentrail verify-export alice-dsar/ --public-key verifier.pub --require-signed
       tokentrail verify-export alice-dsar.zip
       tokentrail verify-export alice-dsar/records.html --public-key 'name+1a2b3c4d+AX…'
     """
     pinned = resolve_verifiers(public_keys) if public_keys else None
     report = verify_export(path, pinned)
+    if require_signed and not report.signed:
+        report.problems.append(
+            "the manifest is not signed (--require-signed): nothing proves the package complete"
+        )
     if as_json:
         click.echo(
             orjson.dumps(
