@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 import pytest
 from click.testing import CliRunner, Result
 
@@ -904,3 +905,17 @@ class TestHostileInput:
         line = assert_one_error_line(run("verify", "--ledger", tmp_path, "--public-key", ""))
         assert "the verifier key given is empty" in line
         assert "not in the range" in assert_one_error_line(run("sim", "--token-ms", "1e300"))
+
+    def test_json_readers_get_json_when_it_cannot_run(self, tmp_path: Path, signer: Signer) -> None:
+        """With --json, a run that cannot start still prints one JSON object on stdout (and
+        its line on stderr), so a machine reading stdout always has something to parse."""
+        (tmp_path / "garbage.zip").write_bytes(b"not a zip")
+        for args in (
+            ["verify", "--ledger", tmp_path / "nope", "--public-key", signer.verifier.to_text()],
+            ["verify-export", tmp_path / "garbage.zip"],
+        ):
+            result = run(*args, "--json")
+            assert 2 == result.exit_code
+            found = orjson.loads(result.stdout)
+            assert (False, 2) == (found["ok"], found["exit_status"])
+            assert result.stderr == f"tokentrail: error: {found['error']}\n"

@@ -11,7 +11,7 @@ import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import orjson
@@ -38,11 +38,11 @@ from ._options import (
     PUBLIC_KEY_OPTION,
     S3_ENDPOINT_ENV,
     FiniteFloatRange,
-    fail,
     parse_range,
     resolve_verifiers,
     retention_options,
 )
+from ._options import fail as _fail
 from ._paths import default_signing_key
 from ._proof import build_bundle, check_bundle
 from ._proxy import serve_command
@@ -91,6 +91,14 @@ class _Main(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        argv = args[0] if args else kwargs.get("args")
+        as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+
+        def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
+            if as_json:  # a reader of --json gets JSON, whatever went wrong
+                click.echo(orjson.dumps({"ok": False, "exit_status": code, "error": message}))
+            _fail(message, code)
+
         try:
             try:
                 return super().main(*args, **kwargs)
@@ -98,7 +106,7 @@ class _Main(click.Group):
                 sys.stdout.flush()  # a full disk or closed pipe shows here, not after exit
         except OSError as exc:  # the output could not be written: the result is not known
             _silence_stdout()
-            fail(f"cannot write the output: {exc.strerror or exc}")
+            _fail(f"cannot write the output: {exc.strerror or exc}")
         except click.exceptions.Abort:
             fail("aborted")
         except click.exceptions.Exit as exc:
@@ -343,7 +351,7 @@ def prove(
         else:
             bundle = build_bundle(ledger, event_id, tree_size)
     except VerificationError as exc:
-        fail(f"cannot prove {event_id}: {exc}", EXIT_INVALID)
+        _fail(f"cannot prove {event_id}: {exc}", EXIT_INVALID)
     data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
     if out is None:
         click.echo(data.decode(), nl=False)
