@@ -663,6 +663,27 @@ class TestSubprocess:
         assert 0 == again.returncode, again.stdout
         assert ", 10 records read" in again.stdout
 
+    def test_sigterm_leaves_a_line(self, ledger: list[Record], ledger_root: Path) -> None:
+        """SIGTERM (a cron timeout, a shutdown) mid-command leaves one line in the log and
+        exit 143, as Ctrl-C leaves "interrupted", rather than ending it without a word."""
+        code = (
+            "import os, signal, sys\n"
+            "import tokentrail._cli as cli\n"
+            "real = cli.list_logs\n"
+            "def listing(root):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(root)\n"
+            "cli.list_logs = listing\n"
+            "sys.argv = ['tokentrail', 'count', '--ledger', sys.argv[1]]\n"
+            "cli.main()\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code, str(ledger_root)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (143, "") == (done.returncode, done.stdout)
+        assert ["tokentrail: error: terminated (SIGTERM): the run did not finish"] == (
+            done.stderr.splitlines()
+        )
+
     def test_ctrl_c_while_loading(self) -> None:
         """A Ctrl-C while the command is still importing (aiohttp, boto3: most of a second) is
         one line and exit 130, as later, not a traceback. The interrupt is raised by an import

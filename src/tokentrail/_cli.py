@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -79,6 +80,14 @@ def _client_options(endpoint_url: str | None, region: str | None) -> Any:
     return ClientOptions(endpoint_url=endpoint_url, region=region)
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _silence_stdout() -> None:
     """Point file descriptor 1 at /dev/null, so the interpreter's last flush succeeds."""
     with contextlib.suppress(OSError):
@@ -99,6 +108,9 @@ class _Main(click.Group):
                 click.echo(orjson.dumps({"ok": False, "exit_status": code, "error": message}))
             _fail(message, code)
 
+        # A cron job's timeout or a shutdown ends a long verify with SIGTERM: it leaves a
+        # line in the log, as Ctrl-C does (serve and sim set their own graceful handlers).
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             try:
                 return super().main(*args, **kwargs)
@@ -124,6 +136,8 @@ class _Main(click.Group):
             fail(str(exc))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except _Terminated:
+            fail("terminated (SIGTERM): the run did not finish", 128 + signal.SIGTERM)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import click
 
@@ -97,6 +98,7 @@ def sim_command(
             click.echo("Press Ctrl+C to stop.")
             await asyncio.Event().wait()
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a server stops on SIGTERM, quietly
     try:
         asyncio.run(serve())
     except KeyboardInterrupt:
