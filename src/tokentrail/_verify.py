@@ -732,14 +732,15 @@ class _LogVerifier:
         age = None if ts is None else (self.options.now - ts).total_seconds()
         msg = f"{unsealed} records after the last verified checkpoint are not sealed"
         at = {"seq": sealed, "event_id": event_id, "location": location}
-        covered = max((n for n in self.checkpoints if n <= size), default=0)
+        # (a checkpoint larger than the log counts: records it covers were cut off the end)
+        covered = max(self.checkpoints, default=0)
         if covered > sealed and any(f.level == "finding" for f in self.report.findings):
             # Signed checkpoints do cover them: what stopped verification is named above.
             after = f", and {size - covered} after them are not sealed" if size > covered else ""
             self.finding(
-                f"{covered - sealed} records from seq {sealed} on are under signed checkpoints"
-                f" (up to size {covered}) that could not be verified past the findings"
-                f" above{after}",
+                f"{min(covered, size) - sealed} records from seq {sealed} on are under signed"
+                f" checkpoints (up to size {covered}) that could not be verified past the"
+                f" findings above{after}",
                 **at,
             )
             return
