@@ -527,6 +527,53 @@ class TestOpenAIChat:
         ex = run(OpenAICapture({"model": "llama", "messages": []}, chat=True), [body])
         assert (ex.output_tokens, ex.output_token_source) == ([13347, 1070], "upstream-ids")
 
+    @staticmethod
+    def _ids_body(ids: list[int], usage: dict[str, Any], reason: str) -> dict[str, Any]:
+        entries = [{"id": i, "token": "a", "bytes": [97], "logprob": -0.1} for i in ids]
+        message = {"role": "assistant", "content": "a" * len(ids)}
+        choice = {"index": 0, "message": message, "logprobs": {"content": entries},
+                  "finish_reason": reason}  # fmt: skip
+        return {"id": "x", "object": "chat.completion", "model": "m", "usage": usage,
+                "choices": [choice]}  # fmt: skip
+
+    @pytest.mark.parametrize(
+        ("usage", "stream", "reason", "expected"),
+        [
+            ({"completion_tokens": 3}, False, "length", ([1, 2, 3], "upstream-ids", None)),
+            ({"completion_tokens": 5}, False, "length", (None, "none", 2)),
+            ({"completion_tokens": 4}, False, "stop", (None, "none", 1)),
+            ({"completion_tokens": 4}, True, "stop", ([1, 2, 3], "upstream-ids", None)),
+            ({"completion_tokens": 5}, True, "stop", (None, "none", 2)),
+            ({"completion_tokens": 4}, True, "length", (None, "none", 1)),
+            ({"completion_tokens": 10, "completion_tokens_details": {"reasoning_tokens": 7}},
+             False, "stop", ([1, 2, 3], "upstream-ids", None)),
+            ({}, False, "stop", ([1, 2, 3], "upstream-ids", None)),
+        ],
+        ids=["complete", "gaps", "gap-on-stop", "streamed-stop-lacks-its-last",
+             "streamed-stop-gap", "streamed-length-gap", "reasoning", "no-count"],
+    )  # fmt: skip
+    def test_ids_fewer_than_generated(
+        self, usage: dict[str, Any], stream: bool, reason: str, expected: tuple[Any, ...]
+    ) -> None:
+        """Ids fewer than the tokens generated (llama.cpp gives no entry to a token ending
+        inside a UTF-8 character) are no sequence: none, with the count missing."""
+        body = self._ids_body([1, 2, 3], usage, reason)
+        if stream:
+            choice = body["choices"][0]
+            chunk = {**body, "object": "chat.completion.chunk", "choices": [
+                {**choice, "delta": choice["message"]}]}  # fmt: skip
+            del chunk["choices"][0]["message"]
+            chunks = [chunk]
+        else:
+            chunks = [body]
+        req = {"model": "m", "messages": [], "stream": stream}
+        ex = run(OpenAICapture(req, chat=True), chunks)
+        assert expected == (
+            ex.output_tokens,
+            ex.output_token_source,
+            ex.extra.get("tokentrail.output_tokens_missing"),
+        )
+
     def test_vllm_token_ids_stream(self) -> None:
         """vLLM return_token_ids: prompt ids in the first chunk, token_ids in each."""
         chunks = [

@@ -183,16 +183,14 @@ class OpenAICapture(Capture):
         generated = _count(usage.get("completion_tokens"))
         if generated is None:
             generated = self.predicted
-        details = usage.get("completion_tokens_details")
-        thought = _count(details.get("reasoning_tokens")) if isinstance(details, Mapping) else None
-        if (
-            generated is None
-            or len(tokens) >= generated
-            or len(tokens) == generated - (thought or 0)
-        ):
-            return 0  # (OpenAI counts reasoning tokens, which have no logprobs)
-        ended = self.stream and choice.finish_reason == "stop"
-        return 0 if ended and len(tokens) == generated - 1 else generated - len(tokens)
+        if generated is None:
+            return 0
+        details = usage.get("completion_tokens_details")  # OpenAI counts reasoning tokens,
+        if isinstance(details, Mapping):  # which have no logprobs
+            generated -= _count(details.get("reasoning_tokens")) or 0
+        missing = generated - len(tokens)
+        ended = self.stream and choice.finish_reason == "stop"  # its last token has no entry
+        return 0 if missing <= (1 if ended else 0) else missing
 
     @staticmethod
     def _merge_call(choice: _Choice, pos: int, call: Any) -> None:
