@@ -548,15 +548,20 @@ class TestOpenAIChat:
             ({"completion_tokens": 10, "completion_tokens_details": {"reasoning_tokens": 7}},
              False, "stop", ([1, 2, 3], "upstream-ids", None)),
             ({}, False, "stop", ([1, 2, 3], "upstream-ids", None)),
+            ({"completion_tokens": 4, "stop": ["e"]}, True, "stop", (None, "none", 1)),
         ],
         ids=["complete", "gaps", "gap-on-stop", "streamed-stop-lacks-its-last",
-             "streamed-stop-gap", "streamed-length-gap", "reasoning", "no-count"],
+             "streamed-stop-gap", "streamed-length-gap", "reasoning", "no-count",
+             "streamed-stop-string-gap"],
     )  # fmt: skip
     def test_ids_fewer_than_generated(
         self, usage: dict[str, Any], stream: bool, reason: str, expected: tuple[Any, ...]
     ) -> None:
         """Ids fewer than the tokens generated (llama.cpp gives no entry to a token ending
-        inside a UTF-8 character) are no sequence: none, with the count missing."""
+        inside a UTF-8 character) are no sequence: none, with the count missing. A stream
+        that ends on its end-of-sequence token lacks that entry alone; one that ends on a stop
+        string asked for has it (the token completing the stop string gets its entry)."""
+        stops = usage.pop("stop", None)
         body = self._ids_body([1, 2, 3], usage, reason)
         if stream:
             choice = body["choices"][0]
@@ -566,9 +571,29 @@ class TestOpenAIChat:
             chunks = [chunk]
         else:
             chunks = [body]
-        req = {"model": "m", "messages": [], "stream": stream}
+        req = {"model": "m", "messages": [], "stream": stream, **({"stop": stops} if stops else {})}
         ex = run(OpenAICapture(req, chat=True), chunks)
         assert expected == (
+            ex.output_tokens,
+            ex.output_token_source,
+            ex.extra.get("tokentrail.output_tokens_missing"),
+        )
+
+    def test_stream_cut_inside_a_character(self) -> None:
+        """A stream cut inside a character flushes the held bytes in a chunk with no logprobs:
+        no sequence, and the count of tokens without an entry is said."""
+        entries = [{"id": i, "token": "a", "bytes": [97], "logprob": -0.1} for i in (1, 2)]
+        chunks = [
+            {"id": "x", "object": "chat.completion.chunk", "model": "m", "choices": [
+                {"index": 0, "delta": {"content": "aa"}, "logprobs": {"content": entries},
+                 "finish_reason": None}]},
+            {"id": "x", "object": "chat.completion.chunk", "model": "m", "choices": [
+                {"index": 0, "delta": {"content": "\ufffd"}, "finish_reason": "length"}],
+             "usage": {"completion_tokens": 5}},
+        ]  # fmt: skip
+        req = {"model": "m", "messages": [], "stream": True, "logprobs": True}
+        ex = run(OpenAICapture(req, chat=True), chunks)
+        assert (None, "none", 3) == (
             ex.output_tokens,
             ex.output_token_source,
             ex.extra.get("tokentrail.output_tokens_missing"),

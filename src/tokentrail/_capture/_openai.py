@@ -168,16 +168,18 @@ class OpenAICapture(Capture):
         ]
         return choice.logprobs.add_entries(entries) if entries else False
 
-    def _logprobs_shortfall(self, choice: _Choice, tokens: TokenList | None) -> int:
-        """How many generated tokens the logprobs left out (0: none known to be missing).
+    def _logprobs_shortfall(self, choice: _Choice) -> int:
+        """How many generated tokens have no logprobs entry (0: none known to be missing).
 
-        llama.cpp's server gives no logprobs entry to a token that leaves the text inside a
-        UTF-8 character (the next entry carries the bytes of both), so its ids can be fewer
-        than the tokens generated; a sequence with gaps is not the model's output. Streamed, it
-        also leaves out the token that ended the answer (end of sequence or a stop word): one
-        fewer on ``stop`` is complete.
+        llama.cpp's server gives no entry to a token that leaves the text inside a UTF-8
+        character (the next entry carries the bytes of both), and a stream cut there flushes
+        the held bytes in a chunk with none: so its entries can be fewer than the tokens
+        generated, and ids with gaps are not the model's output. Streamed, it also gives none
+        to the end-of-sequence token, so one fewer on a ``stop`` is complete, but only when
+        no stop string was asked for: the token that completes a stop string has its entry.
         """
-        if tokens is None or choice.reported.seen or len(self.choices) != 1:
+        track = choice.logprobs
+        if choice.reported.seen or not track.seen or len(self.choices) != 1:
             return 0
         usage = self.usage or {}
         generated = _count(usage.get("completion_tokens"))
@@ -188,9 +190,9 @@ class OpenAICapture(Capture):
         details = usage.get("completion_tokens_details")  # OpenAI counts reasoning tokens,
         if isinstance(details, Mapping):  # which have no logprobs
             generated -= _count(details.get("reasoning_tokens")) or 0
-        missing = generated - len(tokens)
-        ended = self.stream and choice.finish_reason == "stop"  # its last token has no entry
-        return 0 if missing <= (1 if ended else 0) else missing
+        missing = generated - max(len(track.ids), len(track.pieces))
+        on_eos = self.stream and choice.finish_reason == "stop" and not self.request.get("stop")
+        return 0 if missing <= (1 if on_eos else 0) else missing
 
     @staticmethod
     def _merge_call(choice: _Choice, pos: int, call: Any) -> None:
@@ -228,7 +230,7 @@ class OpenAICapture(Capture):
         """The exchange, from the first choice; every choice is in ``gen_ai.output.messages``."""
         first = self.choices[min(self.choices)] if self.choices else _Choice()
         output_tokens, output_source = first.tokens()
-        shortfall = self._logprobs_shortfall(first, output_tokens)
+        shortfall = self._logprobs_shortfall(first)
         if shortfall:
             output_tokens, output_source = None, SOURCE_NONE
         input_tokens: TokenList | None = None
