@@ -66,6 +66,7 @@ MODES = ("off", "logprobs")
 # the end-of-sequence token, so that every branch of the token check is reached.
 CHAT_ASKS = [{"role": "user", "content": "Un café crème à Zürich? 東京の天気は 👋"}]
 CHAT_WHOLE = [{"role": "user", "content": "The server answers in JSON"}]
+CHAT_CUT = [{"role": "user", "content": "The weather is nice"}]  # length ends in a character
 CHAT_EOS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "señor"}]
 PROMPT = "Once upon a time, à Zürich, 你好 🙂"
 PROMPT_WHOLE = "Once upon a time"
@@ -112,6 +113,8 @@ def _cases() -> list[Case]:
         Case("chat ascii logprobs", "/v1/chat/completions", whole, "length"),
         Case("chat ascii stream logprobs", "/v1/chat/completions",
              {**whole, "stream": True}, "length"),
+        Case("chat stream cut logprobs", "/v1/chat/completions",
+             {**chat, "messages": CHAT_CUT, "max_tokens": 5, **lp, "stream": True}, "length"),
         Case("chat eos logprobs", "/v1/chat/completions", eos, "stop"),
         Case("chat eos stream logprobs", "/v1/chat/completions", {**eos, "stream": True}, "stop"),
         Case("chat stop", "/v1/chat/completions", {**chat, **stop}, "stop"),
