@@ -599,6 +599,23 @@ class TestOpenAIChat:
             ex.extra.get("tokentrail.output_tokens_missing"),
         )
 
+    @pytest.mark.parametrize("asked", [True, False])
+    def test_every_entry_left_out(self, asked: bool) -> None:
+        """llama.cpp answers ``"logprobs": null`` when it left out every entry: with logprobs
+        asked for (by the client, or on its behalf), all the tokens are missing; not asked,
+        nothing is said."""
+        body = {"id": "x", "object": "text_completion", "model": "m",
+                "usage": {"completion_tokens": 2},
+                "choices": [{"index": 0, "text": "\ufffd", "logprobs": None,
+                             "finish_reason": "stop"}]}  # fmt: skip
+        cap = OpenAICapture({"model": "m", "prompt": "p"}, chat=False)
+        cap.logprobs_asked = asked
+        ex = run(cap, [body])
+        assert ("none", 2 if asked else None) == (
+            ex.output_token_source,
+            ex.extra.get("tokentrail.output_tokens_missing"),
+        )
+
     def test_vllm_token_ids_stream(self) -> None:
         """vLLM return_token_ids: prompt ids in the first chunk, token_ids in each."""
         chunks = [

@@ -23,9 +23,16 @@ MODEL="$WORK/tiny.gguf"
 
 step() { printf '== %s\n' "$*" >&2; }
 
+if [ ! -x "$WORK/venv/bin/python" ]; then
+    step "a venv for pip and the model's tools"
+    python3 -m venv "$WORK/venv"
+    # gguf-py's own dependencies (numpy, pyyaml, tqdm), and tokenizers to train the BPE
+    "$WORK/venv/bin/pip" install --quiet numpy pyyaml tqdm tokenizers
+fi
+
 if [ ! -d "$LLAMA" ]; then
     step "download llama-cpp-python $VERSION sdist"
-    python3 -m pip download --quiet --no-deps --no-binary :all: \
+    "$WORK/venv/bin/pip" download --quiet --no-deps --no-binary :all: \
         "llama-cpp-python==$VERSION" -d "$WORK/sdist"
     step "extract"
     tar -xzf "$WORK/sdist/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
@@ -49,11 +56,6 @@ fi
 
 if [ ! -f "$MODEL" ]; then
     step "make the tiny model"
-    if [ ! -x "$WORK/venv/bin/python" ]; then
-        python3 -m venv "$WORK/venv"
-        # gguf-py's own dependencies (numpy, pyyaml, tqdm), and tokenizers to train the BPE
-        "$WORK/venv/bin/pip" install --quiet numpy pyyaml tqdm tokenizers
-    fi
     PYTHONPATH="$LLAMA/gguf-py" "$WORK/venv/bin/python" "$HERE/make_tiny.py" --out "$MODEL"
 else
     step "model present: $MODEL"

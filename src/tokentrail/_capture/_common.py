@@ -286,6 +286,9 @@ class Capture(ABC):
         self.error: str | None = None
         self.finished = False
         self.chunks = 0
+        #: The upstream was asked for logprobs: by the client, or on its behalf (the proxy's
+        #: ``--request-token-data``, which the request body recorded here does not show).
+        self.logprobs_asked = request.get("logprobs") not in (None, False)
 
     @abstractmethod
     def feed(self, chunk: Any) -> bool:

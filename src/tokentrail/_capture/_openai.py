@@ -177,9 +177,12 @@ class OpenAICapture(Capture):
         generated, and ids with gaps are not the model's output. Streamed, it also gives none
         to the end-of-sequence token, so one fewer on a ``stop`` is complete, but only when
         no stop string was asked for: the token that completes a stop string has its entry.
+        When every entry was left out it answers ``"logprobs": null``: all are missing.
         """
         track = choice.logprobs
-        if choice.reported.seen or not track.seen or len(self.choices) != 1:
+        if choice.reported.seen or len(self.choices) != 1:
+            return 0
+        if not (track.seen or self.logprobs_asked):  # (asked, and all of them left out)
             return 0
         usage = self.usage or {}
         generated = _count(usage.get("completion_tokens"))

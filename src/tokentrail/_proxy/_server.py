@@ -538,6 +538,7 @@ class ProxyApp:
         meta_base: dict[str, Any] = {"stream": capture.stream}
         if new_body is not None:
             meta_base["token_data_requested"] = sorted(set(new_body) - set(body))
+            capture.logprobs_asked = new_body.get("logprobs") not in (None, False)
         peer = request.remote
         if peer:
             meta_base["client.address"] = peer
@@ -656,7 +657,9 @@ class ProxyApp:
         so): captured, and its token data hidden, as the OpenAI exchange it is."""
         api = "openai.chat" if ex.api == "ollama.chat" else "openai.completions"
         body = ex.capture.request
+        asked = ex.capture.logprobs_asked
         ex.api, ex.dialect, ex.capture = api, "openai", new_capture(api, body)
+        ex.capture.logprobs_asked = asked
         ex.meta_base["stream"] = ex.capture.stream
         # What was asked on the client's behalf was asked in the same words (logprobs: true).
         return plan(api, body, self.config.request_token_data)[1] if strip else strip
