@@ -56,7 +56,7 @@ fi
 
 if [ ! -f "$MODEL" ]; then
     step "make the tiny model"
-    PYTHONPATH="$LLAMA/gguf-py" "$WORK/venv/bin/python" "$HERE/make_tiny.py" --out "$MODEL"
+    PYTHONPATH="$LLAMA/gguf-py" "$WORK/venv/bin/python" "$HERE/make_tiny.py" --out "$MODEL" >&2
 else
     step "model present: $MODEL"
 fi
