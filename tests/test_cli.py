@@ -656,6 +656,10 @@ class TestSubprocess:
         demo = self.python_m("demo", "--dir", tmp_path / "d", "--exchanges", "10")
         assert 0 == demo.returncode, demo.stderr
         assert "verify: VALID tokentrail verify OK" in demo.stdout
+        assert demo.stdout.startswith(  # whole lines into a file, not broken at 80 columns
+            "10 exchanges through the proxy (official ollama and openai clients), 10 records in"
+            " the ledger\n"
+        )
         assert "sealed; verifying" not in demo.stdout and "10/10" not in demo.stdout  # the bar
         pub = tmp_path / "d" / "keys" / "verifier.pub"
         again = self.python_m("verify", "--ledger", tmp_path / "d" / "ledger", "--public-key",

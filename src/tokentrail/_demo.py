@@ -228,9 +228,9 @@ def render(result: DemoResult, console: Console) -> None:
     console.print(table)
     if report is not None:
         verdict = "[green]VALID[/green]" if report.ok else "[red]INVALID[/red]"
-        console.print(f"verify: {verdict}", report.summary(), markup=True, soft_wrap=True)
-    console.print(f"ledger: {result.ledger}", markup=False, soft_wrap=True)
-    console.print(f"verifier key: {result.verifier_key}", markup=False, soft_wrap=True)
+        console.print(f"verify: {verdict}", report.summary(), markup=True)
+    console.print(f"ledger: {result.ledger}", markup=False)
+    console.print(f"verifier key: {result.verifier_key}", markup=False)
     pub = result.directory / "keys" / "verifier.pub"
     console.print(
         "Check it yourself:\n"
@@ -254,7 +254,7 @@ def demo_main(directory: Path | None, exchanges: int, progress: bool) -> bool:
             "the demo drives the official ollama and openai clients: pip install 'tokentrail[demo]'"
         ) from exc
     target = directory or Path(tempfile.mkdtemp(prefix="tokentrail-demo-"))
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)  # lines are not cut or broken at 80 columns in a file
     result = asyncio.run(run_demo(target, exchanges, progress))
     render(result, console)
     return bool(result.report and result.report.ok and result.records == result.exchanges)
