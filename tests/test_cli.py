@@ -581,6 +581,18 @@ class TestProve:
         assert result.exception is None or isinstance(result.exception, SystemExit)
         (line,) = result.stdout.splitlines()
         assert line.startswith(f"INVALID: {bundle}: ")
+        assert "Error(" not in line  # what is wrong, in words, not a Python exception's repr
+        if edit == "missing-field":
+            assert line.endswith("malformed proof bundle: no 'proof' member")
+
+    def test_bundle_from_stdin(self, bundle: Path, signer: Signer) -> None:
+        """``-`` reads the bundle from stdin, so prove can pipe into verify-proof."""
+        result = CliRunner().invoke(
+            main, ["verify-proof", "-", "--public-key", signer.verifier.to_text()],
+            input=bundle.read_bytes(),
+        )  # fmt: skip
+        assert 0 == result.exit_code, result.output
+        assert result.stdout.startswith("OK: record ")
 
     @pytest.mark.parametrize(
         "content",

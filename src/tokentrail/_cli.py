@@ -384,11 +384,13 @@ def verify_proof(bundle_path: Path, public_keys: tuple[str, ...]) -> None:
     """Check an inclusion proof bundle with nothing but the verifier key.
 
     \b
-    Example:
+    Examples:
       tokentrail verify-proof proof.json --public-key verifier.pub
+      tokentrail prove EVENT_ID | tokentrail verify-proof - --public-key verifier.pub
     """
     try:
-        bundle = orjson.loads(bundle_path.read_bytes())
+        raw = sys.stdin.buffer.read() if str(bundle_path) == "-" else bundle_path.read_bytes()
+        bundle = orjson.loads(raw)
     except OSError as exc:
         raise ConfigError(f"cannot read {bundle_path}: {exc.strerror}") from exc
     except orjson.JSONDecodeError as exc:

@@ -109,15 +109,20 @@ def build_bundle(root: Path, event_id: str, tree_size: int | None = None) -> dic
 
 def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
     """Check a bundle with nothing but the verifier keys; return the proven record."""
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise VerificationError(f"not a {BUNDLE_FORMAT} bundle")
     try:
-        if bundle.get("format") != BUNDLE_FORMAT:
-            raise VerificationError(f"not a {BUNDLE_FORMAT} bundle")
         leaf = bundle["record"].encode("utf-8")
         index, size = int(bundle["index"]), int(bundle["tree_size"])
         proof = [base64.b64decode(p, validate=True) for p in bundle["proof"]]
         note = bundle["checkpoint"].encode("utf-8")
-    except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
-        raise VerificationError(f"malformed proof bundle: {exc!r}") from exc
+    except KeyError as exc:
+        raise VerificationError(f"malformed proof bundle: no {exc.args[0]!r} member") from exc
+    except (AttributeError, TypeError, ValueError, binascii.Error) as exc:
+        raise VerificationError(
+            "malformed proof bundle: record and checkpoint must be strings, index and"
+            " tree_size integers, proof a list of base64 hashes"
+        ) from exc
     text, _ = open_note(note, verifiers)
     checkpoint = Checkpoint.from_text(text)
     if checkpoint.size != size:
