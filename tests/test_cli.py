@@ -956,3 +956,17 @@ class TestHostileInput:
             found = orjson.loads(result.stdout)
             assert (False, 2) == (found["ok"], found["exit_status"])
             assert result.stderr == f"tokentrail: error: {found['error']}\n"
+
+    def test_an_unmapped_read_error_is_not_called_an_output_error(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An OSError no layer turned into a StoreError is one line naming it (and the file),
+        never "cannot write the output", which is for a full disk or a closed pipe."""
+        import tokentrail._cli as cli
+
+        def refused(root: Path) -> list[str]:
+            raise PermissionError(13, "Permission denied", "/srv/ledger/logs")
+
+        monkeypatch.setattr(cli, "list_logs", refused)
+        line = assert_one_error_line(run("count", "--ledger", "."))
+        assert line == "tokentrail: error: Permission denied (/srv/ledger/logs)"

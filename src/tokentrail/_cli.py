@@ -7,9 +7,11 @@ stderr. Exit status: 0 success or a valid ledger, 1 an integrity violation, 2 co
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -80,6 +82,10 @@ def _client_options(endpoint_url: str | None, region: str | None) -> Any:
     return ClientOptions(endpoint_url=endpoint_url, region=region)
 
 
+#: Errors of writing the output (a full disk, a closed pipe), as against reading the ledger.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE, errno.EIO})
+
+
 class _Terminated(BaseException):
     """SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it)."""
 
@@ -110,14 +116,18 @@ class _Main(click.Group):
 
         # A cron job's timeout or a shutdown ends a long verify with SIGTERM: it leaves a
         # line in the log, as Ctrl-C does (serve and sim set their own graceful handlers).
-        signal.signal(signal.SIGTERM, _terminate)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             try:
                 return super().main(*args, **kwargs)
             finally:
                 sys.stdout.flush()  # a full disk or closed pipe shows here, not after exit
-        except OSError as exc:  # the output could not be written: the result is not known
-            _silence_stdout()
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_ERRNOS:  # not mapped to a StoreError: still one line
+                where = f" ({exc.filename})" if exc.filename else ""
+                fail(f"{exc.strerror or exc}{where}")
+            _silence_stdout()  # the output could not be written: the result is not known
             _fail(f"cannot write the output: {exc.strerror or exc}")
         except click.exceptions.Abort:
             fail("aborted")
