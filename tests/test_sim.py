@@ -732,6 +732,26 @@ class TestOpenAICompletions:
         assert special.json()["tokens"][1]["piece"] == [0xC3]
 
 
+class TestLlamaCppHeadersAndIds:
+    @pytest.mark.parametrize("sim", ["llamacpp"], indirect=True)
+    async def test_as_a_real_llama_server_sends_them(self, sim: str) -> None:
+        """What a real llama-server (4227c9b) sent: ``Server: llama.cpp`` (cpp-httplib's
+        default headers), ``text/event-stream`` with no charset, and ``chatcmpl-`` plus 32
+        alphanumerics for chat and legacy completions alike (``gen_chatcmplid``)."""
+        msgs = [{"role": "user", "content": "Hi"}]
+        async with httpx.AsyncClient(base_url=sim) as http:
+            chat = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs})
+            cmpl = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+            streamed = await http.post(
+                "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "stream": True}
+            )
+            health = await http.get("/health")
+        assert {"llama.cpp"} == {r.headers["Server"] for r in (chat, cmpl, streamed, health)}
+        assert "text/event-stream" == streamed.headers["Content-Type"]
+        for body in (chat.json(), cmpl.json()):
+            assert re.fullmatch(r"chatcmpl-[A-Za-z0-9]{32}", body["id"]), body["id"]
+
+
 class TestLlamaCppNative:
     @pytest.mark.parametrize("sim", ["llamacpp"], indirect=True)
     async def test_return_tokens(self, sim: str) -> None:

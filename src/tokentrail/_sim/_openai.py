@@ -181,6 +181,18 @@ class OpenAIDialect:
             return self.error(400, "the request body must be a JSON object")
         return body
 
+    @property
+    def sse_type(self) -> str:
+        """The stream's Content-Type: llama.cpp's cpp-httplib names no charset."""
+        return "text/event-stream" if self.flavor == "llamacpp" else SSE
+
+    def id_suffix(self) -> str:
+        """A response id's random part: OpenAI's 29 and llama.cpp's 32 alphanumerics
+        (``random_string``), vLLM's 32 hex digits (a uuid4's)."""
+        if self.flavor == "vllm":
+            return secrets.token_hex(16)
+        return _rand(29 if self.flavor == "openai" else 32)
+
     def model_of(self, body: Mapping[str, Any]) -> str | web.Response:
         model = body.get("model")
         if self.flavor == "llamacpp":
@@ -420,7 +432,7 @@ class OpenAIDialect:
             "top_logprobs": req.top_n,
         }
         gens = self.more_choices(req, generate(self.tok, seed=req.seed, **spec), **spec)
-        ident = "chatcmpl-" + (_rand(29) if self.flavor == "openai" else secrets.token_hex(16))
+        ident = "chatcmpl-" + self.id_suffix()
         created = int(time.time())
         fault = fault_of(request)
         if req.stream:
@@ -572,7 +584,7 @@ class OpenAIDialect:
         model: str, ident: str, created: int, pacer: Pacer,
     ) -> web.StreamResponse:  # fmt: skip
         """The chunks of every choice, interleaved step by step as the servers send them."""
-        writer = ChunkWriter(request, fault, SSE)
+        writer = ChunkWriter(request, fault, self.sse_type)
         await writer.start()
         vllm = self.flavor == "vllm"
         ids_or_none = (lambda ids: list(ids)) if req.return_token_ids else (lambda ids: None)
@@ -689,7 +701,8 @@ class OpenAIDialect:
             "top_logprobs": req.top_n + 1 if self.flavor == "vllm" else req.top_n,
         }
         gens = self.more_choices(req, generate(self.tok, seed=req.seed, **spec), **spec)
-        ident = "cmpl-" + (_rand(29) if self.flavor == "openai" else secrets.token_hex(16))
+        # llama.cpp names its completions as it names its chats (gen_chatcmplid)
+        ident = ("chatcmpl-" if self.flavor == "llamacpp" else "cmpl-") + self.id_suffix()
         created = int(time.time())
         fault = fault_of(request)
         if req.stream:
@@ -750,7 +763,7 @@ class OpenAIDialect:
         model: str, ident: str, created: int, pacer: Pacer,
     ) -> web.StreamResponse:  # fmt: skip
         """The chunks of every choice, interleaved step by step as the servers send them."""
-        writer = ChunkWriter(request, fault, SSE)
+        writer = ChunkWriter(request, fault, self.sse_type)
         await writer.start()
         vllm = self.flavor == "vllm"
         offsets = [0] * len(gens)
@@ -866,7 +879,7 @@ class OpenAIDialect:
         if body.get("stream") is not True:
             await pacer.all(len(gen.output_ids))
             return await send_body(request, fault, dumps(final(stream=False)))
-        writer = ChunkWriter(request, fault, SSE)
+        writer = ChunkWriter(request, fault, self.sse_type)
         await writer.start()
         predicted = 0
         for step in gen.steps:

@@ -61,10 +61,16 @@ def make_app(config: SimConfig | None = None) -> web.Application:
     # Ollama and vLLM put no small cap on a request body (base64 images run to megabytes);
     # aiohttp's default would refuse anything over 1 MiB.
     app = web.Application(middlewares=[faults], client_max_size=MAX_BODY_BYTES)
+    if config.mode == "llamacpp":  # cpp-httplib's default headers, as llama-server sets them
+        app.on_response_prepare.append(_llamacpp_server_header)
     app[CONFIG_KEY] = config
     app[TOKENIZER_KEY] = tok
     app.add_routes(dialect.routes())
     return app
+
+
+async def _llamacpp_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "llama.cpp"
 
 
 def _base_url(host: str, port: int) -> str:
