@@ -1,9 +1,11 @@
-"""Shared helpers for the benchmarks: realistic exchanges and a table printer."""
+"""Shared helpers for the benchmarks: realistic exchanges, a table printer, stopping a child."""
 
 from __future__ import annotations
 
 import random
+import signal
 import statistics
+import subprocess
 from collections.abc import Sequence
 
 from tokentrail import Exchange
@@ -52,3 +54,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> int:
+    """SIGTERM (a graceful stop: a proxy seals), then SIGKILL after ``grace`` s; the status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

@@ -36,7 +36,6 @@ import gzip
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import orjson  # noqa: E402
 
-from _common import table  # noqa: E402
+from _common import stop_process, table  # noqa: E402
 from fuzz_upstream import BEHAVIOURS, HEADER, RELAY_HEADER, Seen, upstream_in_thread  # noqa: E402
 from tokentrail._checkpoint import Verifier  # noqa: E402
 from tokentrail._verify import VerifyOptions, verify_local  # noqa: E402
@@ -614,13 +613,7 @@ def run(
                 result.rss_after_kib = rss_kib(proc.pid)
                 result.final_ok = _good_request(host, int(port))
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, grace=30)
     _account(result, seen, ledger, verifier)
     return result
 

@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import table
+from _common import stop_process, table
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 IGNORED_HEADERS = {"date", "connection", "keep-alive", "transfer-encoding", "content-length"}
@@ -209,17 +209,6 @@ def tokentrail(*args: str, **kwargs: Any) -> Any:
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.Popen([sys.executable, "-m", "tokentrail", *args], env=env, **kwargs)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM, then SIGKILL after 15 s; the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 @contextmanager
