@@ -49,7 +49,8 @@ UNTIL_OPTION = click.option("--until", help="Before this time (YYYY-MM-DD or RFC
 def _console(color: bool | None) -> Console:
     """stdout as rich writes to it; 160 columns at least into a file or pipe (80 cut the
     session headers short)."""
-    width = None if Console().is_terminal else max(Console().width, 160)
+    probe = Console()
+    width = None if probe.is_terminal else max(probe.width, 160)
     if color is None:
         return Console(highlight=False, soft_wrap=True, width=width)
     return Console(

@@ -53,7 +53,6 @@ class Package:
     logs: int
     signed: bool
     sealed: int = 0  # records whose content is sealed
-    opened: bool = False  # their content was opened into content.json
 
 
 def _subject_items(
@@ -200,7 +199,7 @@ def build_export(
         files[SIGNATURE] = signer.sign_note(signature_text(files[MANIFEST]))
     files[DATA_FILES[fmt]] = b"".join(chunk for _, chunk in render(fmt, records, files))
     logs = len({item.log_id for item in records})
-    return Package(files, len(records), logs, signer is not None, len(sealed), CONTENT in files)
+    return Package(files, len(records), logs, signer is not None, len(sealed))
 
 
 def _opened_content(sealed: list[dict[str, Any]], keystore: KeyStore) -> bytes:

@@ -269,6 +269,12 @@ def _render_tool_call(call: Any) -> str:
     return f" [tool_call {name} {args_text}]"
 
 
+def asks_logprobs(body: Mapping[str, Any]) -> bool:
+    """Whether a request body asks for logprobs (``true``, or a count: legacy completions' 0
+    asks OpenAI for the sampled token's)."""
+    return body.get("logprobs") not in (None, False)
+
+
 class Capture(ABC):
     """An incremental accumulator for one exchange in one dialect."""
 
@@ -288,7 +294,7 @@ class Capture(ABC):
         self.chunks = 0
         #: The upstream was asked for logprobs: by the client, or on its behalf (the proxy's
         #: ``--request-token-data``, which the request body recorded here does not show).
-        self.logprobs_asked = request.get("logprobs") not in (None, False)
+        self.logprobs_asked = asks_logprobs(request)
 
     @abstractmethod
     def feed(self, chunk: Any) -> bool:

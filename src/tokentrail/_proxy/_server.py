@@ -48,6 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .._capture import PATHS, Capture, Meta, loads, new_capture
+from .._capture._common import asks_logprobs
 from .._capture._sse import SSEEvents, cut_at_line_end
 from .._errors import ConfigError, StoreError, SubjectForgottenError
 from .._ledger import AsyncLedger
@@ -538,7 +539,7 @@ class ProxyApp:
         meta_base: dict[str, Any] = {"stream": capture.stream}
         if new_body is not None:
             meta_base["token_data_requested"] = sorted(set(new_body) - set(body))
-            capture.logprobs_asked = new_body.get("logprobs") not in (None, False)
+            capture.logprobs_asked = asks_logprobs(new_body)
         peer = request.remote
         if peer:
             meta_base["client.address"] = peer
