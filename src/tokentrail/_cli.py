@@ -492,7 +492,9 @@ def forget(user_id: str, keystore: Path, ledger: Path, yes: bool) -> None:
     try:
         when = do_forget(FileKeyStore(keystore), user_id, ledger if present else None)
     except StoreError as exc:
-        raise StoreError(f"{exc}; {left}" if plain else str(exc)) from exc
+        if not plain:
+            raise
+        raise StoreError(f"{exc}; {left}") from exc
     click.echo(f"erased: the content key of {user_id} was destroyed at {when}")
     if not present:
         click.echo(
