@@ -55,6 +55,22 @@ def exchange_for(i: int, **overrides: Any) -> Exchange:
     return Exchange(**fields)
 
 
+@pytest.fixture(autouse=True)
+def _no_user_settings(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test (and the subprocesses it starts) sees an empty config and state home and no
+    ``TOKENTRAIL_*`` settings, so a key or witness state the machine's user keeps (after
+    running the README's demo, say) never changes what a test sees."""
+    for name in list(os.environ):
+        if name.startswith("TOKENTRAIL_") and not name.startswith("TOKENTRAIL_LLAMA_"):
+            monkeypatch.delenv(name)
+    home = tmp_path_factory.mktemp("user-home")
+    monkeypatch.setenv("TOKENTRAIL_HOME", str(home / "tokentrail"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+
+
 @pytest.fixture
 def make_exchange() -> Callable[..., Exchange]:
     """``make_exchange(i, **overrides)``: the ``i``-th varied test exchange."""

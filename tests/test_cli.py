@@ -27,6 +27,7 @@ from click.testing import CliRunner, Result
 from tokentrail._checkpoint import Signer, Verifier
 from tokentrail._cli import main
 from tokentrail._ledger import Ledger, LedgerConfig
+from tokentrail._proxy._config import ProxyConfig
 from tokentrail._record import Exchange, Record
 
 LOG_ID = "test-log"
@@ -96,6 +97,10 @@ class TestKeygen:
         assert "acme-prod-audit" == Verifier.from_text(printed).name
         assert printed == (isolated_home / "verifier.pub").read_text().strip()
         assert str(key_path) in result.stderr
+
+    def test_serve_signs_with_the_keygen_key(self, isolated_home: Path) -> None:
+        """Without --key, serve uses the key keygen wrote: TOKENTRAIL_HOME is honoured by both."""
+        assert isolated_home / "signing.key" == ProxyConfig().key_path
 
     def test_proposes_a_name(self, tmp_path: Path) -> None:
         """Without --name the key gets a proposed deployment-unique name."""

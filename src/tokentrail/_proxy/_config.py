@@ -10,7 +10,6 @@ that the configuration never holds a usable key; only the SHA-256 of each key is
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import socket
 import tomllib
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 
 from .._errors import ConfigError
 from .._layout import check_log_id
+from .._paths import default_signing_key
 from .._s3._bucket import DEFAULT_DAYS
 
 TokenData = Literal["off", "logprobs", "ids", "all"]
@@ -32,12 +32,6 @@ DEFAULT_LEDGER = "./tokentrail-ledger"
 DEFAULT_MAX_BODY = 16 << 20
 DEFAULT_UPSTREAM_TIMEOUT = 300.0
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
-
-
-def default_key_path() -> Path:
-    """Where ``serve`` keeps its signing key when ``--key`` is not given."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "tokentrail" / "signing.key"
 
 
 def default_log_id(port: int) -> str:
@@ -162,4 +156,4 @@ class ProxyConfig:
     @property
     def key_path(self) -> Path:
         """The signing key file (created on first start when missing)."""
-        return self.key or default_key_path()
+        return self.key or default_signing_key()
