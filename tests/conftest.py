@@ -23,6 +23,15 @@ from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._record import Exchange, Record
 
 LOG_ID = "test-log"
+#: Environment variables the tests read (never the product), kept for every test.
+TEST_KNOBS = frozenset(
+    {
+        "TOKENTRAIL_LLAMA_SERVER",
+        "TOKENTRAIL_LLAMA_MODEL",
+        "TOKENTRAIL_OUTAGE_S",
+        "TOKENTRAIL_SDK_THREAD_CALLS",
+    }
+)
 
 #: Token lists of every kind SPEC section 2 allows, cycled through by :func:`exchange_for`.
 TOKEN_SAMPLES: tuple[list[Any] | None, ...] = (
@@ -63,7 +72,7 @@ def _no_user_settings(
     ``TOKENTRAIL_*`` settings, so a key or witness state the machine's user keeps (after
     running the README's demo, say) never changes what a test sees."""
     for name in list(os.environ):
-        if name.startswith("TOKENTRAIL_") and not name.startswith("TOKENTRAIL_LLAMA_"):
+        if name.startswith("TOKENTRAIL_") and name not in TEST_KNOBS:
             monkeypatch.delenv(name)
     home = tmp_path_factory.mktemp("user-home")
     monkeypatch.setenv("TOKENTRAIL_HOME", str(home / "tokentrail"))
