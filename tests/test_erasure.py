@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Seen
 from test_proxy import _env, start_proxy
-from tokentrail._erasure import FileKeyStore, Sealer, forget, open_record
+from tokentrail._erasure import FileKeyStore, Sealer, forget, key_id, open_record
 from tokentrail._errors import StoreError, VerificationError
 from tokentrail._layout import iter_lines, list_log, list_logs
 from tokentrail._record import Exchange, encode_line
@@ -253,6 +253,30 @@ def test_forget_counts_what_it_cannot_erase(tmp_path: Path) -> None:
     assert carol.stderr.endswith(f"; 1 record of carol in {ledger} was written without a key"
                                  " store: not sealed, the content stays readable, and cannot"
                                  " be erased from the append-only log\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "line", [b'{"user_id": "alice", broken', b'["alice"]', b'"alice"', b'{"user_id": "alice"}']
+)
+def test_forget_past_a_damaged_line(tmp_path: Path, line: bytes) -> None:
+    """A line in the ledger that is not a record (damage verify reports) never stops an
+    erasure, nor counts as one of the user's records."""
+    from click.testing import CliRunner
+
+    from tokentrail import Ledger, LedgerConfig, Signer
+    from tokentrail._cli import main
+
+    keystore, ledger = tmp_path / "keys", tmp_path / "ledger"
+    config = LedgerConfig(ledger, "a", Signer.generate("t"), sealer=Sealer(FileKeyStore(keystore)))
+    with Ledger.open(config) as writer:
+        writer.append(Exchange(model="m", api="sdk", stop_reason="stop", user_id="alice"))
+    segment = next(ledger.rglob("*.jsonl"))
+    with segment.open("ab") as fh:
+        fh.write(line + b"\n")
+    args = ["forget", "--user", "alice", "--keystore", str(keystore), "--ledger", str(ledger)]
+    result = CliRunner().invoke(main, [*args, "--yes"])
+    assert (0, "") == (result.exit_code, result.stderr), result.output
+    assert FileKeyStore(keystore).lookup(key_id("alice")) is None
 
 
 def test_forget_through_the_proxy(tmp_path: Path) -> None:
