@@ -1036,8 +1036,12 @@ class TestRestart:
             lines[idx], lines[idx + 1] = lines[idx + 1], lines[idx]
         path.write_bytes(b"".join(lines))
         before = sorted(p.name for p in log_dir(crashed).rglob("*"))
-        with pytest.raises(DamagedLogError, match=str(path)):
+        with pytest.raises(DamagedLogError, match=str(path)) as refused:
             Ledger.open(LedgerConfig(crashed, LOG_ID, signer))
+        assert str(refused.value).endswith(
+            f"(nothing was changed: see the damage with tokentrail verify --ledger {crashed},"
+            " and record to another log id meanwhile)"
+        )
         assert before == sorted(p.name for p in log_dir(crashed).rglob("*"))
 
     def test_damaged_sealed_records_without_writer_state(

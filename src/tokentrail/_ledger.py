@@ -268,6 +268,12 @@ class LedgerWriter:
                 (writer._dir / OPEN_SEGMENT_FILE).unlink()
             if writer._tree.size > writer._signed_size:
                 writer._seal()
+        except DamagedLogError as exc:
+            writer._unlock()
+            raise DamagedLogError(
+                f"{exc} (nothing was changed: see the damage with tokentrail verify --ledger"
+                f" {config.root}, and record to another log id meanwhile)"
+            ) from exc
         except BaseException:
             writer._unlock()
             raise
