@@ -48,17 +48,21 @@ def test_counters_move_as_exchanges_flow(tmp_path: Path) -> None:
         assert 0 == proxy.verify(tmp_path / "state").returncode
         proxy = start_proxy(
             tmp_path, sim_url, "--metrics-listen", "127.0.0.1:0",
-            "--verify-state", str(tmp_path / "state"),
+            "--verify-state", str(tmp_path / "state"), "--refuse-unaudited",
         )  # fmt: skip
         try:
             metrics_url = next(
                 ln.split("metrics on ", 1)[1] for ln in proxy.stderr if "metrics on " in ln
             )
+            embed = {"model": "llama3.2:1b", "input": "hello"}
+            assert 403 == httpx.post(proxy.url + "/api/embed", json=embed).status_code
             verified = scrape(metrics_url)
             health = httpx.get(metrics_url.replace("/metrics", "/healthz"), timeout=10)
         finally:
             proxy.stop()
     assert 1.0 == verified["tokentrail_last_verify_ok{}"]
+    assert 1.0 == verified["tokentrail_refused_unaudited_requests_total{}"]
+    assert 0.0 == verified["tokentrail_passthrough_requests_total{}"]
     assert verified["tokentrail_last_verify_timestamp_seconds{}"] > 1.7e9
     assert 3.0 == verified["tokentrail_ledger_records{}"]
     assert 3.0 == after["tokentrail_records_appended_total{}"]

@@ -385,6 +385,51 @@ class TestTransparency:
             same_response(direct, proxied)
             assert proxy.new_records(before) == []
 
+    def test_refuse_unaudited(
+        self, recording_upstream: tuple[str, Seen], proxy_factory: Any
+    ) -> None:
+        """--refuse-unaudited answers 403, in the client's dialect, to what would pass
+        unrecorded, and still relays reads that reach no model and the audited paths."""
+        upstream, seen = recording_upstream
+        proxy = proxy_factory(upstream, "--refuse-unaudited")
+        relayed = [
+            ("GET", "/api/ps", {}),
+            ("GET", "/v1/models", {}),
+            ("POST", "/api/show", {}),
+            ("POST", "/api/generate", {}),
+        ]
+        refused = [
+            ("POST", "/v1/responses", {}),
+            ("POST", "/v1/embeddings", {}),
+            ("POST", "/api/embed", {}),
+            ("POST", "/api/pull", {}),
+            ("DELETE", "/api/delete", {}),
+            ("POST", "/completion", {}),
+            ("GET", "/v1/realtime", {"Upgrade": "websocket", "Connection": "Upgrade"}),
+        ]
+        with httpx.Client(timeout=30) as client:
+            for method, path, headers in relayed + refused:
+                body = None if method in ("GET", "HEAD") else {"model": MODEL, "prompt": "x"}
+                answer = client.request(method, proxy.url + path, json=body, headers=headers)
+                if (method, path, headers) in relayed:
+                    assert 200 == answer.status_code, (method, path)
+                    continue
+                assert 403 == answer.status_code, (method, path)
+                message = (
+                    f"tokentrail: {method} {path} is not audited by this proxy, and it refuses"
+                    " what it does not audit (--refuse-unaudited)"
+                )
+                if path.startswith("/v1/"):
+                    assert message == answer.json()["error"]["message"]
+                else:
+                    assert {"error": message} == answer.json()
+        own = "GET /api/tags HTTP/1.1"  # the proxy asking for the model's digest
+        assert [f"{m} {p} HTTP/1.1" for m, p, _ in relayed] == [x for x in seen.lines if x != own]
+        assert ["ollama.generate"] == [r["api"] for r in proxy.records()]
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+        with pytest.raises(openai.PermissionDeniedError, match="not audited by this proxy"):
+            client.responses.create(model=MODEL, input="hello")
+
 
 def raw_request(url: str, request: bytes) -> bytes:
     """Send one HTTP/1.1 request as these exact bytes; the response's bytes."""

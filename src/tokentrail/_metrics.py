@@ -50,6 +50,11 @@ class Metrics:
         self.passthrough = Counter(
             "tokentrail_passthrough_requests", "Requests relayed without audit.", registry=r
         )
+        self.refused_unaudited = Counter(
+            "tokentrail_refused_unaudited_requests",
+            "Requests refused (403) because they would pass unaudited (--refuse-unaudited).",
+            registry=r,
+        )
         self.unsealed = Gauge(
             "tokentrail_unsealed_records", "Durable records not yet under a checkpoint.",
             registry=r,

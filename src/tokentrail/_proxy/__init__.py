@@ -428,6 +428,15 @@ Examples:
     " UNSAFE for compliance; the default refuses with 503.",
 )
 @click.option(
+    "--refuse-unaudited",
+    is_flag=True,
+    default=False,
+    envvar="TOKENTRAIL_REFUSE_UNAUDITED",
+    help="Answer 403 to every request the proxy would relay unrecorded (/v1/responses,"
+    " /api/embed, /api/pull, ...), except reads that reach no model: GET, HEAD and OPTIONS"
+    " without an Upgrade, and POST /api/show. [default: relay them]",
+)
+@click.option(
     "--min-free-bytes",
     type=click.IntRange(min=0),
     default=16 << 20,
@@ -498,7 +507,7 @@ def serve_command(ctx: click.Context, /, **options: Any) -> None:
     Clients change only their base URL. Ollama-native (/api/generate, /api/chat) and
     OpenAI-compatible (/v1/chat/completions, /v1/completions) requests are recorded; every
     other path is passed through untouched and unrecorded (among them /v1/responses,
-    /api/embed and llama.cpp's native /completion).
+    /api/embed and llama.cpp's native /completion), or refused with --refuse-unaudited.
 
     \b
     Examples:
@@ -541,6 +550,7 @@ def build_config(
         metrics_listen=options.get("metrics_listen"),
         keystore=Path(options["keystore"]) if options.get("keystore") else None,
         fail_open=bool(options.get("fail_open", False)),
+        refuse_unaudited=bool(options.get("refuse_unaudited", False)),
         verify_state=Path(options["verify_state"]) if options.get("verify_state") else None,
         s3_url=options.get("s3_url"),
         s3_endpoint_url=options.get("s3_endpoint_url"),

@@ -133,6 +133,7 @@ class ProxyConfig:
     s3_rotate_s: float = 60.0
     verify_state: Path | None = None  # where `tokentrail verify` notes its last run
     fail_open: bool = False  # relay even when the ledger cannot write (unsafe for compliance)
+    refuse_unaudited: bool = False  # 403 for requests that could reach a model unrecorded
     min_free_bytes: int = 16 << 20  # refuse new exchanges below this much free ledger space
 
     def __post_init__(self) -> None:

@@ -124,6 +124,19 @@ def client_response_headers(
     return out
 
 
+#: Requests that read the server's state and reach no model: relayed under --refuse-unaudited.
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+_READ_POSTS = frozenset({"/api/show"})
+
+
+def reaches_no_model(request: web.BaseRequest, canonical: str) -> bool:
+    """Whether an unaudited request only reads (model lists, versions, model metadata): a
+    GET that asks to upgrade the connection (a realtime API's websocket) is not one."""
+    if request.method in _READS:
+        return "Upgrade" not in request.headers
+    return request.method == "POST" and canonical in _READ_POSTS
+
+
 def dialect_of(path: str) -> str:
     """``openai`` for ``/v1/...`` paths and llama.cpp's ``/chat/completions``, else ``ollama``:
     the dialect of error bodies."""
@@ -418,6 +431,15 @@ class ProxyApp:
                 code="invalid_api_key",
             )
         if api is None:
+            if self.config.refuse_unaudited and not reaches_no_model(request, canonical):
+                self.metrics.refused_unaudited.inc()
+                return error_response(
+                    dialect_of(request.path),
+                    403,
+                    f"tokentrail: {request.method} {request.path} is not audited by this proxy,"
+                    " and it refuses what it does not audit (--refuse-unaudited)",
+                    kind="permission_error",
+                )
             return await self.passthrough(request)
         return await self.audited(request, api, ident.user_id, ident.session_id)
 
