@@ -663,6 +663,19 @@ class TestIncremental:
         assert 0 == report.logs[0].records_read
         assert [f for f in report.findings if scene.names(f)], describe(report)
 
+    @pytest.mark.parametrize("since", [False, True])
+    def test_every_segment_deleted_is_caught(self, scene: Scene, since: bool) -> None:
+        """A log whose segments are all gone, its checkpoints kept: the daily run (and its
+        --days form) names the missing records, not "0 records read, OK"."""
+        assert run_verify(scene.root, scene.signer, scene.state_dir).ok
+        shutil.rmtree(scene.root / "logs" / LOG_ID / "segments")
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        report = run_verify(
+            scene.root, scene.signer, scene.state_dir, since=today if since else None
+        )
+        assert not report.ok, describe(report)
+        assert any("log ends before seq 0" in f.message for f in report.findings), describe(report)
+
     def test_full_rereads_everything(self, scene: Scene) -> None:
         """``full`` re-reads every record even with a witness state."""
         run_verify(scene.root, scene.signer, scene.state_dir)
@@ -814,6 +827,28 @@ class TestRanges:
         report = run_verify(ledger_root, signer, state_dir, since=three_days)
         assert not report.ok
         assert {19, 20} & {f.seq for f in report.findings}, describe(report)
+
+    @pytest.mark.parametrize("gone", [(1,), (2, 1)])
+    def test_segments_before_the_range_deleted(
+        self,
+        gone: tuple[int, ...],
+        three_days: datetime,
+        ledger_root: Path,
+        signer: Signer,
+        state_dir: Path,
+    ) -> None:
+        """The daily range run links into its range through the record before it: with the
+        segments before the range deleted, that link is missing, and so are the records."""
+        assert run_verify(ledger_root, signer, state_dir).ok
+        for back in gone:
+            day = (three_days - timedelta(days=back)).strftime("%Y-%m-%d")
+            shutil.rmtree(ledger_root / "logs" / LOG_ID / "segments" / day)
+        report = run_verify(ledger_root, signer, state_dir, since=three_days)
+        assert not report.ok, describe(report)
+        assert [
+            "records missing before seq 20: the record it chains to (seq 19) is not in the"
+            " ledger (deleted records or segments)"
+        ] == [f.message for f in report.findings if f.seq == 20], describe(report)
 
     @pytest.mark.parametrize("days", ["1", "2", "3"])
     def test_cli_days(

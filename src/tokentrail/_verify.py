@@ -566,7 +566,16 @@ class _LogVerifier:
                         msg = f"records missing: expected seq {expected}, found {seq}"
                     self.finding(msg, **at)
                     broken = True
-                elif prev_hex is not None and obj.get("prev_hash") != prev_hex:
+                elif prev_hex is None:
+                    # A range that starts inside the log links to the record before it: when
+                    # that record is gone, so is everything between it and the range's reach.
+                    self.finding(
+                        f"records missing before seq {seq}: the record it chains to (seq"
+                        f" {seq - 1}) is not in the ledger (deleted records or segments)",
+                        **at,
+                    )
+                    broken = True
+                elif obj.get("prev_hash") != prev_hex:
                     # The record before no longer hashes to what this one chained to: it was
                     # edited (or this record's prev_hash was). Name both.
                     before = last_at or at
@@ -624,9 +633,10 @@ class _LogVerifier:
                     stamp,
                     store_key(self.root, self.options),
                 )
-        if expected == start and below < start and self.listing.segments:
+        if expected == start and below < start:
             # Nothing at or after the remembered size, and the records below it stop short: the
-            # log was truncated (or its last segments deleted) since the last run.
+            # log was truncated (or its last segments, or all of them, deleted) since the last
+            # run.
             return below
         return expected
 
