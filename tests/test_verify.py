@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import time
 import uuid
@@ -579,6 +580,46 @@ class TestUnsealed:
         _append_forged(timedelta(minutes=1))(scene)
         report = run_verify(scene.root, scene.signer, scene.state_dir, seal_grace_s=grace)
         assert ok == report.ok, describe(report)
+
+
+class TestRecordRules:
+    """SPEC section 2's value rules, on a record chained and hashed as a writer would."""
+
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            (
+                lambda line, now: line.replace(now.encode(), now[:-8].encode()),
+                "is not an RFC 3339 UTC time with microseconds and a Z suffix",
+            ),
+            (
+                lambda line, now: line.replace(now.encode(), now[:-1].encode() + b"+00:00"),
+                "is not an RFC 3339 UTC time with microseconds and a Z suffix",
+            ),
+            (
+                lambda line, now: b'{"user_id":"someone-else",' + line[1:],
+                "record line is not I-JSON: duplicate keys ['user_id']",
+            ),
+            (
+                lambda line, now: re.sub(rb'"event_id":"[^"]+"', b'"event_id":{"a":1}', line),
+                "event_id is not a non-empty string",
+            ),
+        ],
+        ids=["no-zone", "offset-not-Z", "duplicate-key", "event-id-object"],
+    )
+    def test_rule_broken_is_a_finding(
+        self, change: Callable[[bytes, str], bytes], message: str, scene: Scene
+    ) -> None:
+        """A record that breaks a value rule is a finding naming it (never a crash), even
+        young and unsealed."""
+        path, _, last = line_of(scene.root, N - 1)
+        now = rfc3339(datetime.now(UTC))
+        line = change(forged_line(last, timestamp=now, seq=N), now)
+        with path.open("ab") as fh:
+            fh.write(line)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not report.ok, describe(report)
+        assert [N] == [f.seq for f in report.findings if message in f.message], describe(report)
 
 
 class TestCompressedPairs:

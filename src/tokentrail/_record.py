@@ -195,9 +195,10 @@ def parse_rfc3339(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+    return moment if moment.tzinfo is not None else None  # no zone: not RFC 3339
 
 
 def now_rfc3339() -> str:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -342,6 +344,33 @@ def save_state(state_dir: Path, state: WitnessState) -> None:
 # ---------------------------------------------------------------------- record checks
 
 
+_TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"duplicate keys {twice}")
+    return dict(pairs)
+
+
+def line_problems(line: bytes, obj: Any) -> list[str]:
+    """What makes a parsed record line other than I-JSON (SPEC section 2): a duplicate key
+    (which a parser resolves silently, each its own way). A line as the writer encodes it is
+    re-encoded to the same bytes, so only other lines pay for the slow check."""
+    try:
+        if orjson.dumps(obj) == line:
+            return []
+    except TypeError:
+        pass
+    try:
+        json.loads(line, object_pairs_hook=_reject_duplicates)
+    except ValueError as exc:
+        return [f"record line is not I-JSON: {exc}"]
+    return []
+
+
 def check_record(obj: Any, log_id: str) -> list[str]:
     """The content problems of one parsed record: missing fields, wrong hashes."""
     if not isinstance(obj, dict):
@@ -352,6 +381,13 @@ def check_record(obj: Any, log_id: str) -> list[str]:
     problems = []
     if obj["schema"] != SCHEMA:
         problems.append(f"unknown schema {obj['schema']!r}")
+    if not isinstance(obj["event_id"], str) or not obj["event_id"]:
+        problems.append("event_id is not a non-empty string")
+    stamp = obj["timestamp"]
+    if not isinstance(stamp, str) or not _TIMESTAMP_RE.match(stamp) or not parse_rfc3339(stamp):
+        problems.append(
+            f"timestamp {stamp!r} is not an RFC 3339 UTC time with microseconds and a Z suffix"
+        )
     if obj["log_id"] != log_id:
         problems.append(f"record names log {obj['log_id']!r}, stored in log {log_id!r}")
     if obj.get("content_sealed") is True:
@@ -585,7 +621,7 @@ class _LogVerifier:
                         **before,
                     )
                     broken = True
-                for problem in check_record(obj, self.log_id):
+                for problem in (*line_problems(line, obj), *check_record(obj, self.log_id)):
                     self.finding(problem, **at)
                 self.report.records_read += 1
                 ts = parse_rfc3339(obj.get("timestamp"))
