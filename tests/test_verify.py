@@ -678,6 +678,30 @@ class TestStrays:
         report = run_verify(scene.root, scene.signer)
         assert [str(stray)] == [f.location for f in report.findings], describe(report)
 
+    @pytest.mark.parametrize("name", ["Evil", "-x", "a b"])
+    def test_stray_folder_among_the_logs(self, name: str, scene: Scene) -> None:
+        """A folder in logs/ that no writer could have made is a finding naming it; every log
+        is still verified (it stopped the whole run with a usage error)."""
+        shutil.copytree(log_path(scene.root), scene.root / "logs" / name)
+        report = run_verify(scene.root, scene.signer)
+        assert [(name, str(scene.root / "logs" / name))] == [
+            (f.log_id, f.location) for f in report.findings
+        ], describe(report)
+        assert N == next(lg for lg in report.logs if lg.log_id == LOG_ID).records_read
+
+    @pytest.mark.parametrize("day", ["2026-99-99", "9999-12-31", "0001-01-01"])
+    def test_segment_in_an_odd_date_folder(self, day: str, scene: Scene) -> None:
+        """A segment moved to a folder that is no date, or to the calendar's edges, is named
+        (a finding, or a warning for a day ahead), never a crash."""
+        seg = segment_files(scene.root)[-1]
+        moved = seg.parent.parent / day / seg.name
+        moved.parent.mkdir()
+        seg.rename(moved)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        about = [f for f in (*report.findings, *report.warnings) if f.location == str(moved)]
+        assert about, describe(report)
+        assert report.ok == (day == "9999-12-31"), describe(report)
+
 
 class TestIncremental:
     def test_second_run_reads_only_new_records(

@@ -33,7 +33,15 @@ import orjson
 
 from ._checkpoint import Checkpoint, Verifier, open_note
 from ._errors import StoreError, TokentrailError, VerificationError
-from ._layout import Listing, SegmentRef, iter_lines, list_log, list_logs, mtime
+from ._layout import (
+    LOG_ID_RE,
+    Listing,
+    SegmentRef,
+    iter_lines,
+    list_log,
+    list_logs,
+    mtime,
+)
 from ._merkle import CompactRange, leaf_hash
 from ._record import (
     REQUIRED_FIELDS,
@@ -683,7 +691,8 @@ class _LogVerifier:
         try:
             day = date.fromisoformat(seg.date)
         except ValueError:
-            return  # not a date folder: listed as a stray file
+            self.finding(f"segment is in folder {seg.date}, which is not a date", **at)
+            return
         if day > self.options.now.date() + timedelta(days=1):
             # A warning: a writer whose clock ran ahead leaves such folders honestly (and keeps
             # writing there, as folders never go backwards), as does a segment moved.
@@ -694,7 +703,7 @@ class _LogVerifier:
                 **at,
             )
         arrived = parse_rfc3339(first.get("timestamp"))
-        if arrived is not None and arrived.astimezone(UTC).date() > day + timedelta(days=1):
+        if arrived is not None and (arrived.astimezone(UTC).date() - day).days > 1:
             self.finding(
                 f"segment is in date folder {seg.date}, before its first record's request"
                 f" arrived ({rfc3339(arrived)})",
@@ -870,6 +879,19 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
                 reports.append(report)
     for log_id in log_ids:
         log_root = root / "logs" / log_id
+        if not LOG_ID_RE.fullmatch(log_id) or log_id in {".", ".."}:
+            report = LogReport(log_id)
+            report.add(
+                Finding(
+                    "finding",
+                    "unexpected folder in the ledger layout: not a log id"
+                    " ([a-z0-9][a-z0-9._-]{0,63}), so no writer made it",
+                    log_id,
+                    location=str(log_root),
+                )
+            )
+            reports.append(report)
+            continue
         if not (log_root / "segments").is_dir() and not (log_root / "checkpoints").is_dir():
             report = LogReport(log_id)
             report.add(
