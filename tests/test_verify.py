@@ -658,6 +658,28 @@ class TestCompressedPairs:
                 if "different content" in f.message
             ], describe(report)
 
+    def test_one_frame_a_line(self, packed: Path, signer: Signer) -> None:
+        """A packed segment stored as many zstd frames (valid zstd, as another compressor may
+        write it) reads the same for every command: count and show see every record that
+        verify does."""
+        import zstandard
+
+        from tokentrail._layout import iter_lines
+
+        compressor = zstandard.ZstdCompressor()
+        last = b""
+        for zst in segment_files(packed):
+            lines = [line + b"\n" for _, line, _ in iter_lines(zst)]
+            zst.write_bytes(b"".join(compressor.compress(line) for line in lines))
+            last = lines[-1]
+        assert (True, N) == (lambda r: (r.ok, r.logs[0].records_read))(run_verify(packed, signer))
+        runner = CliRunner()
+        counted = runner.invoke(main, ["count", "--ledger", str(packed), "--date", "today"])
+        assert (0, f"{N}\n") == (counted.exit_code, counted.stdout), counted.output
+        event_id = json.loads(last)["event_id"]
+        shown = runner.invoke(main, ["show", event_id, "--ledger", str(packed)])
+        assert 0 == shown.exit_code, shown.output
+
     def test_tmp_files_ignored(self, packed: Path, signer: Signer) -> None:
         """A leftover ``.jsonl.zst.tmp`` from an interrupted compression is ignored."""
         zst = segment_files(packed)[1]

@@ -12,6 +12,7 @@ by a crash to ``<root>/logs/<log_id>/torn/``. Verifiers need neither.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -154,7 +155,11 @@ def read_bytes(path: Path) -> bytes:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
     if path.name.endswith(".zst"):
         try:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            # Every frame, as iter_lines reads them (a decompressobj stops after the first).
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data), read_across_frames=True
+            )
+            return bytes(reader.read())
         except zstandard.ZstdError as exc:
             raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
     return data
