@@ -592,6 +592,31 @@ class TestExport:
         ]  # fmt: skip
         assert "tokentrail verify-export" in (user7 / "README.txt").read_text()
 
+    @pytest.mark.parametrize("deleted", ["every segment of another log", "a record"])
+    def test_deleted_records_stop_the_export(
+        self, deleted: str, small: Ledgers, tmp_path: Path
+    ) -> None:
+        """Records deleted from any log, the subject's or another, stop the export with an
+        error naming the log: a package of fewer records, signed as complete, would lie."""
+        if deleted == "a record":
+            seg = next((small.root / "logs" / "log-0" / "segments").glob("*/*.jsonl"))
+            lines = seg.read_bytes().splitlines(keepends=True)
+            seg.write_bytes(b"".join(ln for ln in lines if b'"user_id":"user-3"' not in ln))
+            log, left = "log-0", sum(b'"user_id":"user-3"' not in ln for ln in lines)
+        else:
+            shutil.rmtree(small.root / "logs" / "log-1" / "segments")
+            log, left = "log-1", 0
+        out = tmp_path / "out"
+        result = run("export", "--ledger", small.root, "--public-key", small.pub,
+                     "--key", small.key, "--user", "user-3", "--out", out)  # fmt: skip
+        assert (2, "") == (result.exit_code, result.stdout), result.output
+        assert result.stderr == (
+            f"tokentrail: error: log {log} has {left} records, fewer than its signed checkpoint"
+            " of size 300: records were deleted, so an export could miss some (run tokentrail"
+            " verify)\n"
+        )
+        assert not out.exists()
+
     def test_accepted_pinned(self, big: Ledgers, user7: Path) -> None:
         """verify-export accepts the package with the pinned key."""
         result = _verify(user7, "--public-key", big.pub)

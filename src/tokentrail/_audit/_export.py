@@ -22,7 +22,7 @@ import orjson
 from .. import __version__
 from .._checkpoint import Signer, Verifier
 from .._erasure import KeyStore, content_hash_key, open_record
-from .._errors import ConfigError, StoreError
+from .._errors import ConfigError, StoreError, VerificationError
 from .._layout import iter_lines, list_log, list_logs
 from .._merkle import MerkleLevels, leaf_hash, verify_inclusion
 from .._record import now_rfc3339
@@ -74,8 +74,11 @@ def _subject_items(
             hashes.append(leaf_hash(line))
             if needle not in line:
                 continue
-            obj = orjson.loads(line)
-            if obj.get("user_id") != user:
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # not a record: under a checkpoint, the root check below names it
+            if not isinstance(obj, dict) or obj.get("user_id") != user:
                 continue
             ts = ts_micros(obj.get("timestamp"))
             if since is not None and (ts is None or ts < since):
@@ -88,24 +91,37 @@ def _subject_items(
                     f" position {len(hashes) - 1} (run tokentrail verify)"
                 )
             chosen.append((ts or 0, len(hashes) - 1, line))
+    # Every log is checked against its signed checkpoint, the subject's or not: an export
+    # says "all of this subject's records", and records deleted from a log would be missing
+    # from it without a trace otherwise.
+    try:
+        head = latest_checkpoint(root, log_id, verifiers)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"log {log_id}: {exc} (an export checks every log against its newest signed"
+            " checkpoint: pass the --public-key of each writer)"
+        ) from exc
+    size = 0 if head is None else head.checkpoint.size
+    if len(hashes) < size:
+        raise StoreError(
+            f"log {log_id} has {len(hashes)} records, fewer than its signed checkpoint of size"
+            f" {size}: records were deleted, so an export could miss some (run tokentrail"
+            " verify)"
+        )
+    tree = MerkleLevels(hashes[:size]) if size else None
+    if head is not None and tree is not None and tree.root() != head.checkpoint.root:
+        raise StoreError(
+            f"log {log_id}: the stored records do not give the root of its signed checkpoint"
+            f" of size {size} (run tokentrail verify)"
+        )
     if not chosen:
         return [], None, 0
-    head = latest_checkpoint(root, log_id, verifiers)
-    size = 0 if head is None else head.checkpoint.size
     unsealed = [seq for _, seq, _ in chosen if seq >= size]
-    if head is None or unsealed:
+    if head is None or tree is None or unsealed:
         raise StoreError(
             f"{len(unsealed)} of the subject's records in log {log_id} (from seq {unsealed[0]})"
             f" are not covered by a signed checkpoint yet (newest: size {size}); a live writer"
             " seals within a minute: export again then, or pass --until to stop earlier"
-        )
-    if len(hashes) < size:
-        raise StoreError(f"log {log_id} has fewer records than its checkpoint of size {size}")
-    tree = MerkleLevels(hashes[:size])
-    if tree.root() != head.checkpoint.root:
-        raise StoreError(
-            f"log {log_id}: the stored records do not give the root of its signed checkpoint"
-            f" of size {size} (run tokentrail verify)"
         )
     import base64
 
