@@ -721,6 +721,38 @@ class TestExport:
         assert result.exit_code == 1
         assert "manifest.sig does not vouch for manifest.json" in result.output
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("range", "2026"), ("files", [[1, "x"]]), ("data_file", ["records.jsonl"]),
+         ("records", "all"), ("subject", "user-7")],
+    )  # fmt: skip
+    def test_malformed_manifest_is_a_failure(
+        self, field: str, value: Any, user7: Path, tmp_path: Path
+    ) -> None:
+        """A manifest whose fields have the wrong shape fails with a worded problem (exit 1),
+        never a traceback, signed or not."""
+        pkg = _fresh(user7, tmp_path)
+        (pkg / "manifest.sig").unlink()
+        manifest = orjson.loads((pkg / "manifest.json").read_bytes())
+        manifest[field] = value
+        (pkg / "manifest.json").write_bytes(orjson.dumps(manifest))
+        result = _verify(pkg)
+        assert 1 == result.exit_code, result.output
+        assert "FAIL: manifest.json cannot be read: " in result.output
+        assert "Traceback" not in result.output
+
+    def test_zip_with_two_entries_of_one_name(self, big: Ledgers, tmp_path: Path) -> None:
+        """A zip holding two records.jsonl is refused: which one a tool extracts differs."""
+        import zipfile
+
+        package = tmp_path / "user-7.zip"
+        _export(big, package, "--user", "user-7")
+        with zipfile.ZipFile(package, "a") as zf, pytest.warns(UserWarning, match="Duplicate"):
+            zf.writestr("records.jsonl", b"")
+        result = _verify(package)
+        refusal = f"tokentrail: error: {package} holds more than one entry named records.jsonl\n"
+        assert (2, refusal) == (result.exit_code, result.stderr)
+
     def test_swapped_in_record_is_named(self, big: Ledgers, user7: Path, tmp_path: Path) -> None:
         """Another user's genuine, proven record swapped in fails, naming both records."""
         other = tmp_path / "user-8"

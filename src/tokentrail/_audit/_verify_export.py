@@ -88,7 +88,12 @@ def read_package(path: Path) -> dict[str, bytes]:
             }
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                return {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+                if len(set(names)) != len(names):
+                    twice = sorted({n for n in names if names.count(n) > 1})
+                    # Tools disagree on which copy they extract: the package is ambiguous.
+                    raise ConfigError(f"{path} holds more than one entry named {twice[0]}")
+                return {n: zf.read(n) for n in names}
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist") from None
@@ -118,9 +123,17 @@ def verify_export(path: Path, pinned: list[Verifier] | None) -> ExportReport:
             raise ValueError(f"not a {EXPORT_FORMAT} manifest")
         subject = manifest["subject"]["user_id"]
         data_name = manifest["data_file"]
-        listed = {str(r["event_id"]): r for r in manifest["records"]}
-        digests = dict(manifest["files"])
+        records, digests = manifest["records"], manifest["files"]
         rng = manifest.get("range") or {}
+        if not isinstance(subject, str) or not isinstance(data_name, str):
+            raise ValueError("subject.user_id and data_file must be strings")
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("records must be a list of objects")
+        if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+            raise ValueError("files must map file names to SHA-256 hex strings")
+        if not isinstance(rng, dict):
+            raise ValueError("range must be an object")
+        listed = {str(r["event_id"]): r for r in records}
     except KeyError as exc:
         fail(f"the package has no {exc} (manifest)" if str(exc) == repr(MANIFEST) else
              f"manifest.json lacks {exc}")  # fmt: skip
