@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -524,6 +525,19 @@ class TestUnsealed:
         assert [(LOG_ID, N)] == [(w.log_id, w.seq) for w in report.warnings]
         assert scene.event_ids == {report.warnings[0].event_id}
         assert 1 == report.logs[0].unsealed
+
+    @pytest.mark.parametrize(("ahead", "ok"), [(30, True), (10 * 365 * 86400, False)])
+    def test_torn_tail_with_a_file_time_ahead(self, ahead: int, ok: bool, scene: Scene) -> None:
+        """An incomplete last line is a write in progress only while its file is young: a
+        modification time set far ahead does not keep it young forever."""
+        last = segment_files(scene.root)[-1]
+        with last.open("ab") as fh:
+            fh.write(b'{"seq": 50, "junk')
+        when = time.time() + ahead
+        os.utime(last, (when, when))
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        torn = [f for f in (*report.findings, *report.warnings) if "incomplete" in f.message]
+        assert (ok, 1) == (report.ok, len(torn)), describe(report)
 
     def test_sealed_records_past_a_break_are_not_called_unsealed(self, scene: Scene) -> None:
         """An edit under a checkpoint stops verification there; the records after it are

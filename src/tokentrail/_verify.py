@@ -734,7 +734,8 @@ class _LogVerifier:
         where = str(seg.path)
         age = self.options.now.timestamp() - mtime(seg.path)
         sealed = seq < max(self.checkpoints, default=0)
-        young = age < self.options.seal_grace_s and not self.options.require_sealed
+        # (an mtime far ahead is no younger than one far behind: anyone can set it)
+        young = abs(age) < self.options.seal_grace_s and not self.options.require_sealed
         if is_last and young and not sealed:
             self.warning(
                 f"incomplete final line at byte {offset} (a write in progress?)",
