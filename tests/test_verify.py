@@ -860,6 +860,19 @@ class TestIncremental:
         assert not report.ok
         assert any(str(state) in f.message for f in report.findings), describe(report)
 
+    @pytest.mark.parametrize("field", ["origin", "last_leaf_hash", "verified_at", "store"])
+    def test_state_field_of_the_wrong_type_fails(self, field: str, scene: Scene) -> None:
+        """A state whose fields are well formed but one of the wrong type is a finding
+        naming the file, not a crash."""
+        run_verify(scene.root, scene.signer, scene.state_dir)
+        (state,) = scene.state_dir.glob("*.json")
+        obj = json.loads(state.read_text())
+        obj[field] = 123
+        state.write_text(json.dumps(obj))
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not report.ok
+        assert any(str(state) in f.message for f in report.findings), describe(report)
+
 
 @pytest.fixture
 def three_days(ledger_root: Path, signer: Signer) -> datetime:

@@ -244,6 +244,12 @@ class WitnessState:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError(f"malformed witness state: {exc!r}") from exc
+        texts = (state.origin, state.last_leaf_hash, state.verified_at, state.store)
+        if not all(isinstance(value, str) for value in texts):
+            raise VerificationError(
+                "malformed witness state: origin, last_leaf_hash, verified_at and store must be"
+                " strings"
+            )
         if tree.root() != state.root:
             raise VerificationError("witness state's compact range does not give its root")
         return state
