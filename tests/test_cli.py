@@ -537,7 +537,10 @@ class TestProve:
             "record-not-json",
             "record-not-object",
             "index",
+            "index-as-text",
+            "index-as-float",
             "tree-size",
+            "tree-size-as-text",
             "proof-hash",
             "proof-dropped",
             "proof-not-base64",
@@ -560,8 +563,14 @@ class TestProve:
             obj["record"] = "[1, 2, 3]"
         elif edit == "index":
             obj["index"] = 12
+        elif edit == "index-as-text":
+            obj["index"] = str(obj["index"])
+        elif edit == "index-as-float":
+            obj["index"] = obj["index"] + 0.9
         elif edit == "tree-size":
             obj["tree_size"] = 20
+        elif edit == "tree-size-as-text":
+            obj["tree_size"] = f" {obj['tree_size']} "
         elif edit == "proof-hash":
             obj["proof"][0] = obj["proof"][1]
         elif edit == "proof-dropped":

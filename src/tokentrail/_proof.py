@@ -113,7 +113,9 @@ def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
         raise VerificationError(f"not a {BUNDLE_FORMAT} bundle")
     try:
         leaf = bundle["record"].encode("utf-8")
-        index, size = int(bundle["index"]), int(bundle["tree_size"])
+        index, size = bundle["index"], bundle["tree_size"]
+        if not all(type(n) is int for n in (index, size)):  # not "5", 5.9 or true
+            raise TypeError("index and tree_size must be integers")
         proof = [base64.b64decode(p, validate=True) for p in bundle["proof"]]
         note = bundle["checkpoint"].encode("utf-8")
     except KeyError as exc:
