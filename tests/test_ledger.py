@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -936,6 +937,63 @@ def snapshot_open(
             ledger.append(make_exchange(i))
         shutil.copytree(root, copy)
     return copy
+
+
+class TestRestartSealsOnlyRecords:
+    """A restart seals the tail a dead writer left: never a line no writer could have
+    written, and a crash note is recorded once, whatever its hint says."""
+
+    @pytest.mark.parametrize(
+        ("damage", "rule"),
+        [
+            (lambda line: b'{"user_id":"someone-else",' + line[1:], "duplicate keys"),
+            (lambda line: re.sub(rb'(\.\d{6})Z"', rb'Z"', line, count=1), "timestamp"),
+        ],
+        ids=["duplicate-key", "timestamp"],
+    )
+    def test_tail_that_breaks_the_rules_is_refused(
+        self,
+        damage: Callable[[bytes], bytes],
+        rule: str,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+    ) -> None:
+        """A chained unsealed record that breaks SPEC section 2 stops the restart unsealed."""
+        crashed = snapshot_open(ledger_root, signer, make_exchange, sealed=10, unsealed=2)
+        last = segments(crashed)[-1]
+        lines = last.read_bytes().splitlines(keepends=True)
+        lines[-1] = damage(lines[-1])
+        last.write_bytes(b"".join(lines))
+        with pytest.raises(DamagedLogError, match=f"breaks the record rules.*{rule}"):
+            Ledger.open(LedgerConfig(crashed, LOG_ID, signer))
+        assert [10] == checkpoint_sizes(crashed)
+
+    def test_crash_notes_recorded_once_and_only_when_whole(
+        self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]
+    ) -> None:
+        """A note reusing a recorded event id (its hint set past the log) is not recorded
+        again; a note that is no exchange is skipped; a whole one is recorded."""
+        crashed = snapshot_open(ledger_root, signer, make_exchange, sealed=10, unsealed=2)
+        with Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer)) as live:
+            live.begin(make_exchange(50, stop_reason="interrupted"))
+            note = (log_dir(ledger_root) / "inflight.jsonl").read_bytes()
+        first = json.loads(raw_lines(crashed)[0])
+        reused = json.loads(note)
+        reused["seq_hint"], reused["exchange"]["event_id"] = 10**9, first["event_id"]
+        broken = {"seq_hint": 0, "exchange": {"event_id": str(uuid.uuid4()), "model": 5}}
+        (log_dir(crashed) / "inflight.jsonl").write_bytes(
+            b"".join(json.dumps(n).encode() + b"\n" for n in (reused, broken)) + note
+        )
+        with Ledger.open(LedgerConfig(crashed, LOG_ID, signer)):
+            pass
+        records = [json.loads(line) for line in raw_lines(crashed)]
+        assert 13 == len(records)
+        assert ("interrupted", json.loads(note)["exchange"]["event_id"]) == (
+            records[-1]["stop_reason"],
+            records[-1]["event_id"],
+        )
+        assert 1 == sum(r["event_id"] == first["event_id"] for r in records)
 
 
 class TestRestart:

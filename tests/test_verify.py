@@ -616,7 +616,7 @@ class TestRecordRules:
             ),
             (
                 lambda line, now: re.sub(rb'"event_id":"[^"]+"', b'"event_id":{"a":1}', line),
-                "event_id is not a non-empty string",
+                "event_id is not a UUID (lowercase, as SPEC section 2 stores it)",
             ),
         ],
         ids=["no-zone", "offset-not-Z", "duplicate-key", "event-id-object"],

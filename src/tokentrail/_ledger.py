@@ -65,6 +65,7 @@ from ._layout import (
 )
 from ._merkle import CompactRange, leaf_hash
 from ._record import SCHEMA, ZERO_HASH, Exchange, Record, parse_rfc3339
+from ._verify import record_line_problems
 
 log = logging.getLogger("tokentrail.ledger")
 
@@ -302,12 +303,19 @@ class LedgerWriter:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a torn last line: the exchange had not even been noted
         if intents:
-            recorded = self._event_ids_since(min(hint for hint, _ in intents.values()))
+            # A note's hint is the log's size when it was taken, never more than the size now.
+            since = min(min(max(0, hint), self._tree.size) for hint, _ in intents.values())
+            recorded = self._event_ids_since(since)
             last_alive = mtime(path)
             for event_id, (_, fields) in intents.items():
                 if event_id in recorded:
                     continue
-                exchange = Exchange.from_fields(fields)
+                try:
+                    exchange = Exchange.from_fields(fields)
+                except (ConfigError, TypeError, ValueError) as exc:
+                    # Not a note this writer took (damage, or a hand's work): nothing to record.
+                    log.error("in-flight note %r is not an exchange, skipped: %s", event_id, exc)
+                    continue
                 started = parse_rfc3339(exchange.timestamp)
                 duration = max(0.0, (last_alive - started.timestamp()) * 1000.0) if started else 0.0
                 # What the model said, if anything, died with the process: unknown (null), not
@@ -1022,6 +1030,16 @@ class LedgerWriter:
                         f"{path}: record at offset {offset} (seq {seq}) does not continue the"
                         f" chain at seq {tree.size}; refusing to continue log {self.config.log_id}"
                     )
+                if seq >= self._signed_size:
+                    # Sealing vouches for a record: one no writer could have written (a broken
+                    # rule of SPEC section 2) is refused, never signed on a restart.
+                    problems = record_line_problems(line, self.config.log_id)
+                    if problems:
+                        raise DamagedLogError(
+                            f"{path}: unsealed record at offset {offset} (seq {seq}) breaks the"
+                            f" record rules ({problems[0]}); refusing to seal it into log"
+                            f" {self.config.log_id}"
+                        )
                 lhash = leaf_hash(line)
                 tree.append(lhash)
                 prev_hex = lhash.hex()

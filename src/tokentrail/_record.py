@@ -36,7 +36,8 @@ TokenList: TypeAlias = list[Token]
 APIS = frozenset({"ollama.generate", "ollama.chat", "openai.chat", "openai.completions", "sdk"})
 #: The token sources of SPEC section 5, besides ``local:<tokenizer>``.
 TOKEN_SOURCES = frozenset({"upstream-ids", "upstream-pieces", "upstream-context", "none"})
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+#: SPEC section 2's timestamp: RFC 3339 UTC, microseconds, ``Z`` (match with ``fullmatch``).
+TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _EVENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TOOL_STOP_REASONS = frozenset({"client_disconnect", "upstream_error", "interrupted"})
 
@@ -270,7 +271,7 @@ class Exchange:
             raise ConfigError(f"request_duration_ms must be a number, not {duration!r}")
         if not math.isfinite(duration):
             raise ConfigError(f"request_duration_ms must be finite, not {duration!r}")
-        if not isinstance(self.timestamp, str) or not _TIMESTAMP.fullmatch(self.timestamp):
+        if not isinstance(self.timestamp, str) or not TIMESTAMP_RE.fullmatch(self.timestamp):
             raise ConfigError(
                 f"timestamp must be RFC 3339 UTC with microseconds and Z "
                 f"(2026-01-31T12:00:00.000000Z), not {self.timestamp!r}"

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -46,7 +45,9 @@ from ._merkle import CompactRange, leaf_hash
 from ._record import (
     REQUIRED_FIELDS,
     SCHEMA,
+    TIMESTAMP_RE,
     ZERO_HASH,
+    is_event_id,
     parse_rfc3339,
     rfc3339,
     text_hash,
@@ -358,9 +359,6 @@ def save_state(state_dir: Path, state: WitnessState) -> None:
 # ---------------------------------------------------------------------- record checks
 
 
-_TIMESTAMP_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")
-
-
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -385,6 +383,15 @@ def line_problems(line: bytes, obj: Any) -> list[str]:
     return []
 
 
+def record_line_problems(line: bytes, log_id: str) -> list[str]:
+    """Every rule of SPEC section 2 a stored record line breaks (parsing it first)."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return [f"not JSON: {exc}"]
+    return [*line_problems(line, obj), *check_record(obj, log_id)]
+
+
 def check_record(obj: Any, log_id: str) -> list[str]:
     """The content problems of one parsed record: missing fields, wrong hashes."""
     if not isinstance(obj, dict):
@@ -395,10 +402,10 @@ def check_record(obj: Any, log_id: str) -> list[str]:
     problems = []
     if obj["schema"] != SCHEMA:
         problems.append(f"unknown schema {obj['schema']!r}")
-    if not isinstance(obj["event_id"], str) or not obj["event_id"]:
-        problems.append("event_id is not a non-empty string")
+    if not is_event_id(obj["event_id"]):
+        problems.append("event_id is not a UUID (lowercase, as SPEC section 2 stores it)")
     stamp = obj["timestamp"]
-    if not isinstance(stamp, str) or not _TIMESTAMP_RE.match(stamp) or not parse_rfc3339(stamp):
+    if not isinstance(stamp, str) or not TIMESTAMP_RE.fullmatch(stamp) or not parse_rfc3339(stamp):
         problems.append(
             f"timestamp {stamp!r} is not an RFC 3339 UTC time with microseconds and a Z suffix"
         )
