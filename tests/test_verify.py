@@ -790,6 +790,25 @@ class TestIncremental:
         report = run_verify(scene.root, scene.signer, scene.state_dir, full=True)
         assert 5 in {f.seq for f in report.findings}, describe(report)
 
+    def test_a_failure_stands_until_a_full_run_passes(self, scene: Scene) -> None:
+        """An edit below the witness state, found by a full run: the next daily run does not
+        re-read it, and still fails, saying why, until a full run passes again."""
+        assert run_verify(scene.root, scene.signer, scene.state_dir).ok
+        path = edit_record(scene.root, 5, b"prompt number 5:", b"prompt number 6:")
+        assert not run_verify(scene.root, scene.signer, scene.state_dir, full=True).ok
+        daily = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert (False, 0) == (daily.ok, daily.logs[0].records_read), describe(daily)
+        (stands,) = daily.findings
+        assert stands.message.endswith(
+            "failed, and this run does not re-read what it found; it stands until tokentrail"
+            " verify --all passes"
+        )
+        assert not run_verify(scene.root, scene.signer, scene.state_dir).ok
+        edit_record(scene.root, 5, b"prompt number 6:", b"prompt number 5:")
+        assert path.exists()
+        assert run_verify(scene.root, scene.signer, scene.state_dir, full=True).ok
+        assert run_verify(scene.root, scene.signer, scene.state_dir).ok
+
     def test_state_written_only_when_ok(self, scene: Scene) -> None:
         """The witness state is a JSON file per origin, written after a clean run."""
         run_verify(scene.root, scene.signer, scene.state_dir)

@@ -323,12 +323,39 @@ def remembered_states(state_dir: Path, store: str) -> list[WitnessState]:
 LAST_RUN_FILE = "last-verify"  # JSON, named apart from the per-origin *.json states
 
 
-def save_last_run(state_dir: Path, report: Report, when: datetime) -> None:
-    """Note the outcome of a run beside the witness state (read by the proxy's /metrics)."""
+def previous_failure(options: VerifyOptions, store: str) -> LogReport | None:
+    """A finding when the last run on ``store`` failed and this one will not re-read
+    everything: what that run found (below the witness state, or in a range) is not read
+    again, so the failure stands until a full run (``--all``) passes."""
+    if options.state_dir is None or options.full:
+        return None
+    try:
+        last = orjson.loads((options.state_dir / LAST_RUN_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(last, dict) or last.get("store") != store or last.get("ok") is not False:
+        return None
+    at = last.get("at")
+    when = rfc3339(datetime.fromtimestamp(at, UTC)) if isinstance(at, int | float) else "?"
+    report = LogReport(NO_LOG)
+    report.add(
+        Finding(
+            "finding",
+            f"the previous run ({when}) failed, and this run does not re-read what it found;"
+            " it stands until tokentrail verify --all passes",
+            location=str(options.state_dir / LAST_RUN_FILE),
+        )
+    )
+    return report
+
+
+def save_last_run(state_dir: Path, report: Report, when: datetime, store: str) -> None:
+    """Note the outcome of a run beside the witness state (read by the proxy's /metrics);
+    ``store`` is the witness states' name for the store (:func:`store_key`)."""
     data = {
         "ok": report.ok,
         "at": when.timestamp(),
-        "store": report.store,
+        "store": store,
         "summary": report.summary(),
     }
     try:
@@ -865,8 +892,12 @@ class _LogVerifier:
         return first, future
 
 
-def verify_local(root: Path, options: VerifyOptions) -> Report:
-    """Verify every log of the local ledger at ``root``; raises StoreError if it is unreadable."""
+def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -> Report:
+    """Verify every log of the local ledger at ``root``; raises StoreError if it is unreadable.
+
+    With a state directory the outcome is noted there (``note_run``; a caller that adds
+    findings of its own, as the S3 reader does, notes the whole outcome itself).
+    """
     log_ids = list_logs(root)
     if not log_ids:
         raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
@@ -926,7 +957,9 @@ def verify_local(root: Path, options: VerifyOptions) -> Report:
             reports.append(report)
         except TokentrailError:
             raise
+    if note_run and (stands := previous_failure(options, store_key(root, options))):
+        reports.append(stands)
     outcome = Report(options.store or str(root), reports)
-    if options.state_dir is not None:
-        save_last_run(options.state_dir, outcome, options.now)
+    if note_run and options.state_dir is not None:
+        save_last_run(options.state_dir, outcome, options.now, store_key(root, options))
     return outcome

@@ -45,7 +45,16 @@ import orjson
 from .._errors import ConfigError, StoreError
 from .._layout import checkpoint_name, iter_lines, list_logs
 from .._proof import build_bundle
-from .._verify import NO_LOG, Finding, LogReport, Report, VerifyOptions, verify_local
+from .._verify import (
+    NO_LOG,
+    Finding,
+    LogReport,
+    Report,
+    VerifyOptions,
+    previous_failure,
+    save_last_run,
+    verify_local,
+)
 from ._bucket import Retention
 from ._client import ClientOptions, S3Client, S3Url, as_url, make_client, map_error
 from ._keys import (
@@ -623,7 +632,7 @@ def verify_s3(
         )
         has_logs = (tmp / "logs").is_dir() and bool(list_logs(tmp))
         if has_logs:
-            local = verify_local(tmp, dataclasses.replace(options, store=str(url)))
+            local = verify_local(tmp, dataclasses.replace(options, store=str(url)), note_run=False)
             logs = [
                 dataclasses.replace(
                     lg, findings=[_relocate(f, result, tmp, url) for f in lg.findings]
@@ -642,7 +651,12 @@ def verify_s3(
             target = by_log[name] = LogReport(name)
             logs.append(target)
         target.add(item)
-    return Report(str(url), logs)
+    if stands := previous_failure(options, str(url)):
+        logs.append(stands)
+    outcome = Report(str(url), logs)
+    if options.state_dir is not None:
+        save_last_run(options.state_dir, outcome, options.now, str(url))
+    return outcome
 
 
 def count_s3(
