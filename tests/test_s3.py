@@ -967,3 +967,23 @@ class TestCost:
         per_minute = 100 * 60 * sample.record_bytes
         extra = -(-per_minute // (64 << 20))  # ceil
         assert batched.puts_per_month == minutes * (1 + extra)
+
+
+class TestKeys:
+    @pytest.mark.parametrize(
+        "rel",
+        [
+            "logs/a/checkpoints/00000000000000000001.checkpoint",
+            "logs/a/segments/2026-01-01/00000000000000000000-00000000000000000009.jsonl.zst",
+            "audit/2026-01-01/0f7c1e62-0000-4000-8000-000000000000.json",
+        ],
+    )
+    def test_a_key_with_a_trailing_newline_is_not_ours(self, rel: str) -> None:
+        """S3 keys may end in a newline, which a ``$`` in a pattern lets through: such a key
+        is no key tokentrail writes (a stray, for verify), never a second copy of one."""
+        from tokentrail._s3._client import S3Url
+        from tokentrail._s3._keys import parse_key
+
+        url = S3Url("bucket", "prefix")
+        assert parse_key(url, f"prefix/{rel}") is not None
+        assert parse_key(url, f"prefix/{rel}\n") is None

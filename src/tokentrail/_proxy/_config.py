@@ -76,7 +76,7 @@ def api_key_table(table: Mapping[str, Any], where: str) -> dict[str, str]:
     for key, user in table.items():
         if not isinstance(user, str) or not user:
             raise ConfigError(f"{where}: user id for an API key must be a non-empty string")
-        m = _SHA256_RE.match(key)
+        m = _SHA256_RE.fullmatch(key)
         out[m.group(1).lower() if m else key_digest(key)] = user
     return out
 

@@ -66,7 +66,7 @@ CONFIG_CODES = frozenset(
 
 def check_bucket_name(bucket: str) -> str:
     """Return ``bucket`` if it is a valid S3 bucket name, else raise ConfigError."""
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise ConfigError(
             f"{bucket!r} is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')"
         )

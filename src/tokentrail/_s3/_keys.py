@@ -43,7 +43,7 @@ def checkpoint_key(url: S3Url, log_id: str, size: int) -> str:
 
 def record_key(url: S3Url, date: str, event_id: str) -> str:
     """The per-record key ``audit/<date>/<event_id>.json``."""
-    if not _EVENT_ID_RE.match(event_id):
+    if not _EVENT_ID_RE.fullmatch(event_id):
         raise ValueError(f"event id {event_id!r} cannot be used in an S3 key")
     return url.key("audit", date, f"{event_id}.json")
 
@@ -93,11 +93,11 @@ def parse_key(url: S3Url, key: str) -> ParsedKey | None:
     rel = relative(url, key)
     if rel is None:
         return None
-    if m := _SEGMENT_RE.match(rel):
+    if m := _SEGMENT_RE.fullmatch(rel):
         return SegmentKey(key, m.group(1), m.group(2), int(m.group(3)), int(m.group(4)))
-    if m := _CHECKPOINT_RE.match(rel):
+    if m := _CHECKPOINT_RE.fullmatch(rel):
         return CheckpointKey(key, m.group(1), int(m.group(2)))
-    if m := _RECORD_RE.match(rel):
+    if m := _RECORD_RE.fullmatch(rel):
         return RecordKey(key, m.group(1), m.group(2))
     return None
 
