@@ -724,6 +724,10 @@ class TestStrays:
             (f.log_id, f.location) for f in report.findings
         ], describe(report)
         assert N == next(lg for lg in report.logs if lg.log_id == LOG_ID).records_read
+        # The other commands read the logs and leave the stray to verify (they stopped on it).
+        for args in (["count", "--date", "today"], ["index"], ["search", "--user", "user-1"]):
+            result = CliRunner().invoke(main, [*args, "--ledger", str(scene.root)])
+            assert 0 == result.exit_code, (args, result.output)
 
     @pytest.mark.parametrize("day", ["2026-99-99", "9999-12-31", "0001-01-01"])
     def test_segment_in_an_odd_date_folder(self, day: str, scene: Scene) -> None:

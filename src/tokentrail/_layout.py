@@ -33,7 +33,7 @@ _READ_CHUNK = 1 << 20
 
 def check_log_id(log_id: str) -> str:
     """Return ``log_id`` if it matches ``[a-z0-9][a-z0-9._-]{0,63}``, else raise ConfigError."""
-    if not LOG_ID_RE.fullmatch(log_id) or log_id in {".", ".."}:
+    if not is_log_id(log_id):
         raise ConfigError(f"log id {log_id!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
     return log_id
 
@@ -94,13 +94,27 @@ class Listing:
 
 
 def list_logs(root: Path) -> list[str]:
-    """The log ids under ``root``, sorted; raises StoreError if ``root`` is not a ledger."""
+    """The log ids under ``root``, sorted; raises StoreError if ``root`` is not a ledger.
+
+    A folder whose name is no log id was made by no writer: it is left out here, and
+    ``verify`` names it (:func:`log_folders`).
+    """
+    return [name for name in log_folders(root) if is_log_id(name)]
+
+
+def log_folders(root: Path) -> list[str]:
+    """Every folder name under ``root/logs``, sorted, log id or not."""
     logs = root / "logs"
     if not root.is_dir():
         raise StoreError(f"ledger directory {root} does not exist")
     if not logs.is_dir():
         raise StoreError(f"{root} is not a tokentrail ledger (no logs/ folder)")
     return sorted(p.name for p in logs.iterdir() if p.is_dir())
+
+
+def is_log_id(name: str) -> bool:
+    """Whether ``name`` is a log id (``[a-z0-9][a-z0-9._-]{0,63}``)."""
+    return LOG_ID_RE.fullmatch(name) is not None and name not in {".", ".."}
 
 
 def list_log(root: Path, log_id: str) -> Listing:

@@ -33,12 +33,12 @@ import orjson
 from ._checkpoint import Checkpoint, Verifier, open_note
 from ._errors import StoreError, TokentrailError, VerificationError
 from ._layout import (
-    LOG_ID_RE,
     Listing,
     SegmentRef,
+    is_log_id,
     iter_lines,
     list_log,
-    list_logs,
+    log_folders,
     mtime,
 )
 from ._merkle import CompactRange, leaf_hash
@@ -898,8 +898,9 @@ def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -
     With a state directory the outcome is noted there (``note_run``; a caller that adds
     findings of its own, as the S3 reader does, notes the whole outcome itself).
     """
-    log_ids = list_logs(root)
-    if not log_ids:
+    folders = log_folders(root)
+    log_ids = [name for name in folders if is_log_id(name)]
+    if not folders:
         raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
     if not any(
         (root / "logs" / i / d).is_dir() for i in log_ids for d in ("segments", "checkpoints")
@@ -922,9 +923,9 @@ def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -
                     )
                 )
                 reports.append(report)
-    for log_id in log_ids:
+    for log_id in folders:
         log_root = root / "logs" / log_id
-        if not LOG_ID_RE.fullmatch(log_id) or log_id in {".", ".."}:
+        if not is_log_id(log_id):
             report = LogReport(log_id)
             report.add(
                 Finding(
