@@ -5,6 +5,8 @@ The ledger lives on a small tmpfs mounted for the test (root only; skipped elsew
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -90,3 +92,41 @@ def test_full_disk_refuses_then_recovers(
     # Every 200 has its record; refused exchanges never reached the upstream.
     assert before + served_while_full + 2 == len(records)
     assert 0 == proxy.verify(small_disk / "state").returncode
+
+
+def test_failed_write_on_a_fresh_segment_recovers(small_disk: Path) -> None:
+    """A record refused by a full disk as the first of a new segment leaves that segment empty;
+    when space returns, the writer goes on in it (it retried creating it, "File exists", and
+    refused every record until restarted)."""
+    from tokentrail._checkpoint import Signer
+    from tokentrail._errors import StoreError
+    from tokentrail._ledger import Ledger, LedgerConfig
+    from tokentrail._record import Exchange
+
+    config = LedgerConfig(
+        small_disk / "ledger", "log", Signer.generate("t"), rotate_interval_s=0.2,
+        seal_interval_s=3600,
+    )  # fmt: skip
+    with Ledger.open(config) as ledger:
+        ledger.append(Exchange(model="m", api="sdk", stop_reason="stop", input_text="small"))
+        time.sleep(0.3)  # the next append opens a new segment
+        filler = small_disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+        os.close(fd)
+        os.truncate(filler, filler.stat().st_size - (64 << 10))  # 64 KiB left: less than asked
+        with pytest.raises(StoreError):
+            ledger.append(Exchange(model="m", api="sdk", stop_reason="stop",
+                                   input_text="x" * (1 << 20)))  # fmt: skip
+        filler.unlink()
+        time.sleep(0.3)  # a rotation is due again: the empty segment is closed and reopened
+        for i in range(3):
+            ledger.append(Exchange(model="m", api="sdk", stop_reason="stop", input_text=f"{i}"))
+    lines = [
+        line
+        for seg in sorted((small_disk / "ledger").rglob("*.jsonl"))
+        for line in seg.read_bytes().splitlines()
+    ]
+    assert 4 == len(lines)

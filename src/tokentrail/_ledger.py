@@ -932,16 +932,22 @@ class LedgerWriter:
             new_folder = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / segment_name(seq)
-            self._segment_fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644
-            )
-            fsync_dir(folder)
-            if new_folder:
-                fsync_dir(folder.parent)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            except FileExistsError:
+                # This writer made it and a failed write (a full disk) left it empty: go on in
+                # it. Anything in it is another writer's, or damage: never appended to.
+                if path.stat().st_size != 0:
+                    raise
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self._segment_fd = fd
             self._segment_path = path
             self._segment_bytes = 0
             self._segment_date = today
             self._segment_opened = self.config.clock()
+            fsync_dir(folder)
+            if new_folder:
+                fsync_dir(folder.parent)
             # Out-of-process shippers leave the open segment alone until it is closed.
             write_atomic(self._dir / OPEN_SEGMENT_FILE, f"{today}/{path.name}\n".encode())
         return self._segment_fd
