@@ -1107,6 +1107,25 @@ class TestDurability:
 class TestConfig:
     """Options, environment and the TOML file."""
 
+    def test_default_log_id_on_port_zero_is_the_process_own(self) -> None:
+        """On a fixed port the default log id is stable across restarts; on port 0 (any free
+        port) each process gets a log of its own, so two such proxies on one bucket never
+        write one log between them."""
+        from tokentrail._layout import check_log_id
+        from tokentrail._proxy._config import default_log_id
+
+        code = "from tokentrail._proxy._config import default_log_id as d; print(d(0), d(11435))"
+        runs = [
+            subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                           text=True, check=True).stdout.split()
+            for _ in range(2)
+        ]  # fmt: skip
+        assert runs[0][1] == runs[1][1] == default_log_id(11435)
+        assert runs[0][0] != runs[1][0]
+        assert default_log_id(0) == default_log_id(0)
+        for log_id in (*runs[0], *runs[1]):
+            check_log_id(log_id)
+
     def test_unknown_setting_in_the_config_file(self, tmp_path: Path) -> None:
         """A typo in the TOML file is refused, not ignored (the proxy would run on defaults)."""
         cfg = tmp_path / "tt.toml"

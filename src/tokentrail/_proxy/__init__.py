@@ -351,7 +351,9 @@ Examples:
     "--log-id",
     default=None,
     envvar="TOKENTRAIL_LOG_ID",
-    help="This writer's log id [default: <hostname>-<port>].",
+    help="This writer's log id, unique within the store (proxies that share a bucket need"
+    " their own) [default: <hostname>-<port>; on port 0, <hostname>-0-<random>, one per"
+    " process].",
 )
 @click.option(
     "--durability",

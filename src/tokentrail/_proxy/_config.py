@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -34,10 +35,19 @@ DEFAULT_UPSTREAM_TIMEOUT = 300.0
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
+#: This process's mark for a log on an ephemeral port (port 0: any free one).
+_EPHEMERAL = secrets.token_hex(3)
+
+
 def default_log_id(port: int) -> str:
-    """A log id stable across restarts of the same proxy: ``<host>-<port>``, sanitised."""
+    """A log id stable across restarts of the same proxy: ``<host>-<port>``, sanitised.
+
+    On port 0 (any free port, so no restart listens where the last one did) it is
+    ``<host>-0-<random>``, one per process: every proxy started so writes a log of its own,
+    never one another shares (SPEC section 3: unique within a store).
+    """
     host = re.sub(r"[^a-z0-9._-]+", "-", socket.gethostname().lower()).strip("-._") or "proxy"
-    return f"{host[:50]}-{port}"
+    return f"{host[:50]}-{port}" if port else f"{host[:50]}-0-{_EPHEMERAL}"
 
 
 def key_digest(key: str) -> str:
