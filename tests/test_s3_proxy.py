@@ -195,3 +195,63 @@ async def test_close_stops_the_shipper_when_the_writer_died(
     with pytest.raises(StoreError, match="RuntimeError: a bug in the writer"):
         await proxy.close()
     assert proxy.shipper is None and not thread.is_alive()
+
+
+def test_starts_while_s3_is_down(s3: MotoS3, bucket: str, tmp_path: Path) -> None:  # noqa: F811
+    """A proxy (re)started during an S3 outage serves from its local spool, saying so, and
+    ships everything once S3 is back: a restart in an outage is no outage of the proxy."""
+    url = f"s3://{bucket}/started-down"
+    outage = Outage(s3.port)  # never up until later: connections are refused
+    with sim_in_thread(SimConfig(mode="ollama-0.4")) as sim:
+        proxy = serve_s3(tmp_path, sim, url, outage.endpoint, "batched")
+        try:
+            assert any(f"cannot check {url} yet" in line for line in proxy.stderr), proxy.stderr
+            served = drive(proxy.url, 10)
+            assert 10 == served
+            outage.up()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                listed = cli("count", "--s3", url, "--endpoint-url", s3.endpoint, "--date",
+                             "today")  # fmt: skip
+                if listed.returncode == 0 and listed.stdout.strip() == "10":
+                    break
+                time.sleep(0.5)
+        finally:
+            proxy.stop()
+            outage.down()
+    check_bucket(proxy, url, s3.endpoint, tmp_path, served)
+
+
+async def test_stop_while_s3_hangs(
+    bucket: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An S3 that accepts connections and never answers: the proxy starts after a short
+    wait, and stops within its shutdown grace (it waited 5 x 60 s a request, twice), leaving
+    its records sealed in the local spool."""
+    import socket
+
+    import tokentrail._proxy as proxy_module
+
+    monkeypatch.setattr(proxy_module, "S3_STARTUP_CHECK_S", 1.0)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # accepted by the kernel, never read, never answered
+    config = ProxyConfig(
+        upstream="http://127.0.0.1:9", port=0, ledger=tmp_path / "ledger",
+        key=tmp_path / "signing.key", log_id="hung", s3_url=f"s3://{bucket}/hung",
+        s3_endpoint_url=f"http://127.0.0.1:{hung.getsockname()[1]}", shutdown_grace_s=1.0,
+    )  # fmt: skip
+    try:
+        proxy = Proxy(config)
+        started = time.monotonic()
+        await proxy.start()
+        assert proxy.ledger is not None
+        await proxy.ledger.append(Exchange(model="m", api="sdk", stop_reason="stop"))
+        await proxy.close()
+        assert time.monotonic() - started < 60
+    finally:
+        hung.close()
+    checkpoints = sorted((tmp_path / "ledger" / "logs" / "hung" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [f"{1:020d}.checkpoint"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Mapping
@@ -46,6 +47,10 @@ from ._config import (
     parse_listen,
 )
 from ._server import UPSTREAM_SKIP_AUTO_HEADERS, ProxyApp
+
+log = logging.getLogger("tokentrail.proxy")
+#: How long a starting proxy waits for S3 to answer its bucket check before serving anyway.
+S3_STARTUP_CHECK_S = 15.0
 
 
 def load_or_create_key(path: Path) -> tuple[Signer, bool]:
@@ -110,8 +115,8 @@ class Proxy:
             )
         if self.config.s3_url:
             self.shipper = self._make_shipper()
-            await asyncio.to_thread(self.shipper.ship_once)  # checks the bucket's lock first
-            self.shipper.start(self.config.s3_interval_s)
+            await self._check_bucket()
+            self.shipper.start(self.config.s3_interval_s)  # its first pass ships any backlog
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -164,8 +169,35 @@ class Proxy:
                 await ledger.close()  # raises if its writer stopped on an error
         finally:
             if self.shipper is not None:  # after the ledger's final seal: ship it all
-                await asyncio.to_thread(self.shipper.stop)
-                self.shipper = None
+                shipper, self.shipper = self.shipper, None
+                grace = self.config.shutdown_grace_s
+                await asyncio.to_thread(shipper.stop, grace)
+                if shipper.running:
+                    log.warning(
+                        "tokentrail: warning: S3 did not take the last records within %.0fs;"
+                        " they are sealed in the local spool and ship at the next start (or"
+                        " with tokentrail ship)",
+                        grace,
+                    )
+
+    async def _check_bucket(self) -> None:
+        """Refuse a bucket that is wrong for good (no Object Lock, none at all, no access)
+        before listening; an S3 that does not answer (down, hung) is the outage the local
+        spool is for, so the proxy starts and its shipper keeps trying."""
+        check = asyncio.create_task(asyncio.to_thread(self.shipper.check))
+        check.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved
+        try:
+            await asyncio.wait_for(asyncio.shield(check), S3_STARTUP_CHECK_S)
+        except ConfigError:
+            raise
+        except (TokentrailError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer in {S3_STARTUP_CHECK_S:.0f}s"
+            log.warning(
+                "tokentrail: warning: cannot check %s yet (%s): serving, with records kept in"
+                " the local spool; the shipper checks the bucket and ships once S3 answers",
+                self.config.s3_url,
+                reason,
+            )
 
     def _make_shipper(self) -> Any:
         from .._s3 import ClientOptions, Retention, S3Url, Shipper, ShipperConfig

@@ -349,12 +349,20 @@ class Shipper:
         """Ask :meth:`run` to make its last pass and return (safe from a signal handler)."""
         self._stop.set()
 
+    @property
+    def running(self) -> bool:
+        """Whether the shipping thread is still at work (after a :meth:`stop` that timed out)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the thread after one last pass (which gives up quickly if S3 is away)."""
+        """Stop the thread after one last pass (which gives up quickly if S3 is away); wait at
+        most ``timeout`` seconds for it (a hung S3 answers nothing: the daemon thread is then
+        left to the process's exit, the records stay in the local spool)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
 
     # ------------------------------------------------------------------ one log
 
