@@ -1042,6 +1042,33 @@ class TestIdentity:
         text = b"".join(f.read_bytes() for f in proxy.ledger.rglob("*.jsonl"))
         assert b"sk-alice" not in text and b"sk-bob" not in text
 
+    def test_retry_after_a_crash_is_linked(self, sims: dict[str, str], tmp_path: Path) -> None:
+        """A client retrying after the proxy died (kill -9) and came back: the retry links to
+        the first attempt recorded before the crash, as it does without one."""
+        body = {"model": MODEL, "prompt": "wire 100 EUR", "stream": False}
+        first = start_proxy(tmp_path, sims["ollama"], log_id="crashy")
+        try:
+            with httpx.Client(timeout=30) as client:
+                sent = client.post(first.url + "/api/generate", json=body,
+                                   headers={"Idempotency-Key": "pay-7"})  # fmt: skip
+                assert 200 == sent.status_code
+        finally:
+            first.proc.kill()
+            first.proc.wait()
+        again = start_proxy(tmp_path, sims["ollama"], log_id="crashy")
+        try:
+            with httpx.Client(timeout=30) as client:
+                for key in ("pay-7", "pay-8"):
+                    retried = client.post(again.url + "/api/generate", json=body,
+                                          headers={"Idempotency-Key": key})  # fmt: skip
+                    assert 200 == retried.status_code
+        finally:
+            again.stop()
+        recs = again.records()
+        assert [("pay-7", None), ("pay-7", recs[0]["event_id"]), ("pay-8", None)] == [
+            (r["idempotency_key"], r.get("retry_of")) for r in recs
+        ]
+
     def test_trusted_headers_only_when_configured(
         self, sims: dict[str, str], proxy_factory: Any
     ) -> None:

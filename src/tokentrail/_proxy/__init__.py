@@ -18,17 +18,20 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import click
+import orjson
 from aiohttp import web
 
 from .._checkpoint import Signer
 from .._erasure import FileKeyStore, Sealer
 from .._errors import ConfigError, TokentrailError
+from .._layout import iter_lines, list_log
 from .._ledger import AsyncLedger, LedgerConfig
 from .._metrics import Metrics
 from .._options import S3_ENDPOINT_ENV, FiniteFloatRange, retention_options
@@ -49,6 +52,9 @@ from ._config import (
 from ._server import UPSTREAM_SKIP_AUTO_HEADERS, ProxyApp
 
 log = logging.getLogger("tokentrail.proxy")
+#: A restarted proxy links retries to first attempts recorded this many UTC days back (today
+#: included).
+RETRY_DAYS = 2
 #: How long a starting proxy waits for S3 to answer its bucket check before serving anyway.
 S3_STARTUP_CHECK_S = 15.0
 
@@ -130,6 +136,10 @@ class Proxy:
         self.metrics.track_ledger(lambda: writer.size, lambda: writer.signed_size)
         self.metrics.track_verify((self.config.verify_state or default_state_dir()) / LAST_RUN_FILE)
         self.app = ProxyApp(self.config, self.ledger, self.session, self.metrics)
+        await asyncio.to_thread(
+            self.app.retries.remember,
+            keyed_records(self.config.ledger, self.ledger.writer.config.log_id, RETRY_DAYS),
+        )
         self.runner = web.AppRunner(
             self.app.build(),
             access_log=None,
@@ -221,6 +231,23 @@ class Proxy:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def keyed_records(root: Path, log_id: str, days: int) -> Iterator[dict[str, Any]]:
+    """The records of the last ``days`` UTC days of a log that carry an Idempotency-Key."""
+    since = (datetime.now(UTC) - timedelta(days=days - 1)).strftime("%Y-%m-%d")
+    for seg in list_log(root, log_id).segments:
+        if seg.date < since:
+            continue
+        for _, line, complete in iter_lines(seg.path):
+            if not complete:
+                break
+            if b'"idempotency_key"' not in line:
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError):
+                record = orjson.loads(line)
+                if isinstance(record, dict):
+                    yield record
 
 
 def _check_free(host: str, port: int, option: str) -> None:

@@ -13,8 +13,9 @@ memory and bounded (least recently used keys are forgotten), so it does not surv
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .._errors import ConfigError
 from ._config import key_digest
@@ -101,3 +102,24 @@ class RetryIndex:
         """Forget a claim whose exchange left no record (it never reached the upstream)."""
         if self._first.get((user, key)) == event_id:
             del self._first[(user, key)]
+
+    def remember(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Claim the keys of exchanges already recorded, oldest first, as if seen live: a
+        client's retry after a restart (a crash, the commonest cause of retries) still links
+        to its first attempt. Returns how many keys were claimed."""
+        claimed = 0
+        for record in records:
+            key, event_id = record.get("idempotency_key"), record.get("event_id")
+            if not isinstance(key, str) or not key or not isinstance(event_id, str):
+                continue
+            user = record.get("user_id")
+            first = record.get("retry_of")
+            claimed += (
+                self.claim(
+                    user if isinstance(user, str) else None,
+                    key,
+                    first if isinstance(first, str) else event_id,
+                )
+                is None
+            )
+        return claimed
