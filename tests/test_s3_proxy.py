@@ -6,6 +6,7 @@ uploading: afterwards every exchange is in the bucket exactly once and ``verify 
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -200,14 +201,28 @@ async def test_close_stops_the_shipper_when_the_writer_died(
 def test_starts_while_s3_is_down(s3: MotoS3, bucket: str, tmp_path: Path) -> None:  # noqa: F811
     """A proxy (re)started during an S3 outage serves from its local spool, saying so, and
     ships everything once S3 is back: a restart in an outage is no outage of the proxy."""
+    from test_metrics import scrape
+
     url = f"s3://{bucket}/started-down"
     outage = Outage(s3.port)  # never up until later: connections are refused
     with sim_in_thread(SimConfig(mode="ollama-0.4")) as sim:
-        proxy = serve_s3(tmp_path, sim, url, outage.endpoint, "batched")
+        proxy = start_proxy(
+            tmp_path, sim, "--s3", url, "--s3-endpoint-url", outage.endpoint,
+            "--s3-rotate-seconds", "1", "--s3-interval", "0.5", "--metrics-listen", "127.0.0.1:0",
+        )  # fmt: skip
         try:
             assert any(f"cannot check {url} yet" in line for line in proxy.stderr), proxy.stderr
-            served = drive(proxy.url, 10)
+            metrics = next(
+                ln.split("metrics on ", 1)[1] for ln in proxy.stderr if "metrics on " in ln
+            )
+            served = drive(proxy.url, 5)
+            time.sleep(1.2)  # the next exchange rotates: a closed segment waits for S3
+            served += drive(proxy.url, 5, start=5)
             assert 10 == served
+            deadline = time.monotonic() + 60  # a failed pass retries a while before it ends
+            while (down := scrape(metrics))["tokentrail_s3_unshipped_bytes{}"] == 0:
+                assert time.monotonic() < deadline, down
+                time.sleep(0.5)
             outage.up()
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -216,10 +231,17 @@ def test_starts_while_s3_is_down(s3: MotoS3, bucket: str, tmp_path: Path) -> Non
                 if listed.returncode == 0 and listed.stdout.strip() == "10":
                     break
                 time.sleep(0.5)
+            time.sleep(1.5)  # the pass after the last upload finds nothing left
+            up = scrape(metrics)
         finally:
             proxy.stop()
             outage.down()
     check_bucket(proxy, url, s3.endpoint, tmp_path, served)
+    assert 0.0 == down["tokentrail_s3_last_pass_ok{}"]
+    assert down["tokentrail_s3_unshipped_bytes{}"] > 0
+    assert math.isnan(down["tokentrail_s3_last_success_timestamp_seconds{}"])
+    assert 1.0 == up["tokentrail_s3_last_pass_ok{}"]
+    assert up["tokentrail_s3_last_success_timestamp_seconds{}"] > 1.7e9
 
 
 async def test_stop_while_s3_hangs(

@@ -84,6 +84,24 @@ class Metrics:
         ok.set_function(lambda: read("ok"))
         at.set_function(lambda: read("at"))
 
+    def track_shipper(
+        self, unshipped: Callable[[], int], ok: Callable[[], bool], success: Callable[[], float]
+    ) -> None:
+        """Expose the S3 shipper's state: an outage shows here, not only in the log."""
+        Gauge(
+            "tokentrail_s3_unshipped_bytes", "Local ledger bytes not yet in S3.",
+            registry=self.registry,
+        ).set_function(lambda: float(unshipped()))  # fmt: skip
+        Gauge(
+            "tokentrail_s3_last_pass_ok", "1 if the last shipping pass shipped all it found.",
+            registry=self.registry,
+        ).set_function(lambda: float(ok()))  # fmt: skip
+        Gauge(
+            "tokentrail_s3_last_success_timestamp_seconds",
+            "When a shipping pass last succeeded (Unix time; NaN: not yet).",
+            registry=self.registry,
+        ).set_function(success)
+
     def track_ledger(self, size: Callable[[], int], signed: Callable[[], int]) -> None:
         """Read the ledger's sizes at scrape time."""
         self.ledger_size.set_function(lambda: float(size()))

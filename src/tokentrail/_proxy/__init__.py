@@ -135,6 +135,13 @@ class Proxy:
         writer = self.ledger.writer
         self.metrics.track_ledger(lambda: writer.size, lambda: writer.signed_size)
         self.metrics.track_verify((self.config.verify_state or default_state_dir()) / LAST_RUN_FILE)
+        if self.shipper is not None:
+            shipper = self.shipper
+            self.metrics.track_shipper(
+                lambda: shipper.unshipped_bytes,
+                lambda: shipper.last_report is not None and shipper.last_error is None,
+                lambda: float("nan") if shipper.last_success is None else shipper.last_success,
+            )
         self.app = ProxyApp(self.config, self.ledger, self.session, self.metrics)
         await asyncio.to_thread(
             self.app.retries.remember,

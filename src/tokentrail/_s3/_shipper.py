@@ -42,6 +42,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -266,6 +267,8 @@ class Shipper:
         self.last_report: ShipReport | None = None
         self.last_error: TokentrailError | None = None
         self.unshipped_bytes = 0
+        #: When a pass last shipped everything it found (Unix time), for monitoring.
+        self.last_success: float | None = None
         self._conditional = True
         self._checked = False
         self._stop = threading.Event()
@@ -292,7 +295,11 @@ class Shipper:
             errors: list[TokentrailError] = []
             try:
                 if self.config.check_bucket and not self._checked:
-                    self._retry(self.check, f"checking {self.config.url}")
+                    try:
+                        self._retry(self.check, f"checking {self.config.url}")
+                    except TokentrailError as exc:
+                        self.last_error = exc
+                        raise
                 for log_id in self._log_ids():
                     try:
                         self._ship_log(log_id, report)
@@ -306,6 +313,7 @@ class Shipper:
             self.last_error = errors[0] if errors else None
             if errors:
                 raise errors[0]
+            self.last_success = time.time()
             return report
 
     async def aship_once(self) -> ShipReport:
