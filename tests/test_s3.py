@@ -987,3 +987,12 @@ class TestKeys:
         url = S3Url("bucket", "prefix")
         assert parse_key(url, f"prefix/{rel}") is not None
         assert parse_key(url, f"prefix/{rel}\n") is None
+
+    def test_a_skewed_clock_is_named(self) -> None:
+        """S3's RequestTimeTooSkewed, once retries are spent, says what to fix."""
+        from tokentrail._s3._client import map_error
+
+        response = {"Error": {"Code": "RequestTimeTooSkewed", "Message": "The difference..."}}
+        error = map_error(ClientError(response, "PutObject"), "PutObject x")  # type: ignore[arg-type]
+        assert isinstance(error, StoreError)
+        assert str(error).endswith("check its time sync, NTP or chrony)")

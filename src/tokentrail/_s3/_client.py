@@ -203,6 +203,11 @@ def map_error(exc: BaseException, what: str) -> TokentrailError:
             )
         if code in CONFIG_CODES:
             return ConfigError(f"{what}: {code}: {message}")
+        if code == "RequestTimeTooSkewed":
+            return StoreError(
+                f"{what}: {code}: {message} (this machine's clock is off from S3's by more than"
+                " S3 allows: check its time sync, NTP or chrony)"
+            )
         return StoreError(f"{what}: {code}: {message}")
     if isinstance(exc, bce.BotoCoreError):
         return StoreError(f"{what}: {exc}")
