@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="tt-verify-", dir=args.dir))
     try:
         signer = Signer.generate("bench")
