@@ -651,6 +651,32 @@ class TestTamper:
         assert [LOG_ID] == [lg.log_id for lg in report.logs]
         assert ": 1 logs," in report.summary()
 
+    @pytest.mark.parametrize("field", ["log_id", "timestamp"])
+    def test_per_record_body_naming_a_path_out_of_the_mirror(
+        self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer, field: str
+    ):
+        """An object whose body names a log id or day that is a path ("../../x", "/x") is a
+        finding; the verifier writes nothing outside its own temporary mirror."""
+        records = write_log(tmp_path / "w", signer, 4)
+        url = S3Url(bucket, "esc")
+        ship_once(tmp_path / "w", url, layout="per-record", client_options=options(s3))
+        target = tmp_path / "escaped"
+        obj = json.loads(records[3].leaf)
+        event_id = str(uuid.uuid4())
+        obj.update(event_id=event_id, seq=4)
+        if field == "log_id":
+            obj["log_id"] = f"../../../../../../../../..{target}"
+        else:
+            obj["timestamp"] = f"../../../../../../../../../..{target}"
+        body = json.dumps(obj).encode()
+        day = json.loads(records[3].leaf)["timestamp"][:10]
+        client.put_object(Bucket=bucket, Key=f"esc/audit/{day}/{event_id}.json", Body=body,
+                          ChecksumAlgorithm="SHA256")  # fmt: skip
+        report = verify_s3(url, verify_opts(signer), client_options=options(s3))
+        assert not report.ok
+        assert not target.exists() and not list(tmp_path.glob("escaped*"))
+        assert findings_at(report, f"esc/audit/{day}/{event_id}.json"), report.summary()
+
     def test_per_record_hard_deletes_caught_by_the_daily_run(
         self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
     ):

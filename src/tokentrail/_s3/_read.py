@@ -43,7 +43,7 @@ from typing import IO, Any
 import orjson
 
 from .._errors import ConfigError, StoreError
-from .._layout import checkpoint_name, iter_lines, list_logs
+from .._layout import checkpoint_name, is_log_id, iter_lines, list_logs
 from .._proof import build_bundle
 from .._verify import (
     NO_LOG,
@@ -459,8 +459,11 @@ class _Mirror:
         try:
             obj = orjson.loads(leaf)
             log_id, seq = obj["log_id"], obj["seq"]
-            if not isinstance(log_id, str) or not isinstance(seq, int):
+            if not isinstance(log_id, str) or type(seq) is not int or seq < 0:
                 raise TypeError("log_id or seq of the wrong type")
+            if not is_log_id(log_id):
+                # It becomes a folder of the mirror: never a path out of it.
+                raise TypeError(f"log_id {log_id!r} is not a log id")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             for message in version.pending:
                 self.finding(message, rk.key, **where)
@@ -475,6 +478,8 @@ class _Mirror:
         self._check_sha(rk.key, response, hashlib.sha256(leaf).hexdigest(), where)
         timestamp = obj.get("timestamp")
         date = str(timestamp)[:10] if isinstance(timestamp, str) else rk.date
+        if not _DAY_RE.fullmatch(date):  # a folder of the mirror too: the key's day, checked
+            date = rk.date
         if obj.get("event_id") != rk.event_id or date != rk.date:
             self.finding(
                 f"object key does not match its record (event_id {obj.get('event_id')!r},"
@@ -522,6 +527,9 @@ class _Mirror:
                 if out is not None:
                     out.close()
         self._staged.clear()
+
+
+_DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _seq(line: bytes) -> int | None:
