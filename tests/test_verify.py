@@ -781,6 +781,23 @@ class TestIncremental:
         assert not report.ok, describe(report)
         assert any("log ends before seq 0" in f.message for f in report.findings), describe(report)
 
+    @pytest.mark.parametrize("gone", ["every log", "logs/"])
+    def test_every_log_deleted_is_a_finding(self, scene: Scene, gone: str) -> None:
+        """A store the verifier has seen logs in, emptied: each remembered log is named as
+        deleted (a finding, exit 1), not "nothing has been recorded there yet" (exit 2, which
+        left the last run noted as OK)."""
+        assert run_verify(scene.root, scene.signer, scene.state_dir).ok
+        if gone == "logs/":
+            shutil.rmtree(scene.root / "logs")
+        else:
+            for log in (scene.root / "logs").iterdir():
+                shutil.rmtree(log)
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not report.ok
+        assert [(LOG_ID, True)] == [
+            (f.log_id, f.message.startswith("log deleted:")) for f in report.findings
+        ], describe(report)
+
     def test_full_rereads_everything(self, scene: Scene) -> None:
         """``full`` re-reads every record even with a witness state."""
         run_verify(scene.root, scene.signer, scene.state_dir)
@@ -804,9 +821,15 @@ class TestIncremental:
         assert (False, 0) == (daily.ok, daily.logs[0].records_read), describe(daily)
         (stands,) = daily.findings
         assert stands.message.endswith(
-            "failed, and this run does not re-read what it found; it stands until tokentrail"
-            " verify --all passes"
+            "), and this run does not re-read what it found; it stands until tokentrail verify"
+            " --all passes"
         )
+        assert not run_verify(scene.root, scene.signer, scene.state_dir).ok
+        # A clean run on another store, sharing the state directory, clears nothing.
+        other = scene.tmp / "other-ledger"
+        with Ledger.open(LedgerConfig(other, LOG_ID, scene.signer)) as ledger:
+            ledger.append(Exchange(model="m", api="sdk", stop_reason="stop"))
+        assert run_verify(other, scene.signer, scene.state_dir, full=True).ok
         assert not run_verify(scene.root, scene.signer, scene.state_dir).ok
         edit_record(scene.root, 5, b"prompt number 6:", b"prompt number 5:")
         assert path.exists()

@@ -40,6 +40,7 @@ from ._layout import (
     list_log,
     log_folders,
     mtime,
+    write_atomic,
 )
 from ._merkle import CompactRange, leaf_hash
 from ._record import (
@@ -323,48 +324,61 @@ def remembered_states(state_dir: Path, store: str) -> list[WitnessState]:
 LAST_RUN_FILE = "last-verify"  # JSON, named apart from the per-origin *.json states
 
 
+def _failure_path(state_dir: Path, store: str) -> Path:
+    """Where a failed run on ``store`` is noted until a full run on it passes."""
+    return state_dir / f"failed-{hashlib.sha256(store.encode()).hexdigest()[:32]}"
+
+
 def previous_failure(options: VerifyOptions, store: str) -> LogReport | None:
-    """A finding when the last run on ``store`` failed and this one will not re-read
-    everything: what that run found (below the witness state, or in a range) is not read
-    again, so the failure stands until a full run (``--all``) passes."""
+    """A finding when a run on ``store`` failed and no full run on it has passed since, and
+    this one will not re-read everything: what that run found (below the witness state, or in
+    a range) is not read again, so the failure stands until ``--all`` passes. Noted per store:
+    a run on another store (the S3 copy, say) clears nothing."""
     if options.state_dir is None or options.full:
         return None
+    path = _failure_path(options.state_dir, store)
     try:
-        last = orjson.loads((options.state_dir / LAST_RUN_FILE).read_bytes())
+        failed = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
     except (OSError, orjson.JSONDecodeError):
-        return None
-    if not isinstance(last, dict) or last.get("store") != store or last.get("ok") is not False:
-        return None
-    at = last.get("at")
+        failed = {}
+    at = failed.get("at") if isinstance(failed, dict) else None
     when = rfc3339(datetime.fromtimestamp(at, UTC)) if isinstance(at, int | float) else "?"
     report = LogReport(NO_LOG)
     report.add(
         Finding(
             "finding",
-            f"the previous run ({when}) failed, and this run does not re-read what it found;"
-            " it stands until tokentrail verify --all passes",
-            location=str(options.state_dir / LAST_RUN_FILE),
+            f"a run on this store failed ({when}), and this run does not re-read what it"
+            " found; it stands until tokentrail verify --all passes",
+            location=str(path),
         )
     )
     return report
 
 
-def save_last_run(state_dir: Path, report: Report, when: datetime, store: str) -> None:
+def save_last_run(
+    state_dir: Path, report: Report, when: datetime, store: str, *, full: bool
+) -> None:
     """Note the outcome of a run beside the witness state (read by the proxy's /metrics);
-    ``store`` is the witness states' name for the store (:func:`store_key`)."""
+    ``store`` is the witness states' name for the store (:func:`store_key`). A failure is
+    also noted for the store until a ``full`` run on it passes."""
     data = {
         "ok": report.ok,
         "at": when.timestamp(),
         "store": store,
         "summary": report.summary(),
     }
+    failed = _failure_path(state_dir, store)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / (LAST_RUN_FILE + ".tmp")
-        tmp.write_bytes(orjson.dumps(data))
-        os.replace(tmp, state_dir / LAST_RUN_FILE)
+        if not report.ok:
+            write_atomic(failed, orjson.dumps(data))
+        elif full:
+            failed.unlink(missing_ok=True)
+        write_atomic(state_dir / LAST_RUN_FILE, orjson.dumps(data))
     except OSError as exc:
-        raise StoreError(f"cannot write {state_dir / LAST_RUN_FILE}: {exc.strerror}") from exc
+        raise StoreError(f"cannot write the run's outcome in {state_dir}: {exc.strerror}") from exc
 
 
 def save_state(state_dir: Path, state: WitnessState) -> None:
@@ -898,18 +912,30 @@ def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -
     With a state directory the outcome is noted there (``note_run``; a caller that adds
     findings of its own, as the S3 reader does, notes the whole outcome itself).
     """
-    folders = log_folders(root)
+    remembered = (
+        []
+        if options.state_dir is None
+        else remembered_states(options.state_dir, store_key(root, options))
+    )
+    try:
+        folders = log_folders(root)
+    except StoreError:
+        if not remembered or not root.is_dir():
+            raise
+        folders = []  # logs/ itself deleted: every remembered log is named below
     log_ids = [name for name in folders if is_log_id(name)]
-    if not folders:
+    # A store this verifier has seen logs in is never "nothing recorded yet": the logs gone
+    # from it are findings.
+    if not folders and not remembered:
         raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
-    if not any(
+    if not remembered and not any(
         (root / "logs" / i / d).is_dir() for i in log_ids for d in ("segments", "checkpoints")
     ):
         raise StoreError(f"{root} holds no tokentrail logs (no logs/*/segments/ folder)")
     reports = []
     if options.state_dir is not None:
         key_names = {v.name for v in options.verifiers}
-        for state in remembered_states(options.state_dir, store_key(root, options)):
+        for state in remembered:
             name, _, log_id = state.origin.partition("/")
             if name in key_names and log_id not in log_ids:
                 report = LogReport(log_id)
@@ -923,6 +949,8 @@ def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -
                     )
                 )
                 reports.append(report)
+    if not folders and not reports:
+        raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
     for log_id in folders:
         log_root = root / "logs" / log_id
         if not is_log_id(log_id):
@@ -962,5 +990,7 @@ def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -
         reports.append(stands)
     outcome = Report(options.store or str(root), reports)
     if note_run and options.state_dir is not None:
-        save_last_run(options.state_dir, outcome, options.now, store_key(root, options))
+        save_last_run(
+            options.state_dir, outcome, options.now, store_key(root, options), full=options.full
+        )
     return outcome

@@ -663,7 +663,7 @@ def verify_s3(
         logs.append(stands)
     outcome = Report(str(url), logs)
     if options.state_dir is not None:
-        save_last_run(options.state_dir, outcome, options.now, str(url))
+        save_last_run(options.state_dir, outcome, options.now, str(url), full=options.full)
     return outcome
 
 
