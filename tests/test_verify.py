@@ -672,6 +672,20 @@ class TestCompressedPairs:
                 if "different content" in f.message
             ], describe(report)
 
+    def test_torn_line_in_a_packed_segment(self, packed: Path, signer: Signer) -> None:
+        """A packed segment ending in an incomplete line is a finding even while young: a
+        .jsonl.zst is written whole and renamed into place, never appended to."""
+        import zstandard
+
+        from tokentrail._layout import iter_lines
+
+        last = segment_files(packed)[-1]
+        lines = [line + b"\n" for _, line, _ in iter_lines(last)]
+        last.write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines) + b'{"seq": 9'))
+        report = run_verify(packed, signer)
+        assert not report.ok, describe(report)
+        assert any("incomplete record" in f.message for f in report.findings), describe(report)
+
     def test_one_frame_a_line(self, packed: Path, signer: Signer) -> None:
         """A packed segment stored as many zstd frames (valid zstd, as another compressor may
         write it) reads the same for every command: count and show see every record that

@@ -790,7 +790,10 @@ class _LogVerifier:
         sealed = seq < max(self.checkpoints, default=0)
         # (an mtime far ahead is no younger than one far behind: anyone can set it)
         young = abs(age) < self.options.seal_grace_s and not self.options.require_sealed
-        if is_last and young and not sealed:
+        # A packed segment is written whole, then renamed into place: a torn line in one is
+        # never a write in progress.
+        packed = seg.path.name.endswith(".zst")
+        if is_last and young and not sealed and not packed:
             self.warning(
                 f"incomplete final line at byte {offset} (a write in progress?)",
                 seq=seq,
