@@ -441,6 +441,21 @@ class TestProve:
         assert 0 == result.exit_code, result.output
         return out
 
+    @pytest.mark.parametrize("junk", ['{"event_id":"%s", broken', '{"event_id":"%s"}'])
+    def test_a_damaged_line_naming_the_event_first(
+        self, junk: str, ledger: list[Record], ledger_root: Path, tmp_path: Path
+    ) -> None:
+        """A line that is no record but holds the event id, in a log read before the record's:
+        prove passes over it and proves the record (it crashed, or named a wrong seq)."""
+        event_id = ledger[13].event_id
+        stray = ledger_root / "logs" / "a-first" / "segments" / "2020-01-01"
+        stray.mkdir(parents=True)
+        (stray / f"{0:020d}.jsonl").write_text(junk % event_id + "\n")
+        out = tmp_path / "proof.json"
+        result = run("prove", "--ledger", ledger_root, event_id, "--out", out)
+        assert 0 == result.exit_code, result.output
+        assert 13 == json.loads(out.read_text())["index"]
+
     def test_unwritable_out(self, ledger: list[Record], ledger_root: Path, tmp_path: Path) -> None:
         """--out in a folder that does not exist: one error line, not a traceback."""
         out = tmp_path / "no" / "such" / "proof.json"

@@ -42,8 +42,15 @@ def find_record(root: Path, event_id: str) -> Located:
         for seg in list_log(root, log_id).segments:
             for _, line, complete in iter_lines(seg.path):
                 if complete and needle in line:
-                    obj = orjson.loads(line)
-                    if obj.get("event_id") == event_id:
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue  # not a record (verify names it)
+                    if (
+                        isinstance(obj, dict)
+                        and obj.get("event_id") == event_id
+                        and type(obj.get("seq")) is int
+                    ):
                         return Located(log_id, obj["seq"], line, str(seg.path), obj)
     raise StoreError(f"no record with event_id {event_id} in {root}")
 
