@@ -365,6 +365,34 @@ class TestSearch:
             assert event_id in shown.stdout
             assert before == sorted(p.relative_to(bare) for p in bare.rglob("*"))
 
+    @pytest.mark.parametrize(
+        "edit",
+        [
+            "UPDATE records SET user_id = 'user-3' WHERE user_id = 'user-4'",
+            "UPDATE segments SET first_seq = 'x'",
+            "UPDATE records SET offset = 'abc'",
+        ],
+        ids=["relabelled", "first-seq-text", "offset-text"],
+    )
+    def test_edited_index_is_reported(self, small: Ledgers, edit: str) -> None:
+        """An index edited under the ledger: a hit whose record does not hold what the search
+        filtered on, or a row of the wrong types, is a MISMATCH (exit 1), never a wrong hit
+        shown as checked, nor a traceback."""
+        import sqlite3
+
+        run("index", "--ledger", small.root)
+        with sqlite3.connect(small.root / "index" / "audit.sqlite3") as conn:
+            conn.execute(edit)
+        result = run("search", "--ledger", small.root, "--user", "user-3", "--no-update",
+                     "--limit", "0", "--json")  # fmt: skip
+        assert 1 == result.exit_code, result.output
+        assert "Traceback" not in result.output
+        assert "indexed records fail their re-check" in result.stderr
+        lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+        hits = [line for line in lines if "problem" not in line]
+        assert {"user-3"} >= {hit["user_id"] for hit in hits}
+        assert any("problem" in line for line in lines), lines
+
     def test_edited_leaf_is_reported(self, small: Ledgers) -> None:
         """A record edited after indexing is reported as MISMATCH, not shown, exit 1."""
         run("index", "--ledger", small.root)

@@ -23,7 +23,7 @@ from .._errors import StoreError, TokentrailError
 from .._layout import list_log, read_bytes, segments_dir
 from .._merkle import leaf_hash
 from .._verify import check_record
-from ._index import Row
+from ._index import Row, ts_micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,13 @@ class LeafReader:
 
     def check(self, row: Row) -> Checked:
         """Re-read one indexed record and check it against the index and its own hashes."""
-        location, line = self.read(row)
+        try:
+            location, line = self.read(row)
+        except (TypeError, ValueError, OverflowError):  # a row edited to hold the wrong types
+            return Checked(
+                row, str(self.root / "index"), None, None,
+                "the index row is damaged; rebuild it: tokentrail index --rebuild",
+            )  # fmt: skip
         if line is None:
             return Checked(row, location, None, None, "the indexed line is not in the ledger")
         if leaf_hash(line) != row.leaf_hash:
@@ -119,6 +125,15 @@ class LeafReader:
             row.event_id,
         ):
             return Checked(row, location, line, obj, "the stored record is not the indexed one")
+        indexed = (row.user_id, row.session_id, row.model, row.stop_reason, row.ts)
+        stored = tuple(obj.get(name) for name in ("user_id", "session_id", "model", "stop_reason"))
+        if indexed != (*stored, ts_micros(obj.get("timestamp"))):
+            # What the search filtered on: a hit must hold it in the ledger, not only the index.
+            return Checked(
+                row, location, line, obj,
+                "the index's user, session, model, stop reason or time differ from the stored"
+                " record's; rebuild it: tokentrail index --rebuild",
+            )  # fmt: skip
         problems = check_record(obj, row.log_id)
         if problems:
             return Checked(row, location, line, obj, "; ".join(problems))
