@@ -997,6 +997,15 @@ class TestRestartSealsOnlyRecords:
 
 
 class TestRestart:
+    def test_a_new_key_on_an_old_log_is_named(
+        self, write_records: Callable[..., list[Record]], ledger_root: Path
+    ) -> None:
+        """A writer opening, under a new key, a log that another key signed is told so (a
+        key change), not only that the checkpoint cannot be read."""
+        write_records(5)
+        with pytest.raises(DamagedLogError, match="not signed by this writer's key 'rotated'"):
+            Ledger.open(LedgerConfig(ledger_root, LOG_ID, Signer.generate("rotated")))
+
     def test_continues_seq_and_chain(
         self, write_records: Callable[..., list[Record]], ledger_root: Path, signer: Signer
     ) -> None:

@@ -1094,6 +1094,14 @@ class LedgerWriter:
             text, _ = open_note(cp_path.read_bytes(), [self.config.signer.verifier])
             checkpoint = Checkpoint.from_text(text)
         except (OSError, VerificationError) as exc:
+            if "no signature by a trusted key" in str(exc):
+                # Signed, only not by this writer's key: a key changed under a live log id.
+                raise DamagedLogError(
+                    f"{cp_path}: the log's checkpoints are not signed by this writer's key"
+                    f" {self.config.signer.name!r} ({exc}): a log goes on under the key that"
+                    " began it; with a new key, write to a new log id (the verifier takes both"
+                    " keys)"
+                ) from exc
             raise DamagedLogError(f"{cp_path}: cannot read own checkpoint: {exc}") from exc
         if checkpoint.root != tree.root() or checkpoint.origin != self.config.origin:
             raise DamagedLogError(
