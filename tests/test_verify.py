@@ -686,6 +686,26 @@ class TestCompressedPairs:
         assert not report.ok, describe(report)
         assert any("incomplete record" in f.message for f in report.findings), describe(report)
 
+    def test_a_line_without_end_is_not_read_whole(
+        self, packed: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A packed segment that unpacks to one endless line (a decompression bomb) stops at
+        the line limit with a finding; it is never held in memory whole (it took minutes,
+        then memory, for 3 GiB)."""
+        import zstandard
+
+        import tokentrail._layout as layout
+
+        monkeypatch.setattr(layout, "MAX_LINE_BYTES", 64 << 10)
+        monkeypatch.setattr(layout, "_READ_CHUNK", 4096)
+        bomb = segment_files(packed)[-1]
+        bomb.write_bytes(zstandard.ZstdCompressor().compress(b"x" * (1 << 20)))
+        report = run_verify(packed, signer)
+        assert not report.ok
+        assert any("without an end: not a record" in f.message for f in report.findings), describe(
+            report
+        )
+
     def test_one_frame_a_line(self, packed: Path, signer: Signer) -> None:
         """A packed segment stored as many zstd frames (valid zstd, as another compressor may
         write it) reads the same for every command: count and show see every record that
@@ -1062,3 +1082,31 @@ class TestScale:
         assert (True, [], []) == (report.ok, report.findings, report.warnings), describe(report)
         assert (n, n) == (report.logs[0].records_read, report.logs[0].verified_size)
         assert written < 60
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
+def test_iter_lines_reads_what_split_does(
+    chunk: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines, offsets and the final unterminated piece, whatever the read size, plain or
+    packed (against bytes.split, on random data)."""
+    import random
+
+    import zstandard
+
+    import tokentrail._layout as layout
+
+    monkeypatch.setattr(layout, "_READ_CHUNK", chunk)
+    rng = random.Random(chunk)
+    for trial in range(60):
+        data = bytes(rng.choice(b"ab\n") for _ in range(rng.randint(0, 80)))
+        path = tmp_path / ("s.jsonl.zst" if trial % 2 else "s.jsonl")
+        path.write_bytes(zstandard.ZstdCompressor().compress(data) if trial % 2 else data)
+        expected, offset = [], 0
+        *whole, last = data.split(b"\n")
+        for piece in whole:
+            expected.append((offset, piece, True))
+            offset += len(piece) + 1
+        if last:
+            expected.append((offset, last, False))
+        assert expected == list(layout.iter_lines(path)), data

@@ -29,6 +29,9 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl(\.zst)?$")
 _CHECKPOINT_RE = re.compile(r"^(\d{20})\.checkpoint$")
 _READ_CHUNK = 1 << 20
+#: Longer than any record (a request body is capped at 16 MiB by default): a line past this is
+#: damage or a decompression bomb, and is not read into memory whole.
+MAX_LINE_BYTES = 256 << 20
 
 
 def check_log_id(log_id: str) -> str:
@@ -193,27 +196,40 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
         reader: Any = fh
         if path.name.endswith(".zst"):
             reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-        offset = 0
-        rest = b""
+        offset = 0  # where the line being read starts
+        pending: list[bytes] = []  # its pieces so far, joined once (never copied per chunk)
+        pending_len = 0
         try:
             while True:
                 chunk = reader.read(_READ_CHUNK)
                 if not chunk:
                     break
-                buf = rest + chunk if rest else chunk
                 start = 0
-                while True:
-                    nl = buf.find(b"\n", start)
-                    if nl < 0:
-                        break
-                    yield offset + start, buf[start:nl], True
+                nl = chunk.find(b"\n")
+                if nl >= 0 and pending:
+                    line = b"".join(pending) + chunk[:nl]
+                    yield offset, line, True
+                    offset += len(line) + 1
+                    pending, pending_len = [], 0
                     start = nl + 1
-                offset += start
-                rest = buf[start:]
+                    nl = chunk.find(b"\n", start)
+                while nl >= 0:
+                    yield offset, chunk[start:nl], True
+                    offset += nl - start + 1
+                    start = nl + 1
+                    nl = chunk.find(b"\n", start)
+                if start < len(chunk):
+                    pending.append(chunk[start:])
+                    pending_len += len(chunk) - start
+                    if pending_len > MAX_LINE_BYTES:
+                        raise StoreError(
+                            f"{path}: the line at byte {offset} runs past"
+                            f" {MAX_LINE_BYTES >> 20} MiB without an end: not a record"
+                        )
         except zstandard.ZstdError as exc:
             raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
-        if rest:
-            yield offset, rest, False
+        if pending:
+            yield offset, b"".join(pending), False
 
 
 def mtime(path: Path) -> float:
