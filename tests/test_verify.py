@@ -748,6 +748,18 @@ class TestStrays:
         report = run_verify(scene.root, scene.signer)
         assert [str(stray)] == [f.location for f in report.findings], describe(report)
 
+    def test_a_file_name_that_is_not_utf8(self, scene: Scene) -> None:
+        """A stray whose name is not UTF-8: named in --json too (it crashed the encoder), its
+        undecodable byte written as an escape."""
+        stray = log_path(scene.root) / "segments" / os.fsdecode(b"notes-\xff.txt")
+        stray.write_text("hello")
+        result = cli_verify(scene.root, scene.signer, scene.tmp / "state", "--json")
+        assert 1 == result.exit_code, result.output
+        report = json.loads(result.stdout)
+        assert [str(stray.parent / "notes-\\xff.txt")] == [
+            f["location"] for f in report["findings"]
+        ]
+
     @pytest.mark.parametrize("name", ["Evil", "-x", "a b"])
     def test_stray_folder_among_the_logs(self, name: str, scene: Scene) -> None:
         """A folder in logs/ that no writer could have made is a finding naming it; every log

@@ -84,15 +84,21 @@ class Finding:
         return " ".join(parts) + f": {self.message}"
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready form."""
+        """A JSON-ready form (a file name that is not UTF-8 keeps its bytes as \\x escapes)."""
         return {
             "level": self.level,
-            "message": self.message,
-            "log_id": self.log_id,
+            "message": _utf8(self.message),
+            "log_id": None if self.log_id is None else _utf8(self.log_id),
             "seq": self.seq,
             "event_id": self.event_id,
-            "location": self.location,
+            "location": None if self.location is None else _utf8(self.location),
         }
+
+
+def _utf8(text: str) -> str:
+    """``text`` as valid UTF-8: the undecodable bytes of a file name (surrogate escapes) are
+    written as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -185,12 +191,12 @@ class Report:
         """A JSON-ready form for ``--json``."""
         return {
             "ok": self.ok,
-            "store": self.store,
+            "store": _utf8(self.store),
             "checked_at": self.checked_at,
-            "summary": self.summary(),
+            "summary": _utf8(self.summary()),
             "logs": [
                 {
-                    "log_id": lg.log_id,
+                    "log_id": _utf8(lg.log_id),
                     "records_read": lg.records_read,
                     "records_in_range": lg.in_range,
                     "verified_size": lg.verified_size,
