@@ -645,6 +645,31 @@ class TestExport:
         )
         assert not out.exists()
 
+    @pytest.mark.parametrize("tamper", ["log gone", "rolled back"])
+    def test_what_verify_proved_bounds_the_export(
+        self, tamper: str, small: Ledgers, tmp_path: Path
+    ) -> None:
+        """A log verify proved, gone since, or rolled back below the checkpoint verify proved:
+        the export stops, naming it (it exported fewer records, signed as complete)."""
+        state = tmp_path / "state"
+        from tokentrail._cli import main
+
+        checked = CliRunner().invoke(main, ["verify", "--ledger", str(small.root), "--public-key",
+                                            str(small.pub), "--state", str(state)])  # fmt: skip
+        assert 0 == checked.exit_code, checked.output
+        if tamper == "log gone":
+            shutil.rmtree(small.root / "logs" / "log-1")
+        else:
+            for cp in (small.root / "logs" / "log-1" / "checkpoints").iterdir():
+                cp.unlink()
+        out = tmp_path / "out"
+        result = run("export", "--ledger", small.root, "--public-key", small.pub, "--key",
+                     small.key, "--user", "user-3", "--out", out, "--state", state)  # fmt: skip
+        assert 2 == result.exit_code, result.output
+        expected = "is gone from the ledger" if tamper == "log gone" else "rolled back"
+        assert expected in result.stderr and "log log-1" in result.stderr, result.stderr
+        assert not out.exists()
+
     def test_accepted_pinned(self, big: Ledgers, user7: Path) -> None:
         """verify-export accepts the package with the pinned key."""
         result = _verify(user7, "--public-key", big.pub)

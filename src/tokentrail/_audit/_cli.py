@@ -28,6 +28,7 @@ from .._options import (
     resolve_verifiers,
 )
 from .._paths import default_signing_key
+from .._verify import VerifyOptions, default_state_dir, remembered_states, store_key
 from ._export import build_export, write_package
 from ._index import Index, index_path
 from ._leaves import Checked, LeafReader
@@ -358,6 +359,20 @@ def session_command(
         sys.exit(EXIT_INVALID)
 
 
+def witnessed_sizes(
+    ledger: Path, state_dir: Path, verifiers: list[Verifier]
+) -> dict[str, tuple[int, str]]:
+    """Per log of ``ledger``, the largest checkpoint ``verify`` proved (under these keys) and
+    when, from its witness state."""
+    names = {v.name for v in verifiers}
+    sizes: dict[str, tuple[int, str]] = {}
+    for state in remembered_states(state_dir, store_key(ledger, VerifyOptions(verifiers))):
+        name, _, log_id = state.origin.partition("/")
+        if name in names and state.tree.size > sizes.get(log_id, (0, ""))[0]:
+            sizes[log_id] = (state.tree.size, state.verified_at)
+    return sizes
+
+
 @click.command("export")
 @LEDGER_OPTION
 @PUBLIC_KEY_OPTION
@@ -388,6 +403,14 @@ def session_command(
 @click.option("--no-sign", is_flag=True, help="Do not sign the manifest.")
 @KEYSTORE_OPTION
 @click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="TOKENTRAIL_STATE",
+    help="verify's witness state: a log it proved larger, or that is gone, stops the export"
+    " [default: ~/.local/state/tokentrail/witness].",
+)
+@click.option(
     "--without-sealed-content",
     is_flag=True,
     help="Export sealed records without a --keystore: with their proofs and metadata, but"
@@ -404,6 +427,7 @@ def export_command(
     key: Path | None,
     no_sign: bool,
     keystore: Path | None,
+    state_dir: Path | None,
     without_sealed_content: bool,
 ) -> None:
     """Export a data subject's records with proofs (a DSAR package).
@@ -446,6 +470,7 @@ def export_command(
         since=start,
         until=end,
         keystore=FileKeyStore(keystore) if keystore is not None else None,
+        witnessed=witnessed_sizes(ledger, state_dir or default_state_dir(), verifiers),
     )
     if package.sealed and keystore is None and not without_sealed_content:
         raise ConfigError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -62,8 +63,10 @@ def _subject_items(
     since: int | None,
     until: int | None,
     verifiers: list[Verifier],
+    proved: tuple[int, str] = (0, ""),
 ) -> tuple[list[tuple[int, Item]], bytes | None, int]:
-    """The subject's items in one log (with their timestamps), the checkpoint note and size."""
+    """The subject's items in one log (with their timestamps), the checkpoint note and size;
+    ``proved`` is the checkpoint size verify proved for the log, and when."""
     needle = orjson.dumps(user)
     hashes: list[bytes] = []
     chosen: list[tuple[int, int, bytes]] = []  # (ts, seq, line)
@@ -102,6 +105,12 @@ def _subject_items(
             " checkpoint: pass the --public-key of each writer)"
         ) from exc
     size = 0 if head is None else head.checkpoint.size
+    if size < proved[0]:
+        raise StoreError(
+            f"log {log_id}: its newest signed checkpoint covers {size} records, but tokentrail"
+            f" verify proved one of {proved[0]} on {proved[1]}: rolled back, so an export"
+            " would miss records (run tokentrail verify)"
+        )
     if len(hashes) < size:
         raise StoreError(
             f"log {log_id} has {len(hashes)} records, fewer than its signed checkpoint of size"
@@ -115,7 +124,7 @@ def _subject_items(
             f" of size {size} (run tokentrail verify)"
         )
     if not chosen:
-        return [], None, 0
+        return [], None, size
     unsealed = [seq for _, seq, _ in chosen if seq >= size]
     if head is None or tree is None or unsealed:
         raise StoreError(
@@ -154,11 +163,14 @@ def build_export(
     since: datetime | None = None,
     until: datetime | None = None,
     keystore: KeyStore | None = None,
+    witnessed: Mapping[str, tuple[int, str]] | None = None,
 ) -> Package:
     """Every record of ``user`` in the ledger, with proofs, as a package's files.
 
     With ``keystore``, the content of sealed records is opened into ``content.json`` (or stated
     erased), with the subject's content-hash key so the package can check it against the ledger.
+    ``witnessed`` (log id → the checkpoint size ``verify`` last proved, and when) refuses a
+    ledger rolled back or missing a log since: the package would silently hold less.
     """
     if fmt not in DATA_FILES:
         raise ConfigError(f"unknown export format {fmt!r}; choose jsonl, csv or html")
@@ -171,8 +183,17 @@ def build_export(
     hi = moment_micros(until) if until else None
     found: list[tuple[int, Item]] = []
     files: dict[str, bytes] = {}
-    for log_id in list_logs(root):
-        items, note, size = _subject_items(root, log_id, user, lo, hi, verifiers)
+    log_ids = list_logs(root)
+    for log_id, (size, when) in sorted((witnessed or {}).items()):
+        if log_id not in log_ids:
+            raise StoreError(
+                f"log {log_id}, {size} records of which tokentrail verify proved on {when}, is"
+                " gone from the ledger: an export would miss its records (run tokentrail"
+                " verify)"
+            )
+    for log_id in log_ids:
+        proved = (witnessed or {}).get(log_id, (0, ""))
+        items, note, size = _subject_items(root, log_id, user, lo, hi, verifiers, proved)
         if note is not None:
             files[checkpoint_file(log_id, size)] = note
             found.extend(items)
