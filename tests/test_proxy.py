@@ -1069,6 +1069,31 @@ class TestIdentity:
             (r["idempotency_key"], r.get("retry_of")) for r in recs
         ]
 
+    def test_retry_index_reads_only_the_newest_segments(self, tmp_path: Path) -> None:
+        """A restart rebuilds the retry index from the newest segments within its byte budget,
+        oldest first: never the whole of a busy log."""
+        from tokentrail._checkpoint import Signer
+        from tokentrail._ledger import Ledger, LedgerConfig
+        from tokentrail._proxy import keyed_records
+        from tokentrail._record import Exchange
+
+        config = LedgerConfig(tmp_path, "log", Signer.generate("t"), max_segment_bytes=1024)
+        with Ledger.open(config) as ledger:
+            for i in range(20):
+                ledger.append(
+                    Exchange(
+                        model="m",
+                        api="ollama.generate",
+                        stop_reason="stop",
+                        input_text="x" * 400,
+                        extra={"idempotency_key": f"k{i}"},
+                    )
+                )
+        keys = [r["idempotency_key"] for r in keyed_records(tmp_path, "log", 2)]
+        assert [f"k{i}" for i in range(20)] == keys
+        newest = [r["idempotency_key"] for r in keyed_records(tmp_path, "log", 2, budget=1)]
+        assert newest == keys[-len(newest) :] and 0 < len(newest) < 20
+
     def test_trusted_headers_only_when_configured(
         self, sims: dict[str, str], proxy_factory: Any
     ) -> None:

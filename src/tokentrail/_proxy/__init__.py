@@ -55,6 +55,8 @@ log = logging.getLogger("tokentrail.proxy")
 #: A restarted proxy links retries to first attempts recorded this many UTC days back (today
 #: included).
 RETRY_DAYS = 2
+#: ... and from at most this many bytes of its newest segments.
+RETRY_SCAN_BYTES = 256 << 20
 #: How long a starting proxy waits for S3 to answer its bucket check before serving anyway.
 S3_STARTUP_CHECK_S = 15.0
 
@@ -240,12 +242,20 @@ class Proxy:
         await self.close()
 
 
-def keyed_records(root: Path, log_id: str, days: int) -> Iterator[dict[str, Any]]:
-    """The records of the last ``days`` UTC days of a log that carry an Idempotency-Key."""
+def keyed_records(
+    root: Path, log_id: str, days: int, budget: int = RETRY_SCAN_BYTES
+) -> Iterator[dict[str, Any]]:
+    """The records of the last ``days`` UTC days of a log that carry an Idempotency-Key, from
+    at most its newest ``budget`` bytes of segments (a start-up never reads a busy log whole)."""
     since = (datetime.now(UTC) - timedelta(days=days - 1)).strftime("%Y-%m-%d")
-    for seg in list_log(root, log_id).segments:
-        if seg.date < since:
-            continue
+    recent = []
+    for seg in reversed(list_log(root, log_id).segments):
+        if seg.date < since or budget <= 0:
+            break
+        recent.append(seg)
+        with contextlib.suppress(OSError):
+            budget -= seg.path.stat().st_size
+    for seg in reversed(recent):
         for _, line, complete in iter_lines(seg.path):
             if not complete:
                 break
