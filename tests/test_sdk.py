@@ -16,12 +16,13 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -993,6 +994,32 @@ class TestLazyCalls:
         assert strict["output_text"] or case == "whole body"
 
 
+@contextmanager
+def sim_process(mode: str) -> Iterator[str]:
+    """``tokentrail sim`` in a process of its own (its CPU off this process's GIL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    args = ["-m", "tokentrail", "sim", "--mode", mode, "--listen", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/api/version", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, "the simulator exited"
+                assert time.monotonic() < deadline, "the simulator did not start"
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 class TestConcurrency:
     """Many threads through one wrapped client."""
 
@@ -1000,7 +1027,7 @@ class TestConcurrency:
         """16 threads x N calls leave exactly 16 x N records and a valid chain."""
         per_thread = int(os.environ.get("TOKENTRAIL_SDK_THREAD_CALLS", "1000"))
         with (
-            sim_in_thread(SimConfig(mode="ollama")) as url,
+            sim_process("ollama") as url,
             Recorder.open(root, key=signer, log_id="sdk", durability="strict") as rec,
         ):
             wrapped = audit(ollama.Client(host=url), ledger=rec, session_id="load")
