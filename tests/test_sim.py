@@ -49,6 +49,16 @@ def _exotic_seed(prompt_text: str) -> int:
     raise AssertionError("no seed gives a byte-fallback token")
 
 
+def _cut_inside_a_character(prompt_text: str) -> tuple[int, int]:
+    """A seed and a token limit that cut the answer to *prompt_text* inside a character."""
+    for seed in range(500):
+        ids = generate(TOK, model=MODEL, prompt_text=prompt_text, seed=seed).output_ids
+        for limit in range(2, len(ids)):
+            if TOK.decode(list(ids[:limit])).endswith("\ufffd"):
+                return seed, limit
+    raise AssertionError("no seed cuts an answer inside a character")
+
+
 GEN_SEED = _exotic_seed(render_prompt(PROMPT))
 CHAT: Any = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
 CHAT_SEED = _exotic_seed(render_chat(CHAT))
@@ -164,6 +174,30 @@ class TestOllama:
         assert (len(gen.prompt_ids), len(gen.output_ids)) == (r.prompt_eval_count, r.eval_count)
         assert all(v and v > 0 for v in (r.total_duration, r.load_duration, r.eval_duration))
         assert r.logprobs is None
+
+    @pytest.mark.parametrize("sim", ["ollama-0.4", "ollama"], indirect=True)
+    @pytest.mark.parametrize("stream", [False, True])
+    async def test_cut_inside_a_character(self, sim: str, stream: bool) -> None:
+        """An answer cut by num_predict inside a multi-byte character ends before it, as
+        Ollama's runner sends it (ollama/ollama#7303, in 0.4.0): no U+FFFD, the held-back
+        tokens still counted in eval_count, and a context of prompt + the text sent."""
+        seed, limit = _cut_inside_a_character(render_prompt(PROMPT))
+        client = ollama.AsyncClient(host=sim)
+        opts = {"seed": seed, "num_predict": limit}
+        if stream:
+            chunks = [
+                c async for c in await client.generate(MODEL, PROMPT, stream=True, options=opts)
+            ]
+            text, r = "".join(c.response or "" for c in chunks), chunks[-1]
+        else:
+            r = await client.generate(MODEL, PROMPT, options=opts)
+            text = r.response or ""
+        full = generate(TOK, model=MODEL, prompt_text=render_prompt(PROMPT), seed=seed)
+        whole = TOK.decode(list(full.output_ids[:limit]))
+        assert whole.endswith("\ufffd") and "\ufffd" not in text
+        assert whole.rstrip("\ufffd") == text
+        assert (limit, "length") == (r.eval_count, r.done_reason)
+        assert render_prompt(PROMPT) + text == TOK.decode(r.context or [])
 
     @pytest.mark.parametrize("sim", ["ollama"], indirect=True)
     async def test_large_body(self, sim: str) -> None:

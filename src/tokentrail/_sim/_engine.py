@@ -204,8 +204,14 @@ def generate(
     max_tokens: int | None = None,
     stop: Sequence[str] = (),
     top_logprobs: int = 0,
+    drop_partial: bool = False,
 ) -> Generation:
-    """The simulated model's answer to *prompt_text* (already templated)."""
+    """The simulated model's answer to *prompt_text* (already templated).
+
+    ``drop_partial``: an answer cut inside a multi-byte character ends without it, as Ollama's
+    runner sends it (see :meth:`SimTokenizer.split_utf8`); ``output_ids`` still counts every
+    token the model produced.
+    """
     digest = _digest(model, prompt_text, seed)
     rng = _Stream(digest)
     length = MIN_TOKENS + rng.next(MAX_TOKENS - MIN_TOKENS + 1)
@@ -221,7 +227,7 @@ def generate(
     choices = _choices(_Stream(digest + b"logprobs"), tok, ids, max(1, top_logprobs))
     steps = []
     position = 0
-    for text, group in tok.split_utf8(ids):
+    for text, group in tok.split_utf8(ids, drop_partial=drop_partial):
         steps.append(Step(text, tuple(choices[position : position + len(group)])))
         position += len(group)
     return Generation(

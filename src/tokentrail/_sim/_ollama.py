@@ -334,6 +334,7 @@ class OllamaDialect:
             max_tokens=limit,
             stop=stops,
             top_logprobs=top_n,
+            drop_partial=True,  # Ollama never sends an incomplete character
         )
 
         def chunk(step_text: str, done: bool) -> dict[str, Any]:

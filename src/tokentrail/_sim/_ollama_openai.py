@@ -92,6 +92,7 @@ class OllamaOpenAI:
             max_tokens=limit if counted else None,
             stop=[stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)],
             top_logprobs=top_logprobs,
+            drop_partial=True,  # Ollama never sends an incomplete character
         )
 
     @staticmethod

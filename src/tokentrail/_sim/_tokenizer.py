@@ -177,12 +177,17 @@ class SimTokenizer:
             return data[: _valid_prefix_len(data)].decode("utf-8", errors="replace")
         return data.decode("utf-8", errors="replace")
 
-    def split_utf8(self, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+    def split_utf8(
+        self, ids: Sequence[int], *, drop_partial: bool = False
+    ) -> list[tuple[str, list[int]]]:
         """Group *ids* into ``(text, ids)`` steps whose text is complete UTF-8.
 
         Servers hold back a token that ends inside a multi-byte character until the character
         is complete, so one streamed chunk may carry several tokens. A sequence that ends on an
-        incomplete character flushes it as U+FFFD in the last step.
+        incomplete character flushes it as U+FFFD in the last step; with ``drop_partial`` (what
+        Ollama's runner does since 0.4.0, ``flushPending``: "we should never send back an
+        invalid sequence") the incomplete bytes are dropped, and with them the held-back
+        tokens' step, which is then never sent.
         """
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         steps: list[tuple[str, list[int]]] = []
@@ -193,11 +198,10 @@ class SimTokenizer:
             if text:
                 steps.append((text, pending))
                 pending = []
-        tail = decoder.decode(b"", final=True)
-        if pending or tail:
-            if pending:
-                steps.append((tail, pending))
-            else:
-                text, last = steps[-1]
-                steps[-1] = (text + tail, last)
+        tail = "" if drop_partial else decoder.decode(b"", final=True)
+        if pending and (tail or not drop_partial):
+            steps.append((tail, pending))
+        elif tail:
+            text, last = steps[-1]
+            steps[-1] = (text + tail, last)
         return steps
