@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tokentrail._checkpoint import Checkpoint, Signer, Verifier, open_note, split_note
-from tokentrail._errors import TokentrailError, VerificationError
+from tokentrail._errors import KeyError_, TokentrailError, VerificationError
 from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._merkle import (
     consistency_proof,
@@ -321,6 +321,24 @@ class TestParsers:
         root = base64.b64encode(bytes(32)).decode()
         with pytest.raises(VerificationError):
             Checkpoint.from_text(f"origin\n{size}\n{root}\n".encode())
+
+    @pytest.mark.parametrize("name", ["ctl\x01name", "tab\tname", "nul\x00", "esc\x1b[0m"])
+    def test_key_name_control_characters(self, name: str) -> None:
+        """A key name with a control character is refused, to sign and to verify with: a C2SP
+        signed note holds none but newline, and the name is written into every note."""
+        with pytest.raises(KeyError_, match="control characters"):
+            Signer.generate(name)
+        text = VERIFIER.to_text().replace(SIGNER.name, name, 1)
+        with pytest.raises(KeyError_, match="control characters"):
+            Verifier.from_text(text)
+
+    @pytest.mark.parametrize("bad", [b"\x01", b"\r", b"\x7f\x1f", b"\xff"])
+    def test_note_with_control_character_or_invalid_utf8(self, bad: bytes) -> None:
+        """A note holding a control character other than newline, or bytes that are not UTF-8,
+        is not a signed note (C2SP signed-note), wherever in the note it is."""
+        for note in (bad + GOOD_NOTE, GOOD_NOTE.replace(b"\n\n", b"\n" + bad + b"\n\n", 1)):
+            with pytest.raises(VerificationError, match=r"control character|UTF-8"):
+                split_note(note)
 
     def test_note_signature_base64_is_canonical(self) -> None:
         """A signature line whose base64 has non-zero padding bits is malformed."""

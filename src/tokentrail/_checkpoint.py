@@ -36,6 +36,8 @@ from ._errors import KeyError_, VerificationError
 ALG_ED25519 = 0x01
 EM_DASH = "\u2014"
 _NAME_RE = re.compile(r"[^\s+]+")
+#: What a C2SP signed note must not contain: ASCII control characters other than newline.
+_CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f]")
 MAX_KEY_NAME = 128
 _MAX_SIZE_DIGITS = 20
 _SIZE_RE = re.compile(r"0|[1-9][0-9]*")  # ASCII decimal, no leading zero
@@ -58,9 +60,15 @@ def key_id(name: str, public_key: bytes) -> bytes:
 
 
 def check_key_name(name: str) -> str:
-    """Return ``name`` if it can name a signed-note key, else raise :class:`KeyError_`."""
-    if not name or not _NAME_RE.fullmatch(name) or "/" in name:
-        raise KeyError_(f"key name {name!r} must be non-empty without spaces, '+' or '/'")
+    """Return ``name`` if it can name a signed-note key, else raise :class:`KeyError_`.
+
+    The name is written into every note it signs, and a C2SP signed note holds no control
+    character but newline, so a name with one would make notes no conforming reader opens.
+    """
+    if not name or not _NAME_RE.fullmatch(name) or "/" in name or _CONTROL_RE.search(name):
+        raise KeyError_(
+            f"key name {name!r} must be non-empty without spaces, control characters, '+' or '/'"
+        )
     return name
 
 
@@ -277,6 +285,12 @@ def split_note(note: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
     cut = note.rfind(b"\n\n")
     if cut < 0 or not note.endswith(b"\n"):
         raise VerificationError("not a signed note (no blank line before signatures)")
+    try:
+        decoded = note.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VerificationError("signed note is not valid UTF-8") from None
+    if _CONTROL_RE.search(decoded):
+        raise VerificationError("signed note holds a control character other than newline")
     text, sig_block = note[: cut + 1], note[cut + 2 :]
     sigs: list[tuple[str, bytes]] = []
     prefix = f"{EM_DASH} ".encode()
