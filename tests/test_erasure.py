@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -93,6 +94,19 @@ class TestSealer:
         record["sealed_content"]["ciphertext"] = ("A" if blob[0] != "A" else "B") + blob[1:]
         with pytest.raises(VerificationError):
             open_record(record, keys)
+
+    def test_user_id_not_utf8_is_sealed_as_stored(self, tmp_path: Path) -> None:
+        """A user id holding lone surrogates (bytes that were not UTF-8) is stored with U+FFFD,
+        and sealed under that stored name's key (it raised UnicodeEncodeError: no record);
+        forget of the stored name erases it."""
+        keys = FileKeyStore(tmp_path / "keys")
+        exchange = replace(self.exchange(), user_id="al\udcffice", input_text="my secret \ud800")
+        record = orjson.loads(Sealer(keys)(exchange).content_bytes())
+        assert ("al\ufffdice", True) == (record["user_id"], record["content_sealed"])
+        opened = open_record(record, keys).content
+        assert opened is not None and "my secret \ufffd" == opened["input_text"]
+        forget(keys, "al\ufffdice")
+        assert open_record(record, keys).content is None
 
     def test_forget_erases_and_refuses_new_content(self, tmp_path: Path) -> None:
         """After forget the content is gone, and new content for that subject is refused."""

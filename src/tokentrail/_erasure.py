@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import ConfigError, StoreError, SubjectForgottenError, VerificationError
 from ._layout import fsync_dir, iter_lines, list_log, list_logs
-from ._record import Exchange, now_rfc3339, tokens_json
+from ._record import Exchange, clean_text, now_rfc3339, tokens_json
 
 ANONYMOUS = "_anonymous"
 ALGORITHM = "AES-256-GCM"
@@ -54,8 +54,8 @@ def _derive(subject_key: bytes, purpose: bytes) -> bytes:
 
 
 def subject_of(user_id: str | None) -> str:
-    """The data subject a record belongs to."""
-    return user_id if user_id else ANONYMOUS
+    """The data subject a record belongs to: its ``user_id`` as the record stores it."""
+    return clean_text(user_id) if user_id else ANONYMOUS
 
 
 def key_id(subject: str) -> str:
@@ -167,6 +167,12 @@ class Sealer:
         """The exchange with its content encrypted and its hashes keyed."""
         if exchange.extra.get("content_sealed"):
             return exchange
+        try:
+            return self._seal(exchange)
+        except (TypeError, UnicodeEncodeError):  # a lone surrogate, say: sealed as stored
+            return self._seal(exchange.scrubbed())
+
+    def _seal(self, exchange: Exchange) -> Exchange:
         subject = subject_of(exchange.user_id)
         key = self.keys.key_for(subject)
         mac_key = _derive(key, b"content hash v1")

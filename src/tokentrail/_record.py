@@ -318,6 +318,28 @@ class Exchange:
         keyed = {k: fields.get(k) for k in derived} if fields.get("content_sealed") else None
         return cls(**{k: v for k, v in fields.items() if k in known}, extra=extra, hashes=keyed)
 
+    def scrubbed(self) -> Exchange:
+        """This exchange as a record stores it: every string I-JSON (see :func:`clean_text`),
+        integers beyond 64 bits as strings."""
+        return replace(
+            self,
+            **{
+                name: _scrub(getattr(self, name))
+                for name in (
+                    "model",
+                    "stop_reason",
+                    "input_tokens",
+                    "output_tokens",
+                    "input_text",
+                    "output_text",
+                    "user_id",
+                    "session_id",
+                    "model_version",
+                    "extra",
+                )
+            },
+        )
+
     def content_bytes(self) -> bytes:
         """The content fields as compact JSON (an object), encoding each token list once."""
         try:
@@ -329,22 +351,7 @@ class Exchange:
         # A lone surrogate (a client's "\\ud800" escape) cannot be UTF-8, and I-JSON holds no
         # noncharacter (U+FFFF, ...): store U+FFFD instead, and hash what is stored, so the
         # record stays self-consistent.
-        scrubbed = replace(
-            self,
-            **{
-                name: _scrub(getattr(self, name))
-                for name in (
-                    "model",
-                    "stop_reason",
-                    "input_tokens",
-                    "output_tokens",
-                    "user_id",
-                    "session_id",
-                    "model_version",
-                    "extra",
-                )
-            },
-        )
+        scrubbed = self.scrubbed()
         try:
             return orjson.dumps(scrubbed._fields(fragments=True))
         except TypeError:

@@ -52,6 +52,10 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = value.strip()
     if len(value) > _MAX_HEADER_VALUE:  # cut, it would name someone else: refused instead
         raise ConfigError(f"{name} is longer than {_MAX_HEADER_VALUE} characters")
+    try:
+        value.encode("utf-8")  # the server decodes bytes that are not UTF-8 as surrogates
+    except UnicodeEncodeError:  # stored as U+FFFD, they too would name someone else
+        raise ConfigError(f"{name} is not valid UTF-8") from None
     return value or None
 
 
