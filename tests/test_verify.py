@@ -504,6 +504,23 @@ class TestDateFolders:
         assert about == (([], named) if shift > timedelta(0) else (named, [])), describe(report)
         assert report.ok == (shift > timedelta(0))
 
+    @pytest.mark.parametrize(("ahead_s", "ok"), [(180, True), (301, False), (43_200, False)])
+    def test_request_after_the_folder_day(
+        self, ahead_s: int, ok: bool, ledger_root: Path, signer: Signer, state_dir: Path
+    ) -> None:
+        """A segment in a folder dated before its first record's request arrived is a finding,
+        with no slack but the 5 minutes a timestamp the SDK took from a caller may run ahead of
+        the writer's clock: a day before (a segment moved back one folder) is a finding."""
+        appended = datetime(2026, 3, 9, 23, 59, 0, tzinfo=UTC)
+        stamp = rfc3339(appended + timedelta(seconds=60 + ahead_s))
+        config = LedgerConfig(ledger_root, LOG_ID, signer, clock=appended.timestamp)
+        with Ledger.open(config) as ledger:
+            ledger.append(Exchange(model="m", api="sdk", stop_reason="stop", timestamp=stamp))
+        assert ["2026-03-09"] == [p.parent.name for p in segment_files(ledger_root)]
+        report = run_verify(ledger_root, signer, state_dir)
+        dated = [f for f in report.findings if "date folder 2026-03-09" in f.message]
+        assert (ok, not ok) == (report.ok, bool(dated)), describe(report)
+
     def test_requests_from_earlier_days_are_fine(
         self, ledger_root: Path, signer: Signer, state_dir: Path
     ) -> None:

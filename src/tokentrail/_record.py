@@ -38,6 +38,9 @@ APIS = frozenset({"ollama.generate", "ollama.chat", "openai.chat", "openai.compl
 TOKEN_SOURCES = frozenset({"upstream-ids", "upstream-pieces", "upstream-context", "none"})
 #: SPEC section 2's timestamp: RFC 3339 UTC, microseconds, ``Z`` (match with ``fullmatch``).
 TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+#: How far ahead of the writer's clock a record's timestamp may be: the SDK takes a caller's
+#: timestamp (another host's clock) up to this far in the future, and no further.
+MAX_AHEAD_S = 300.0
 _EVENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TOOL_STOP_REASONS = frozenset({"client_disconnect", "upstream_error", "interrupted"})
 

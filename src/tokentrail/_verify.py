@@ -44,6 +44,7 @@ from ._layout import (
 )
 from ._merkle import CompactRange, leaf_hash
 from ._record import (
+    MAX_AHEAD_S,
     REQUIRED_FIELDS,
     SCHEMA,
     TIMESTAMP_RE,
@@ -753,7 +754,8 @@ class _LogVerifier:
     def _check_day(self, seg: SegmentRef, first: dict[str, Any], at: dict[str, Any]) -> None:
         """A segment's date folder is the UTC day its first record was appended (SPEC section
         3): not before the day that record's request arrived (a record is appended after its
-        request; a finding), and not after today (a warning), each with a day's slack."""
+        request; a finding, with the slack of a timestamp the SDK took from a caller's clock
+        ahead of the writer's), and not after today (a warning, with a day's slack)."""
         try:
             day = date.fromisoformat(seg.date)
         except ValueError:
@@ -769,12 +771,14 @@ class _LogVerifier:
                 **at,
             )
         arrived = parse_rfc3339(first.get("timestamp"))
-        if arrived is not None and (arrived.astimezone(UTC).date() - day).days > 1:
-            self.finding(
-                f"segment is in date folder {seg.date}, before its first record's request"
-                f" arrived ({rfc3339(arrived)})",
-                **at,
-            )
+        if arrived is not None and arrived.astimezone(UTC).date() > day:
+            day_end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+            if (arrived - day_end).total_seconds() > MAX_AHEAD_S:
+                self.finding(
+                    f"segment is in date folder {seg.date}, before its first record's request"
+                    f" arrived ({rfc3339(arrived)})",
+                    **at,
+                )
 
     def _check_pair(self, seg: SegmentRef) -> None:
         if seg.plain is None or seg.packed is None:

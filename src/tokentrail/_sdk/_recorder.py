@@ -41,6 +41,7 @@ from .._errors import ConfigError, LogBusyError, StoreError
 from .._ledger import AsyncLedger, Durability, Ledger, LedgerConfig, LedgerWriter
 from .._paths import DEFAULT_LEDGER, default_signing_key
 from .._record import (
+    MAX_AHEAD_S,
     Exchange,
     Record,
     TokenList,
@@ -113,8 +114,6 @@ _ID_SOURCES = frozenset({"upstream-ids", "upstream-context"})
 _PIECE_SOURCE = "upstream-pieces"
 #: Largest token id stored: every JSON reader holds it exactly (I-JSON, RFC 7493 section 2.2).
 MAX_TOKEN_ID = (1 << 53) - 1
-#: How far ahead of this host's clock a caller's timestamp may be (clock skew between hosts).
-FUTURE_SKEW_S = 300.0
 #: Extra fields a caller may not set: tokentrail's own marker of sealed content (SPEC section 7),
 #: and the names secrets go by (SPEC section 2: secrets never enter a record).
 _RESERVED_EXTRA = frozenset({"content_sealed"})
@@ -203,7 +202,7 @@ def _not_future(stamp: str, epoch: float) -> str:
     """``stamp``, unless it is later than now (beyond clock skew): a request cannot arrive in
     the future, and ``verify`` treats an unsealed record from the future as forged."""
     ahead = epoch - time.time()
-    if ahead > FUTURE_SKEW_S:
+    if ahead > MAX_AHEAD_S:
         raise ConfigError(f"timestamp {stamp} is {ahead:.0f}s in the future")
     return stamp
 
