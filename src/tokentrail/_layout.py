@@ -171,15 +171,31 @@ def read_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
     if path.name.endswith(".zst"):
-        try:
-            # Every frame, as iter_lines reads them (a decompressobj stops after the first).
-            reader = zstandard.ZstdDecompressor().stream_reader(
-                io.BytesIO(data), read_across_frames=True
-            )
-            return bytes(reader.read())
-        except zstandard.ZstdError as exc:
-            raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
+        return b"".join(_unzstd(io.BytesIO(data), path))
     return data
+
+
+def _unzstd(fh: Any, path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of every zstd frame in ``fh``, in pieces; :class:`StoreError` when
+    the data is not zstd or ends inside a frame (a file cut short, which zstandard's stream
+    reader takes silently, giving nothing of that frame)."""
+    dctx = zstandard.ZstdDecompressor()
+    frame = dctx.decompressobj()
+    inside = False  # the current frame has had input and has not ended
+    try:
+        while data := fh.read(_READ_CHUNK):
+            while data:
+                inside = True
+                out = frame.decompress(data)
+                if out:
+                    yield out
+                if not frame.eof:
+                    break
+                data, frame, inside = frame.unused_data, dctx.decompressobj(), False
+    except zstandard.ZstdError as exc:
+        raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
+    if inside:
+        raise StoreError(f"{path} ends inside a zstd frame: the file was cut short")
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
@@ -193,41 +209,37 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
     with fh:
-        reader: Any = fh
+        chunks: Iterator[bytes]
         if path.name.endswith(".zst"):
-            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+            chunks = _unzstd(fh, path)
+        else:
+            chunks = iter(lambda: fh.read(_READ_CHUNK), b"")
         offset = 0  # where the line being read starts
         pending: list[bytes] = []  # its pieces so far, joined once (never copied per chunk)
         pending_len = 0
-        try:
-            while True:
-                chunk = reader.read(_READ_CHUNK)
-                if not chunk:
-                    break
-                start = 0
-                nl = chunk.find(b"\n")
-                if nl >= 0 and pending:
-                    line = b"".join(pending) + chunk[:nl]
-                    yield offset, line, True
-                    offset += len(line) + 1
-                    pending, pending_len = [], 0
-                    start = nl + 1
-                    nl = chunk.find(b"\n", start)
-                while nl >= 0:
-                    yield offset, chunk[start:nl], True
-                    offset += nl - start + 1
-                    start = nl + 1
-                    nl = chunk.find(b"\n", start)
-                if start < len(chunk):
-                    pending.append(chunk[start:])
-                    pending_len += len(chunk) - start
-                    if pending_len > MAX_LINE_BYTES:
-                        raise StoreError(
-                            f"{path}: the line at byte {offset} runs past"
-                            f" {MAX_LINE_BYTES >> 20} MiB without an end: not a record"
-                        )
-        except zstandard.ZstdError as exc:
-            raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
+        for chunk in chunks:
+            start = 0
+            nl = chunk.find(b"\n")
+            if nl >= 0 and pending:
+                line = b"".join(pending) + chunk[:nl]
+                yield offset, line, True
+                offset += len(line) + 1
+                pending, pending_len = [], 0
+                start = nl + 1
+                nl = chunk.find(b"\n", start)
+            while nl >= 0:
+                yield offset, chunk[start:nl], True
+                offset += nl - start + 1
+                start = nl + 1
+                nl = chunk.find(b"\n", start)
+            if start < len(chunk):
+                pending.append(chunk[start:])
+                pending_len += len(chunk) - start
+                if pending_len > MAX_LINE_BYTES:
+                    raise StoreError(
+                        f"{path}: the line at byte {offset} runs past"
+                        f" {MAX_LINE_BYTES >> 20} MiB without an end: not a record"
+                    )
         if pending:
             yield offset, b"".join(pending), False
 

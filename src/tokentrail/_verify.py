@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import zip_longest
@@ -481,6 +481,15 @@ def check_record(obj: Any, log_id: str) -> list[str]:
 # ---------------------------------------------------------------------- one log
 
 
+def _read_lines(path: Path, failed: list[StoreError]) -> Iterator[tuple[int, bytes, bool]]:
+    """:func:`iter_lines`, ending at an error reading the file (a zstd file cut short, say),
+    which goes in ``failed`` for the caller to name the file."""
+    try:
+        yield from iter_lines(path)
+    except StoreError as exc:
+        failed.append(exc)
+
+
 def _event_id_of(line: bytes) -> str | None:
     """The ``event_id`` of a record line, if it parses and has one."""
     try:
@@ -633,7 +642,8 @@ class _LogVerifier:
             where = str(seg.path)
             self._check_pair(seg)
             first_line = True
-            for offset, line, complete in iter_lines(seg.path):
+            failed: list[StoreError] = []
+            for offset, line, complete in _read_lines(seg.path, failed):
                 if not complete:
                     self._torn(seg, offset, expected, is_last=next_first is None)
                     break
@@ -744,6 +754,11 @@ class _LogVerifier:
                     stamp,
                     store_key(self.root, self.options),
                 )
+            for exc in failed:  # what follows in this segment is lost: the next reads break
+                self.finding(
+                    f"segment cannot be read to its end: {exc}", seq=expected, location=where
+                )
+                broken = True
         if expected == start and below < start:
             # Nothing at or after the remembered size, and the records below it stop short: the
             # log was truncated (or its last segments, or all of them, deleted) since the last
@@ -785,8 +800,12 @@ class _LogVerifier:
             return
         # Line by line, in step: the first line that differs names the record.
         seq = seg.first_seq
-        pairs = zip_longest(iter_lines(seg.plain), iter_lines(seg.packed))
+        bad_plain: list[StoreError] = []
+        bad_packed: list[StoreError] = []
+        pairs = zip_longest(_read_lines(seg.plain, bad_plain), _read_lines(seg.packed, bad_packed))
         for plain, packed in pairs:
+            if bad_plain or bad_packed:  # named below, or by the read of the segment itself
+                break
             if plain is not None and packed is not None and plain[1:] == packed[1:]:
                 seq += 1
                 continue
@@ -799,6 +818,11 @@ class _LogVerifier:
                 location=str(seg.packed),
             )
             return
+        for path, bad in ((seg.plain, bad_plain), (seg.packed, bad_packed)):
+            if bad and path != seg.path:
+                self.finding(
+                    f"segment cannot be read to its end: {bad[0]}", seq=seq, location=str(path)
+                )
 
     def _torn(self, seg: SegmentRef, offset: int, seq: int, is_last: bool) -> None:
         where = str(seg.path)
@@ -907,7 +931,7 @@ class _LogVerifier:
             )
             if nxt is not None and nxt <= seq:
                 continue
-            for _, line, complete in iter_lines(seg.path):
+            for _, line, complete in _read_lines(seg.path, []):  # the stream names errors
                 if not complete:
                     break
                 try:
