@@ -34,7 +34,13 @@ import pytest
 import zstandard
 
 from tokentrail._checkpoint import Signer
-from tokentrail._errors import ConfigError, DamagedLogError, KeyError_, StoreError
+from tokentrail._errors import (
+    ConfigError,
+    DamagedLogError,
+    KeyChangedError,
+    KeyError_,
+    StoreError,
+)
 from tokentrail._ledger import (
     ASYNC_SYNC_S,
     AsyncLedger,
@@ -1003,8 +1009,9 @@ class TestRestart:
         """A writer opening, under a new key, a log that another key signed is told so (a
         key change), not only that the checkpoint cannot be read."""
         write_records(5)
-        with pytest.raises(DamagedLogError, match="not signed by this writer's key 'rotated'"):
+        with pytest.raises(KeyChangedError, match="not signed by this writer's key 'rotated'") as e:
             Ledger.open(LedgerConfig(ledger_root, LOG_ID, Signer.generate("rotated")))
+        assert "damage" not in str(e.value)  # no damage to look for: a key change
 
     def test_continues_seq_and_chain(
         self, write_records: Callable[..., list[Record]], ledger_root: Path, signer: Signer

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import (
     ConfigError,
     DamagedLogError,
+    KeyChangedError,
     KeyError_,
     LogBusyError,
     StoreError,
@@ -77,6 +78,7 @@ __all__ = [
     "Exchange",
     "ExchangeScope",
     "HFTokenizer",
+    "KeyChangedError",
     "KeyError_",
     "Ledger",
     "LedgerConfig",

@@ -5,6 +5,7 @@
     ├── KeyError_            a signing or verifier key that cannot be used
     ├── StoreError           a ledger store that cannot be read or written
     │   ├── DamagedLogError  a log whose stored tail cannot be continued
+    │   │   └── KeyChangedError  a log another key signed (a new key takes a new log id)
     │   └── LogBusyError     a log another live writer holds
     └── VerificationError    a stored value that fails an integrity check
 
@@ -37,6 +38,10 @@ class LogBusyError(StoreError):
 
 class DamagedLogError(StoreError):
     """A log whose stored tail is damaged, so a writer refuses to continue it."""
+
+
+class KeyChangedError(DamagedLogError):
+    """A log whose checkpoints another key signed: a writer with a new key takes a new log id."""
 
 
 class SubjectForgottenError(StoreError):

@@ -45,6 +45,7 @@ from ._checkpoint import Checkpoint, Signer, open_note
 from ._errors import (
     ConfigError,
     DamagedLogError,
+    KeyChangedError,
     LogBusyError,
     StoreError,
     SubjectForgottenError,
@@ -269,6 +270,9 @@ class LedgerWriter:
                 (writer._dir / OPEN_SEGMENT_FILE).unlink()
             if writer._tree.size > writer._signed_size:
                 writer._seal()
+        except KeyChangedError:  # no damage to see: the message says what to do
+            writer._unlock()
+            raise
         except DamagedLogError as exc:
             writer._unlock()
             raise DamagedLogError(
@@ -1096,7 +1100,7 @@ class LedgerWriter:
         except (OSError, VerificationError) as exc:
             if "no signature by a trusted key" in str(exc):
                 # Signed, only not by this writer's key: a key changed under a live log id.
-                raise DamagedLogError(
+                raise KeyChangedError(
                     f"{cp_path}: the log's checkpoints are not signed by this writer's key"
                     f" {self.config.signer.name!r} ({exc}): a log goes on under the key that"
                     " began it; with a new key, write to a new log id (the verifier takes both"
