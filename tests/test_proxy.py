@@ -431,6 +431,41 @@ class TestTransparency:
             client.responses.create(model=MODEL, input="hello")
 
 
+class TestUnauditedNamed:
+    def test_unaudited_traffic_is_named_once(
+        self, recording_upstream: tuple[str, Seen], proxy_factory: Any
+    ) -> None:
+        """Without --refuse-unaudited, what passes unrecorded and is not a read is named in the
+        log once per method and path (an operator learns of /v1/responses traffic from the
+        log, not from an audit); reads and audited paths are not."""
+        upstream, _ = recording_upstream
+        proxy = proxy_factory(upstream)
+        calls = [("POST", "/v1/responses")] * 3 + [
+            ("POST", "/api/embed"),
+            ("GET", "/api/tags"),
+            ("POST", "/api/show"),
+            ("POST", "/api/generate"),
+        ]
+        with httpx.Client(timeout=30) as client:
+            for method, path in calls:
+                body = None if method == "GET" else {"model": MODEL, "prompt": "x"}
+                assert 200 == client.request(method, proxy.url + path, json=body).status_code
+
+        def named() -> list[str]:
+            return [
+                what
+                for line in list(proxy.stderr)
+                for what in ("POST /v1/responses", "POST /api/embed", "/api/tags", "/api/show",
+                             "POST /api/generate")
+                if f"{what} passes through unaudited" in line
+            ]  # fmt: skip
+
+        deadline = time.monotonic() + 10
+        while len(named()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ["POST /v1/responses", "POST /api/embed"] == named()
+
+
 def raw_request(url: str, request: bytes) -> bytes:
     """Send one HTTP/1.1 request as these exact bytes; the response's bytes."""
     host, port = url.removeprefix("http://").rsplit(":", 1)

@@ -392,6 +392,7 @@ class ProxyApp:
             config.api_keys, trust_headers=config.trust_identity_headers
         )
         self.retries = RetryIndex()
+        self.unaudited_seen: set[str] = set()  # "METHOD /path" already warned about
         self.digests = ModelDigests(session, config.upstream, config.tags_ttl_s)
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.upstream_timeout
@@ -431,7 +432,9 @@ class ProxyApp:
                 code="invalid_api_key",
             )
         if api is None:
-            if self.config.refuse_unaudited and not reaches_no_model(request, canonical):
+            if reaches_no_model(request, canonical):
+                return await self.passthrough(request)
+            if self.config.refuse_unaudited:
                 self.metrics.refused_unaudited.inc()
                 return error_response(
                     dialect_of(request.path),
@@ -440,8 +443,22 @@ class ProxyApp:
                     " and it refuses what it does not audit (--refuse-unaudited)",
                     kind="permission_error",
                 )
+            self._warn_unaudited(f"{request.method} {canonical}")
             return await self.passthrough(request)
         return await self.audited(request, api, ident.user_id, ident.session_id)
+
+    def _warn_unaudited(self, what: str) -> None:
+        """Say once per method and path (for the first 64) that traffic that may carry content
+        to a model passes unaudited, so an operator learns of it from the log, not an audit."""
+        if what in self.unaudited_seen or len(self.unaudited_seen) >= 64:
+            return
+        self.unaudited_seen.add(what)
+        log.warning(
+            "%s passes through unaudited: tokentrail records POST %s; --refuse-unaudited"
+            " refuses anything else that is not a read",
+            what,
+            ", ".join(sorted(PATHS)),
+        )
 
     # -- pass-through -------------------------------------------------------------------------
 
