@@ -789,10 +789,15 @@ class TestHelpers:
             ({"id": 7, "token": "x"}, (7, "x")),
             ({"token": "bytes:\\xe2"}, (None, [0xE2])),
             ({"logprob": 0.0}, (None, None)),
+            ({"token": "", "bytes": None, "logprob": -1.0}, (None, None)),
+            ({"token": "", "logprob": -1.0}, (None, None)),
+            ({"id": 9, "token": ""}, (9, None)),
+            ({"token": "", "bytes": []}, (None, "")),
         ],
     )
     def test_entry_token(self, entry: dict[str, Any], expected: tuple[Any, Any]) -> None:
-        """Bytes win over token text; ids are read from ``id`` and ``token_id:N``."""
+        """Bytes win over token text; ids are read from ``id`` and ``token_id:N``; a "" token
+        without bytes is an unknown piece (llama-cpp-python sends a lone byte's token so)."""
         assert expected == entry_token(entry)
 
     def test_render_messages(self) -> None:

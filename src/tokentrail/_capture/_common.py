@@ -183,8 +183,11 @@ def entry_token(entry: Mapping[str, Any]) -> tuple[int | None, Token | None]:
         isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in raw_bytes
     ):
         tok_piece = piece(bytes(raw_bytes))
-    elif isinstance(token, str):
+    elif isinstance(token, str) and token:
         tok_piece = legacy_piece(token)
+    # A "" token without bytes is a piece unknown, not one known to be empty: a server that
+    # decodes each token dropping what is not UTF-8 on its own (llama-cpp-python's
+    # errors="ignore") sends a lone byte's token so, and an empty token has bytes [].
     return tok_id, tok_piece
 
 
