@@ -750,6 +750,21 @@ class TestRequestTokenData:
         )
         assert "output_logprobs" not in rec
 
+    @pytest.mark.parametrize("mode", ["logprobs", "all"])
+    def test_chat_asks_for_one_top_logprob(self, mode: str) -> None:
+        """Chat asks for logprobs with top_logprobs 1: llama-cpp-python's server answers
+        logprobs alone with null (it takes top_logprobs as the count), and llama.cpp's sends no
+        token data for 0; a client's own logprobs or top_logprobs are left as they are."""
+        from tokentrail._proxy._tokendata import plan
+
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+        new, strip = plan("openai.chat", chat, mode)
+        assert new is not None and (True, 1) == (new["logprobs"], new["top_logprobs"])
+        assert b"logprobs" in strip.choice_null
+        for own in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 0}):
+            new, _ = plan("openai.chat", {**chat, **own}, mode)
+            assert new is None or own.items() <= new.items()
+
     def test_top_logprobs_alone_is_the_clients_question(
         self, sims: dict[str, str], proxy_factory: Any
     ) -> None:

@@ -4,7 +4,8 @@ With ``--request-token-data`` the proxy adds to an audited request what the clie
 for itself:
 
 - ``logprobs`` (``logprobs`` or ``all``): Ollama ``"logprobs": true`` (0.12.11+; older servers
-  ignore unknown fields), OpenAI chat ``"logprobs": true``, legacy completions ``"logprobs": 1``
+  ignore unknown fields), OpenAI chat ``"logprobs": true, "top_logprobs": 1``, legacy
+  completions ``"logprobs": 1``
   (not when the client sent ``top_logprobs`` without ``logprobs``: that request is its own);
 - ``ids`` (``ids`` or ``all``): vLLM's ``"return_token_ids": true`` (other servers may refuse an
   unknown parameter, which is why it is a separate choice).
@@ -74,7 +75,10 @@ def plan(api: str, body: Mapping[str, Any], mode: str) -> tuple[dict[str, Any] |
             new["logprobs"] = True
             top_remove.append(b"logprobs")
         elif api == "openai.chat":
-            new["logprobs"] = True
+            # top_logprobs too: llama-cpp-python's server answers logprobs: true alone with null
+            # (it reads top_logprobs as the count); 1, not 0, as llama.cpp's server sends no
+            # token data for 0 (its count, n_probs, defaults to 20 when top_logprobs is absent).
+            new["logprobs"], new["top_logprobs"] = True, 1
             choice_null.append(b"logprobs")
         elif "logprobs" not in body or body.get("logprobs") is None:
             new["logprobs"] = 1  # (llama.cpp reads 0 as "none")
