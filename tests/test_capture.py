@@ -687,6 +687,47 @@ class TestOpenAIChat:
 class TestOpenAICompletions:
     """``/v1/completions``."""
 
+    @pytest.mark.parametrize("dropped", [False, True], ids=["whole", "server-dropped-one"])
+    def test_echo_splits_prompt_tokens_off(self, dropped: bool) -> None:
+        """With ``echo: true`` the text and the logprobs tokens lead with the prompt's: split
+        at the usage counts (the prompt's become the input's), or, when the counts do not add
+        up (llama-cpp-python's server drops one), recorded as no token data."""
+        tokens = ["The", " quick", " brown", " fox"]
+        lps: list[float | None] = [None, -1.0, -2.0, -3.0]
+        if dropped:
+            tokens, lps = tokens[:-1], lps[:-1]
+        body = {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 1,
+            "model": "m",
+            "choices": [
+                {
+                    "text": "The quick brown fox",
+                    "index": 0,
+                    "logprobs": {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None,
+                                 "text_offset": list(range(len(tokens)))},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+        }  # fmt: skip
+        request = {"model": "m", "prompt": "The quick", "echo": True, "logprobs": 1}
+        ex = run(OpenAICapture(request, chat=False), [body])
+        assert "The quick brown fox" == ex.output_text
+        if dropped:
+            assert (None, "none", None, "none") == (
+                ex.input_tokens,
+                ex.input_token_source,
+                ex.output_tokens,
+                ex.output_token_source,
+            )
+            assert "tokentrail.echo_tokens_unsplit" in ex.extra
+        else:
+            assert (["The", " quick"], [" brown", " fox"]) == (ex.input_tokens, ex.output_tokens)
+            assert ("upstream-pieces",) * 2 == (ex.input_token_source, ex.output_token_source)
+            assert [-2.0, -3.0] == ex.extra["output_logprobs"]
+
     def test_reference_object(self) -> None:
         """The reference's text_completion object."""
         body = {

@@ -240,6 +240,19 @@ class OpenAICapture(Capture):
         input_source = SOURCE_NONE
         if self.prompt_ids.seen and self.prompt_ids.ids_ok:
             input_tokens, input_source = list(self.prompt_ids.ids), SOURCE_IDS
+        output_logprobs = list(first.logprobs.logprobs)
+        echo_unsplit = False
+        if not self.chat and self.request.get("echo") is True and output_tokens is not None:
+            # The prompt is echoed: its tokens lead the answer's, split at the usage counts.
+            usage = self.usage or {}
+            p, c = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+            if p is not None and c is not None and len(output_tokens) == p + c:
+                if input_tokens is None:
+                    input_tokens, input_source = output_tokens[:p], output_source
+                output_tokens = output_tokens[p:]
+                output_logprobs = output_logprobs[-c:] if c else []  # (the first is null)
+            else:
+                output_tokens, output_source, echo_unsplit = None, SOURCE_NONE, True
 
         extra = self.base_extra(meta)
         extra["gen_ai.operation.name"] = "chat" if self.chat else "text_completion"
@@ -260,9 +273,14 @@ class OpenAICapture(Capture):
         if any(r is not None for r in reasons):
             extra["gen_ai.response.finish_reasons"] = reasons
         if first.logprobs.logprobs and output_source != SOURCE_NONE:
-            extra["output_logprobs"] = list(first.logprobs.logprobs)
+            extra["output_logprobs"] = output_logprobs
         if shortfall:
             extra["tokentrail.output_tokens_missing"] = shortfall
+        if echo_unsplit:
+            extra["tokentrail.echo_tokens_unsplit"] = (
+                "echo: the token data holds the prompt's tokens too, in a number the usage"
+                " counts do not add up to, so neither side is known"
+            )
         extra["gen_ai.output.messages"] = [
             self._output_message(self.choices[i]) for i in sorted(self.choices)
         ]
