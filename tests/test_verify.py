@@ -738,6 +738,24 @@ class TestCompressedPairs:
             report
         )
 
+    def test_unpacking_is_in_bounded_pieces(self, tmp_path: Path) -> None:
+        """A packed file is unpacked a piece at a time, each at most 32 MiB whatever the ratio
+        (a 256 MiB run of one byte packs into a few KiB; unpacked whole in one call, a 3 GiB
+        one took 3 GB of memory)."""
+        import zstandard
+
+        from tokentrail._layout import _unzstd
+
+        bomb = tmp_path / "bomb.jsonl.zst"
+        with bomb.open("wb") as fh:
+            writer = zstandard.ZstdCompressor().stream_writer(fh)
+            for _ in range(256):
+                writer.write(b"x" * (1 << 20))
+            writer.flush(zstandard.FLUSH_FRAME)
+        with bomb.open("rb") as fh:
+            sizes = [len(piece) for piece in _unzstd(fh, bomb)]
+        assert (256 << 20, True) == (sum(sizes), max(sizes) <= 32 << 20), max(sizes)
+
     def test_one_frame_a_line(self, packed: Path, signer: Signer) -> None:
         """A packed segment stored as many zstd frames (valid zstd, as another compressor may
         write it) reads the same for every command: count and show see every record that

@@ -29,6 +29,9 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SEGMENT_RE = re.compile(r"^(\d{20})\.jsonl(\.zst)?$")
 _CHECKPOINT_RE = re.compile(r"^(\d{20})\.checkpoint$")
 _READ_CHUNK = 1 << 20
+#: Compressed bytes per decompression call: a call returns all it makes, and at zstd's largest
+#: ratio (a raw-run block, 128 KiB from 4 bytes) 1 KiB makes at most 32 MiB.
+_ZSTD_FEED = 1 << 10
 #: Longer than any record (a request body is capped at 16 MiB by default): a line past this is
 #: damage or a decompression bomb, and is not read into memory whole.
 MAX_LINE_BYTES = 256 << 20
@@ -184,14 +187,17 @@ def _unzstd(fh: Any, path: Path) -> Iterator[bytes]:
     inside = False  # the current frame has had input and has not ended
     try:
         while data := fh.read(_READ_CHUNK):
-            while data:
-                inside = True
-                out = frame.decompress(data)
-                if out:
-                    yield out
-                if not frame.eof:
-                    break
-                data, frame, inside = frame.unused_data, dctx.decompressobj(), False
+            view = memoryview(data)
+            for start in range(0, len(view), _ZSTD_FEED):
+                piece: bytes | memoryview = view[start : start + _ZSTD_FEED]
+                while piece:
+                    inside = True
+                    out = frame.decompress(piece)
+                    if out:
+                        yield out
+                    if not frame.eof:
+                        break
+                    piece, frame, inside = frame.unused_data, dctx.decompressobj(), False
     except zstandard.ZstdError as exc:
         raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
     if inside:
