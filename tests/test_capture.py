@@ -687,15 +687,19 @@ class TestOpenAIChat:
 class TestOpenAICompletions:
     """``/v1/completions``."""
 
-    @pytest.mark.parametrize("dropped", [False, True], ids=["whole", "server-dropped-one"])
-    def test_echo_splits_prompt_tokens_off(self, dropped: bool) -> None:
+    @pytest.mark.parametrize("case", ["whole", "server-dropped-one", "not-echoed"])
+    def test_echo_splits_prompt_tokens_off(self, case: str) -> None:
         """With ``echo: true`` the text and the logprobs tokens lead with the prompt's: split
-        at the usage counts (the prompt's become the input's), or, when the counts do not add
-        up (llama-cpp-python's server drops one), recorded as no token data."""
+        at the usage counts (the prompt's become the input's); when the counts do not add up
+        (llama-cpp-python's server drops one), recorded as no token data; a server that did
+        not echo (as many tokens as the answer's) is recorded as it is."""
         tokens = ["The", " quick", " brown", " fox"]
         lps: list[float | None] = [None, -1.0, -2.0, -3.0]
+        dropped = case == "server-dropped-one"
         if dropped:
             tokens, lps = tokens[:-1], lps[:-1]
+        if case == "not-echoed":
+            tokens, lps = tokens[2:], lps[2:]
         body = {
             "id": "cmpl-1",
             "object": "text_completion",
@@ -715,7 +719,10 @@ class TestOpenAICompletions:
         request = {"model": "m", "prompt": "The quick", "echo": True, "logprobs": 1}
         ex = run(OpenAICapture(request, chat=False), [body])
         assert "The quick brown fox" == ex.output_text
-        if dropped:
+        if case == "not-echoed":
+            assert (None, [" brown", " fox"]) == (ex.input_tokens, ex.output_tokens)
+            assert "tokentrail.echo_tokens_unsplit" not in ex.extra
+        elif dropped:
             assert (None, "none", None, "none") == (
                 ex.input_tokens,
                 ex.input_token_source,

@@ -243,15 +243,17 @@ class OpenAICapture(Capture):
         output_logprobs = list(first.logprobs.logprobs)
         echo_unsplit = False
         if not self.chat and self.request.get("echo") is True and output_tokens is not None:
-            # The prompt is echoed: its tokens lead the answer's, split at the usage counts.
+            # The prompt echoed: its tokens lead the answer's in the logprobs, split off at the
+            # usage counts. As many tokens as the answer's: the server did not echo (Ollama,
+            # llama.cpp), or they are vLLM's generated ids, which never hold the prompt's.
             usage = self.usage or {}
             p, c = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-            if p is not None and c is not None and len(output_tokens) == p + c:
+            if p is not None and c is not None and len(output_tokens) == p + c and p:
                 if input_tokens is None:
                     input_tokens, input_source = output_tokens[:p], output_source
                 output_tokens = output_tokens[p:]
                 output_logprobs = output_logprobs[-c:] if c else []  # (the first is null)
-            else:
+            elif c is None or len(output_tokens) != c:
                 output_tokens, output_source, echo_unsplit = None, SOURCE_NONE, True
 
         extra = self.base_extra(meta)
