@@ -185,8 +185,10 @@ def _unzstd(fh: Any, path: Path) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     frame = dctx.decompressobj()
     inside = False  # the current frame has had input and has not ended
+    empty = True
     try:
         while data := fh.read(_READ_CHUNK):
+            empty = False
             view = memoryview(data)
             for start in range(0, len(view), _ZSTD_FEED):
                 piece: bytes | memoryview = view[start : start + _ZSTD_FEED]
@@ -202,13 +204,16 @@ def _unzstd(fh: Any, path: Path) -> Iterator[bytes]:
         raise StoreError(f"{path} is not valid zstd data: {exc}") from exc
     if inside:
         raise StoreError(f"{path} ends inside a zstd frame: the file was cut short")
+    if empty:  # a packed file is written whole, with its frame, then renamed into place
+        raise StoreError(f"{path} is empty: a zstd file holds at least one frame")
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
     """Stream ``(offset, line, complete)`` from a segment file, decompressing ``.zst``.
 
     ``line`` excludes the newline; ``complete`` is false only for a final line with no newline.
-    Memory stays within one read chunk plus the longest line.
+    Memory stays within one read chunk (a plain file's 1 MiB, a packed file's unpacked piece of
+    at most 32 MiB) plus the longest line.
     """
     try:
         fh = path.open("rb")
