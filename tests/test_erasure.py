@@ -108,6 +108,18 @@ class TestSealer:
         forget(keys, "al\ufffdice")
         assert open_record(record, keys).content is None
 
+    def test_subject_of_a_noncharacter_id_is_as_before(self) -> None:
+        """A user id with a noncharacter names the key it named before (its records, sealed
+        then, stay erasable by that id); only a lone surrogate, which no key name can hold,
+        becomes U+FFFD."""
+        from tokentrail._erasure import subject_of
+
+        assert ("bob\uffff", "al\ufffdice", "_anonymous") == (
+            subject_of("bob\uffff"),
+            subject_of("al\udcffice"),
+            subject_of(None),
+        )
+
     def test_forget_erases_and_refuses_new_content(self, tmp_path: Path) -> None:
         """After forget the content is gone, and new content for that subject is refused."""
         keys = FileKeyStore(tmp_path / "keys")

@@ -680,6 +680,11 @@ class TestPlainAPI:
             recorder.record(model="m", input_tokens=[1, object()])
         with pytest.raises(ConfigError, match="cannot audit"):
             audit(object(), ledger=recorder)
+        for name, value in (("user_id", "bob\uffff"), ("session_id", "s\ud800")):
+            with pytest.raises(ConfigError, match=f"{name} .* holds a lone surrogate or a"):
+                audit(ollama.Client(), ledger=recorder, **{name: value})
+            with pytest.raises(ConfigError, match=f"{name} .* holds a lone surrogate or a"):
+                recorder.exchange(model="m", **{name: value})
 
     @pytest.mark.parametrize(
         ("fields", "complaint"),
@@ -703,6 +708,9 @@ class TestPlainAPI:
             ({"model": ""}, "model must name the model"),
             ({"user_id": 123}, "user_id must be a string"),
             ({"session_id": ["s"]}, "session_id must be a string"),
+            ({"user_id": "bob\uffff"}, "noncharacter"),
+            ({"user_id": "al\udcffice"}, "lone surrogate"),
+            ({"session_id": "s\ufdd0"}, "noncharacter"),
             ({"request_duration_ms": float("nan")}, "must be finite"),
             ({"request_duration_ms": "12"}, "must be a number"),
             ({"timestamp": "2025-01-01 00:00:00"}, "UTC offset"),

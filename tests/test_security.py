@@ -162,21 +162,23 @@ class TestIdentitySpoofing:
     def test_identity_not_utf8_is_refused(
         self, upstream: str, proxies: list[ProxyProc], tmp_path: Path
     ) -> None:
-        """A trusted user or session header whose bytes are not UTF-8 would be stored with
-        U+FFFD, naming whoever else's bytes clean up the same way (and with a key store the
-        request failed and left no record): refused with 400, as one too long is."""
+        """A trusted user or session header whose bytes are not UTF-8, or that holds a Unicode
+        noncharacter, would be stored with U+FFFD, naming whoever else's id cleans up the same
+        way (and with a key store the request failed and left no record): refused with 400,
+        as one too long is."""
         keys = tmp_path / "keys"
         proxy = _start(
             proxies, tmp_path, upstream, "--trust-identity-headers", "--keystore", str(keys)
         )
         body = {"model": MODEL, "prompt": PROMPT_MARK, "stream": False}
         for name in (b"X-Tokentrail-User", b"X-Tokentrail-Session"):
-            for path in ("/api/generate", "/v1/completions"):
-                refused = httpx.post(
-                    proxy.url + path, json=body, headers=[(name, b"al\xffice")], timeout=30
-                )
-                assert 400 == refused.status_code
-                assert "not valid UTF-8" in str(refused.json()["error"])
+            for value in (b"al\xffice", "bob\uffff".encode(), "bob\ufdd0".encode()):
+                for path in ("/api/generate", "/v1/completions"):
+                    refused = httpx.post(
+                        proxy.url + path, json=body, headers=[(name, value)], timeout=30
+                    )
+                    assert 400 == refused.status_code
+                    assert "not valid UTF-8" in str(refused.json()["error"])
         utf8 = [(b"X-Tokentrail-User", "alicé".encode())]
         ok = httpx.post(proxy.url + "/api/generate", json=body, headers=utf8, timeout=30)
         assert 200 == ok.status_code

@@ -54,8 +54,17 @@ def _derive(subject_key: bytes, purpose: bytes) -> bytes:
 
 
 def subject_of(user_id: str | None) -> str:
-    """The data subject a record belongs to: its ``user_id`` as the record stores it."""
-    return clean_text(user_id) if user_id else ANONYMOUS
+    """The data subject a record belongs to: its ``user_id``, with a lone surrogate (which no
+    UTF-8 holds, nor the record) as U+FFFD, as the record stores it. (A noncharacter, which the
+    record stores as U+FFFD too, stays: keys made before were named by it. The proxy and the
+    SDK refuse such user ids.)"""
+    if not user_id:
+        return ANONYMOUS
+    try:
+        user_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return clean_text(user_id)
+    return user_id
 
 
 def key_id(subject: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import ConfigError
+from .._record import clean_text
 from ._config import key_digest
 
 USER_HEADER = "X-Tokentrail-User"
@@ -52,10 +53,10 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = value.strip()
     if len(value) > _MAX_HEADER_VALUE:  # cut, it would name someone else: refused instead
         raise ConfigError(f"{name} is longer than {_MAX_HEADER_VALUE} characters")
-    try:
-        value.encode("utf-8")  # the server decodes bytes that are not UTF-8 as surrogates
-    except UnicodeEncodeError:  # stored as U+FFFD, they too would name someone else
-        raise ConfigError(f"{name} is not valid UTF-8") from None
+    # Bytes that are not UTF-8 (decoded as surrogates) or noncharacters (U+FFFF, ...) are
+    # stored as U+FFFD, so they too would name someone else: "bob\uffff" would be "bob\ufffe".
+    if clean_text(value) != value:
+        raise ConfigError(f"{name} is not valid UTF-8, or holds a Unicode noncharacter")
     return value or None
 
 

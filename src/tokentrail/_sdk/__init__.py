@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from .._errors import ConfigError
 from .._ledger import AsyncLedger, Ledger, LedgerWriter
-from ._recorder import ExchangeScope, Recorder
+from ._recorder import ExchangeScope, Recorder, check_identity
 from ._sessions import Turn, request_messages, session_turns
 from ._tokenizers import HFTokenizer, LocalTokenizer, TiktokenBPE, load_tokenizer
 
@@ -43,9 +43,8 @@ def audit(
     ``session_id`` as given here (the SDK trusts its own caller); everything else is the
     client's own. The result has the client's type and methods: use it where the client was.
     """
-    for name, value in (("user_id", user_id), ("session_id", session_id)):
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string or None, not {value!r}")
+    user_id = check_identity("user_id", user_id)
+    session_id = check_identity("session_id", session_id)
     recorder = Recorder.of(ledger)
     module = type(client).__module__.split(".", 1)[0]
     if module == "ollama" or _is_instance(client, "ollama", ("Client", "AsyncClient")):

@@ -144,6 +144,22 @@ def _token_source(name: str, tokens: TokenList | None, given: str | None) -> str
     return given
 
 
+def check_identity(name: str, value: Any) -> str | None:
+    """A caller's ``user_id`` or ``session_id``, or :class:`ConfigError`: a string the record
+    stores as it is (a lone surrogate or a noncharacter would be stored as U+FFFD, naming
+    whoever else's id cleans up the same way), or ``None``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string or None, not {value!r}")
+    if clean_text(value) != value:
+        raise ConfigError(
+            f"{name} {value!a} holds a lone surrogate or a Unicode noncharacter, which a"
+            " record cannot store as it is"
+        )
+    return value
+
+
 def _check_tokens(name: str, tokens: Any) -> TokenList | None:
     """A caller's token list as SPEC section 2 stores it, or :class:`ConfigError`.
 
@@ -499,6 +515,8 @@ class Recorder:
             raise ConfigError("stop_reason must say why the exchange ended, not be empty")
         in_tokens = _check_tokens("input_tokens", input_tokens)
         out_tokens = _check_tokens("output_tokens", output_tokens)
+        user_id = check_identity("user_id", user_id)
+        session_id = check_identity("session_id", session_id)
         fields = _check_extra(extra)
         return Exchange(
             model=model,
@@ -557,8 +575,8 @@ class ExchangeScope:
         self.output_tokens: TokenList | None = fields.pop("output_tokens", None)
         self.input_token_source: str | None = fields.pop("input_token_source", None)
         self.output_token_source: str | None = fields.pop("output_token_source", None)
-        self.user_id: str | None = fields.pop("user_id", None)
-        self.session_id: str | None = fields.pop("session_id", None)
+        self.user_id = check_identity("user_id", fields.pop("user_id", None))
+        self.session_id = check_identity("session_id", fields.pop("session_id", None))
         self.model_version: str | None = fields.pop("model_version", None)
         self.stop_reason: str | None = fields.pop("stop_reason", None)
         self.extra: dict[str, Any] = dict(fields.pop("extra", None) or {})
