@@ -129,6 +129,10 @@ _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _READ_POSTS = frozenset({"/api/show"})
 
 
+#: How many unaudited methods and paths are named in the log (clients choose the paths).
+UNAUDITED_WARNINGS = 64
+
+
 def reaches_no_model(request: web.BaseRequest, canonical: str) -> bool:
     """Whether an unaudited request only reads (model lists, versions, model metadata): a
     GET that asks to upgrade the connection (a realtime API's websocket) is not one."""
@@ -450,13 +454,13 @@ class ProxyApp:
     def _warn_unaudited(self, what: str) -> None:
         """Say once per method and path (for the first 64) that traffic that may carry content
         to a model passes unaudited, so an operator learns of it from the log, not an audit."""
-        if what in self.unaudited_seen or len(self.unaudited_seen) >= 64:
+        if what in self.unaudited_seen or len(self.unaudited_seen) >= UNAUDITED_WARNINGS:
             return
         self.unaudited_seen.add(what)
         log.warning(
             "%s passes through unaudited: tokentrail records POST %s; --refuse-unaudited"
             " refuses anything else that is not a read",
-            what,
+            ascii(what)[1:-1],  # a client's path: one line, whatever it holds
             ", ".join(sorted(PATHS)),
         )
 
