@@ -464,6 +464,13 @@ class TestUnauditedNamed:
         while len(named()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ["POST /v1/responses", "POST /api/embed"] == named()
+        # A client's path is written escaped (a carriage return or a terminal escape in it
+        # cannot overwrite or forge what the operator reads; aiohttp routes no newline).
+        httpx.post(proxy.url + "/v1/x%0Dforged%1B[2Kline", json={}, timeout=30)
+        while not any("/v1/x\\rforged\\x1b[2Kline passes" in ln for ln in proxy.stderr):
+            assert time.monotonic() < deadline + 10, "\n".join(map(ascii, proxy.stderr))
+            time.sleep(0.05)
+        assert not any("\r" in ln or "\x1b" in ln for ln in proxy.stderr)
 
 
 def raw_request(url: str, request: bytes) -> bytes:
