@@ -282,6 +282,25 @@ def replace_surrogates(text: str) -> str:
 
 
 class TestCleanText:
+    @pytest.mark.parametrize("depth", [300, 600, 5000])
+    def test_body_nested_too_deep_is_kept_with_a_note(self, depth: int) -> None:
+        """A body nested deeper than the encoder goes is stored as a note in its field, the
+        rest of the record whole, a lone surrogate elsewhere cleaned (past about 500 levels,
+        cleaning it overflowed Python's stack: RecursionError, no record)."""
+        deep: Any = "x\udc80"
+        for _ in range(depth):
+            deep = [deep]
+        exchange = Exchange(
+            model="m",
+            api="sdk",
+            stop_reason="stop",
+            input_text="a\udc80",
+            extra={"request_body": {"messages": deep}, "kept": "yes"},
+        )
+        record = json.loads(exchange.content_bytes())
+        assert ("a\ufffd", "yes") == (record["input_text"], record["kept"])
+        assert ["tokentrail.unrecordable"] == list(record["request_body"])
+
     @HYP
     @given(i_json_text)
     def test_valid_text_unchanged(self, text: str) -> None:

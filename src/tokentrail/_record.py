@@ -169,17 +169,24 @@ def clean_text(text: str) -> str:
     return text
 
 
-def _scrub(value: Any) -> Any:
+#: Deeper than orjson encodes (255 levels): left as it is, for the caller's note that it
+#: cannot be stored (recursing further overflowed Python's stack at about 500 levels).
+_SCRUB_DEPTH = 256
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
     """``value`` made I-JSON: strings cleaned (:func:`clean_text`), keys included, and integers
     beyond 64 bits written as strings."""
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value if -(1 << 63) <= value < (1 << 64) else str(value)
+    if depth > _SCRUB_DEPTH:
+        return value
     if isinstance(value, list | tuple):
-        return [_scrub(v) for v in value]
+        return [_scrub(v, depth + 1) for v in value]
     if isinstance(value, Mapping):
-        return {clean_text(str(k)): _scrub(v) for k, v in value.items()}
+        return {clean_text(str(k)): _scrub(v, depth + 1) for k, v in value.items()}
     return value
 
 
