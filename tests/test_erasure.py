@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -107,6 +108,19 @@ class TestSealer:
         assert opened is not None and "my secret \ufffd" == opened["input_text"]
         forget(keys, "al\ufffdice")
         assert open_record(record, keys).content is None
+
+    def test_body_nested_too_deep_is_sealed_with_a_note(self, tmp_path: Path) -> None:
+        """A request body nested deeper than the encoder goes is sealed with a note in its
+        place, as an unsealed record keeps it (the sealer raised TypeError: no record)."""
+        keys = FileKeyStore(tmp_path / "keys")
+        deep: Any = "bottom"
+        for _ in range(600):
+            deep = [deep]
+        exchange = replace(self.exchange(), extra={"request_body": {"messages": deep}})
+        record = orjson.loads(Sealer(keys)(exchange).content_bytes())
+        opened = open_record(record, keys).content
+        assert opened is not None and "my secret question" == opened["input_text"]
+        assert "tokentrail.unrecordable" in opened["request_body"]
 
     def test_subject_of_a_noncharacter_id_is_as_before(self) -> None:
         """A user id with a noncharacter names the key it named before (its records, sealed

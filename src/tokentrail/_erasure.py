@@ -179,9 +179,13 @@ class Sealer:
         try:
             return self._seal(exchange)
         except (TypeError, UnicodeEncodeError):  # a lone surrogate, say: sealed as stored
-            return self._seal(exchange.scrubbed())
+            exchange = exchange.scrubbed()
+        try:
+            return self._seal(exchange)
+        except TypeError:  # nested deeper than the encoder goes: kept, with a note instead
+            return self._seal(exchange, lenient=True)
 
-    def _seal(self, exchange: Exchange) -> Exchange:
+    def _seal(self, exchange: Exchange, *, lenient: bool = False) -> Exchange:
         subject = subject_of(exchange.user_id)
         key = self.keys.key_for(subject)
         mac_key = _derive(key, b"content hash v1")
@@ -190,6 +194,8 @@ class Sealer:
         for name in CONTENT_EXTRA:
             if name in extra:
                 content[name] = extra.pop(name)
+        if lenient:  # as Exchange.content_bytes keeps a record whose extra fields it cannot
+            content = {name: _storable(value) for name, value in content.items()}
         nonce = secrets.token_bytes(12)
         ciphertext = AESGCM(_derive(key, b"content encryption v1")).encrypt(
             nonce, orjson.dumps(content), exchange.event_id.encode()
@@ -211,6 +217,15 @@ class Sealer:
             exchange, input_tokens=None, output_tokens=None, input_text=None, output_text=None,
             extra=extra, hashes=keyed,
         )  # fmt: skip
+
+
+def _storable(value: Any) -> Any:
+    """``value``, or a note of why it cannot be encoded (nested too deep for the encoder)."""
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        return {"tokentrail.unrecordable": f"{type(exc).__name__}: {exc}"}
+    return value
 
 
 def _mac(key: bytes, data: bytes) -> str:
