@@ -7,8 +7,8 @@ arrived while the previous fsync ran shares the next one), extends the Merkle co
 then releases the waiters. It also rotates segments (UTC midnight, size) and seals a signed
 checkpoint at least every ``seal_interval_s`` while there are new records, and on close.
 
-Async durability (nobody waits): the flusher writes at once after a pause and every
-``ASYNC_FLUSH_S`` while records flow, and fsyncs at most every ``ASYNC_SYNC_S`` and before any
+Async durability (nobody waits): the flusher writes what is queued within ``ASYNC_FLUSH_S``
+(gathering that long after a pause too), and fsyncs at most every ``ASYNC_SYNC_S`` and before any
 checkpoint. ``defer`` queues a record the flusher itself builds (the SDK's wrapped calls);
 ``orphan`` does so from finalizers, without ever waiting for the lock.
 
@@ -85,9 +85,10 @@ _JOURNAL_COMPACT_BYTES = 4 << 20
 
 #: Async durability: while records flow the flusher looks for them this often (appenders do not
 #: wake it), or once this many are queued; after a look that finds none it sleeps until the next
-#: append wakes it. So an async append is written at once after a pause, within this while
-#: records flow, and a wake-up (costly on a busy or virtual machine) serves a whole batch.
-ASYNC_FLUSH_S = 0.01
+#: append wakes it. So an async append is written within this, and a wake-up (costly on a busy
+#: or virtual machine, and a turn of the GIL taken from the appenders) serves a whole batch:
+#: 50 ms rather than 10 halved what the SDK's streamed calls add (bench/sdk.py, README).
+ASYNC_FLUSH_S = 0.05
 ASYNC_BATCH = 256
 #: Async durability: what is written is fsynced at most this long after (and before any seal,
 #: segment close or ``flush``), so one fsync serves every batch written in that time.
