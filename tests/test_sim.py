@@ -179,7 +179,7 @@ class TestOllama:
     @pytest.mark.parametrize("stream", [False, True])
     async def test_cut_inside_a_character(self, sim: str, stream: bool) -> None:
         """An answer cut by num_predict inside a multi-byte character ends before it, as
-        Ollama's runner sends it (ollama/ollama#7303, in 0.4.0): no U+FFFD, the held-back
+        Ollama's Go runner sends it (ollama/ollama#7303): no U+FFFD, the held-back
         tokens still counted in eval_count, and a context of prompt + the text sent."""
         seed, limit = _cut_inside_a_character(render_prompt(PROMPT))
         client = ollama.AsyncClient(host=sim)

@@ -76,8 +76,8 @@ def plan(api: str, body: Mapping[str, Any], mode: str) -> tuple[dict[str, Any] |
             top_remove.append(b"logprobs")
         elif api == "openai.chat":
             # top_logprobs too: llama-cpp-python's server answers logprobs: true alone with null
-            # (it reads top_logprobs as the count); 1, not 0, as llama.cpp's server sends no
-            # token data for 0 (its count, n_probs, defaults to 20 when top_logprobs is absent).
+            # (it reads top_logprobs as the count). 1 is the least that asks for an alternative
+            # everywhere; llama.cpp's server (4227c9b) sends one for 0 or 1, 20 when absent.
             new["logprobs"], new["top_logprobs"] = True, 1
             choice_null.append(b"logprobs")
         elif "logprobs" not in body or body.get("logprobs") is None:

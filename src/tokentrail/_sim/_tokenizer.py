@@ -185,9 +185,9 @@ class SimTokenizer:
         Servers hold back a token that ends inside a multi-byte character until the character
         is complete, so one streamed chunk may carry several tokens. A sequence that ends on an
         incomplete character flushes it as U+FFFD in the last step; with ``drop_partial`` (what
-        Ollama's runner does since 0.4.0, ``flushPending``: "we should never send back an
-        invalid sequence") the incomplete bytes are dropped, and with them the held-back
-        tokens' step, which is then never sent.
+        Ollama's Go runner does, ``flushPending`` after ollama/ollama#7303: "we should never
+        send back an invalid sequence") the incomplete bytes are dropped, and with them the
+        held-back tokens' step, which is then never sent.
         """
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         steps: list[tuple[str, list[int]]] = []
