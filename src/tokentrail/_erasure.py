@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import ConfigError, StoreError, SubjectForgottenError, VerificationError
 from ._layout import fsync_dir, iter_lines, list_log, list_logs
-from ._record import Exchange, clean_text, now_rfc3339, tokens_json
+from ._record import Exchange, clean_text, now_rfc3339, storable, tokens_json
 
 ANONYMOUS = "_anonymous"
 ALGORITHM = "AES-256-GCM"
@@ -195,7 +195,7 @@ class Sealer:
             if name in extra:
                 content[name] = extra.pop(name)
         if lenient:  # as Exchange.content_bytes keeps a record whose extra fields it cannot
-            content = {name: _storable(value) for name, value in content.items()}
+            content = {name: storable(value) for name, value in content.items()}
         nonce = secrets.token_bytes(12)
         ciphertext = AESGCM(_derive(key, b"content encryption v1")).encrypt(
             nonce, orjson.dumps(content), exchange.event_id.encode()
@@ -217,15 +217,6 @@ class Sealer:
             exchange, input_tokens=None, output_tokens=None, input_text=None, output_text=None,
             extra=extra, hashes=keyed,
         )  # fmt: skip
-
-
-def _storable(value: Any) -> Any:
-    """``value``, or a note of why it cannot be encoded (nested too deep for the encoder)."""
-    try:
-        orjson.dumps(value)
-    except TypeError as exc:
-        return {"tokentrail.unrecordable": f"{type(exc).__name__}: {exc}"}
-    return value
 
 
 def _mac(key: bytes, data: bytes) -> str:

@@ -190,6 +190,16 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def storable(value: Any) -> Any:
+    """``value`` if it encodes as JSON, else a note of why not (nested deeper than the encoder
+    goes, say), which a record keeps in its place."""
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        return {"tokentrail.unrecordable": f"{type(exc).__name__}: {exc}"}
+    return value
+
+
 def rfc3339(moment: datetime | float) -> str:
     """RFC 3339 UTC with microseconds and a ``Z`` suffix, from a datetime or epoch seconds."""
     if isinstance(moment, float | int):
@@ -368,13 +378,7 @@ class Exchange:
             pass
         # Still not storable (nested deeper than the encoder goes, or not JSON at all): keep the
         # record, with each such extra field replaced by a note that says so.
-        extra = {}
-        for name, value in scrubbed.extra.items():
-            try:
-                orjson.dumps(value)
-            except TypeError as exc:
-                value = {"tokentrail.unrecordable": f"{type(exc).__name__}: {exc}"}
-            extra[name] = value
+        extra = {name: storable(value) for name, value in scrubbed.extra.items()}
         try:
             return orjson.dumps(replace(scrubbed, extra=extra)._fields(fragments=True))
         except TypeError as exc:
