@@ -968,11 +968,13 @@ def verify_local(root: Path, options: VerifyOptions, *, note_run: bool = True) -
         folders = []  # logs/ itself deleted: every remembered log is named below
     log_ids = [name for name in folders if is_log_id(name)]
     # A store this verifier has seen logs in is never "nothing recorded yet": the logs gone
-    # from it are findings.
-    if not folders and not remembered:
-        raise StoreError(f"{root} holds no logs (nothing has been recorded there yet)")
-    if not remembered and not any(
-        (root / "logs" / i / d).is_dir() for i in log_ids for d in ("segments", "checkpoints")
+    # from it are findings (a store with no log found nor remembered is refused below).
+    if (
+        folders
+        and not remembered
+        and not any(
+            (root / "logs" / i / d).is_dir() for i in log_ids for d in ("segments", "checkpoints")
+        )
     ):
         raise StoreError(f"{root} holds no tokentrail logs (no logs/*/segments/ folder)")
     reports = []
