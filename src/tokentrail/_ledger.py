@@ -41,7 +41,7 @@ from typing import Any, Literal
 import orjson
 import zstandard
 
-from ._checkpoint import Checkpoint, Signer, open_note
+from ._checkpoint import Checkpoint, Signer, Verifier, open_note, split_note
 from ._errors import (
     ConfigError,
     DamagedLogError,
@@ -184,6 +184,15 @@ def _release(items: list[_Pending], error: BaseException | None = None) -> None:
     for loop, group in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(_settle, group, error)
+
+
+def _signed_by_others_only(note: bytes, verifier: Verifier) -> bool:
+    """Whether ``note`` is a well-formed signed note none of whose signatures names this key."""
+    try:
+        _, sigs = split_note(note)
+    except VerificationError:
+        return False
+    return all((name, blob[:4]) != (verifier.name, verifier.key_id) for name, blob in sigs)
 
 
 def _utc_date(ts: float) -> str:
@@ -1095,11 +1104,14 @@ class LedgerWriter:
         return tree, prev
 
     def _check_root(self, tree: CompactRange, cp_path: Path) -> None:
+        verifier = self.config.signer.verifier
+        note = b""
         try:
-            text, _ = open_note(cp_path.read_bytes(), [self.config.signer.verifier])
+            note = cp_path.read_bytes()
+            text, _ = open_note(note, [verifier])
             checkpoint = Checkpoint.from_text(text)
         except (OSError, VerificationError) as exc:
-            if "no signature by a trusted key" in str(exc):
+            if _signed_by_others_only(note, verifier):
                 # Signed, only not by this writer's key: a key changed under a live log id.
                 raise KeyChangedError(
                     f"{cp_path}: the log's checkpoints are not signed by this writer's key"
