@@ -50,6 +50,7 @@ from ._config import (
     parse_listen,
 )
 from ._server import UPSTREAM_SKIP_AUTO_HEADERS, ProxyApp
+from ._upstream import Pool
 
 log = logging.getLogger("tokentrail.proxy")
 #: A restarted proxy links retries to first attempts recorded this many UTC days back (today
@@ -76,6 +77,7 @@ class Proxy:
         self.signer: Signer | None = None
         self.key_created = False
         self.session: aiohttp.ClientSession | None = None
+        self.pool: Pool | None = None
         self.runner: web.AppRunner | None = None
         self.app: ProxyApp | None = None
         self.url = ""
@@ -144,7 +146,12 @@ class Proxy:
                 lambda: shipper.last_report is not None and shipper.last_error is None,
                 lambda: float("nan") if shipper.last_success is None else shipper.last_success,
             )
-        self.app = ProxyApp(self.config, self.ledger, self.session, self.metrics)
+        self.pool = Pool(
+            self.config.upstream,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.upstream_timeout,
+        )
+        self.app = ProxyApp(self.config, self.ledger, self.session, self.pool, self.metrics)
         await asyncio.to_thread(
             self.app.retries.remember,
             keyed_records(self.config.ledger, self.ledger.writer.config.log_id, RETRY_DAYS),
@@ -182,6 +189,9 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         try:
             if self.ledger is not None and self._own_ledger:
                 ledger, self.ledger = self.ledger, None

@@ -1,4 +1,5 @@
-"""The auditing reverse proxy: aiohttp in front, an aiohttp client session behind.
+"""The auditing reverse proxy: aiohttp's server in front; behind, the proxy's own HTTP/1.1
+client for audited exchanges (:mod:`._upstream`) and an aiohttp client session for the rest.
 
 Audited paths (``POST /api/generate``, ``/api/chat``, ``/v1/chat/completions``,
 ``/v1/completions``) are parsed and recorded; every other request is passed through untouched
@@ -57,6 +58,7 @@ from .._record import new_event_id, now_rfc3339
 from ._config import ProxyConfig
 from ._identity import IDEMPOTENCY_HEADER, SESSION_HEADER, USER_HEADER, IdentityResolver, RetryIndex
 from ._tokendata import Strip, plan, strip_event, strip_json, strip_line
+from ._upstream import Pool, Response, UpstreamBroken, UpstreamUnreachable
 
 log = logging.getLogger("tokentrail.proxy")
 _T = TypeVar("_T")
@@ -270,7 +272,7 @@ class _ClientWatch:
     server talked to directly would stop generating then, but the proxy's own request to the
     upstream would run on to the end of the answer. So every :data:`WATCH_S` seconds while a
     wait is armed (:meth:`waiting`), a timer looks at the client's connection and, if it is
-    closed, cancels the wait: aiohttp then drops the upstream connection, which stops the
+    closed, cancels the wait: the upstream connection is then dropped, which stops the
     generation, and the wait raises :class:`_ClientGone`. A timer, not a task: a request
     shorter than :data:`WATCH_S` costs one timer set and cancelled.
     """
@@ -386,12 +388,14 @@ class ProxyApp:
         config: ProxyConfig,
         ledger: AsyncLedger,
         session: aiohttp.ClientSession,
+        upstream: Pool,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.ledger = ledger
-        self.session = session
+        self.session = session  # pass-through and /api/tags
+        self.upstream = upstream  # audited exchanges
         self.identity = IdentityResolver(
             config.api_keys, trust_headers=config.trust_identity_headers
         )
@@ -658,17 +662,13 @@ class ProxyApp:
         target: str,
         watch: _ClientWatch,
     ) -> web.StreamResponse:
-        url = URL(self.config.upstream + target, encoded=True)
         try:
-            upstream = await watch.waiting(
-                self.session.post(
-                    url, data=send, headers=headers, timeout=self.timeout, allow_redirects=False
-                )
-            )  # a redirect goes to the client as it is: following it would answer another request
+            # A redirect goes to the client as it is: following it would answer another request.
+            upstream = await watch.waiting(self.upstream.post(target, send, headers))
         except _ClientGone:  # the upstream had not answered: it stops, and nothing is relayed
             await self._record(ex, "client_disconnect")
             return web.Response(status=499)  # for nobody: the client has gone
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamUnreachable as exc:
             self.metrics.upstream_errors.labels("unreachable").inc()
             self._release(ex)
             return error_response(ex.dialect, 502, f"tokentrail: upstream unreachable: {exc}")
@@ -676,7 +676,7 @@ class ProxyApp:
             ex.capture.error = f"upstream did not answer within {self.config.upstream_timeout:g}s"
             await self._record(ex, "upstream_error", status=504)
             return error_response(ex.dialect, 504, f"tokentrail: {ex.capture.error}")
-        except aiohttp.ClientError as exc:
+        except UpstreamBroken as exc:
             ex.capture.error = f"upstream failed: {exc}"
             await self._record(ex, "upstream_error", status=502)
             return error_response(ex.dialect, 502, f"tokentrail: {ex.capture.error}")
@@ -712,7 +712,7 @@ class ProxyApp:
         self,
         request: web.Request,
         ex: _Exchange,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         strip: Strip,
         watch: _ClientWatch,
     ) -> web.StreamResponse:
@@ -722,7 +722,7 @@ class ProxyApp:
             upstream.close()  # the generation stops with the connection
             await self._record(ex, "client_disconnect")
             return web.Response(status=499)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamBroken, TimeoutError) as exc:
             stalled = isinstance(exc, TimeoutError)
             ex.capture.error = f"upstream {'stalled' if stalled else 'failed'}: {exc}"
             status = 504 if stalled else 502  # what the client gets, and so what is recorded
@@ -773,7 +773,7 @@ class ProxyApp:
         self,
         request: web.Request,
         ex: _Exchange,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         strip: Strip,
         *,
         sse: bool,
@@ -798,7 +798,7 @@ class ProxyApp:
         stop: str | None = None
         try:
             await _prepare(out, request)  # a client gone before the first byte: a disconnect
-            async for data in upstream.content.iter_any():
+            async for data in upstream.iter_any():
                 pending += inflate(data) if inflate is not None else data
                 if len(pending) > MAX_LINE_BYTES:
                     raise _LineTooLong
@@ -855,7 +855,7 @@ class ProxyApp:
                             await _send(out, tail)
         except _ClientGone:
             stop = "client_disconnect"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamBroken, TimeoutError) as exc:
             stalled = isinstance(exc, TimeoutError)
             capture.error = f"upstream {'stalled' if stalled else 'closed the stream'}: {exc}"
             stop = "upstream_error"
