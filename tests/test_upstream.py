@@ -345,3 +345,24 @@ async def test_closing_an_unfinished_answer_closes_its_connection(serve) -> None
             break
     await asyncio.wait_for(closed.wait(), 5)
     assert not p.idle and not p.open
+
+
+async def test_an_answer_to_nothing_asked_drops_the_connection(serve) -> None:
+    """A server that sends two answers to one request: the first is the answer, and the
+    connection is not pooled (twice, or at all) for a later request to read the second."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+            await writer.drain()
+
+    server = await serve(handler)
+    p = pool(server.url)
+    for _ in range(3):
+        async with await p.post("/api/chat", b"{}", HEADERS) as r:
+            assert await r.read() == b"one"
+        await asyncio.sleep(0.05)
+        assert not p.idle
+    assert server.connections == 3

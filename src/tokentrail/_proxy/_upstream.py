@@ -278,8 +278,10 @@ class _Conn(asyncio.Protocol):
             self._skip = False
             return
         response, self.response = self.response, None
-        if response is not None:
-            response._end(None)
+        if response is None:  # an answer to nothing asked: this connection cannot be trusted
+            self.close()
+            return
+        response._end(None)
         if self.parser.should_keep_alive() and not self.closed:
             self.pool.keep(self)
         else:
