@@ -30,6 +30,10 @@ import orjson
 
 from .._record import Exchange, Token, TokenList, clean_text, new_event_id, now_rfc3339, piece
 
+#: For ``isinstance(x, MAPPING)``: parsed JSON objects are dicts, told apart at once; other
+#: mappings go through the ABC's check, which takes several times as long (on every chunk).
+MAPPING = (dict, Mapping)
+
 SOURCE_IDS = "upstream-ids"
 SOURCE_PIECES = "upstream-pieces"
 SOURCE_CONTEXT = "upstream-context"
@@ -121,7 +125,7 @@ class TokenTrack:
         if not isinstance(entries, list) or not entries:
             return False
         for entry in entries:
-            if not isinstance(entry, Mapping):
+            if not isinstance(entry, MAPPING):
                 self.ids_ok = self.pieces_ok = False
                 continue
             tok_id, tok_piece = entry_token(entry)
@@ -226,7 +230,7 @@ def render_messages(messages: Any) -> str | None:
         return None
     lines: list[str] = []
     for msg in messages:
-        if not isinstance(msg, Mapping):
+        if not isinstance(msg, MAPPING):
             return None
         role = msg.get("role")
         text = _content_text(msg.get("content"))
@@ -251,7 +255,7 @@ def _content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, str):
                 out.append(part)
-            elif isinstance(part, Mapping):
+            elif isinstance(part, MAPPING):
                 kind = part.get("type")
                 if kind == "text" and isinstance(part.get("text"), str):
                     out.append(part["text"])
@@ -262,10 +266,10 @@ def _content_text(content: Any) -> str:
 
 
 def _render_tool_call(call: Any) -> str:
-    if not isinstance(call, Mapping):
+    if not isinstance(call, MAPPING):
         return f" [tool_call {compact_json(call)}]"
     fn = call.get("function")
-    fn = fn if isinstance(fn, Mapping) else {}
+    fn = fn if isinstance(fn, MAPPING) else {}
     name = fn.get("name")
     args = fn.get("arguments")
     args_text = args if isinstance(args, str) else compact_json(args)

@@ -23,6 +23,7 @@ from typing import Any
 
 from .._record import Exchange, TokenList
 from ._common import (
+    MAPPING,
     SOURCE_CONTEXT,
     SOURCE_NONE,
     Capture,
@@ -106,7 +107,7 @@ class OllamaCapture(Capture):
     def feed(self, chunk: Any) -> bool:
         """Take one NDJSON line (or the whole non-streamed body) as parsed JSON."""
         self.chunks += 1
-        if not isinstance(chunk, Mapping):
+        if not isinstance(chunk, MAPPING):
             return False
         if "error" in chunk:
             err = chunk["error"]
@@ -116,7 +117,7 @@ class OllamaCapture(Capture):
             self.response_model = chunk["model"]
         if self.chat:
             msg = chunk.get("message")
-            msg = msg if isinstance(msg, Mapping) else {}
+            msg = msg if isinstance(msg, MAPPING) else {}
             content, thinking = msg.get("content"), msg.get("thinking")
             calls = msg.get("tool_calls")
         else:
@@ -141,7 +142,7 @@ class OllamaCapture(Capture):
 
     def is_last(self, chunk: Any) -> bool:
         """The line with ``"done": true``, or an error line: what :meth:`feed` ends on."""
-        return isinstance(chunk, Mapping) and (chunk.get("done") is True or "error" in chunk)
+        return isinstance(chunk, MAPPING) and (chunk.get("done") is True or "error" in chunk)
 
     def finish(self, meta: Meta, stop_reason: str | None = None) -> Exchange:
         """The exchange; ``stop_reason`` overrides ``done_reason`` (e.g. ``client_disconnect``)."""
@@ -220,10 +221,10 @@ class OllamaCapture(Capture):
         if text or not (self.thinking or self.tool_calls):
             parts.append({"type": "text", "content": text})
         for call in self.tool_calls:
-            fn = call.get("function") if isinstance(call, Mapping) else None
-            fn = fn if isinstance(fn, Mapping) else {}
+            fn = call.get("function") if isinstance(call, MAPPING) else None
+            fn = fn if isinstance(fn, MAPPING) else {}
             part: dict[str, Any] = {"type": "tool_call", "name": fn.get("name")}
-            if isinstance(call, Mapping) and call.get("id") is not None:
+            if isinstance(call, MAPPING) and call.get("id") is not None:
                 part["id"] = call["id"]
             part["arguments"] = fn.get("arguments")
             parts.append(part)

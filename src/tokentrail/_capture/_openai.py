@@ -31,6 +31,7 @@ from typing import Any
 
 from .._record import Exchange, TokenList
 from ._common import (
+    MAPPING,
     SOURCE_IDS,
     SOURCE_NONE,
     Capture,
@@ -82,11 +83,11 @@ class OpenAICapture(Capture):
     def feed(self, chunk: Any) -> bool:
         """Take one SSE ``data:`` payload (or the whole non-streamed body) as parsed JSON."""
         self.chunks += 1
-        if not isinstance(chunk, Mapping):
+        if not isinstance(chunk, MAPPING):
             return False
         err = chunk.get("error")
         if err is not None and not chunk.get("choices"):
-            msg = err.get("message") if isinstance(err, Mapping) else err
+            msg = err.get("message") if isinstance(err, MAPPING) else err
             self.error = msg if isinstance(msg, str) else compact_json(err)
             return False
         if chunk.get("object") == "error":  # vLLM's error body: message, type, code at the top
@@ -99,17 +100,17 @@ class OpenAICapture(Capture):
             self.response_model = chunk["model"]
         if isinstance(chunk.get("system_fingerprint"), str):
             self.fingerprint = chunk["system_fingerprint"]
-        if isinstance(chunk.get("usage"), Mapping):
+        if isinstance(chunk.get("usage"), MAPPING):
             self.usage = chunk["usage"]
         timings = chunk.get("timings")  # llama.cpp's, on its last chunk, usage or not
-        if isinstance(timings, Mapping) and _count(timings.get("predicted_n")) is not None:
+        if isinstance(timings, MAPPING) and _count(timings.get("predicted_n")) is not None:
             self.predicted = timings["predicted_n"]
         self.prompt_ids.add_ids(chunk.get("prompt_token_ids"))
         produced = False
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for raw in choices:
-                if isinstance(raw, Mapping):
+                if isinstance(raw, MAPPING):
                     produced = self._feed_choice(raw) or produced
         if chunk.get("object") == "chat.completion" or not self.stream:
             self.finished = True  # a whole answer (a streamed completions chunk is also called
@@ -126,7 +127,7 @@ class OpenAICapture(Capture):
         produced = False
         if self.chat:
             msg = raw.get("delta", raw.get("message"))
-            msg = msg if isinstance(msg, Mapping) else {}
+            msg = msg if isinstance(msg, MAPPING) else {}
             content = msg.get("content")
             reasoning = msg.get("reasoning_content", msg.get("reasoning"))
             if isinstance(reasoning, str) and reasoning:
@@ -155,7 +156,7 @@ class OpenAICapture(Capture):
         return produced
 
     def _feed_logprobs(self, choice: _Choice, logprobs: Any) -> bool:
-        if not isinstance(logprobs, Mapping):
+        if not isinstance(logprobs, MAPPING):
             return False
         if self.chat or "content" in logprobs:
             return choice.logprobs.add_entries(logprobs.get("content"))
@@ -191,7 +192,7 @@ class OpenAICapture(Capture):
         if generated is None:
             return 0
         details = usage.get("completion_tokens_details")  # OpenAI counts reasoning tokens,
-        if isinstance(details, Mapping):  # which have no logprobs
+        if isinstance(details, MAPPING):  # which have no logprobs
             generated -= _count(details.get("reasoning_tokens")) or 0
         missing = generated - max(len(track.ids), len(track.pieces))
         on_eos = self.stream and choice.finish_reason == "stop" and not self.request.get("stop")
@@ -199,7 +200,7 @@ class OpenAICapture(Capture):
 
     @staticmethod
     def _merge_call(choice: _Choice, pos: int, call: Any) -> None:
-        if not isinstance(call, Mapping):
+        if not isinstance(call, MAPPING):
             return
         idx = call.get("index", pos)
         idx = idx if isinstance(idx, int) else pos
@@ -207,7 +208,7 @@ class OpenAICapture(Capture):
         if isinstance(call.get("id"), str):
             slot["id"] = call["id"]
         fn = call.get("function")
-        if isinstance(fn, Mapping):
+        if isinstance(fn, MAPPING):
             if isinstance(fn.get("name"), str):
                 slot["name"] = fn["name"]
             args = fn.get("arguments")
