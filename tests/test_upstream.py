@@ -251,7 +251,7 @@ async def test_a_stall_is_a_timeout_before_and_after_the_head(serve) -> None:
     other = await serve(stall_body)
     async with await pool(other.url, read_timeout=0.2).post("/x", b"{}", HEADERS) as r:
         got = []
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match=r"nothing received for 0\.2s"):  # said in records
             async for piece in r.iter_any():
                 got.append(piece)
         assert got == [b"a"]
@@ -366,3 +366,45 @@ async def test_an_answer_to_nothing_asked_drops_the_connection(serve) -> None:
         await asyncio.sleep(0.05)
         assert not p.idle
     assert server.connections == 3
+
+
+async def test_a_connection_paused_for_a_slow_reader_is_pooled_reading(serve) -> None:
+    """An answer whose last bytes came in while its reader was behind (the socket paused):
+    the connection goes back to the pool reading again, so the next request's answer is
+    seen (it waited out the read timeout before, and was recorded as an upstream error)."""
+    big = b"x" * 900_000
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.request(reader)
+            body = big if len(server.heads) == 1 else b"small"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    server = await serve(handler)
+    p = pool(server.url, read_timeout=2.0)
+    async with await p.post("/api/generate", b"{}", HEADERS) as r:
+        got = 0
+        async for piece in r.iter_any():
+            got += len(piece)
+            await asyncio.sleep(0.05)  # a slow client downstream
+    assert got == len(big)
+    assert [c.paused for c in p.idle] == [False]
+    async with await p.post("/api/generate", b"{}", HEADERS) as r:
+        assert await r.read() == b"small"
+    assert server.connections == 1
+
+
+async def test_lines_ended_by_lf_alone_are_read(serve) -> None:
+    """As aiohttp's client read them (the proxy used it before): no 502 for such a server."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}")
+        await writer.drain()
+        await reader.read()
+
+    server = await serve(handler)
+    async with await pool(server.url).post("/api/chat", b"{}", HEADERS) as r:
+        assert (r.status, r.headers["Content-Type"]) == (200, "application/json")
+        assert await r.read() == b"{}"

@@ -10,8 +10,9 @@ What it does as aiohttp's client did: the client's headers, then ``Content-Lengt
 ``Host`` of the upstream's; no retry of a ``POST`` on a reused connection that fails (RFC 9112
 §9.3.1: the model may have started); an idle connection is dropped after
 :data:`KEEPALIVE_S`; a connect timeout and a read timeout (no byte for that long, waiting for
-the head or the next piece of the body); 1xx answers skipped; bodies framed by length, by
-chunks or by the connection's close; a reader that falls behind pauses the socket.
+the head or the next piece of the body); 1xx answers skipped; lines ended by LF alone read;
+bodies framed by length, by chunks or by the connection's close; a reader that falls behind
+pauses the socket.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Response:
         waiter = self._waiter = loop.create_future()
         timer = None
         if self._timeout is not None:
-            timer = loop.call_later(self._timeout, _expire, waiter)
+            timer = loop.call_later(self._timeout, _expire, waiter, self._timeout)
         try:
             await waiter
         finally:
@@ -156,9 +157,9 @@ class Response:
         self.close()
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[None], seconds: float) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_exception(TimeoutError(f"nothing received for {seconds:g}s"))
 
 
 class _Conn(asyncio.Protocol):
@@ -167,6 +168,8 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.parser = httptools.HttpResponseParser(self)
+        # Lines ended by LF alone, as aiohttp's client (and browsers) read them from a server.
+        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.head: asyncio.Future[None] | None = None
@@ -283,6 +286,7 @@ class _Conn(asyncio.Protocol):
             return
         response._end(None)
         if self.parser.should_keep_alive() and not self.closed:
+            self.resume()  # paused for a reader behind on this answer: the next is another's
             self.pool.keep(self)
         else:
             self.close()
@@ -364,7 +368,7 @@ class Pool:
         conn.transport.writelines(("".join(lines).encode("utf-8", "surrogateescape"), body))
         timer = None
         if self.read_timeout is not None:
-            timer = loop.call_later(self.read_timeout, _expire, head)
+            timer = loop.call_later(self.read_timeout, _expire, head, self.read_timeout)
         try:
             await head
         except BaseException:
