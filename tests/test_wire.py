@@ -101,6 +101,8 @@ class Script:
     pause_s: float = 0.0
     #: The body instead, when the request asks for logprobs (as the proxy does for a client).
     with_logprobs: list[bytes] | None = None
+    #: The server dies after the body's pieces: the connection closes, the answer unfinished.
+    cut: bool = False
 
 
 SCRIPTS: dict[str, Script] = {}
@@ -120,6 +122,10 @@ async def _answer(request: web.Request) -> web.StreamResponse:
         await out.write(piece)
         if script.pause_s:
             await asyncio.sleep(script.pause_s)
+    if script.cut:
+        assert request.transport is not None
+        request.transport.close()
+        return out
     await out.write_eof()
     return out
 
@@ -486,3 +492,109 @@ class TestRedirects:
             "upstream_error",
             f"HTTP {status}: the upstream redirects to /elsewhere",
         )
+
+
+class TestUpstreamCutsWhereNothingCanBeAdded:
+    """An upstream that dies mid-stream, in a stream the proxy cannot add its error event to:
+    one framed by Content-Length (the client would wait for bytes that never come) or a
+    compressed one (plain text inside gzip is not gzip). The client sees the cut it sees
+    directly, and the record says what happened."""
+
+    LINES = (
+        orjson.dumps({"model": "m", "response": "Hel", "done": False}) + b"\n",
+        orjson.dumps({"model": "m", "response": "lo", "done": True, "done_reason": "stop"}) + b"\n",
+    )
+
+    @staticmethod
+    def read(base: str, name: str) -> tuple[bytes, type[Exception] | None]:
+        """The decoded bytes a client gets before the answer ends, and what ended it."""
+        got = b""
+        body = {"model": "m", "prompt": "hi"}
+        try:
+            with httpx.stream(
+                "POST", base + "/api/generate", json=body, headers={"X-Script": name}, timeout=10
+            ) as r:
+                for piece in r.iter_bytes():
+                    got += piece
+        except httpx.HTTPError as exc:
+            return got, type(exc)
+        return got, None
+
+    def check(
+        self, upstream: str, proxy: ProxyProc, name: str, ended: type[Exception] | None = None
+    ) -> dict[str, Any]:
+        direct = self.read(upstream, name)
+        before = len(proxy.records())
+        through = self.read(proxy.url, name)
+        assert direct == through
+        assert direct[1] is (ended or httpx.RemoteProtocolError)  # not a timeout or garbage
+        records = proxy.records()
+        assert before + 1 == len(records)
+        shown = "".join(orjson.loads(line)["response"] for line in direct[0].splitlines(True)
+                        if line.endswith(b"\n"))  # fmt: skip
+        assert shown.startswith("Hel") or ended is not None
+        assert (shown, "upstream_error") == (records[-1]["output_text"], records[-1]["stop_reason"])
+        return records[-1]
+
+    def test_length_framed(self, upstream: str, proxy: ProxyProc) -> None:
+        size = len(b"".join(self.LINES))
+        SCRIPTS["cl-cut"] = Script(
+            [self.LINES[0]],
+            headers={"Content-Type": "application/x-ndjson", "Content-Length": str(size)},
+            cut=True,
+        )
+        self.check(upstream, proxy, "cl-cut")
+
+    def test_compressed(self, upstream: str, proxy: ProxyProc) -> None:
+        words = b"".join(
+            orjson.dumps({"model": "m", "response": f" w{i * 7919 % 1000}", "done": False}) + b"\n"
+            for i in range(300)
+        )
+        packed = gzip.compress(self.LINES[0] + words + self.LINES[1], mtime=0)
+        SCRIPTS["gzip-cut"] = Script(
+            [packed[: len(packed) // 2]],
+            headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+            cut=True,
+        )
+        self.check(upstream, proxy, "gzip-cut")
+
+    def test_labelled_gzip_but_not_gzip(self, upstream: str, proxy: ProxyProc) -> None:
+        """Bytes that do not inflate: relayed as they are (a client fails to decode them, as
+        directly), not replaced by the proxy's event in plain text."""
+        SCRIPTS["not-gzip"] = Script(
+            [self.LINES[0], self.LINES[1]],
+            headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+        )
+        before = len(proxy.records())
+        raw = []
+        for base in (upstream, proxy.url):
+            with httpx.stream(
+                "POST", base + "/api/generate", json={"model": "m", "prompt": "hi"},
+                headers={"X-Script": "not-gzip"}, timeout=10,
+            ) as r:  # fmt: skip
+                raw.append(b"".join(r.iter_raw()))
+        assert raw[0] == raw[1] == self.LINES[0] + self.LINES[1]
+        records = proxy.records()
+        assert before + 1 == len(records)
+        assert records[-1]["stop_reason"] == "upstream_error"
+        assert "Content-Encoding does not match" in records[-1]["error_message"]
+
+    @pytest.mark.parametrize("ctype", ["text/event-stream", "application/x-ndjson"])
+    def test_unfinished_stream_with_a_length(
+        self, upstream: str, proxy: ProxyProc, ctype: str
+    ) -> None:
+        """An error body sent under a stream's type with its length: every byte is relayed (the
+        client waited for the rest before), and nothing is added past the length."""
+        body = b'{"error":{"nested":[1,2]}}'
+        name = f"typed-error-{ctype}"
+        SCRIPTS[name] = Script(
+            [body], status=500, headers={"Content-Type": ctype, "Content-Length": str(len(body))}
+        )
+        path, req = (
+            ("/v1/chat/completions", CHAT) if "event" in ctype
+            else ("/api/generate", {"model": "m", "prompt": "hi"})
+        )  # fmt: skip
+        direct = exchange(upstream, None, name, path, req)
+        status, got, record = exchange(proxy.url, proxy, name, path, req)
+        assert (direct[0], direct[1]) == (status, got) == (500, body)
+        assert record is not None and record["stop_reason"] == "upstream_error"

@@ -19,7 +19,8 @@ Failures, each leaving exactly one record once the request was sent upstream:
 - it fails or stalls past ``--upstream-timeout`` before answering: 502/504, ``upstream_error``;
 - it answers with an error status: relayed as it is, ``upstream_error`` with the status;
 - it cuts or stalls a stream: an error event in the dialect ends the stream, ``upstream_error``
-  with the tokens so far;
+  with the tokens so far (a stream framed by a length, or relayed compressed, cannot take the
+  event: the client's connection is cut after the bytes that came, as the upstream's was);
 - the client goes away mid-stream: the upstream request is closed, ``client_disconnect`` with the
   tokens so far;
 - the proxy shuts down with the exchange in flight: ``interrupted``.
@@ -787,6 +788,11 @@ class ProxyApp:
         if inflate is not None and strip:
             headers.popall("Content-Encoding", None)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        # Where nothing can be added to the relayed bytes (a length to meet, a compressed
+        # stream), an upstream failure reaches the client as the upstream's cut, not an event.
+        can_add = not whole and "Content-Length" not in headers
+        cut_client = False
+        unreadable = False  # compressed bytes that do not inflate: relayed, no longer read
         strict = self.config.durability == "strict"
         capture = ex.capture
         events = SSEEvents() if sse else None
@@ -799,7 +805,22 @@ class ProxyApp:
         try:
             await _prepare(out, request)  # a client gone before the first byte: a disconnect
             async for data in upstream.iter_any():
-                pending += inflate(data) if inflate is not None else data
+                if not unreadable:
+                    try:
+                        pending += inflate(data) if inflate is not None else data
+                    except zlib.error as exc:
+                        if not whole:
+                            raise
+                        capture.error = (
+                            f"upstream sent a body its Content-Encoding does not match: {exc}"
+                        )
+                        unreadable = True
+                if unreadable:  # relayed as they are, as the client would get them directly
+                    if holding:
+                        held.append(data)
+                    else:
+                        await _send(out, data)
+                    continue
                 if len(pending) > MAX_LINE_BYTES:
                     raise _LineTooLong
                 cut = cut_at_line_end(pending) if sse else pending.rfind(b"\n") + 1
@@ -841,7 +862,7 @@ class ProxyApp:
                     event, event_bytes = [], 0
                 if relay:
                     await _send(out, b"".join(relay))
-            if pending:  # a last line without its line end
+            if pending and not unreadable:  # a last line without its line end
                 if not holding:
                     holding = self._feed_line(ex, pending, events) and strict
                 if not whole:  # compressed bytes have gone out (or are held) whole
@@ -859,7 +880,9 @@ class ProxyApp:
             stalled = isinstance(exc, TimeoutError)
             capture.error = f"upstream {'stalled' if stalled else 'closed the stream'}: {exc}"
             stop = "upstream_error"
-            held.append(self._error_event(ex, capture.error, sse))
+            if can_add:
+                held.append(self._error_event(ex, capture.error, sse))
+            cut_client = not can_add
         except (zlib.error, _LineTooLong) as exc:
             capture.error = (
                 f"upstream sent a line longer than {MAX_LINE_BYTES} bytes"
@@ -868,12 +891,19 @@ class ProxyApp:
             )
             stop = "upstream_error"
             upstream.close()
-            held.append(self._error_event(ex, capture.error, sse))
+            if can_add:
+                held.append(self._error_event(ex, capture.error, sse))
+            cut_client = not can_add
+        if unreadable and stop is None:
+            stop = "upstream_error"
         if stop is None and not capture.finished and capture.error is None:
             capture.error = "upstream closed the stream before its end"
             stop = "upstream_error"
-            held.append(self._error_event(ex, capture.error, sse))
-        elif stop is None:  # an SSE event cut short after the end: relayed (a client drops it)
+            if can_add:  # else the client has a whole body, as it would have directly
+                held.append(self._error_event(ex, capture.error, sse))
+        if stop is None or not can_add:
+            # An SSE event cut short after the end: relayed (a client drops it). And with a
+            # length to meet, an unfinished event's bytes go out too, before any cut.
             held[:0] = strip_event(event, strip)
         if stop == "client_disconnect":
             upstream.close()
@@ -881,13 +911,18 @@ class ProxyApp:
             await self._record(ex, stop)
         except StoreError as exc:
             if not self.config.fail_open:
-                held = [self._error_event(ex, f"final chunk withheld, not audited: {exc}", sse)]
+                message = f"final chunk withheld, not audited: {exc}"
+                held = [self._error_event(ex, message, sse)] if can_add else []
+                cut_client = cut_client or not can_add
         if stop == "client_disconnect":
             return out
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
             if held:
                 await out.write(b"".join(held))
-            await out.write_eof()
+            if not cut_client:
+                await out.write_eof()
+        if cut_client and request.transport is not None:
+            request.transport.close()
         return out
 
     def _feed_line(self, ex: _Exchange, line: bytes, events: SSEEvents | None) -> bool:
