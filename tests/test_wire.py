@@ -15,6 +15,7 @@ import itertools
 import socket
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -558,26 +559,65 @@ class TestUpstreamCutsWhereNothingCanBeAdded:
         )
         self.check(upstream, proxy, "gzip-cut")
 
-    def test_labelled_gzip_but_not_gzip(self, upstream: str, proxy: ProxyProc) -> None:
-        """Bytes that do not inflate: relayed as they are (a client fails to decode them, as
-        directly), not replaced by the proxy's event in plain text."""
-        SCRIPTS["not-gzip"] = Script(
-            [self.LINES[0], self.LINES[1]],
-            headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
-        )
+    @pytest.mark.parametrize("encoding", ["gzip", "br"])
+    def test_bytes_the_proxy_cannot_decode_are_not_relayed(
+        self, upstream: str, proxy: ProxyProc, encoding: str
+    ) -> None:
+        """Bytes that do not inflate (plain text labelled gzip), or in an encoding the proxy
+        does not read: none of them reaches the client (some client may read what the proxy
+        cannot, and it would have content the ledger does not), the stream is cut, and the
+        record says why. A body gets a 502 in the dialect instead."""
+        name = f"undecodable-{encoding}"
+        headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": encoding}
+        SCRIPTS[name] = Script([self.LINES[0], self.LINES[1]], headers=headers)
         before = len(proxy.records())
-        raw = []
-        for base in (upstream, proxy.url):
-            with httpx.stream(
-                "POST", base + "/api/generate", json={"model": "m", "prompt": "hi"},
-                headers={"X-Script": "not-gzip"}, timeout=10,
-            ) as r:  # fmt: skip
-                raw.append(b"".join(r.iter_raw()))
-        assert raw[0] == raw[1] == self.LINES[0] + self.LINES[1]
+        with httpx.stream(
+            "POST", proxy.url + "/api/generate", json={"model": "m", "prompt": "hi"},
+            headers={"X-Script": name}, timeout=10,
+        ) as r:  # fmt: skip
+            got = b""
+            with pytest.raises(httpx.RemoteProtocolError):
+                for piece in r.iter_raw():
+                    got += piece
+        assert got == b""
         records = proxy.records()
         assert before + 1 == len(records)
         assert records[-1]["stop_reason"] == "upstream_error"
         assert "Content-Encoding does not match" in records[-1]["error_message"]
+
+        SCRIPTS[name + "-body"] = Script(
+            [b'{"model":"m","response":"Hello","done":true}'],
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        )
+        status, got, record = exchange(
+            proxy.url, proxy, name + "-body", "/api/generate", {"model": "m", "stream": False}
+        )
+        assert status == 502 and orjson.loads(got)["error"].startswith("tokentrail: upstream")
+        assert record is not None and record["stop_reason"] == "upstream_error"
+        assert record["output_text"] == ""
+
+    @pytest.mark.parametrize("stream", [True, False])
+    def test_raw_deflate_is_read(self, upstream: str, proxy: ProxyProc, stream: bool) -> None:
+        """``deflate`` without its zlib header, as some servers send it and clients (httpx,
+        aiohttp, browsers) read it: read by the proxy too, relayed and recorded."""
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        lines = self.LINES if stream else (orjson.dumps({"model": "m", "response": "Hello",
+                                                         "done": True}),)  # fmt: skip
+        data = packer.compress(b"".join(lines)) + packer.flush()
+        name = f"raw-deflate-{stream}"
+        SCRIPTS[name] = Script(
+            [data[:10], data[10:]],
+            headers={
+                "Content-Type": "application/x-ndjson" if stream else "application/json",
+                "Content-Encoding": "deflate",
+            },
+        )
+        body = {"model": "m", "prompt": "hi", "stream": stream}
+        direct = exchange(upstream, None, name, "/api/generate", body)
+        status, got, record = exchange(proxy.url, proxy, name, "/api/generate", body)
+        assert (direct[0], direct[1]) == (status, got) == (200, b"".join(lines))
+        assert record is not None
+        assert (record["output_text"], record.get("error_message")) == ("Hello", None)
 
     @pytest.mark.parametrize("ctype", ["text/event-stream", "application/x-ndjson"])
     def test_unfinished_stream_with_a_length(

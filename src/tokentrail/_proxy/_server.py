@@ -21,6 +21,8 @@ Failures, each leaving exactly one record once the request was sent upstream:
 - it cuts or stalls a stream: an error event in the dialect ends the stream, ``upstream_error``
   with the tokens so far (a stream framed by a length, or relayed compressed, cannot take the
   event: the client's connection is cut after the bytes that came, as the upstream's was);
+- it sends bytes that do not decode under its ``Content-Encoding``: not relayed (the proxy
+  cannot record them), a stream cut there, a body answered 502, ``upstream_error``;
 - the client goes away mid-stream: the upstream request is closed, ``client_disconnect`` with the
   tokens so far;
 - the proxy shuts down with the exchange in flight: ``interrupted``.
@@ -39,7 +41,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -729,14 +731,20 @@ class ProxyApp:
             status = 504 if stalled else 502  # what the client gets, and so what is recorded
             await self._record(ex, "upstream_error", status=status)
             return error_response(ex.dialect, status, f"tokentrail: {ex.capture.error}")
-        text = raw
         try:
             text = _decoded(raw, upstream.headers.get("Content-Encoding"))
+        except zlib.error as exc:
+            # Not relayed: what the proxy cannot read would reach the client unrecorded.
+            watch.stop()
+            ex.capture.error = f"upstream sent a body the proxy cannot decode: {exc}"
+            await self._record(ex, "upstream_error", status=502)
+            return error_response(ex.dialect, 502, f"tokentrail: {ex.capture.error}")
+        try:
             answer = loads(text)
             if ex.dialect == "ollama" and isinstance(answer, dict) and "choices" in answer:
                 strip = self._speaks_openai(ex, strip)
             ex.capture.feed(answer)
-        except (ValueError, zlib.error):
+        except ValueError:
             ex.capture.error = f"upstream sent a body that is not JSON (HTTP {upstream.status})"
         watch.stop()
         failed = upstream.status >= 300  # an error, or a redirect: no answer either way
@@ -779,7 +787,7 @@ class ProxyApp:
         *,
         sse: bool,
     ) -> web.StreamResponse:
-        encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
         inflate = _inflater(encoding)
         headers = client_response_headers(upstream.headers, keep_length=not strip)
         # Relayed as they came, unless token data is to be taken out of a compressed stream
@@ -792,7 +800,6 @@ class ProxyApp:
         # stream), an upstream failure reaches the client as the upstream's cut, not an event.
         can_add = not whole and "Content-Length" not in headers
         cut_client = False
-        unreadable = False  # compressed bytes that do not inflate: relayed, no longer read
         strict = self.config.durability == "strict"
         capture = ex.capture
         events = SSEEvents() if sse else None
@@ -805,22 +812,9 @@ class ProxyApp:
         try:
             await _prepare(out, request)  # a client gone before the first byte: a disconnect
             async for data in upstream.iter_any():
-                if not unreadable:
-                    try:
-                        pending += inflate(data) if inflate is not None else data
-                    except zlib.error as exc:
-                        if not whole:
-                            raise
-                        capture.error = (
-                            f"upstream sent a body its Content-Encoding does not match: {exc}"
-                        )
-                        unreadable = True
-                if unreadable:  # relayed as they are, as the client would get them directly
-                    if holding:
-                        held.append(data)
-                    else:
-                        await _send(out, data)
-                    continue
+                # Bytes that do not inflate stop here, not relayed: what the proxy cannot read
+                # would reach the client unrecorded (a client may read what zlib does not).
+                pending += inflate(data) if inflate is not None else data
                 if len(pending) > MAX_LINE_BYTES:
                     raise _LineTooLong
                 cut = cut_at_line_end(pending) if sse else pending.rfind(b"\n") + 1
@@ -862,7 +856,7 @@ class ProxyApp:
                     event, event_bytes = [], 0
                 if relay:
                     await _send(out, b"".join(relay))
-            if pending and not unreadable:  # a last line without its line end
+            if pending:  # a last line without its line end
                 if not holding:
                     holding = self._feed_line(ex, pending, events) and strict
                 if not whole:  # compressed bytes have gone out (or are held) whole
@@ -894,8 +888,6 @@ class ProxyApp:
             if can_add:
                 held.append(self._error_event(ex, capture.error, sse))
             cut_client = not can_add
-        if unreadable and stop is None:
-            stop = "upstream_error"
         if stop is None and not capture.finished and capture.error is None:
             capture.error = "upstream closed the stream before its end"
             stop = "upstream_error"
@@ -1031,15 +1023,40 @@ def _untyped(ctype: str) -> bool:
     return main in ("", "text/plain", "application/octet-stream")
 
 
-def _inflater(encoding: str) -> Any:
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        d = zlib.decompressobj(47)  # zlib or gzip header, detected
-        return d.decompress
-    return None
+def _wbits(encoding: str, first: bytes) -> int:
+    """zlib's window bits for a body in ``encoding`` that starts with ``first``: gzip, or
+    deflate with its zlib header or without (raw deflate, which clients read too, as aiohttp
+    does); ``zlib.error`` for an encoding the proxy cannot read."""
+    if encoding in ("gzip", "x-gzip"):
+        return 16 + zlib.MAX_WBITS
+    if encoding == "deflate":
+        return zlib.MAX_WBITS if first and first[0] & 0x0F == 8 else -zlib.MAX_WBITS
+    raise zlib.error(f"Content-Encoding {encoding!r} is not one the proxy reads")
+
+
+def _inflater(encoding: str) -> Callable[[bytes], bytes] | None:
+    """What decodes a stream in ``encoding`` piece by piece (``None``: it is not encoded).
+
+    A piece that does not decode raises ``zlib.error``, and so does every piece of an encoding
+    the proxy cannot read: such bytes are never relayed (see ``_relay_stream``).
+    """
+    if encoding in ("", "identity"):
+        return None
+    state: list[Any] = []
+
+    def inflate(data: bytes) -> bytes:
+        if not state:
+            if not data:
+                return b""
+            state.append(zlib.decompressobj(_wbits(encoding, data)))
+        return bytes(state[0].decompress(data))
+
+    return inflate
 
 
 def _decoded(raw: bytes, encoding: str | None) -> bytes:
-    if encoding and encoding.lower() in ("gzip", "x-gzip", "deflate"):
-        with contextlib.suppress(zlib.error):
-            return zlib.decompress(raw, 47)
-    return raw
+    """A whole body decoded; ``zlib.error`` when it does not decode (or cannot be)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity" or not raw:
+        return raw
+    return zlib.decompress(raw, _wbits(encoding, raw))
