@@ -1291,6 +1291,13 @@ class TestConfig:
         with pytest.raises(ConfigError, match="root URL"):
             build_config(ctx.params, None)
 
+    @pytest.mark.parametrize("upstream", ["http://h:8000/?x=1", "http://h:8000#f", "http://h?"])
+    def test_upstream_has_no_query(self, upstream: str) -> None:
+        """A query or fragment in --upstream is refused, not dropped (or glued to each path)."""
+        ctx = serve_command.make_context("serve", ["--upstream", upstream])
+        with pytest.raises(ConfigError, match="without a query or fragment"):
+            build_config(ctx.params, None)
+
     def test_precedence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Command line beats TOKENTRAIL_* beats the config file beats the default."""
         cfg = tmp_path / "tt.toml"

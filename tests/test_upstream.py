@@ -408,3 +408,125 @@ async def test_lines_ended_by_lf_alone_are_read(serve) -> None:
     async with await pool(server.url).post("/api/chat", b"{}", HEADERS) as r:
         assert (r.status, r.headers["Content-Type"]) == (200, "application/json")
         assert await r.read() == b"{}"
+
+
+async def test_cancelled_after_a_whole_answer_leaves_the_pooled_connection(serve) -> None:
+    """The head and the whole body came in one read (the connection back in the pool) and the
+    wait for the head is then cancelled: the connection stays for the next exchange (closing
+    it cut another exchange's request, already sent on it)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await serve(handler)
+    p = pool(server.url)
+    task = asyncio.ensure_future(p.post("/a", b"{}", HEADERS))
+    for _ in range(200):  # until the answer is in and the connection pooled, task not resumed
+        await asyncio.sleep(0)
+        if p.idle:
+            break
+    else:
+        pytest.skip("the answer did not come within the loop's turns")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(p.idle) == 1 and not p.idle[0].closed
+    async with await p.post("/b", b"{}", HEADERS) as r:
+        assert await r.read() == b"{}"
+    assert server.connections == 1
+
+
+async def test_a_stray_answer_begun_after_the_answer_is_not_pooled(serve) -> None:
+    """Bytes after a whole answer that begin another (cut) message: the connection is closed,
+    not pooled with its parser inside that message for the next exchange to read."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nX")
+            await writer.drain()
+
+    server = await serve(handler)
+    p = pool(server.url)
+    for _ in range(2):
+        async with await p.post("/api/chat", b"{}", HEADERS) as r:
+            assert await r.read() == b"hello"
+        assert not p.idle
+    assert server.connections == 2
+
+
+async def test_a_transfer_coding_that_is_not_chunked_runs_to_the_close(serve) -> None:
+    """``Transfer-Encoding: gzip`` alone: the body ends with the connection (RFC 9112 §6.3), as
+    aiohttp read it, not "closed before the answer's end"."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc")
+        await writer.drain()
+        writer.close()
+
+    server = await serve(handler)
+    async with await pool(server.url).post("/api/chat", b"{}", HEADERS) as r:
+        assert await r.read() == b"abc"
+
+
+async def test_a_connect_timeout_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing was sent: told as unreachable (502, no record), not as an answer that did not
+    come (504 and a record of an exchange the upstream never saw)."""
+    loop = asyncio.get_running_loop()
+
+    async def never(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(loop, "create_connection", never)  # the network's side: a lost SYN
+    p = Pool("http://192.0.2.1:80", connect_timeout=0.1, read_timeout=5)
+    with pytest.raises(UpstreamUnreachable, match=r"no answer within 0\.1s"):
+        await p.post("/api/chat", b"{}", HEADERS)
+
+
+async def test_idle_connections_are_closed_while_idle(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle connection is closed after the keep-alive time even if no request comes (a
+    server with no idle timeout of its own, as Ollama's, would keep it for ever)."""
+    import tokentrail._proxy._upstream as upstream_module
+
+    monkeypatch.setattr(upstream_module, "KEEPALIVE_S", 0.2)
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+        closed.set()
+
+    server = await serve(handler)
+    p = pool(server.url)
+    async with await p.post("/api/chat", b"{}", HEADERS) as r:
+        assert await r.read() == b"ok"
+    assert len(p.idle) == 1
+    await asyncio.wait_for(closed.wait(), 5)
+    assert not p.idle and not p.open
+
+
+async def test_an_answer_before_the_body_was_sent_is_not_pooled(serve) -> None:
+    """A server that answers (413, say) before reading a large body: the connection is not
+    pooled with the rest of that body still to send, into the next request's place."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        server.heads.append(b"")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    server = await serve(handler)
+    p = pool(server.url)
+    async with await p.post("/api/chat", b"x" * (32 << 20), HEADERS) as r:
+        assert r.status == 413
+        assert await r.read() == b""
+    assert not p.idle

@@ -68,6 +68,10 @@ def check_upstream(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"--upstream must be an http(s) URL, not {value!r}")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ConfigError(
+            f"--upstream is the model server's root URL, without a query or fragment: {value!r}"
+        )
     base = value.rstrip("/")
     if base.endswith(("/v1", "/api")):
         # Clients call the proxy at /v1/chat/completions, /api/chat …, and it forwards that

@@ -8,11 +8,11 @@ every exchange is made here. Pass-through paths and the ``/api/tags`` lookups ke
 
 What it does as aiohttp's client did: the client's headers, then ``Content-Length``, under a
 ``Host`` of the upstream's; no retry of a ``POST`` on a reused connection that fails (RFC 9112
-§9.3.1: the model may have started); an idle connection is dropped after
-:data:`KEEPALIVE_S`; a connect timeout and a read timeout (no byte for that long, waiting for
-the head or the next piece of the body); 1xx answers skipped; lines ended by LF alone read;
-bodies framed by length, by chunks or by the connection's close; a reader that falls behind
-pauses the socket.
+§9.3.1: the model may have started); an idle connection is closed after :data:`KEEPALIVE_S`;
+a read timeout (the head must come within it of the request's sending, and then each piece of
+the body within it of the last); 1xx answers skipped; lines ended by LF alone read; bodies
+framed by length, by chunks or by the connection's close; a reader that falls behind pauses
+the socket. Unlike aiohttp's, a connect timeout is told as unreachable (nothing was sent).
 """
 
 from __future__ import annotations
@@ -240,6 +240,8 @@ class _Conn(asyncio.Protocol):
 
     # httptools' callbacks.
     def on_message_begin(self) -> None:
+        if self.response is None:  # an answer to nothing asked: this connection cannot be trusted
+            self.close()
         self._reason = b""
         self._headers = []
         self._framed = False
@@ -251,8 +253,11 @@ class _Conn(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         lower = name.lower()
-        if lower == b"content-length" or (lower == b"transfer-encoding" and value.strip()):
-            self._framed = True
+        if lower == b"content-length" or (
+            lower == b"transfer-encoding"
+            and value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        ):
+            self._framed = True  # else the body runs to the close (RFC 9112 §6.3)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -285,7 +290,8 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         response._end(None)
-        if self.parser.should_keep_alive() and not self.closed:
+        unsent = self.transport is not None and self.transport.get_write_buffer_size() > 0
+        if self.parser.should_keep_alive() and not self.closed and not unsent:
             self.resume()  # paused for a reader behind on this answer: the next is another's
             self.pool.keep(self)
         else:
@@ -305,20 +311,40 @@ class Pool:
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
         self.prefix = parts.path.rstrip("/")
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")  # as aiohttp sent it
         default = 443 if secure else 80
         self.host_header = host if self.port == default else f"{host}:{self.port}"
         self.auth: str | None = None
         if parts.username is not None:  # credentials in the URL: Basic, as aiohttp sent them
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            self.auth = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            try:
+                raw = pair.encode("latin-1")  # as aiohttp's BasicAuth encodes it
+            except UnicodeEncodeError:
+                raw = pair.encode()
+            self.auth = "Basic " + base64.b64encode(raw).decode("ascii")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle: list[_Conn] = []
         self.open: set[_Conn] = set()
+        self._prune_timer: asyncio.TimerHandle | None = None
 
     def keep(self, conn: _Conn) -> None:
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
+        if self._prune_timer is None:
+            loop = asyncio.get_running_loop()
+            self._prune_timer = loop.call_later(KEEPALIVE_S, self._prune)
+
+    def _prune(self) -> None:
+        """Close the connections idle for :data:`KEEPALIVE_S` (a server may never close them)."""
+        self._prune_timer = None
+        now = time.monotonic()
+        for conn in [c for c in self.idle if now - c.idle_since >= KEEPALIVE_S]:
+            conn.close()
+        if self.idle:
+            loop = asyncio.get_running_loop()
+            self._prune_timer = loop.call_later(KEEPALIVE_S, self._prune)
 
     def forget(self, conn: _Conn) -> None:
         self.open.discard(conn)
@@ -329,7 +355,8 @@ class Pool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+            usable = conn.transport is not None and not conn.transport.is_closing()
+            if usable and not conn.closed and now - conn.idle_since < KEEPALIVE_S:
                 return conn
             conn.close()
         loop = asyncio.get_running_loop()
@@ -342,8 +369,10 @@ class Pool:
         )
         try:
             _, conn = await asyncio.wait_for(connect, self.connect_timeout)
-        except TimeoutError:  # an OSError too, since Python 3.11: told apart first
-            raise
+        except TimeoutError as exc:  # (an OSError too: told apart first)
+            raise UpstreamUnreachable(
+                f"cannot connect to {self.host_header}: no answer within {self.connect_timeout:g}s"
+            ) from exc
         except OSError as exc:
             raise UpstreamUnreachable(
                 f"cannot connect to {self.host_header}: {exc.strerror or exc}"
@@ -372,7 +401,10 @@ class Pool:
         try:
             await head
         except BaseException:
-            conn.close()  # a timeout, a failure, a cancellation: this answer is not read
+            # A timeout, a failure, a cancellation: this answer is not read, and its connection
+            # is closed, unless the answer came whole and the connection went to the pool, where
+            # another exchange may have it already.
+            response.close()
             raise
         finally:
             if timer is not None:
@@ -380,6 +412,9 @@ class Pool:
         return response
 
     def close(self) -> None:
+        if self._prune_timer is not None:
+            self._prune_timer.cancel()
+            self._prune_timer = None
         for conn in list(self.open):
             conn.close()
         self.idle.clear()
