@@ -405,7 +405,7 @@ class ProxyApp:
         self.retries = RetryIndex()
         self.unaudited_seen: set[str] = set()  # "METHOD /path" already warned about
         self.digests = ModelDigests(session, config.upstream, config.tags_ttl_s)
-        self.timeout = aiohttp.ClientTimeout(
+        self.timeout = aiohttp.ClientTimeout(  # pass-through's (audited: the pool's own)
             total=None, connect=config.connect_timeout, sock_read=config.upstream_timeout
         )
         self.records = 0
