@@ -376,6 +376,34 @@ class TestOddButLegalStreams:
             record.get("error_message"),
         )
 
+    def test_gzip_final_line_without_a_newline_waits_for_its_record(
+        self, upstream: str, proxy: ProxyProc
+    ) -> None:
+        """Strict durability: the compressed chunk that holds a final line with no line end is
+        held until the record is on disk, as any final piece is (it went out at once, and the
+        client had the whole answer while the upstream had yet to end the stream)."""
+        lines = [
+            {"model": "m", "response": "Hel", "done": False},
+            {"model": "m", "response": "lo", "done": True, "done_reason": "stop"},
+        ]
+        data = gzip.compress(orjson.dumps(lines[0]) + b"\n" + orjson.dumps(lines[1]), mtime=0)
+        SCRIPTS["gzip-tail-slow-end"] = Script(
+            [data],
+            headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+            pause_s=1.5,  # the upstream ends the stream that long after its last bytes
+        )
+        before = len(proxy.records())
+        got = b""
+        with httpx.stream(
+            "POST", proxy.url + "/api/generate", json={"model": "m", "prompt": "hi"},
+            headers={"X-Script": "gzip-tail-slow-end"}, timeout=10,
+        ) as r:  # fmt: skip
+            for piece in r.iter_raw():
+                got += piece
+                if got == data:  # the whole answer is here: its record must be too
+                    assert before + 1 == len(proxy.records())
+        assert got == data
+
     def test_html_answer_to_a_stream_stays_a_body(self, upstream: str, proxy: ProxyProc) -> None:
         """An HTML page (a misconfigured gateway's, say) answering a stream request is relayed
         as it is and recorded as not JSON: only untyped bodies are read as the stream."""

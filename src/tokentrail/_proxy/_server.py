@@ -800,6 +800,7 @@ class ProxyApp:
         # stream), an upstream failure reaches the client as the upstream's cut, not an event.
         can_add = not whole and "Content-Length" not in headers
         cut_client = False
+        tail_held = False  # compressed: a final line without its line end is in a held chunk
         strict = self.config.durability == "strict"
         capture = ex.capture
         events = SSEEvents() if sse else None
@@ -827,7 +828,11 @@ class ProxyApp:
                     for line in lines:
                         if not holding:
                             holding = self._feed_line(ex, line, events) and strict
-                    if holding:
+                    if strict and not (holding or tail_held) and events is None and pending:
+                        # The last line may come without its line end: one that reads as the
+                        # final piece holds its chunk (and any after it) until the record.
+                        tail_held = _may_be_last(ex.capture, pending)
+                    if holding or tail_held:
                         held.append(data)
                     else:
                         await _send(out, data)
@@ -1015,6 +1020,14 @@ class ProxyApp:
             status=status if status is not None else ex.status,
             extra=ex.meta_base,
         )
+
+
+def _may_be_last(capture: Capture, text: bytes) -> bool:
+    """Whether ``text``, a line without its line end so far, reads as the stream's final piece."""
+    try:
+        return capture.is_last(loads(text))
+    except ValueError:
+        return False
 
 
 def _untyped(ctype: str) -> bool:
