@@ -1003,12 +1003,18 @@ class TestConfigAndCli:
         ):
             assert text in result.output
 
-    def test_serves_from_command_line(self) -> None:
-        """``sim`` started as a process serves on the port it reports, until interrupted."""
+    @pytest.mark.parametrize("sigint", ["default", "ignored"])
+    def test_serves_from_command_line(self, sigint: str) -> None:
+        """``sim`` started as a process serves on the port it reports, until interrupted; also
+        when started with SIGINT ignored, as a shell script's background jobs are."""
         code = "from tokentrail._sim import sim_command; sim_command()"
         args = ["--mode", "llamacpp", "--listen", "127.0.0.1:0", "--model", "m1"]
+        disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
         )
         try:
             assert proc.stdout is not None
@@ -1018,7 +1024,10 @@ class TestConfigAndCli:
             assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "m1"
         finally:
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=10) == 0
+            try:
+                assert proc.wait(timeout=10) == 0
+            finally:
+                proc.kill()  # not left running if it did not stop
 
     def test_bad_listen(self) -> None:
         """A malformed ``--listen`` is a one-line error."""

@@ -99,6 +99,9 @@ def sim_command(
             await asyncio.Event().wait()
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a server stops on SIGTERM, quietly
+    # And on SIGINT, even started where it is ignored (a script's background job): Ctrl+C's
+    # signal is how it is told to stop, and asyncio.run only acts on it if it is not ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         asyncio.run(serve())
     except KeyboardInterrupt:
