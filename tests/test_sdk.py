@@ -797,8 +797,14 @@ class TestFaults:
         )
         with pytest.raises(openai.APITimeoutError):
             oai.chat.completions.create(model=MODEL, messages=MSGS, extra_headers=stall)
+        # (the short timeout is the stall's: an error status answered on a busy machine may
+        # take longer than 0.3 s)
+        oai_err = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k", max_retries=0),
+            ledger=recorder,
+        )
         with pytest.raises(openai.InternalServerError):
-            oai.chat.completions.create(
+            oai_err.chat.completions.create(
                 model=MODEL, messages=MSGS, extra_headers={"X-Sim-Fault": "500"}
             )
         cut = audit(
