@@ -810,6 +810,15 @@ class ProxyApp:
         held: list[bytes] = []  # the final piece, released after the record (strict)
         holding = False
         stop: str | None = None
+
+        def fail(message: str) -> None:
+            """End the client's stream on a failure: the dialect's error event, or a cut."""
+            nonlocal cut_client
+            if can_add:
+                held.append(self._error_event(ex, message, sse))
+            else:
+                cut_client = True
+
         try:
             await _prepare(out, request)  # a client gone before the first byte: a disconnect
             async for data in upstream.iter_any():
@@ -879,9 +888,7 @@ class ProxyApp:
             stalled = isinstance(exc, TimeoutError)
             capture.error = f"upstream {'stalled' if stalled else 'closed the stream'}: {exc}"
             stop = "upstream_error"
-            if can_add:
-                held.append(self._error_event(ex, capture.error, sse))
-            cut_client = not can_add
+            fail(capture.error)
         except (zlib.error, _LineTooLong) as exc:
             capture.error = (
                 f"upstream sent a line longer than {MAX_LINE_BYTES} bytes"
@@ -890,9 +897,7 @@ class ProxyApp:
             )
             stop = "upstream_error"
             upstream.close()
-            if can_add:
-                held.append(self._error_event(ex, capture.error, sse))
-            cut_client = not can_add
+            fail(capture.error)
         if stop is None and not capture.finished and capture.error is None:
             capture.error = "upstream closed the stream before its end"
             stop = "upstream_error"
@@ -908,9 +913,8 @@ class ProxyApp:
             await self._record(ex, stop)
         except StoreError as exc:
             if not self.config.fail_open:
-                message = f"final chunk withheld, not audited: {exc}"
-                held = [self._error_event(ex, message, sse)] if can_add else []
-                cut_client = cut_client or not can_add
+                held.clear()
+                fail(f"final chunk withheld, not audited: {exc}")
         if stop == "client_disconnect":
             return out
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
