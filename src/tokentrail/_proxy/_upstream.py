@@ -43,6 +43,9 @@ class UpstreamBroken(Exception):
     """The connection failed, or the upstream broke HTTP, after the request was sent."""
 
 
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
@@ -75,7 +78,7 @@ class Response:
         self.error: BaseException | None = None
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS  # until the head comes
 
     # The connection's side.
     def _wake(self) -> None:
