@@ -13,8 +13,8 @@ from tokentrail import Exchange
 
 def exchange(rng: random.Random, n_in: int = 1000, n_out: int = 300) -> Exchange:
     """An exchange of ``n_in`` input and ``n_out`` output token ids, with its texts."""
-    input_tokens = [rng.randrange(0, 128_000) for _ in range(n_in)]
-    output_tokens = [rng.randrange(0, 128_000) for _ in range(n_out)]
+    input_tokens: list[int | str | list[int]] = [rng.randrange(0, 128_000) for _ in range(n_in)]
+    output_tokens: list[int | str | list[int]] = [rng.randrange(0, 128_000) for _ in range(n_out)]
     return Exchange(
         model="llama3.2:1b",
         model_version="sha256:a80c4f17acd5",

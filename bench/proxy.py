@@ -27,12 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import uvloop
 
 from _common import table
+from rawclient import RawClient
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "llama3.2:1b"
@@ -103,9 +106,27 @@ class Result:
         return len(self.latencies) / self.seconds
 
 
-async def run_cell(
-    session: aiohttp.ClientSession, url: str, body: dict[str, object], total: int, conc: int
-) -> Result:
+#: One exchange: returns the time its first body bytes came and how many body chunks came.
+Post = Callable[[], Awaitable[tuple[float, int]]]
+
+
+def aiohttp_post(session: aiohttp.ClientSession, url: str, body: dict[str, object]) -> Post:
+    async def post() -> tuple[float, int]:
+        first = None
+        chunks = 0
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{url} answered {r.status}")
+            async for _chunk in r.content.iter_any():
+                if first is None:
+                    first = time.perf_counter()
+                chunks += 1
+        return first or time.perf_counter(), chunks
+
+    return post
+
+
+async def run_cell(post: Post, total: int, conc: int) -> Result:
     latencies: list[float] = []
     ttfts: list[float] = []
     chunks = 0
@@ -115,15 +136,11 @@ async def run_cell(
         nonlocal chunks
         for _ in todo:
             t0 = time.perf_counter()
-            first = None
-            async with session.post(url, json=body) as r:
-                async for _chunk in r.content.iter_any():
-                    if first is None:
-                        first = time.perf_counter()
-                    chunks += 1
+            first, n = await post()
             t1 = time.perf_counter()
+            chunks += n
             latencies.append(t1 - t0)
-            ttfts.append((first or t1) - t0)
+            ttfts.append(first - t0)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(conc)))
@@ -158,7 +175,7 @@ def merged(parts: list[Result]) -> Result:
     )
 
 
-async def main() -> None:
+def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["ollama", "openai"], default="ollama")
     parser.add_argument("--requests", type=int, default=400, help="requests per cell and path")
@@ -167,6 +184,11 @@ async def main() -> None:
     parser.add_argument(
         "--floors", default="aiohttp,raw",
         help="bare forwarders to measure beside the proxy (aiohttp, raw; '' for none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client", choices=["raw", "aiohttp"], default="raw",
+        help="load generator: raw (asyncio protocols + httptools, on uvloop; lean) or aiohttp's "
+        "client (what the README's figures before 2026-11-28's twelfth session used)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=4, help="alternations per cell")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="simulator: time to first token")
@@ -185,6 +207,11 @@ async def main() -> None:
         print("note: the raw floor needs httptools (pip install httptools); skipped")
         floors.remove("raw")
 
+    run = asyncio.run if args.client == "aiohttp" else uvloop.run  # aiohttp: as before
+    run(main(args, levels, floors))
+
+
+async def main(args: argparse.Namespace, levels: list[int], floors: list[str]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tokentrail-bench-"))
     sim_port, proxy_port = free_port(), free_port()
     pacing = ["--ttft-ms", str(args.ttft_ms), "--token-ms", str(args.token_ms)]
@@ -212,22 +239,34 @@ async def main() -> None:
             for stream in (False, True):
                 path, body = request_for(args.mode, stream)
                 for conc in levels:
-                    for base, _ in paths.values():  # warm up every path's connections
-                        await run_cell(session, base + path, body, min(50, args.requests), conc)
+                    raws = [RawClient(base + path, body) for base, _ in paths.values()]
+                    posts = {
+                        name: raws[i].post if args.client == "raw"
+                        else aiohttp_post(session, base + path, body)
+                        for i, (name, (base, _)) in enumerate(paths.items())
+                    }  # fmt: skip
+                    for post in posts.values():  # warm up every path's connections
+                        await run_cell(post, min(50, args.requests), conc)
                     # Alternate the paths in rounds, so drift on a noisy machine hits them alike.
                     parts: dict[str, list[Result]] = {name: [] for name in paths}
-                    cpu = {name: [0.0, 0.0] for name in paths}  # seconds: middle, simulator
+                    # seconds: the process in the middle, the simulator, the load generator
+                    cpu = {name: [0.0, 0.0, 0.0] for name in paths}
                     n = args.requests // args.rounds
                     for _ in range(args.rounds):
-                        for name, (base, pid) in paths.items():
-                            before = cpu_seconds(pid), cpu_seconds(sim.pid)
-                            parts[name].append(await run_cell(session, base + path, body, n, conc))
+                        for name, (_, pid) in paths.items():
+                            before = cpu_seconds(pid), cpu_seconds(sim.pid), time.process_time()
+                            parts[name].append(await run_cell(posts[name], n, conc))
                             cpu[name][0] += cpu_seconds(pid) - before[0]
                             cpu[name][1] += cpu_seconds(sim.pid) - before[1]
+                            cpu[name][2] += time.process_time() - before[2]
+                    for raw in raws:
+                        raw.close()
                     d = merged(parts["direct"])
                     for name in paths:
                         p = merged(parts[name])
-                        middle_us, sim_us = (c * 1e6 / len(p.latencies) for c in cpu[name])
+                        middle_us, sim_us, client_us = (
+                            c * 1e6 / len(p.latencies) for c in cpu[name]
+                        )
                         added = name != "direct"
                         per_chunk = (
                             (statistics.median(p.latencies) - statistics.median(d.latencies))
@@ -245,6 +284,7 @@ async def main() -> None:
                             if stream and added else "",
                             f"{per_chunk:+.3f}" if stream and added else "",
                             f"{p.rps:.0f}", f"{middle_us:.0f}" if added else "", f"{sim_us:.0f}",
+                            f"{client_us:.0f}",
                         ))  # fmt: skip
     finally:
         for proc in procs:
@@ -253,14 +293,16 @@ async def main() -> None:
     head = (
         "exchange", "conc", "path", "p50 ms", "p99 ms", "added p50", "added p99",
         "added TTFT p50", "added/chunk p50", "req/s", "proxy CPU µs/req", "sim CPU µs/req",
+        "client CPU µs/req",
     )  # fmt: skip
     print(
         f"tokentrail proxy overhead ({args.mode} dialect, {args.durability} durability, "
-        f"{args.requests} requests per cell and path in {args.rounds} rounds, simulator "
+        f"{args.requests} requests per cell and path in {args.rounds} rounds, {args.client} "
+        f"load generator, simulator "
         f"ttft {args.ttft_ms:g} ms, {args.token_ms:g} ms/token; ledger {tmp / 'ledger'})"
     )
     print(table(head, rows))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    cli()
