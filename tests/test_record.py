@@ -20,11 +20,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokentrail import _record
 from tokentrail._errors import ConfigError
 from tokentrail._record import (
     Exchange,
     clean_text,
     encode_line,
+    now_rfc3339,
     piece,
     rfc3339,
     text_hash,
@@ -419,6 +421,35 @@ class TestRfc3339:
         assert RFC3339.match(text), text
         back = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         assert abs(back.timestamp() - seconds) <= 1e-6 * max(1.0, seconds / 1e9)
+
+    def test_now_follows_the_clock_across_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The current time's text changes with each second, a year's end included (the part
+        up to the seconds is formatted once a second), and is truncated, not rounded."""
+        ticks = iter([
+            1_767_225_599_999_999_999,  # 2025-12-31T23:59:59.999999999
+            1_767_225_600_000_000_000,
+            1_767_225_600_000_001_000,
+            1_767_225_601_500_000_000,
+            1_767_225_599_000_000_000,  # a clock set back
+        ])  # fmt: skip
+        monkeypatch.setattr(_record, "_clock_ns", lambda: next(ticks))
+        seen = [now_rfc3339() for _ in range(5)]
+        assert seen == [
+            "2025-12-31T23:59:59.999999Z",
+            "2026-01-01T00:00:00.000000Z",
+            "2026-01-01T00:00:00.000001Z",
+            "2026-01-01T00:00:01.500000Z",
+            "2025-12-31T23:59:59.000000Z",
+        ]
+
+    def test_now_is_the_system_time(self) -> None:
+        """The current time's text names an instant between two readings of ``datetime.now``."""
+        before = datetime.now(UTC)
+        text = now_rfc3339()
+        after = datetime.now(UTC)
+        assert RFC3339.match(text), text
+        moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert before <= moment <= after
 
 
 # --------------------------------------------------------------------------------------------

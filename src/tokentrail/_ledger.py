@@ -195,8 +195,18 @@ def _signed_by_others_only(note: bytes, verifier: Verifier) -> bool:
     return all((name, blob[:4]) != (verifier.name, verifier.key_id) for name, blob in sigs)
 
 
+_day: tuple[int, str] = (-1, "")  # the last UTC day _utc_date named, as (days since epoch, text)
+
+
 def _utc_date(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    """``YYYY-MM-DD`` of the UTC day of epoch seconds ``ts`` (each append asks; a day is
+    formatted once)."""
+    global _day
+    day = int(ts // 86400)
+    cached = _day
+    if cached[0] != day:
+        cached = _day = (day, datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d"))
+    return cached[1]
 
 
 class LedgerWriter:

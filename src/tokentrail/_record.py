@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -222,9 +223,29 @@ def parse_rfc3339(value: Any) -> datetime | None:
     return moment if moment.tzinfo is not None else None  # no zone: not RFC 3339
 
 
+#: The system clock in ns since the epoch (a test may replace it).
+_clock_ns = time.time_ns
+#: The last whole second :func:`now_rfc3339` formatted, and its text up to the seconds.
+_second: tuple[int, str] = (-1, "")
+
+
 def now_rfc3339() -> str:
-    """The current time as :func:`rfc3339`."""
-    return rfc3339(datetime.now(UTC))
+    """The current time as :func:`rfc3339` (truncated to the microsecond, as ``datetime.now``).
+
+    Every exchange takes a timestamp or two: the text up to the seconds is formatted once a
+    second, not each time.
+    """
+    global _second
+    seconds, micros = divmod(_clock_ns() // 1000, 1_000_000)
+    cached = _second  # one read: another thread may replace it meanwhile, never half of it
+    if cached[0] != seconds:
+        t = time.gmtime(seconds)
+        cached = _second = (
+            seconds,
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}",
+        )
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 _random_pool = bytearray()
