@@ -117,6 +117,24 @@ class TestOllamaGenerate:
         assert (ex.output_tokens, ex.output_token_source) == (None, "none")
         assert ex.stop_reason == "stop"  # done without done_reason (before 0.1.32)
 
+    @pytest.mark.parametrize("context", [[1, True, 3], [1, 2.0, 3], [1, "2", 3], [[1], 2]])
+    def test_context_of_other_than_ids_is_not_tokens(self, context: list[Any]) -> None:
+        """A ``context`` holding anything but integers (a bool, a float, a string) is not taken
+        as token ids: the record says ``none`` rather than store what the server did not send."""
+        final = {"model": "m", "response": "ab", "done": True, "context": context,
+                 "prompt_eval_count": 2, "eval_count": 1}  # fmt: skip
+        ex = run(OllamaCapture({"model": "m", "prompt": "x", "stream": False}, chat=False), [final])
+        assert (ex.input_tokens, ex.input_token_source) == (None, "none")
+        assert (ex.output_tokens, ex.output_token_source) == (None, "none")
+        assert "ollama.context_split" not in ex.extra
+
+    def test_empty_context_is_an_empty_prompt(self) -> None:
+        """An empty ``context`` is still a list of ids: none for the prompt, as before."""
+        final = {"model": "m", "response": "", "done": True, "context": [],
+                 "prompt_eval_count": 0, "eval_count": 0}  # fmt: skip
+        ex = run(OllamaCapture({"model": "m", "prompt": "", "stream": False}, chat=False), [final])
+        assert ex.input_token_source == "upstream-context"
+
     def test_logprobs_beat_context_for_output(self) -> None:
         """Ollama >= 0.12.11 logprobs give pieces; bytes that are not UTF-8 stay byte lists."""
         chunks = [

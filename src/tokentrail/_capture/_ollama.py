@@ -34,6 +34,7 @@ from ._common import (
 )
 
 _DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+_INT_ONLY = frozenset({int})  # a context of token ids: ints, not bools or floats
 
 
 def split_context(
@@ -155,7 +156,7 @@ class OllamaCapture(Capture):
         input_source = SOURCE_NONE
         output_tokens, output_source = self.tokens.best()
         context = final.get("context")
-        if isinstance(context, list) and all(type(t) is int for t in context):
+        if isinstance(context, list) and set(map(type, context)) <= _INT_ONLY:
             ctx_in, ctx_out, how = split_context(context, p, e)
             input_tokens, input_source = list(ctx_in), SOURCE_CONTEXT
             if output_tokens is None and ctx_out is not None:
