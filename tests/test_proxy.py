@@ -525,6 +525,53 @@ class TestUpstreamRequest:
         ]
 
 
+class TestExpect:
+    """``Expect: 100-continue`` (curl sends it for large bodies) is answered at once."""
+
+    def test_continue_then_the_exchange(self, proxies: dict[str, ProxyProc]) -> None:
+        """The proxy says ``100 Continue`` before the body is sent, then relays the exchange
+        and records it, on an audited path and a passed-through one."""
+        proxy = proxies["ollama"]
+        before = len(proxy.records())
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        for path, payload in (
+            ("/api/generate", {"model": MODEL, "prompt": "hi", "stream": False}),
+            ("/api/show", {"model": MODEL}),
+        ):
+            body = json.dumps(payload).encode()
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                )
+                interim = b""
+                while not interim.endswith(b"\r\n\r\n"):
+                    chunk = s.recv(1)  # the body is not sent until this comes (or 10 s pass)
+                    assert chunk, interim
+                    interim += chunk
+                assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+                s.sendall(body)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            assert out.startswith(b"HTTP/1.1 200"), out[:200]
+        assert len(proxy.records()) == before + 1
+
+    def test_unknown_expectation_refused(self, proxies: dict[str, ProxyProc]) -> None:
+        """Any other expectation gets 417 and no record."""
+        proxy = proxies["ollama"]
+        before = len(proxy.records())
+        body = json.dumps({"model": MODEL, "prompt": "hi", "stream": False}).encode()
+        out = raw_request(
+            proxy.url,
+            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Expect: the-unexpected\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body,
+        )  # fmt: skip
+        assert out.startswith(b"HTTP/1.1 417"), out[:200]
+        assert len(proxy.records()) == before
+
+
 class TestOfficialClients:
     """The ``ollama`` and ``openai`` packages see the same answers through the proxy."""
 

@@ -78,7 +78,7 @@ class Proxy:
         self.key_created = False
         self.session: aiohttp.ClientSession | None = None
         self.pool: Pool | None = None
-        self.runner: web.AppRunner | None = None
+        self.runner: web.ServerRunner | None = None
         self.app: ProxyApp | None = None
         self.url = ""
         self.metrics = Metrics()
@@ -156,11 +156,12 @@ class Proxy:
             self.app.retries.remember,
             keyed_records(self.config.ledger, self.ledger.writer.config.log_id, RETRY_DAYS),
         )
-        self.runner = web.AppRunner(
-            self.app.build(),
-            access_log=None,
-            handler_cancellation=False,
-            auto_decompress=False,  # relay request bodies as sent; audited paths refuse encodings
+        self.runner = web.ServerRunner(
+            self.app.server(
+                access_log=None,
+                handler_cancellation=False,
+                auto_decompress=False,  # relay bodies as sent; audited paths refuse encodings
+            ),
             shutdown_timeout=self.config.shutdown_grace_s,
         )
         await self.runner.setup()

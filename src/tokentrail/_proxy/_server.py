@@ -282,7 +282,7 @@ class _ClientWatch:
 
     __slots__ = ("armed", "fired", "handle", "loop", "request", "task")
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.BaseRequest) -> None:
         self.request = request
         self.task = asyncio.current_task()
         self.loop = asyncio.get_running_loop()
@@ -317,7 +317,21 @@ class _ClientWatch:
             self.handle = None
 
 
-async def _prepare(out: web.StreamResponse, request: web.Request) -> None:
+async def _expect(request: web.BaseRequest) -> web.Response | None:
+    """Answer an ``Expect`` header as aiohttp's application router does (the low-level server
+    does not): ``100-continue`` gets ``100 Continue`` at once, anything else 417 (HTTP/1.1)."""
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return web.Response(status=417, text=f"Unknown Expect: {expect}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer's own head and body are yet to come
+    await request.writer.drain()
+    return None
+
+
+async def _prepare(out: web.StreamResponse, request: web.BaseRequest) -> None:
     """Send the response's headers, turning a closed connection into :class:`_ClientGone`."""
     try:
         await out.prepare(request)
@@ -357,7 +371,7 @@ class _Exchange:
 MAX_LINE_BYTES = 16 << 20
 
 
-def _target_as_sent(request: web.Request) -> str:
+def _target_as_sent(request: web.BaseRequest) -> str:
     """The request's path and query as the client sent them: not decoded, not normalised."""
     raw = request.raw_path
     return raw if raw.startswith("/") else request.rel_url.raw_path_qs  # absolute-form
@@ -412,14 +426,17 @@ class ProxyApp:
         self._space_checked = -SPACE_CHECK_S
         self._space_low = False
 
-    def build(self) -> web.Application:
-        """The aiohttp application: one catch-all route."""
-        app = web.Application(client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def server(self, **kwargs: Any) -> web.Server:
+        """aiohttp's low-level server, every request to :meth:`handle` (no application router:
+        one handler takes every path, and the router's dispatch cost CPU on each request)."""
+        return web.Server(self.handle, **kwargs)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch: audited paths to :meth:`audited`, everything else passed through."""
+        if request.headers.get("Expect"):
+            refused = await _expect(request)
+            if refused is not None:
+                return refused
         # Audit by the path the upstream may act on: "/api/./generate", "/api/x/../generate",
         # "//api/generate/" and their %-encoded spellings may all reach /api/generate. They are
         # forwarded as sent (a server that refuses them refuses them through the proxy too), and
@@ -473,7 +490,7 @@ class ProxyApp:
 
     # -- pass-through -------------------------------------------------------------------------
 
-    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+    async def passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         """Relay a request the proxy does not audit, streaming both bodies."""
         self.metrics.passthrough.inc()
         url = URL(self.config.upstream + _target_as_sent(request), encoded=True)
@@ -513,7 +530,7 @@ class ProxyApp:
 
     # -- audited ------------------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _BodyTooLarge
@@ -530,7 +547,7 @@ class ProxyApp:
 
     async def audited(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         api: str,
         user_id: str | None,
         session_id: str | None,
@@ -657,7 +674,7 @@ class ProxyApp:
 
     async def _exchange(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         ex: _Exchange,
         send: bytes,
         headers: CIMultiDict[str],
@@ -713,7 +730,7 @@ class ProxyApp:
 
     async def _relay_body(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         ex: _Exchange,
         upstream: Response,
         strip: Strip,
@@ -780,7 +797,7 @@ class ProxyApp:
 
     async def _relay_stream(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         ex: _Exchange,
         upstream: Response,
         strip: Strip,
