@@ -62,6 +62,17 @@ class Metrics:
         self.ledger_size = Gauge(
             "tokentrail_ledger_records", "Durable records in this writer's log.", registry=r
         )
+        # The labelled counters by their labels (prometheus-client looks them up, under a
+        # lock, on each call; an exchange counts once).
+        self._exchanges: dict[tuple[str, str], Counter] = {}
+
+    def count_exchange(self, api: str, stop_reason: str) -> None:
+        """One more exchange of ``api`` that stopped for ``stop_reason``."""
+        key = (api, stop_reason)
+        counter = self._exchanges.get(key)
+        if counter is None:
+            counter = self._exchanges[key] = self.exchanges.labels(api, stop_reason)
+        counter.inc()
 
     def track_verify(self, last_run: Path) -> None:
         """Expose the last ``tokentrail verify`` outcome noted in ``last_run``."""

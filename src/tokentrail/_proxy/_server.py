@@ -1019,7 +1019,7 @@ class ProxyApp:
             raise
         metrics.append_seconds.observe(time.perf_counter() - t0)
         metrics.records.inc()
-        metrics.exchanges.labels(ex.api, exchange.stop_reason).inc()
+        metrics.count_exchange(ex.api, exchange.stop_reason)
         if exchange.stop_reason == "upstream_error":
             metrics.upstream_errors.labels(str(exchange.extra.get("error.type", "upstream"))).inc()
         self.records += 1
