@@ -30,11 +30,13 @@ import httpx
 import ollama
 import openai
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from conftest import Seen
 from tokentrail import ConfigError
 from tokentrail._proxy import build_config, serve_command
 from tokentrail._proxy._config import key_digest
+from tokentrail._proxy._server import client_response_headers, upstream_request_headers
 from tokentrail._sim import SimConfig, sim_in_thread
 from tokentrail._sim._tokenizer import SimTokenizer
 
@@ -523,6 +525,45 @@ class TestUpstreamRequest:
             f"POST /api/generate{query} HTTP/1.1",
             f"GET /api/tags{query} HTTP/1.1",
         ]
+
+
+class TestHeaderFiltering:
+    """Which headers go on, each way: none of the hop-by-hop ones, nor those ``Connection``
+    names, in any spelling; the rest as sent, in order."""
+
+    @staticmethod
+    def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+        return CIMultiDictProxy(CIMultiDict(pairs))
+
+    def test_request(self) -> None:
+        sent = self._headers(
+            ("Host", "proxy:11435"), ("Content-Length", "12"), ("X-Keep", "1"),
+            ("Keep-Alive", "timeout=5"), ("X-Tokentrail-User", "u"), ("te", "trailers"),
+            ("X-Keep", "2"), ("Accept-Encoding", "br, gzip;q=0.5, zstd"),
+        )  # fmt: skip
+        out = upstream_request_headers(sent, audited=True)
+        assert list(out.items()) == [
+            ("X-Keep", "1"), ("X-Keep", "2"), ("Accept-Encoding", "gzip;q=0.5"),
+        ]  # fmt: skip
+        named = self._headers(("Connection", "close, X-Secret"), ("x-secret", "s"), ("A", "b"))
+        assert list(upstream_request_headers(named, audited=False).items()) == [("A", "b")]
+
+    @pytest.mark.parametrize("keep_length", [True, False])
+    def test_response(self, keep_length: bool) -> None:
+        sent = self._headers(
+            ("Content-Type", "application/json"), ("Content-Length", "9"),
+            ("Transfer-Encoding", "chunked"), ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "h"), ("Date", "d"),
+        )  # fmt: skip
+        out = client_response_headers(sent, keep_length=keep_length)
+        expected = [("Content-Type", "application/json"), ("Date", "d")]
+        if keep_length:
+            expected.insert(1, ("Content-Length", "9"))
+        assert list(out.items()) == expected
+        bare = self._headers(("Content-Length", "9"), ("Proxy-Authenticate", "x"), ("B", "c"))
+        assert list(client_response_headers(bare, keep_length=keep_length).items()) == (
+            [("Content-Length", "9"), ("B", "c")] if keep_length else [("B", "c")]
+        )
 
 
 class TestExpect:

@@ -86,19 +86,27 @@ _NOT_FORWARDED = frozenset(
     h.lower() for h in ("Host", "Content-Length", USER_HEADER, SESSION_HEADER)
 )
 _ENCODINGS_WE_READ = ("gzip", "deflate", "identity")
+_LENGTH = frozenset({"content-length"})
+#: ``_hop_by_hop`` without a ``Connection`` header, for each ``also`` the proxy uses.
+_DROP_WITH = {also: _HOP_BY_HOP | also for also in (frozenset(), _NOT_FORWARDED, _LENGTH)}
 #: Headers aiohttp's client adds by itself when a request lacks them; the proxy sends only the
 #: client's own (a client that sent no Accept-Encoding must not get gzip it did not ask for).
 UPSTREAM_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def _hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
-    extra = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
-    return _HOP_BY_HOP | extra
+def _hop_by_hop(headers: Mapping[str, str], also: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The names (lowercase) not to relay: the hop-by-hop ones, those ``Connection`` names, and
+    ``also``."""
+    connection = headers.get("Connection")
+    if connection is None:  # most requests and answers (HTTP/1.1 keeps alive by default)
+        return _DROP_WITH.get(also) or _HOP_BY_HOP | also
+    extra = {t.strip().lower() for t in connection.split(",") if t.strip()}
+    return _HOP_BY_HOP | also | extra
 
 
 def upstream_request_headers(headers: CIMultiDictProxy[str], *, audited: bool) -> CIMultiDict[str]:
     """The client's headers as forwarded: no hop-by-hop, no Host, no identity headers."""
-    drop = _hop_by_hop(headers) | _NOT_FORWARDED
+    drop = _hop_by_hop(headers, _NOT_FORWARDED)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in drop:
@@ -119,9 +127,7 @@ def client_response_headers(
     headers: CIMultiDictProxy[str], *, keep_length: bool
 ) -> CIMultiDict[str]:
     """The upstream's response headers as relayed: no hop-by-hop (and no length if re-framed)."""
-    drop = _hop_by_hop(headers)
-    if not keep_length:
-        drop = drop | {"content-length"}
+    drop = _hop_by_hop(headers, frozenset() if keep_length else _LENGTH)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in drop:
