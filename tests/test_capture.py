@@ -702,6 +702,47 @@ class TestOpenAIChat:
         ) == ("upstream_error", "The model `x` does not exist")
 
 
+class TestOpenAIOddFields:
+    """Fields of the wrong JSON type where token data or usage would be: ignored, never taken
+    for data, and the output still captured."""
+
+    @pytest.mark.parametrize(
+        "odd",
+        [
+            {"usage": [1, 2]}, {"usage": "x"}, {"timings": "x"}, {"timings": {"predicted_n": "2"}},
+            {"prompt_token_ids": "x"}, {"prompt_token_ids": {"a": 1}},
+        ],
+        ids=repr,
+    )  # fmt: skip
+    def test_chunk_level(self, odd: dict[str, Any]) -> None:
+        chunks = [
+            {"object": "chat.completion.chunk", "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": None}], **odd},
+            {"object": "chat.completion.chunk", "model": "m",
+             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]  # fmt: skip
+        ex = run(OpenAICapture({"model": "m", "stream": True}, chat=True), chunks)
+        assert (ex.output_text, ex.stop_reason) == ("ab", "stop")
+        assert (ex.input_tokens, ex.input_token_source) == (None, "none")
+        assert "gen_ai.usage.input_tokens" not in ex.extra
+
+    @pytest.mark.parametrize(
+        "odd",
+        [{"token_ids": "x"}, {"token_ids": {"a": 1}}, {"logprobs": "x"}, {"logprobs": [1]},
+         {"prompt_token_ids": 5}],
+        ids=repr,
+    )  # fmt: skip
+    def test_choice_level(self, odd: dict[str, Any]) -> None:
+        chunks = [
+            {"object": "text_completion", "model": "m",
+             "choices": [{"index": 0, "text": "ab", "finish_reason": "length", **odd}]},
+        ]  # fmt: skip
+        ex = run(OpenAICapture({"model": "m", "stream": True}, chat=False), chunks)
+        assert (ex.output_text, ex.stop_reason) == ("ab", "length")
+        assert (ex.output_tokens, ex.output_token_source) == (None, "none")
+        assert (ex.input_tokens, ex.input_token_source) == (None, "none")
+
+
 class TestOpenAICompletions:
     """``/v1/completions``."""
 

@@ -73,6 +73,7 @@ class OpenAICapture(Capture):
         self.chat = chat
         self.api = "openai.chat" if chat else "openai.completions"
         self.choices: dict[int, _Choice] = {}
+        self.streamed = self.stream  # asked on every chunk
         self.prompt_ids = TokenTrack()
         self.response_id: str | None = None
         self.response_model: str | None = None
@@ -100,19 +101,28 @@ class OpenAICapture(Capture):
             self.response_model = chunk["model"]
         if isinstance(chunk.get("system_fingerprint"), str):
             self.fingerprint = chunk["system_fingerprint"]
-        if isinstance(chunk.get("usage"), MAPPING):
-            self.usage = chunk["usage"]
+        # (Fields that most chunks lack are tested for None first: None is not a dict, and
+        # isinstance then asks the Mapping ABC, several times slower, on every chunk.)
+        usage = chunk.get("usage")
+        if usage is not None and isinstance(usage, MAPPING):
+            self.usage = usage
         timings = chunk.get("timings")  # llama.cpp's, on its last chunk, usage or not
-        if isinstance(timings, MAPPING) and _count(timings.get("predicted_n")) is not None:
+        if (
+            timings is not None
+            and isinstance(timings, MAPPING)
+            and _count(timings.get("predicted_n")) is not None
+        ):
             self.predicted = timings["predicted_n"]
-        self.prompt_ids.add_ids(chunk.get("prompt_token_ids"))
+        prompt_ids = chunk.get("prompt_token_ids")
+        if prompt_ids is not None:
+            self.prompt_ids.add_ids(prompt_ids)
         produced = False
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for raw in choices:
                 if isinstance(raw, MAPPING):
                     produced = self._feed_choice(raw) or produced
-        if chunk.get("object") == "chat.completion" or not self.stream:
+        if chunk.get("object") == "chat.completion" or not self.streamed:
             self.finished = True  # a whole answer (a streamed completions chunk is also called
             # "text_completion": it is finished by its finish_reason, as a chat chunk is)
         return produced
@@ -123,7 +133,9 @@ class OpenAICapture(Capture):
         choice = self.choices.get(index)
         if choice is None:
             choice = self.choices[index] = _Choice()
-        self.prompt_ids.add_ids(raw.get("prompt_token_ids"))  # vLLM completions: on the choice
+        prompt_ids = raw.get("prompt_token_ids")  # vLLM completions: on the choice
+        if prompt_ids is not None:
+            self.prompt_ids.add_ids(prompt_ids)
         produced = False
         if self.chat:
             msg = raw.get("delta", raw.get("message"))
@@ -143,8 +155,10 @@ class OpenAICapture(Capture):
         if isinstance(content, str) and content:
             choice.text.append(content)
             produced = True
-        had_ids = choice.reported.add_ids(raw.get("token_ids"))
-        had_lp = self._feed_logprobs(choice, raw.get("logprobs"))
+        ids = raw.get("token_ids")
+        had_ids = ids is not None and choice.reported.add_ids(ids)
+        logprobs = raw.get("logprobs")
+        had_lp = logprobs is not None and self._feed_logprobs(choice, logprobs)
         if produced and not had_ids:
             choice.reported.missing()
         if produced and not had_lp:
