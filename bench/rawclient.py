@@ -1,9 +1,10 @@
 """A lean HTTP/1.1 load generator for ``bench/proxy.py``: asyncio protocols and httptools' parser.
 
-The default load generator (aiohttp's client) spends about as much CPU a request as the proxy it
-measures; on a small machine, where the load generator, the simulator and the proxy share the
-cores, that CPU competes with the proxy's and the added latency measured at high concurrency is
-then mostly the machine's budget. This one keeps one keep-alive connection per worker, sends a
+aiohttp's client, the bench's load generator before this one, spends about half as much CPU a
+request as the proxy it measures; on a small machine, where the load generator, the simulator
+and the proxy share the cores, that CPU competes with the proxy's, and at high concurrency the
+added latency measured is then much of it the load generator's. This one keeps a keep-alive
+connection per exchange in flight (reused, as aiohttp's pool reuses them), sends a
 prebuilt request and parses only the answer's framing (Content-Length or chunked), timing the
 first body bytes and counting what arrives as the aiohttp loop counts ``iter_any`` chunks (one
 per ``data_received`` call that carries body bytes).
@@ -59,7 +60,7 @@ class _Conn(asyncio.Protocol):
 
 
 class RawClient:
-    """Posts one JSON body to one URL over ``conc`` keep-alive connections."""
+    """Posts one JSON body to one URL, over keep-alive connections opened as needed."""
 
     def __init__(self, url: str, body: dict[str, object]) -> None:
         parts = urlsplit(url)
