@@ -7,8 +7,10 @@ asyncio protocols). For each of non-streamed and streamed exchanges at concurren
 it sends the same requests to every path, alternating the paths in rounds so the machine's
 drift hits them alike, and prints one table: latency p50/p99 of each path, what each adds to
 the direct path (p50/p99), added time to first token and per chunk (streamed), requests/s, and
-the CPU time per request of the process in the middle and of the simulator (from ``/proc``,
-10 ms ticks summed over the cell).
+the CPU time per request of the process in the middle, of the simulator (from ``/proc``, 10 ms
+ticks summed over the cell) and of the load generator (this process). The load generator is
+``bench/rawclient.py`` (lean, on uvloop), or aiohttp's client with ``--client aiohttp``, as
+before 2026-11-28: it spends several times the CPU a request, on the cores the proxy shares.
 
     .venv/bin/python bench/proxy.py                 # Ollama dialect, 400 requests per cell
     .venv/bin/python bench/proxy.py --mode openai --requests 1000 --concurrency 16
