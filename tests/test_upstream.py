@@ -12,6 +12,7 @@ import asyncio
 import base64
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -533,3 +534,35 @@ async def test_an_answer_before_the_body_was_sent_is_not_pooled(serve) -> None:
         assert r.status == 413
         assert await r.read() == b""
     assert not p.idle
+
+
+async def test_a_connection_opened_after_the_pool_closed_is_not_used(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown the pool closes every connection it has; one still opening then is closed as
+    it opens, and nothing is sent on it (it was left open, and used, before)."""
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
+    opening, go = asyncio.Event(), asyncio.Event()
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        opening.set()
+        await go.wait()
+        return await real(*args, **kwargs)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    server = await serve(handler)
+    monkeypatch.setattr(loop, "create_connection", slow)
+    p = pool(server.url)
+    task = asyncio.ensure_future(p.post("/api/chat", b"{}", HEADERS))
+    await asyncio.wait_for(opening.wait(), 5)
+    p.close()
+    go.set()
+    with pytest.raises(UpstreamUnreachable, match="shutting down"):
+        await asyncio.wait_for(task, 5)
+    await asyncio.sleep(0.1)
+    assert server.heads == [] and not p.open and not p.idle

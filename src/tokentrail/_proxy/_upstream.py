@@ -331,6 +331,7 @@ class Pool:
         self.idle: list[_Conn] = []
         self.open: set[_Conn] = set()
         self._prune_timer: asyncio.TimerHandle | None = None
+        self.closed = False  # closed: a connection that opens after it is closed at once
 
     def keep(self, conn: _Conn) -> None:
         conn.idle_since = time.monotonic()
@@ -380,6 +381,9 @@ class Pool:
             raise UpstreamUnreachable(
                 f"cannot connect to {self.host_header}: {exc.strerror or exc}"
             ) from exc
+        if self.closed:  # closed while it was opening (a shutdown): nothing is sent on it
+            conn.close()
+            raise UpstreamUnreachable(f"not connecting to {self.host_header}: shutting down")
         self.open.add(conn)
         return conn
 
@@ -415,6 +419,7 @@ class Pool:
         return response
 
     def close(self) -> None:
+        self.closed = True
         if self._prune_timer is not None:
             self._prune_timer.cancel()
             self._prune_timer = None
