@@ -566,6 +566,18 @@ class TestHeaderFiltering:
         )
 
 
+class TestTargets:
+    """Request targets that are not a path."""
+
+    def test_a_target_that_is_no_path(self, proxies: dict[str, ProxyProc]) -> None:
+        """``OPTIONS *`` (asterisk form) names no resource: 404, as before the proxy had its
+        own dispatch (it was a 500 then: the upstream URL built from it is no URL)."""
+        proxy = proxies["ollama"]
+        out = raw_request(proxy.url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 404"), out[:200]
+        assert out.endswith(b"404: Not Found")
+
+
 class TestExpect:
     """``Expect: 100-continue`` (curl sends it for large bodies) is answered at once."""
 

@@ -439,6 +439,10 @@ class ProxyApp:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch: audited paths to :meth:`audited`, everything else passed through."""
+        if not request.path.startswith("/"):
+            # A target that is no path ("OPTIONS *"): not Found, as aiohttp's router answered
+            # (its one route was every path); there is nothing to relay it to.
+            raise web.HTTPNotFound()
         if request.headers.get("Expect"):
             refused = await _expect(request)
             if refused is not None:
