@@ -569,13 +569,20 @@ class TestHeaderFiltering:
 class TestTargets:
     """Request targets that are not a path."""
 
-    def test_a_target_that_is_no_path(self, proxies: dict[str, ProxyProc]) -> None:
-        """``OPTIONS *`` (asterisk form) names no resource: 404, as before the proxy had its
-        own dispatch (it was a 500 then: the upstream URL built from it is no URL)."""
+    @pytest.mark.parametrize(
+        "line", [b"OPTIONS * HTTP/1.1", b"CONNECT api.openai.com:443 HTTP/1.1"], ids=repr
+    )
+    def test_a_target_that_is_no_path(self, proxies: dict[str, ProxyProc], line: bytes) -> None:
+        """``OPTIONS *`` (asterisk form) and ``CONNECT host:port`` (a client told to use the proxy
+        as a forward proxy) name no resource here: 404 at once, as aiohttp's router answered
+        before the proxy had its own dispatch (then ``*`` got a 500, the upstream URL built from
+        it being no URL, and ``CONNECT`` went to the upstream)."""
         proxy = proxies["ollama"]
-        out = raw_request(proxy.url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        before = len(proxy.records())
+        out = raw_request(proxy.url, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 404"), out[:200]
         assert out.endswith(b"404: Not Found")
+        assert len(proxy.records()) == before
 
 
 class TestExpect:
