@@ -61,6 +61,14 @@ class Server:
         self.heads.append(whole)
         return whole
 
+    async def reply(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *answer: bytes
+    ) -> None:
+        """Read one request, then send ``answer`` (its pieces as they are) at once."""
+        await self.request(reader)
+        writer.writelines(answer)
+        await writer.drain()
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -92,15 +100,19 @@ HEADERS = CIMultiDict(
 )
 
 
+async def answer(p: Pool) -> bytes:
+    """One exchange on ``p``: its answer's whole body (the connection then goes back, or not)."""
+    async with await p.post("/api/chat", b"{}", HEADERS) as r:
+        return await r.read()
+
+
 async def test_the_upstream_sees_the_request_aiohttp_sent(serve) -> None:
     """Byte for byte the head and body aiohttp's client sent with the proxy's settings, with a
     path prefix and credentials in the upstream URL."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            await server.request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
+            await server.reply(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
 
     server = await serve(handler)
     body = b'{"model": "m", "prompt": "\xc3\xa9"}'
@@ -136,9 +148,9 @@ async def test_a_chunked_stream_is_read_as_it_comes(serve) -> None:
     got_first = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
-        await writer.drain()
+        await server.reply(
+            reader, writer, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n"
+        )
         await got_first.wait()
         sent_second.set()
         writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
@@ -162,9 +174,9 @@ async def test_a_chunked_stream_is_read_as_it_comes(serve) -> None:
 
 async def test_a_body_that_runs_to_the_close(serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b'HTTP/1.1 200 Fine\r\nContent-Type: application/json\r\n\r\n{"a": ')
-        await writer.drain()
+        await server.reply(
+            reader, writer, b'HTTP/1.1 200 Fine\r\nContent-Type: application/json\r\n\r\n{"a": '
+        )
         await asyncio.sleep(0.05)
         writer.write(b"1}")
         await writer.drain()
@@ -180,10 +192,12 @@ async def test_a_body_that_runs_to_the_close(serve) -> None:
 
 async def test_interim_answers_are_skipped(serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nabc")
-        await writer.drain()
+        await server.reply(
+            reader,
+            writer,
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n",
+            b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nabc",
+        )
         await reader.read()
 
     server = await serve(handler)
@@ -202,9 +216,7 @@ async def test_interim_answers_are_skipped(serve) -> None:
 )
 async def test_an_answer_cut_short_is_an_error_not_a_body(serve, answer: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(answer)
-        await writer.drain()
+        await server.reply(reader, writer, answer)
 
     server = await serve(handler)
     for read_all in (True, False):
@@ -226,9 +238,7 @@ async def test_closed_before_answering_and_not_http(serve) -> None:
         await pool(server.url).post("/api/generate", b"{}", HEADERS)
 
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await other.request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
-        await writer.drain()
+        await other.reply(reader, writer, b"SSH-2.0-OpenSSH_9.2\r\n")
         await reader.read()
 
     other = await serve(garbage)
@@ -284,24 +294,20 @@ async def test_connections_are_kept_alive_unless_the_upstream_says_close(serve) 
     server = await serve(handler)
     p = pool(server.url)
     for _ in range(6):
-        async with await p.post("/api/chat", b"{}", HEADERS) as r:
-            assert await r.read() == b"ok"
+        assert await answer(p) == b"ok"
         await asyncio.sleep(0.01)  # a close, if any, is seen before the next request
     assert server.connections == 2
 
 
 async def test_an_idle_connection_the_upstream_closed_is_not_reused(serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        await server.reply(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         # and closes without saying so, as a server's idle timeout does
 
     server = await serve(handler)
     p = pool(server.url)
     for _ in range(3):
-        async with await p.post("/api/chat", b"{}", HEADERS) as r:
-            assert await r.read() == b"ok"
+        assert await answer(p) == b"ok"
         await asyncio.sleep(0.05)
     assert server.connections == 3
 
@@ -337,9 +343,9 @@ async def test_closing_an_unfinished_answer_closes_its_connection(serve) -> None
     closed = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
-        await writer.drain()
+        await server.reply(
+            reader, writer, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n"
+        )
         await reader.read()  # returns at the proxy's close: the model would stop here
         closed.set()
 
@@ -358,16 +364,17 @@ async def test_an_answer_to_nothing_asked_drops_the_connection(serve) -> None:
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            await server.request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
-            await writer.drain()
+            await server.reply(
+                reader,
+                writer,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
+            )
 
     server = await serve(handler)
     p = pool(server.url)
     for _ in range(3):
-        async with await p.post("/api/chat", b"{}", HEADERS) as r:
-            assert await r.read() == b"one"
+        assert await answer(p) == b"one"
         await asyncio.sleep(0.05)
         assert not p.idle
     assert server.connections == 3
@@ -404,9 +411,11 @@ async def test_lines_ended_by_lf_alone_are_read(serve) -> None:
     """As aiohttp's client read them (the proxy used it before): no 502 for such a server."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}")
-        await writer.drain()
+        await server.reply(
+            reader,
+            writer,
+            b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}",
+        )
         await reader.read()
 
     server = await serve(handler)
@@ -422,9 +431,7 @@ async def test_cancelled_after_a_whole_answer_leaves_the_pooled_connection(serve
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            await server.request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
+            await server.reply(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
 
     server = await serve(handler)
     p = pool(server.url)
@@ -449,15 +456,16 @@ async def test_a_stray_answer_begun_after_the_answer_is_not_pooled(serve) -> Non
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            await server.request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nX")
-            await writer.drain()
+            await server.reply(
+                reader,
+                writer,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nX",
+            )
 
     server = await serve(handler)
     p = pool(server.url)
     for _ in range(2):
-        async with await p.post("/api/chat", b"{}", HEADERS) as r:
-            assert await r.read() == b"hello"
+        assert await answer(p) == b"hello"
         assert not p.idle
     assert server.connections == 2
 
@@ -467,9 +475,7 @@ async def test_a_transfer_coding_that_is_not_chunked_runs_to_the_close(serve) ->
     aiohttp read it, not "closed before the answer's end"."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc")
-        await writer.drain()
+        await server.reply(reader, writer, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc")
         writer.close()
 
     server = await serve(handler)
@@ -502,16 +508,13 @@ async def test_idle_connections_are_closed_while_idle(
     closed = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        await server.reply(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await reader.read()
         closed.set()
 
     server = await serve(handler)
     p = pool(server.url)
-    async with await p.post("/api/chat", b"{}", HEADERS) as r:
-        assert await r.read() == b"ok"
+    assert await answer(p) == b"ok"
     assert len(p.idle) == 1
     await asyncio.wait_for(closed.wait(), 5)
     assert not p.idle and not p.open
@@ -551,9 +554,7 @@ async def test_a_connection_opened_after_the_pool_closed_is_not_used(
         return await real(*args, **kwargs)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        await server.reply(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     server = await serve(handler)
     monkeypatch.setattr(loop, "create_connection", slow)
