@@ -210,7 +210,10 @@ def cli() -> None:
         floors.remove("raw")
 
     run = asyncio.run if args.client == "aiohttp" else uvloop.run  # aiohttp: as before
-    run(main(args, levels, floors))
+    try:
+        run(main(args, levels, floors))
+    except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # a path that failed a request
+        parser.exit(1, f"bench/proxy: a request failed, so no figure is given: {exc}\n")
 
 
 async def main(args: argparse.Namespace, levels: list[int], floors: list[str]) -> None:
