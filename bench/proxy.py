@@ -15,6 +15,9 @@ before 2026-11-28: it spends several times the CPU a request, on the cores the p
     .venv/bin/python bench/proxy.py                 # Ollama dialect, 400 requests per cell
     .venv/bin/python bench/proxy.py --mode openai --requests 1000 --concurrency 16
     .venv/bin/python bench/proxy.py --ttft-ms 20 --token-ms 2   # a model that takes its time
+
+After the table, one line reads issue #3's target off the run (concurrency 16: added p50 ≤ 1 ms
+and p99 ≤ 5 ms non-streamed, ≤ 1 ms a chunk streamed): met or MISSED, part by part.
 """
 
 from __future__ import annotations
@@ -236,6 +239,8 @@ async def main(args: argparse.Namespace, levels: list[int], floors: list[str]) -
     paths["tokentrail"] = (f"http://127.0.0.1:{proxy_port}", proxy.pid)
     probe = "/v1/models" if args.mode == "openai" else "/api/version"
     rows: list[tuple[str, ...]] = []
+    # what tokentrail adds at concurrency 16, for the target line: (p50, p99) or per chunk
+    at16: dict[bool, tuple[float, float]] = {}
     try:
         for base, _ in paths.values():
             await wait_up(base + probe)
@@ -278,6 +283,13 @@ async def main(args: argparse.Namespace, levels: list[int], floors: list[str]) -
                             * 1000.0
                             / max(1.0, p.chunks / len(p.latencies))
                         )
+                        if name == "tokentrail" and conc == 16:
+                            at16[stream] = (
+                                (per_chunk, per_chunk) if stream else (
+                                    p.pct(p.latencies, .5) - d.pct(d.latencies, .5),
+                                    p.pct(p.latencies, .99) - d.pct(d.latencies, .99),
+                                )
+                            )  # fmt: skip
                         rows.append((
                             "streamed" if stream else "non-streamed", str(conc), name,
                             f"{p.pct(p.latencies, .5):.2f}", f"{p.pct(p.latencies, .99):.2f}",
@@ -307,6 +319,27 @@ async def main(args: argparse.Namespace, levels: list[int], floors: list[str]) -
         f"ttft {args.ttft_ms:g} ms, {args.token_ms:g} ms/token; ledger {tmp / 'ledger'})"
     )
     print(table(head, rows))
+    print(target_line(at16))
+
+
+def target_line(at16: dict[bool, tuple[float, float]]) -> str:
+    """Issue #3's target, read off this run: at concurrency 16, added p50 ≤ 1 ms and p99 ≤ 5 ms
+    non-streamed, ≤ 1 ms a chunk streamed (parts this run did not measure are left out)."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    parts = []
+    if False in at16:
+        p50, p99 = at16[False]
+        parts.append(f"non-streamed added p50 {p50:+.2f} ms ≤ 1: {verdict(p50 <= 1.0)}")
+        parts.append(f"p99 {p99:+.2f} ms ≤ 5: {verdict(p99 <= 5.0)}")
+    if True in at16:
+        chunk = at16[True][0]
+        parts.append(f"streamed added {chunk:+.3f} ms a chunk ≤ 1: {verdict(chunk <= 1.0)}")
+    if not parts:
+        return "target (concurrency 16): not measured in this run"
+    return "target (concurrency 16): " + "; ".join(parts)
 
 
 if __name__ == "__main__":
