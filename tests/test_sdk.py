@@ -426,6 +426,60 @@ class TestOpenAIUsage:
         assert recs[0]["output_text"] == parsed.choices[0].message.content
         assert recs[1]["output_text"] == text and recs[1]["stream"] is True
 
+    def test_beta_helpers(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """``beta.chat.completions.parse`` and ``stream`` (where the structured-output helpers
+        lived, and still answer) are recorded as ``create`` is; they were not."""
+        wrapped = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        parsed = wrapped.beta.chat.completions.parse(model=MODEL, messages=MSGS)
+        with wrapped.beta.chat.completions.stream(model=MODEL, messages=MSGS) as stream:
+            text = "".join(e.delta for e in stream if getattr(e, "type", None) == "content.delta")
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert [(r["api"], r["stop_reason"]) for r in recs] == [("openai.chat", "stop")] * 2
+        assert recs[0]["output_text"] == parsed.choices[0].message.content
+        assert recs[1]["output_text"] == text and recs[1]["stream"] is True
+        assert recs[0]["request_body"]["messages"] == MSGS
+
+    async def test_beta_helpers_async(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """The same through ``openai.AsyncOpenAI``."""
+        wrapped = audit(
+            openai.AsyncOpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        parsed = await wrapped.beta.chat.completions.parse(model=MODEL, messages=MSGS)
+        async with wrapped.beta.chat.completions.stream(model=MODEL, messages=MSGS) as stream:
+            text = "".join(
+                [e.delta async for e in stream if getattr(e, "type", None) == "content.delta"]
+            )
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert [(r["api"], r["stop_reason"]) for r in recs] == [("openai.chat", "stop")] * 2
+        assert recs[0]["output_text"] == parsed.choices[0].message.content
+        assert recs[1]["output_text"] == text
+
+    def test_other_posts_pass_through(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """The audited client's ``post`` (what ``beta``'s resources call) sends any other path
+        to the caller's client unrecorded, and records chat and legacy completions."""
+        wrapped = audit(  # Ollama's OpenAI-compatible API, which serves embeddings too
+            openai.OpenAI(base_url=sims["ollama"] + "/v1", api_key="k"), ledger=recorder
+        )
+        embedded = wrapped.post(
+            "/embeddings",
+            body={"model": MODEL, "input": "hi"},
+            cast_to=openai.types.CreateEmbeddingResponse,
+        )
+        done = wrapped.post(
+            "/completions",
+            body={"model": MODEL, "prompt": "Once"},
+            cast_to=openai.types.Completion,
+        )
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert embedded.data and [("openai.completions", done.choices[0].text)] == [
+            (r["api"], r["output_text"]) for r in recs
+        ]
+
     async def test_context_managers_and_aclose(
         self, sims: dict[str, str], recorder: Recorder
     ) -> None:

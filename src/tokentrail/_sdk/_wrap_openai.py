@@ -17,9 +17,11 @@ Should a future library not call that hook, the chunk is read back with
 do not declare are shared with the parsed JSON, so a caller that mutates ``model_extra`` before
 an async-durability record is built would change it.)
 
-Everything else (``models``, ``embeddings``, ``with_raw_response``, …) is the caller's client,
-untouched; ``with_options`` / ``copy`` return an audited client again. ``isinstance`` sees the
-wrapped class.
+``client.beta`` is built on the audited client, so its structured-output helpers
+(``beta.chat.completions.parse`` and ``stream``) are recorded too. Everything else (``models``,
+``embeddings``, ``with_raw_response``, ``with_streaming_response``, …) is the caller's client,
+untouched: a completion made through ``with_raw_response`` has no record. ``with_options`` /
+``copy`` return an audited client again. ``isinstance`` sees the wrapped class.
 
 One record per ``create`` call: the library's own retries (``max_retries``) happen inside it. A
 refused connection leaves no record (nothing was sent), a timeout or an error status leaves
@@ -166,6 +168,7 @@ class AuditedOpenAI(_Transparent):
         self._tt_auditor = auditor
         self._tt_chat: _AuditedChat | None = None
         self._tt_completions: _AuditedCreate | None = None
+        self._tt_beta: Any = None
 
     @property
     def chat(self) -> Any:
@@ -182,6 +185,29 @@ class AuditedOpenAI(_Transparent):
                 self._tt_target.completions, self._tt_auditor, "openai.completions"
             )
         return self._tt_completions
+
+    @property
+    def beta(self) -> Any:
+        """``client.beta``, built on this audited client, so that its structured-output helpers
+        (``beta.chat.completions.parse`` and ``stream``) are recorded as ``create`` is.
+
+        The library builds each resource on a client whose ``post`` it calls (and, in versions
+        before ``parse`` left ``beta``, whose ``chat.completions.create``): built on this one,
+        both are the audited ones (see :meth:`post`). Its other resources (assistants, threads,
+        …) reach the caller's client through :meth:`post` unchanged.
+        """
+        if self._tt_beta is None:
+            self._tt_beta = type(self._tt_target.beta)(self)
+        return self._tt_beta
+
+    def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        """The client's ``post``, as the resources built on this client call it: chat and legacy
+        completions are audited as ``create`` is, any other path goes to the caller's client."""
+        creator = {"/chat/completions": self.chat.completions, "/completions": self.completions}
+        target = creator.get(path)
+        if target is None:
+            return self._tt_target.post(path, *args, **kwargs)
+        return target._tt_tap._post(path, *args, **kwargs)
 
     def with_options(self, **options: Any) -> AuditedOpenAI:
         """The client's ``with_options``, audited the same way."""
