@@ -458,6 +458,62 @@ class TestOpenAIUsage:
         assert recs[0]["output_text"] == parsed.choices[0].message.content
         assert recs[1]["output_text"] == text
 
+    def test_with_raw_response(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """``with_raw_response`` (on a resource or on the client) returns the library's raw
+        response and the exchange is recorded as ``create``'s is: a whole body at once, parsed or
+        not; a stream as its ``parse()`` is read; a raw stream dropped unparsed as
+        ``client_disconnect``. They left no record."""
+        wrapped = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        plain = wrapped.chat.completions.create(model=MODEL, messages=MSGS)
+        raw = wrapped.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+        assert isinstance(raw, openai._legacy_response.LegacyAPIResponse)
+        assert raw.parse().choices[0].message.content == plain.choices[0].message.content
+        unparsed = wrapped.completions.with_raw_response.create(model=MODEL, prompt="Once")
+        streamed = wrapped.with_raw_response.chat.completions.create(
+            model=MODEL, messages=MSGS, stream=True
+        )
+        assert isinstance(streamed, openai._legacy_response.LegacyAPIResponse)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+        dropped = wrapped.with_raw_response.chat.completions.create(
+            model=MODEL, messages=MSGS, stream=True
+        )
+        del dropped
+        gc.collect()
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        got = [(r["api"], r["stop_reason"], r["stream"]) for r in recs]
+        assert got == [
+            ("openai.chat", "stop", False),
+            ("openai.chat", "stop", False),
+            ("openai.completions", "stop", False),
+            ("openai.chat", "stop", True),
+            ("openai.chat", "client_disconnect", True),
+        ]
+        assert recs[1]["output_text"] == recs[0]["output_text"]
+        assert recs[1]["output_tokens"] == recs[0]["output_tokens"]
+        assert recs[2]["output_text"] == json.loads(unparsed.text)["choices"][0]["text"]
+        assert recs[3]["output_text"] == text
+
+    async def test_with_raw_response_async(
+        self, sims: dict[str, str], recorder: Recorder
+    ) -> None:
+        """The same through ``openai.AsyncOpenAI``."""
+        wrapped = audit(
+            openai.AsyncOpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        raw = await wrapped.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+        streamed = await wrapped.with_raw_response.chat.completions.create(
+            model=MODEL, messages=MSGS, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in streamed.parse()])
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert [(r["stop_reason"], r["stream"]) for r in recs] == [("stop", False), ("stop", True)]
+        assert recs[0]["output_text"] == raw.parse().choices[0].message.content
+        assert recs[1]["output_text"] == text
+
     def test_other_posts_pass_through(self, sims: dict[str, str], recorder: Recorder) -> None:
         """The audited client's ``post`` (what ``beta``'s resources call) sends any other path
         to the caller's client unrecorded, and records chat and legacy completions."""

@@ -51,6 +51,11 @@ try:  # the library's own JSON encoding of a request body (pydantic models, date
 except ImportError:  # pragma: no cover - older openai
     _DUMPS = None
 
+try:  # how ``with_raw_response`` asks the library for its raw response
+    from openai._constants import RAW_RESPONSE_HEADER as _RAW_HEADER
+except ImportError:  # pragma: no cover - older openai
+    _RAW_HEADER = "X-Stainless-Raw-Response"
+
 _OMIT: tuple[type, ...] = tuple(
     t for t in (getattr(openai, "Omit", None), getattr(openai, "NotGiven", None)) if t
 )
@@ -200,6 +205,12 @@ class AuditedOpenAI(_Transparent):
             self._tt_beta = type(self._tt_target.beta)(self)
         return self._tt_beta
 
+    @property
+    def with_raw_response(self) -> Any:
+        """``client.with_raw_response``, built on this audited client: its chat and legacy
+        completions are recorded (see :meth:`_AuditedCreate.with_raw_response`)."""
+        return type(self._tt_target.with_raw_response)(self)
+
     def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
         """The client's ``post``, as the resources built on this client call it: chat and legacy
         completions are audited as ``create`` is, any other path goes to the caller's client."""
@@ -275,6 +286,13 @@ class _AuditedCreate(_Transparent):
         """The library's ``stream`` helper, whose requests are ``create(stream=True)``."""
         return self._tt_tap.stream(*args, **kwargs)
 
+    @property
+    def with_raw_response(self) -> Any:
+        """``with_raw_response`` of the resource, built on the tapped one: ``create`` returns
+        the library's raw response, and the exchange is recorded as ``create``'s is (a whole
+        body at once; a stream as the raw response's ``parse()`` is read)."""
+        return type(self._tt_target.with_raw_response)(self._tt_tap)
+
     def _post(
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
     ) -> Any:
@@ -292,6 +310,11 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200  # the library raises for anything but 2xx
+        if _raw(options):
+            raw = _raw_result(result, call, stream)
+            if not stream:
+                call.record()
+            return raw
         if stream:
             return AuditedStream(result, call)
         if not call.fed:
@@ -319,6 +342,11 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200
+        if _raw(options):
+            raw = _raw_result(result, call, stream)
+            if not stream:
+                await call.arecord()
+            return raw
         if stream:
             return AuditedAsyncStream(result, call)
         if not call.fed:
@@ -420,6 +448,51 @@ class AuditedAsyncStream(_Transparent):
     def __del__(self) -> None:
         call = getattr(self, "_tt_call", None)
         if call is not None and not call.recorded:
+            call.abandon()
+
+
+def _raw(options: Mapping[str, Any]) -> bool:
+    """Whether the call came through ``with_raw_response`` (the library's raw response)."""
+    headers = options.get("headers")
+    return isinstance(headers, Mapping) and headers.get(_RAW_HEADER) == "true"
+
+
+def _raw_result(result: Any, call: Call, stream: bool) -> Any:
+    """What a raw (``with_raw_response``) call returns: a whole body is fed now (the library
+    has read it; it parses it only if the caller asks); a stream's raw response comes back in a
+    proxy whose ``parse()`` gives the audited stream. The caller records a whole body."""
+    if stream:
+        return AuditedRawResponse(result, call)
+    http = getattr(result, "http_response", None)
+    content = getattr(http, "content", None)
+    if isinstance(content, bytes | str):
+        call.feed_raw(content if isinstance(content, bytes) else content.encode())
+    else:  # pragma: no cover - a library whose raw response holds no body
+        call.note_error("tokentrail: the raw response held no body to record")
+    return result
+
+
+class AuditedRawResponse(_Transparent):
+    """The library's raw response to a streamed ``with_raw_response`` call: the same object
+    (headers, status, ``http_response``), whose ``parse()`` returns the audited stream. A raw
+    response dropped without being parsed is recorded as ``client_disconnect``."""
+
+    def __init__(self, raw: Any, call: Call) -> None:
+        self._tt_target = raw
+        self._tt_call = call
+        self._tt_parsed = False
+
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's ``parse()``: a stream, here the audited one."""
+        stream = self._tt_target.parse(*args, **kwargs)
+        self._tt_parsed = True  # the stream records the exchange from here on
+        if hasattr(stream, "__anext__"):
+            return AuditedAsyncStream(stream, self._tt_call)
+        return AuditedStream(stream, self._tt_call)
+
+    def __del__(self) -> None:
+        call = getattr(self, "_tt_call", None)
+        if call is not None and not call.recorded and not getattr(self, "_tt_parsed", True):
             call.abandon()
 
 
