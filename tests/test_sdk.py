@@ -519,6 +519,23 @@ class TestOpenAIUsage:
         assert recs[0]["output_text"] == raw.parse().choices[0].message.content
         assert recs[1]["output_text"] == text
 
+    def test_streaming_response_passes_through(
+        self, sims: dict[str, str], recorder: Recorder
+    ) -> None:
+        """``with_streaming_response`` (not recorded yet, README) gives the caller the library's
+        response, under ``beta`` too, and leaves no record rather than one without its answer."""
+        wrapped = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        targets = [wrapped.chat.completions]
+        if hasattr(wrapped.beta.chat.completions, "with_streaming_response"):  # openai >= 2
+            targets.append(wrapped.beta.chat.completions)
+        for completions in targets:
+            with completions.with_streaming_response.create(model=MODEL, messages=MSGS) as got:
+                assert got.parse().choices[0].message.content
+        recorder.flush()
+        assert [] == read_records(recorder.writer.config.root)
+
     def test_other_posts_pass_through(self, sims: dict[str, str], recorder: Recorder) -> None:
         """The audited client's ``post`` (what ``beta``'s resources call) sends any other path
         to the caller's client unrecorded, and records chat and legacy completions."""

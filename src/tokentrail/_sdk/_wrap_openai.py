@@ -297,6 +297,8 @@ class _AuditedCreate(_Transparent):
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
     ) -> Any:
         options = options or {}
+        if _raw(options, "stream"):  # with_streaming_response (beta's): not recorded, as README
+            return self._tt_post(path, body=body, options=options, stream=stream, **kw)
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
         if self._tt_tapped is not None:
             _resync(self._tt_tapped, self._tt_client)
@@ -326,6 +328,8 @@ class _AuditedCreate(_Transparent):
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
     ) -> Any:
         options = options or {}
+        if _raw(options, "stream"):
+            return await self._tt_post(path, body=body, options=options, stream=stream, **kw)
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
         if self._tt_tapped is not None:
             _resync(self._tt_tapped, self._tt_client)
@@ -451,10 +455,11 @@ class AuditedAsyncStream(_Transparent):
             call.abandon()
 
 
-def _raw(options: Mapping[str, Any]) -> bool:
-    """Whether the call came through ``with_raw_response`` (the library's raw response)."""
+def _raw(options: Mapping[str, Any], kind: str = "true") -> bool:
+    """Whether the call came through ``with_raw_response`` (``kind`` "true": the library's raw
+    response) or ``with_streaming_response`` ("stream": a response whose body the caller reads)."""
     headers = options.get("headers")
-    return isinstance(headers, Mapping) and headers.get(_RAW_HEADER) == "true"
+    return isinstance(headers, Mapping) and headers.get(_RAW_HEADER) == kind
 
 
 def _raw_result(result: Any, call: Call, stream: bool) -> Any:
