@@ -17,11 +17,13 @@ Should a future library not call that hook, the chunk is read back with
 do not declare are shared with the parsed JSON, so a caller that mutates ``model_extra`` before
 an async-durability record is built would change it.)
 
-``client.beta`` is built on the audited client, so its structured-output helpers
-(``beta.chat.completions.parse`` and ``stream``) are recorded too. Everything else (``models``,
-``embeddings``, ``with_raw_response``, ``with_streaming_response``, …) is the caller's client,
-untouched: a completion made through ``with_raw_response`` has no record. ``with_options`` /
-``copy`` return an audited client again. ``isinstance`` sees the wrapped class.
+``client.beta`` and ``with_raw_response`` (the client's or a resource's) are built on the
+audited client, so ``beta.chat.completions.parse`` and ``stream`` and raw-response calls are
+recorded too (a raw body at once, parsed or not; a raw stream as its ``parse()`` is read).
+Everything else (``models``, ``embeddings``, ``with_streaming_response``, …) is the caller's
+client, untouched: a completion made through ``with_streaming_response`` has no record.
+``with_options`` / ``copy`` return an audited client again. ``isinstance`` sees the wrapped
+class.
 
 One record per ``create`` call: the library's own retries (``max_retries``) happen inside it. A
 refused connection leaves no record (nothing was sent), a timeout or an error status leaves
