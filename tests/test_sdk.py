@@ -510,22 +510,72 @@ class TestOpenAIUsage:
         assert recs[0]["output_text"] == raw.parse().choices[0].message.content
         assert recs[1]["output_text"] == text
 
-    def test_streaming_response_passes_through(
-        self, sims: dict[str, str], recorder: Recorder
-    ) -> None:
-        """``with_streaming_response`` (not recorded yet, README) gives the caller the library's
-        response, under ``beta`` too, and leaves no record rather than one without its answer."""
+    def test_with_streaming_response(self, sims: dict[str, str], recorder: Recorder) -> None:
+        """``with_streaming_response`` (on a resource or on the client) gives the library's
+        unread response; the exchange is recorded once the caller has read the body to its end,
+        however it reads it (``parse``, ``json``, ``iter_lines``; a stream's ``parse()`` as it is
+        iterated), and as ``client_disconnect`` if it leaves it unread. They left no record."""
         wrapped = audit(
             openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
         )
-        targets = [wrapped.chat.completions]
-        if hasattr(wrapped.beta.chat.completions, "with_streaming_response"):  # openai >= 2
-            targets.append(wrapped.beta.chat.completions)
-        for completions in targets:
-            with completions.with_streaming_response.create(model=MODEL, messages=MSGS) as got:
-                assert got.parse().choices[0].message.content
+        answer = wrapped.chat.completions.create(model=MODEL, messages=MSGS)
+        want = answer.choices[0].message.content
+        chat = wrapped.chat.completions.with_streaming_response
+        with chat.create(model=MODEL, messages=MSGS) as response:
+            assert response.parse().choices[0].message.content == want
+        with wrapped.with_streaming_response.chat.completions.create(
+            model=MODEL, messages=MSGS, stream=True
+        ) as response:
+            chunks = list(response.parse())
+        with chat.create(model=MODEL, messages=MSGS) as response:
+            assert response.json()["choices"][0]["message"]["content"] == want  # type: ignore[index]
+        with chat.create(model=MODEL, messages=MSGS, stream=True) as response:
+            lines = list(response.iter_lines())
+        with chat.create(model=MODEL, messages=MSGS, stream=True):
+            pass  # left unread
         recorder.flush()
-        assert [] == read_records(recorder.writer.config.root)
+        recs = read_records(recorder.writer.config.root)
+        assert [(r["stop_reason"], r["stream"]) for r in recs] == [
+            ("stop", False),
+            ("stop", False),
+            ("stop", True),
+            ("stop", False),
+            ("stop", True),
+            ("client_disconnect", True),
+        ]
+        assert [r["output_text"] for r in recs[:5]] == [want] * 5
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+        assert any(line.startswith("data: ") for line in lines)
+        assert recs[1]["output_tokens"] == recs[0]["output_tokens"]
+        if hasattr(wrapped.beta.chat.completions, "with_streaming_response"):  # openai >= 2
+            beta = wrapped.beta.chat.completions.with_streaming_response
+            with beta.parse(model=MODEL, messages=MSGS) as response:
+                assert response.parse().choices[0].message.content == want
+            recorder.flush()
+            assert want == read_records(recorder.writer.config.root)[-1]["output_text"]
+
+    async def test_with_streaming_response_async(
+        self, sims: dict[str, str], recorder: Recorder
+    ) -> None:
+        """The same through ``openai.AsyncOpenAI``."""
+        wrapped = audit(
+            openai.AsyncOpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        chat = wrapped.chat.completions.with_streaming_response
+        async with chat.create(model=MODEL, messages=MSGS) as response:
+            want = (await response.parse()).choices[0].message.content
+        async with chat.create(model=MODEL, messages=MSGS, stream=True) as response:
+            text = "".join([c.choices[0].delta.content or "" async for c in await response.parse()])
+        async with chat.create(model=MODEL, messages=MSGS, stream=True) as response:
+            assert [line async for line in response.iter_lines()]
+        recorder.flush()
+        recs = read_records(recorder.writer.config.root)
+        assert [(r["stop_reason"], r["stream"]) for r in recs] == [
+            ("stop", False),
+            ("stop", True),
+            ("stop", True),
+        ]
+        assert [r["output_text"] for r in recs] == [want, text, text]
 
     def test_other_posts_pass_through(self, sims: dict[str, str], recorder: Recorder) -> None:
         """The audited client's ``post`` (what ``beta``'s resources call) sends any other path

@@ -17,13 +17,13 @@ Should a future library not call that hook, the chunk is read back with
 do not declare are shared with the parsed JSON, so a caller that mutates ``model_extra`` before
 an async-durability record is built would change it.)
 
-``client.beta`` and ``with_raw_response`` (the client's or a resource's) are built on the
-audited client, so ``beta.chat.completions.parse`` and ``stream`` and raw-response calls are
-recorded too (a raw body at once, parsed or not; a raw stream as its ``parse()`` is read).
-Everything else (``models``, ``embeddings``, ``with_streaming_response``, …) is the caller's
-client, untouched: a completion made through ``with_streaming_response`` has no record.
-``with_options`` / ``copy`` return an audited client again. ``isinstance`` sees the wrapped
-class.
+``client.beta``, ``with_raw_response`` and ``with_streaming_response`` (the client's or a
+resource's) are built on the audited client, so ``beta.chat.completions.parse`` and ``stream``
+and those calls are recorded too: a raw body at once, parsed or not; a raw stream as its
+``parse()`` is read; a streaming response once the caller has read its body to the end, however
+it reads it, or as ``client_disconnect`` if it closes it unread. Everything else (``models``,
+``embeddings``, …) is the caller's client, untouched. ``with_options`` / ``copy`` return an
+audited client again. ``isinstance`` sees the wrapped class.
 
 One record per ``create`` call: the library's own retries (``max_retries``) happen inside it. A
 refused connection leaves no record (nothing was sent), a timeout or an error status leaves
@@ -42,6 +42,8 @@ from typing import Any
 
 import openai
 
+from .._capture import loads
+from .._capture._sse import SSEEvents
 from .._errors import StoreError
 from ._calls import Auditor, Call, wire_copy
 from ._recorder import Recorder, log
@@ -213,6 +215,12 @@ class AuditedOpenAI(_Transparent):
         completions are recorded (see :meth:`_AuditedCreate.with_raw_response`)."""
         return type(self._tt_target.with_raw_response)(self)
 
+    @property
+    def with_streaming_response(self) -> Any:
+        """``client.with_streaming_response``, built on this audited client: its chat and legacy
+        completions are recorded (see :class:`AuditedStreamingResponse`)."""
+        return type(self._tt_target.with_streaming_response)(self)
+
     def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
         """The client's ``post``, as the resources built on this client call it: chat and legacy
         completions are audited as ``create`` is, any other path goes to the caller's client."""
@@ -295,12 +303,17 @@ class _AuditedCreate(_Transparent):
         body at once; a stream as the raw response's ``parse()`` is read)."""
         return type(self._tt_target.with_raw_response)(self._tt_tap)
 
+    @property
+    def with_streaming_response(self) -> Any:
+        """``with_streaming_response`` of the resource, built on the tapped one: the response
+        comes back unread, and the exchange is recorded as the caller reads it
+        (:class:`AuditedStreamingResponse`)."""
+        return type(self._tt_target.with_streaming_response)(self._tt_tap)
+
     def _post(
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
     ) -> Any:
         options = options or {}
-        if _raw(options, "stream"):  # with_streaming_response (beta's): not recorded, as README
-            return self._tt_post(path, body=body, options=options, stream=stream, **kw)
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
         if self._tt_tapped is not None:
             _resync(self._tt_tapped, self._tt_client)
@@ -314,6 +327,8 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200  # the library raises for anything but 2xx
+        if _raw(options, "stream"):
+            return AuditedStreamingResponse(result, call, stream)
         if _raw(options):
             raw = _raw_result(result, call, stream)
             if not stream:
@@ -330,8 +345,6 @@ class _AuditedCreate(_Transparent):
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
     ) -> Any:
         options = options or {}
-        if _raw(options, "stream"):
-            return await self._tt_post(path, body=body, options=options, stream=stream, **kw)
         call = self._tt_auditor.begin(self._tt_api, _body(body, options))
         if self._tt_tapped is not None:
             _resync(self._tt_tapped, self._tt_client)
@@ -348,6 +361,8 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200
+        if _raw(options, "stream"):
+            return AsyncAuditedStreamingResponse(result, call, stream)
         if _raw(options):
             raw = _raw_result(result, call, stream)
             if not stream:
@@ -501,6 +516,189 @@ class AuditedRawResponse(_Transparent):
         call = getattr(self, "_tt_call", None)
         if call is not None and not call.recorded and not getattr(self, "_tt_parsed", True):
             call.abandon()
+
+
+def _feed_body(call: Call, body: bytes, stream: bool) -> None:
+    """Feed a body the caller read whole: a JSON body, or an SSE stream's events."""
+    if not stream:
+        call.feed_raw(body)
+        return
+    events = SSEEvents()
+    for line in body.splitlines(keepends=True):
+        data = events.line(line)
+        if data is None or data.strip() == b"[DONE]":
+            continue
+        try:
+            call.feed(loads(data))
+        except ValueError:
+            call.note_error("tokentrail: an event of the stream is not JSON")
+
+
+class _StreamingBase(_Transparent):
+    """What the sync and async streaming responses share: the call, and the body as read."""
+
+    def __init__(self, response: Any, call: Call, stream: bool) -> None:
+        self._tt_target = response
+        self._tt_call = call
+        self._tt_stream = stream
+        self._tt_taken = False  # parse() handed the stream on: it records the exchange
+
+    def _tt_read(self, body: bytes) -> bool:
+        """Feed a body read to its end; whether the call is to be recorded now."""
+        if self._tt_call.recorded or self._tt_taken:
+            return False
+        _feed_body(self._tt_call, body, self._tt_stream)
+        return True
+
+    def _tt_content(self) -> bytes:
+        return bytes(self._tt_target.http_response.content)
+
+    def __del__(self) -> None:
+        call = getattr(self, "_tt_call", None)
+        if call is not None and not call.recorded and not getattr(self, "_tt_taken", True):
+            call.abandon()
+
+
+class AuditedStreamingResponse(_StreamingBase):
+    """The library's response to a ``with_streaming_response`` call, unread: the same object,
+    whose reads record the exchange once the body is read to its end (``parse()`` of a stream
+    gives the audited stream). One closed before that is a ``client_disconnect``."""
+
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's ``parse()``."""
+        result = self._tt_target.parse(*args, **kwargs)
+        if self._tt_stream:
+            if not self._tt_taken:
+                self._tt_taken = True
+                return AuditedStream(result, self._tt_call)
+            return result
+        if self._tt_read(self._tt_content()):
+            self._tt_call.record()
+        return result
+
+    def read(self) -> bytes:
+        """The library's ``read()``."""
+        body = self._tt_target.read()
+        if self._tt_read(body):
+            self._tt_call.record()
+        return body  # type: ignore[no-any-return]
+
+    def text(self) -> str:
+        """The library's ``text()``."""
+        text = self._tt_target.text()
+        if self._tt_read(self._tt_content()):
+            self._tt_call.record()
+        return text  # type: ignore[no-any-return]
+
+    def json(self) -> object:
+        """The library's ``json()``."""
+        value = self._tt_target.json()
+        if self._tt_read(self._tt_content()):
+            self._tt_call.record()
+        return value
+
+    def iter_bytes(self, chunk_size: int | None = None) -> Any:
+        """The library's ``iter_bytes()``; the exchange is recorded at the body's end."""
+        got: list[bytes] = []
+        for chunk in self._tt_target.iter_bytes(chunk_size):
+            got.append(chunk)
+            yield chunk
+        if self._tt_read(b"".join(got)):
+            self._tt_call.record()
+
+    def iter_text(self, chunk_size: int | None = None) -> Any:
+        """The library's ``iter_text()``; the exchange is recorded at the body's end."""
+        got: list[str] = []
+        for chunk in self._tt_target.iter_text(chunk_size):
+            got.append(chunk)
+            yield chunk
+        if self._tt_read("".join(got).encode()):
+            self._tt_call.record()
+
+    def iter_lines(self) -> Any:
+        """The library's ``iter_lines()``; the exchange is recorded at the body's end."""
+        got: list[str] = []
+        for line in self._tt_target.iter_lines():
+            got.append(line)
+            yield line
+        if self._tt_read("".join(f"{line}\n" for line in got).encode()):
+            self._tt_call.record()
+
+    def close(self) -> None:
+        """Close; a response closed before its body was read is a ``client_disconnect``."""
+        if not self._tt_taken:
+            self._tt_call.abandon()
+        self._tt_target.close()
+
+
+class AsyncAuditedStreamingResponse(_StreamingBase):
+    """:class:`AuditedStreamingResponse` for ``openai.AsyncOpenAI``."""
+
+    async def parse(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's ``parse()``."""
+        result = await self._tt_target.parse(*args, **kwargs)
+        if self._tt_stream:
+            if not self._tt_taken:
+                self._tt_taken = True
+                return AuditedAsyncStream(result, self._tt_call)
+            return result
+        if self._tt_read(self._tt_content()):
+            await self._tt_call.arecord()
+        return result
+
+    async def read(self) -> bytes:
+        """The library's ``read()``."""
+        body = await self._tt_target.read()
+        if self._tt_read(body):
+            await self._tt_call.arecord()
+        return body  # type: ignore[no-any-return]
+
+    async def text(self) -> str:
+        """The library's ``text()``."""
+        text = await self._tt_target.text()
+        if self._tt_read(self._tt_content()):
+            await self._tt_call.arecord()
+        return text  # type: ignore[no-any-return]
+
+    async def json(self) -> object:
+        """The library's ``json()``."""
+        value = await self._tt_target.json()
+        if self._tt_read(self._tt_content()):
+            await self._tt_call.arecord()
+        return value
+
+    async def iter_bytes(self, chunk_size: int | None = None) -> Any:
+        """The library's ``iter_bytes()``; the exchange is recorded at the body's end."""
+        got: list[bytes] = []
+        async for chunk in self._tt_target.iter_bytes(chunk_size):
+            got.append(chunk)
+            yield chunk
+        if self._tt_read(b"".join(got)):
+            await self._tt_call.arecord()
+
+    async def iter_text(self, chunk_size: int | None = None) -> Any:
+        """The library's ``iter_text()``; the exchange is recorded at the body's end."""
+        got: list[str] = []
+        async for chunk in self._tt_target.iter_text(chunk_size):
+            got.append(chunk)
+            yield chunk
+        if self._tt_read("".join(got).encode()):
+            await self._tt_call.arecord()
+
+    async def iter_lines(self) -> Any:
+        """The library's ``iter_lines()``; the exchange is recorded at the body's end."""
+        got: list[str] = []
+        async for line in self._tt_target.iter_lines():
+            got.append(line)
+            yield line
+        if self._tt_read("".join(f"{line}\n" for line in got).encode()):
+            await self._tt_call.arecord()
+
+    async def close(self) -> None:
+        """Close; a response closed before its body was read is a ``client_disconnect``."""
+        if not self._tt_taken:
+            self._tt_call.abandon()
+        await self._tt_target.close()
 
 
 def _record_quietly(call: Call) -> None:
