@@ -224,11 +224,11 @@ class AuditedOpenAI(_Transparent):
     def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
         """The client's ``post``, as the resources built on this client call it: chat and legacy
         completions are audited as ``create`` is, any other path goes to the caller's client."""
-        creator = {"/chat/completions": self.chat.completions, "/completions": self.completions}
-        target = creator.get(path)
-        if target is None:
-            return self._tt_target.post(path, *args, **kwargs)
-        return target._tt_tap._post(path, *args, **kwargs)
+        if path == "/chat/completions":
+            return self.chat.completions._tt_tap._post(path, *args, **kwargs)
+        if path == "/completions":
+            return self.completions._tt_tap._post(path, *args, **kwargs)
+        return self._tt_target.post(path, *args, **kwargs)
 
     def with_options(self, **options: Any) -> AuditedOpenAI:
         """The client's ``with_options``, audited the same way."""
@@ -327,9 +327,10 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200  # the library raises for anything but 2xx
-        if _raw(options, "stream"):
+        kind = _raw_kind(options)
+        if kind == "stream":
             return AuditedStreamingResponse(result, call, stream)
-        if _raw(options):
+        if kind == "true":
             raw = _raw_result(result, call, stream)
             if not stream:
                 call.record()
@@ -361,9 +362,10 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200
-        if _raw(options, "stream"):
+        kind = _raw_kind(options)
+        if kind == "stream":
             return AsyncAuditedStreamingResponse(result, call, stream)
-        if _raw(options):
+        if kind == "true":
             raw = _raw_result(result, call, stream)
             if not stream:
                 await call.arecord()
@@ -472,11 +474,12 @@ class AuditedAsyncStream(_Transparent):
             call.abandon()
 
 
-def _raw(options: Mapping[str, Any], kind: str = "true") -> bool:
-    """Whether the call came through ``with_raw_response`` (``kind`` "true": the library's raw
-    response) or ``with_streaming_response`` ("stream": a response whose body the caller reads)."""
+def _raw_kind(options: Mapping[str, Any]) -> Any:
+    """How the library is to answer: "true" through ``with_raw_response`` (its raw response),
+    "stream" through ``with_streaming_response`` (a response whose body the caller reads), else
+    ``None`` (the parsed result)."""
     headers = options.get("headers")
-    return isinstance(headers, Mapping) and headers.get(_RAW_HEADER) == kind
+    return headers.get(_RAW_HEADER) if isinstance(headers, Mapping) else None
 
 
 def _raw_result(result: Any, call: Call, stream: bool) -> Any:
