@@ -327,20 +327,10 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200  # the library raises for anything but 2xx
-        kind = _raw_kind(options)
-        if kind == "stream":
-            return AuditedStreamingResponse(result, call, stream)
-        if kind == "true":
-            raw = _raw_result(result, call, stream)
-            if not stream:
-                call.record()
-            return raw
-        if stream:
-            return AuditedStream(result, call)
-        if not call.fed:
-            call.feed(_dump(result))
-        call.record()
-        return result
+        answer, whole = _answer(result, call, options, stream, asynchronous=False)
+        if whole:
+            call.record()
+        return answer
 
     async def _apost(
         self, path: str, *, body: Any = None, options: Any = None, stream: bool = False, **kw: Any
@@ -362,20 +352,10 @@ class _AuditedCreate(_Transparent):
         finally:
             _CURRENT.reset(token)
         call.status = 200
-        kind = _raw_kind(options)
-        if kind == "stream":
-            return AsyncAuditedStreamingResponse(result, call, stream)
-        if kind == "true":
-            raw = _raw_result(result, call, stream)
-            if not stream:
-                await call.arecord()
-            return raw
-        if stream:
-            return AuditedAsyncStream(result, call)
-        if not call.fed:
-            call.feed(_dump(result))
-        await call.arecord()
-        return result
+        answer, whole = _answer(result, call, options, stream, asynchronous=True)
+        if whole:
+            await call.arecord()
+        return answer
 
 
 class AuditedStream(_Transparent):
@@ -482,19 +462,32 @@ def _raw_kind(options: Mapping[str, Any]) -> Any:
     return headers.get(_RAW_HEADER) if isinstance(headers, Mapping) else None
 
 
-def _raw_result(result: Any, call: Call, stream: bool) -> Any:
-    """What a raw (``with_raw_response``) call returns: a whole body is fed now (the library
-    has read it; it parses it only if the caller asks); a stream's raw response comes back in a
-    proxy whose ``parse()`` gives the audited stream. The caller records a whole body."""
+def _answer(
+    result: Any, call: Call, options: Mapping[str, Any], stream: bool, *, asynchronous: bool
+) -> tuple[Any, bool]:
+    """What a sent call gives the caller, and whether its whole answer is in (to record now).
+
+    A stream, raw or not, and a streaming response come back in a wrapper that records the
+    exchange as the caller reads it. A whole body has been fed: the library's parsed result, or
+    for ``with_raw_response`` the bytes the library read (it parses them only if asked).
+    """
+    kind = _raw_kind(options)
+    if kind == "stream":
+        cls = AsyncAuditedStreamingResponse if asynchronous else AuditedStreamingResponse
+        return cls(result, call, stream), False
     if stream:
-        return AuditedRawResponse(result, call)
-    http = getattr(result, "http_response", None)
-    content = getattr(http, "content", None)
-    if isinstance(content, bytes | str):
-        call.feed_raw(content if isinstance(content, bytes) else content.encode())
-    else:  # pragma: no cover - a library whose raw response holds no body
-        call.note_error("tokentrail: the raw response held no body to record")
-    return result
+        if kind == "true":
+            return AuditedRawResponse(result, call), False
+        return (AuditedAsyncStream if asynchronous else AuditedStream)(result, call), False
+    if kind == "true":
+        content = getattr(getattr(result, "http_response", None), "content", None)
+        if isinstance(content, bytes):
+            call.feed_raw(content)
+        else:  # pragma: no cover - a library whose raw response holds no body
+            call.note_error("tokentrail: the raw response held no body to record")
+    elif not call.fed:
+        call.feed(_dump(result))
+    return result, True
 
 
 class AuditedRawResponse(_Transparent):
@@ -567,6 +560,10 @@ class AuditedStreamingResponse(_StreamingBase):
     whose reads record the exchange once the body is read to its end (``parse()`` of a stream
     gives the audited stream). One closed before that is a ``client_disconnect``."""
 
+    def _tt_done(self, body: bytes) -> None:
+        if self._tt_read(body):
+            self._tt_call.record()
+
     def parse(self, *args: Any, **kwargs: Any) -> Any:
         """The library's ``parse()``."""
         result = self._tt_target.parse(*args, **kwargs)
@@ -575,29 +572,25 @@ class AuditedStreamingResponse(_StreamingBase):
                 self._tt_taken = True
                 return AuditedStream(result, self._tt_call)
             return result
-        if self._tt_read(self._tt_content()):
-            self._tt_call.record()
+        self._tt_done(self._tt_content())
         return result
 
     def read(self) -> bytes:
         """The library's ``read()``."""
         body = self._tt_target.read()
-        if self._tt_read(body):
-            self._tt_call.record()
+        self._tt_done(body)
         return body  # type: ignore[no-any-return]
 
     def text(self) -> str:
         """The library's ``text()``."""
         text = self._tt_target.text()
-        if self._tt_read(self._tt_content()):
-            self._tt_call.record()
+        self._tt_done(self._tt_content())
         return text  # type: ignore[no-any-return]
 
     def json(self) -> object:
         """The library's ``json()``."""
         value = self._tt_target.json()
-        if self._tt_read(self._tt_content()):
-            self._tt_call.record()
+        self._tt_done(self._tt_content())
         return value
 
     def iter_bytes(self, chunk_size: int | None = None) -> Any:
@@ -606,8 +599,7 @@ class AuditedStreamingResponse(_StreamingBase):
         for chunk in self._tt_target.iter_bytes(chunk_size):
             got.append(chunk)
             yield chunk
-        if self._tt_read(b"".join(got)):
-            self._tt_call.record()
+        self._tt_done(b"".join(got))
 
     def iter_text(self, chunk_size: int | None = None) -> Any:
         """The library's ``iter_text()``; the exchange is recorded at the body's end."""
@@ -615,8 +607,7 @@ class AuditedStreamingResponse(_StreamingBase):
         for chunk in self._tt_target.iter_text(chunk_size):
             got.append(chunk)
             yield chunk
-        if self._tt_read("".join(got).encode()):
-            self._tt_call.record()
+        self._tt_done("".join(got).encode())
 
     def iter_lines(self) -> Any:
         """The library's ``iter_lines()``; the exchange is recorded at the body's end."""
@@ -624,8 +615,7 @@ class AuditedStreamingResponse(_StreamingBase):
         for line in self._tt_target.iter_lines():
             got.append(line)
             yield line
-        if self._tt_read("".join(f"{line}\n" for line in got).encode()):
-            self._tt_call.record()
+        self._tt_done("".join(f"{line}\n" for line in got).encode())
 
     def close(self) -> None:
         """Close; a response closed before its body was read is a ``client_disconnect``."""
@@ -637,6 +627,10 @@ class AuditedStreamingResponse(_StreamingBase):
 class AsyncAuditedStreamingResponse(_StreamingBase):
     """:class:`AuditedStreamingResponse` for ``openai.AsyncOpenAI``."""
 
+    async def _tt_done(self, body: bytes) -> None:
+        if self._tt_read(body):
+            await self._tt_call.arecord()
+
     async def parse(self, *args: Any, **kwargs: Any) -> Any:
         """The library's ``parse()``."""
         result = await self._tt_target.parse(*args, **kwargs)
@@ -645,29 +639,25 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
                 self._tt_taken = True
                 return AuditedAsyncStream(result, self._tt_call)
             return result
-        if self._tt_read(self._tt_content()):
-            await self._tt_call.arecord()
+        await self._tt_done(self._tt_content())
         return result
 
     async def read(self) -> bytes:
         """The library's ``read()``."""
         body = await self._tt_target.read()
-        if self._tt_read(body):
-            await self._tt_call.arecord()
+        await self._tt_done(body)
         return body  # type: ignore[no-any-return]
 
     async def text(self) -> str:
         """The library's ``text()``."""
         text = await self._tt_target.text()
-        if self._tt_read(self._tt_content()):
-            await self._tt_call.arecord()
+        await self._tt_done(self._tt_content())
         return text  # type: ignore[no-any-return]
 
     async def json(self) -> object:
         """The library's ``json()``."""
         value = await self._tt_target.json()
-        if self._tt_read(self._tt_content()):
-            await self._tt_call.arecord()
+        await self._tt_done(self._tt_content())
         return value
 
     async def iter_bytes(self, chunk_size: int | None = None) -> Any:
@@ -676,8 +666,7 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
         async for chunk in self._tt_target.iter_bytes(chunk_size):
             got.append(chunk)
             yield chunk
-        if self._tt_read(b"".join(got)):
-            await self._tt_call.arecord()
+        await self._tt_done(b"".join(got))
 
     async def iter_text(self, chunk_size: int | None = None) -> Any:
         """The library's ``iter_text()``; the exchange is recorded at the body's end."""
@@ -685,8 +674,7 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
         async for chunk in self._tt_target.iter_text(chunk_size):
             got.append(chunk)
             yield chunk
-        if self._tt_read("".join(got).encode()):
-            await self._tt_call.arecord()
+        await self._tt_done("".join(got).encode())
 
     async def iter_lines(self) -> Any:
         """The library's ``iter_lines()``; the exchange is recorded at the body's end."""
@@ -694,8 +682,7 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
         async for line in self._tt_target.iter_lines():
             got.append(line)
             yield line
-        if self._tt_read("".join(f"{line}\n" for line in got).encode()):
-            await self._tt_call.arecord()
+        await self._tt_done("".join(f"{line}\n" for line in got).encode())
 
     async def close(self) -> None:
         """Close; a response closed before its body was read is a ``client_disconnect``."""
