@@ -528,7 +528,7 @@ class TestOpenAIUsage:
         ) as response:
             chunks = list(response.parse())
         with chat.create(model=MODEL, messages=MSGS) as response:
-            assert response.json()["choices"][0]["message"]["content"] == want  # type: ignore[index]
+            assert response.json()["choices"][0]["message"]["content"] == want
         with chat.create(model=MODEL, messages=MSGS, stream=True) as response:
             lines = list(response.iter_lines())
         with chat.create(model=MODEL, messages=MSGS, stream=True):

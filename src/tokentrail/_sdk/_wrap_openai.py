@@ -577,15 +577,15 @@ class AuditedStreamingResponse(_StreamingBase):
 
     def read(self) -> bytes:
         """The library's ``read()``."""
-        body = self._tt_target.read()
+        body: bytes = self._tt_target.read()
         self._tt_done(body)
-        return body  # type: ignore[no-any-return]
+        return body
 
     def text(self) -> str:
         """The library's ``text()``."""
-        text = self._tt_target.text()
+        text: str = self._tt_target.text()
         self._tt_done(self._tt_content())
-        return text  # type: ignore[no-any-return]
+        return text
 
     def json(self) -> object:
         """The library's ``json()``."""
@@ -644,15 +644,15 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
 
     async def read(self) -> bytes:
         """The library's ``read()``."""
-        body = await self._tt_target.read()
+        body: bytes = await self._tt_target.read()
         await self._tt_done(body)
-        return body  # type: ignore[no-any-return]
+        return body
 
     async def text(self) -> str:
         """The library's ``text()``."""
-        text = await self._tt_target.text()
+        text: str = await self._tt_target.text()
         await self._tt_done(self._tt_content())
-        return text  # type: ignore[no-any-return]
+        return text
 
     async def json(self) -> object:
         """The library's ``json()``."""
