@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import itertools
+import random
 import socket
 import tempfile
 import threading
@@ -22,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 from aiohttp import web
 
 from test_proxy import ProxyProc, start_proxy
-from tokentrail._capture._sse import SSEEvents, cut_at_line_end
+from test_sdk import read_records
+from tokentrail import Signer
+from tokentrail._capture._sse import SSEEvents, SSEReader, cut_at_line_end
+from tokentrail._sdk import Recorder, audit
 
 # ---------------------------------------------------------------------- the SSE parser
 
@@ -87,6 +92,20 @@ class TestSSEParser:
     def test_fields(self, stream: bytes, expected: list[bytes]) -> None:
         """Field names match exactly, comments and other fields are skipped."""
         assert expected == events_of(stream)
+
+    def test_reader_in_pieces_reads_as_line_by_line(self) -> None:
+        """The SDK's reader (:class:`SSEReader`, with its fast path for whole one-line events)
+        finds the events the line-by-line reading finds, however the body is cut."""
+        parts = [b"data: ", b"data:", b"x", b" ", b"\n", b"\r", b"\n\n", b": c\n", b"[DONE]",
+                 b"\xef\xbb\xbf", b'{"a":1}', b"event: e\n", b'data: {"b":2}\n\n']  # fmt: skip
+        rng = random.Random(9162)
+        for _ in range(20_000):
+            body = b"".join(rng.choice(parts) for _ in range(rng.randint(0, 12))) + b"\n"
+            cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randint(0, 4))))
+            reader = SSEReader()
+            bounds = itertools.pairwise([0, *cuts, len(body)])
+            found = [e for a, b in bounds for e in reader.feed(body[a:b])]
+            assert [e for e in found if e] == events_of(body), (body, cuts)
 
 
 # ---------------------------------------------------------------------- a scripted upstream
@@ -432,6 +451,87 @@ def lp_chunk(content: str | None, finish: str | None, logprobs: bool) -> bytes:
     head = orjson.dumps(obj).split(b',"finish_reason"')[0]
     tail = orjson.dumps(obj["choices"][0]["finish_reason"])
     return b'data: %s,\ndata: "logprobs":%s,\ndata: "finish_reason":%s}]}\n\n' % (head, lp, tail)
+
+
+class TestSDKReadsTheSameStreams:
+    """The SDK's audited openai client reads a stream from the bytes the library read, with the
+    proxy's SSE reader: on the legal variations the record holds what the client was shown."""
+
+    @pytest.mark.parametrize("durability", ["strict", "async"])
+    @pytest.mark.parametrize(
+        ("name", "body", "headers"),
+        [
+            ("sdk-cr", sse_body(b"\r"), SSE),
+            ("sdk-crlf", sse_body(b"\r\n"), SSE),
+            ("sdk-multi-line-data", multi_line_first_event(), SSE),
+            ("sdk-comments", b": keep-alive\n\n" + sse_body().replace(b"\n\n", b"\n: c\n\n"), SSE),
+            (
+                "sdk-leading-space-field",
+                b" data: " + orjson.dumps(chunk("INJECTED")) + b"\n\n" + sse_body(),
+                SSE,
+            ),
+            ("sdk-gzip", gzip.compress(sse_body()), {**SSE, "Content-Encoding": "gzip"}),
+        ],
+    )
+    def test_sse_variants(
+        self,
+        upstream: str,
+        tmp_path: Path,
+        name: str,
+        body: bytes,
+        headers: dict[str, str],
+        durability: str,
+    ) -> None:
+        SCRIPTS[name] = Script([body[i : i + 7] for i in range(0, len(body), 7)], headers=headers)
+        recorder = Recorder.open(
+            tmp_path / "l", key=Signer.generate("w"), log_id="w", durability=durability
+        )
+        client = openai.OpenAI(
+            base_url=upstream + "/v1", api_key="k", default_headers={"X-Script": name}
+        )
+        with recorder:
+            stream = audit(client, ledger=recorder).chat.completions.create(
+                model="m", messages=CHAT["messages"], stream=True
+            )
+            shown = "".join(c.choices[0].delta.content or "" for c in stream)
+        (record,) = read_records(tmp_path / "l")
+        assert shown == "Hello"
+        assert (shown, "stop") == (record["output_text"], record["stop_reason"])
+        assert "m@fp1" == record["model_version"]
+
+    @pytest.mark.parametrize("durability", ["strict", "async"])
+    async def test_dropped_stream_records_what_the_caller_took(
+        self, upstream: str, tmp_path: Path, durability: str
+    ) -> None:
+        """The whole stream arrives in one read; a caller that takes one chunk and closes the
+        stream has a record of that chunk (``client_disconnect``), not of what it never saw."""
+        SCRIPTS["sdk-one-read"] = Script([sse_body()], headers=SSE)
+        recorder = Recorder.open(
+            tmp_path / "l", key=Signer.generate("w"), log_id="w", durability=durability
+        )
+        headers = {"X-Script": "sdk-one-read"}
+        sync = audit(
+            openai.OpenAI(base_url=upstream + "/v1", api_key="k", default_headers=headers),
+            ledger=recorder,
+        )
+        aio = audit(
+            openai.AsyncOpenAI(base_url=upstream + "/v1", api_key="k", default_headers=headers),
+            ledger=recorder,
+        )
+        with recorder:
+            stream = sync.chat.completions.create(model="m", messages=CHAT["messages"], stream=True)
+            first = next(stream).choices[0].delta.content
+            stream.close()
+            astream = await aio.chat.completions.create(
+                model="m", messages=CHAT["messages"], stream=True
+            )
+            afirst = (await astream.__anext__()).choices[0].delta.content
+            await astream.close()
+        records = read_records(tmp_path / "l")
+        assert (first, afirst) == ("Hel", "Hel")
+        assert [("Hel", "client_disconnect")] * 2 == [
+            (r["output_text"], r["stop_reason"]) for r in records
+        ]
 
 
 class TestTokenDataHidden:

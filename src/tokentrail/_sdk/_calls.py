@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from .._capture import Capture, Meta, loads, new_capture
+from .._capture._sse import SSEReader
 from .._record import Exchange, Record, new_event_id, rfc3339
 from ._recorder import VIA_FIELD, VIA_SDK, Recorder
 
@@ -93,6 +94,11 @@ class Call:
     never the library's objects, so what the caller does with those later cannot change the
     record. Errors noted on the caller's side (:meth:`note_error`) are applied after the chunks,
     as they happened. Under strict durability everything happens on the caller's thread.
+
+    An SSE stream is kept as the body's reads (:meth:`feed_sse`, ``bytes`` in ``pending``),
+    under either durability, and its events are fed when the call is built, as the proxy
+    reads them; a caller that drops the stream half-way has its record hold only the chunks it
+    took (:meth:`abandon`).
     """
 
     __slots__ = (
@@ -108,8 +114,11 @@ class Call:
         "noted",
         "pending",
         "recorded",
+        "sse",
         "started",
         "status",
+        "taken",
+        "took",
         "wall",
     )
 
@@ -128,6 +137,9 @@ class Call:
         self.last_seen = False  # the chunk that ends the exchange has arrived
         self.noted: str | None = None  # lazy: an error noted on the caller's side
         self.fed = 0  # chunks fed so far
+        self.sse: SSEReader | None = None  # the SSE body's events, read as it is replayed
+        self.took = 0  # an SSE stream: the chunks handed to the caller so far
+        self.taken: int | None = None  # a dropped SSE stream: the chunks its record holds
 
     @property
     def ended(self) -> bool:
@@ -176,12 +188,21 @@ class Call:
             except ValueError:
                 self.last_seen = True  # the replay notes it, and nothing after it counts
 
+    def feed_sse(self, data: bytes) -> None:
+        """Take one read of an SSE body, as it arrived; its events are fed when the call is
+        built (the events a read completes carry its time)."""
+        if not self.recorded:
+            self.pending.append((data, time.perf_counter()))
+
     def note_error(self, message: str) -> None:
         """An error seen on the caller's side; the upstream's own error, if any, comes first."""
         if self.lazy:
             if self.noted is None:
                 self.noted = message
-        elif self.capture.error is None:
+            return
+        if self.pending:  # an SSE body read so far: the upstream's error event comes first
+            self._replay()
+        if self.capture.error is None:
             self.capture.error = message
 
     def fail(self, exc: BaseException) -> None:
@@ -191,7 +212,22 @@ class Call:
     def _replay(self) -> None:
         """Feed the capture what a lazy call kept, in order, with the times it arrived."""
         capture = self.capture
-        for chunk, at in self.pending:
+        pending = self.pending
+        i, n = 0, len(pending)
+        while i < n:
+            chunk, at = pending[i]
+            i += 1
+            if type(chunk) is bytes:
+                if self.first_token is not None:  # the times of the rest no longer matter:
+                    j = i  # read the reads that follow this one at once (a few times faster)
+                    while j < n and type(pending[j][0]) is bytes:
+                        j += 1
+                    if j > i:
+                        chunk = b"".join([chunk, *(data for data, _ in pending[i:j])])
+                        i = j
+                if not self._replay_sse(chunk, at):
+                    break
+                continue
             if type(chunk) is _Text:
                 try:
                     chunk = loads(chunk.raw)
@@ -204,6 +240,33 @@ class Call:
         self.pending = []
         if self.noted is not None and capture.error is None:
             capture.error = self.noted
+
+    def _replay_sse(self, data: bytes, at: float) -> bool:
+        """Feed the events one read of an SSE body completes, as the proxy reads them: the data
+        of each, ``[DONE]`` ending the stream, an event that is empty or not JSON skipped (the
+        client library raises on it, and the caller's error is noted). False once a dropped
+        stream's chunks are all fed (:attr:`taken`)."""
+        if self.sse is None:
+            self.sse = SSEReader()
+        capture = self.capture
+        for event in self.sse.feed(data):
+            body = event.strip()
+            if self.taken is not None and self.taken <= 0:
+                return False
+            if body.startswith(b"[DONE]"):  # as the openai clients test it
+                capture.finished = True
+                continue
+            if not body:
+                continue
+            try:
+                chunk = loads(body)
+            except ValueError:
+                continue
+            if self.taken is not None:
+                self.taken -= 1
+            if capture.feed(chunk) and self.first_token is None:
+                self.first_token = at
+        return True
 
     def _exchange(
         self, stop: str | None, ended: float, expect_end: bool, *, dropped: bool = False
@@ -268,8 +331,11 @@ class Call:
         exchange = self._exchange(stop, time.perf_counter(), expect_end)
         return await self.auditor.recorder.aappend(exchange)
 
-    def abandon(self) -> None:
+    def abandon(self, taken: int | None = None) -> None:
         """The caller dropped the stream: record ``client_disconnect`` without waiting.
+
+        ``taken``: of an SSE stream kept as its reads, the chunks the caller took; the record
+        holds those (what was read beyond them, the caller never saw).
 
         This runs in finalizers too (a stream or generator the collector closes), perhaps on a
         thread inside the ledger's own lock, so it hands the record over without taking it.
@@ -277,5 +343,6 @@ class Call:
         if self.recorded:
             return
         self.recorded = True
+        self.taken = taken
         ended = time.perf_counter()
         self.auditor.recorder.orphan(lambda: self._exchange(None, ended, False, dropped=True))

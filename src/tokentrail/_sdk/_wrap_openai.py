@@ -6,16 +6,18 @@ is intercepted, so the request body is the one the library built (``extra_body``
 library merges it) and the result is the library's own object. A non-streamed result is returned
 as it is; a stream is handed back inside a thin wrapper that yields the very same chunk objects.
 
-What the capture (the proxy's) is fed is the wire JSON: the library parses each body and each
-SSE ``data:`` payload with ``json`` and hands the result to its client's
-``_process_response_data`` to build its model. The audited resource runs on a shallow copy of the
-caller's client (same connection pool) whose ``_process_response_data`` first hands that parsed
-JSON to the call in progress (a context variable says which). That is every field the server
-sent, extension fields included (vLLM's ``token_ids``, llama.cpp's ``id``), at no extra parsing.
-Should a future library not call that hook, the chunk is read back with
-``model_dump(exclude_unset=True)`` instead. (openai's models copy what they declare; fields they
-do not declare are shared with the parsed JSON, so a caller that mutates ``model_extra`` before
-an async-durability record is built would change it.)
+What the capture (the proxy's) is fed is the wire: every field the server sent, extension
+fields included (vLLM's ``token_ids``, llama.cpp's ``id``). A whole body the library parses with
+``json`` and hands to its client's ``_process_response_data`` to build its model; the audited
+resource runs on a shallow copy of the caller's client (same connection pool) whose
+``_process_response_data`` first hands that parsed JSON to the call in progress (a context
+variable says which), at no extra parsing. Should a future library not call that hook, the body
+is read back with ``model_dump(exclude_unset=True)`` instead. (openai's models copy what they
+declare; fields they do not declare are shared with the parsed JSON, so a caller that mutates
+``model_extra`` before an async-durability record is built would change it.) A stream is kept as
+the bytes the library reads (its response's ``iter_bytes``), one list append a read, and its
+events are parsed as the proxy parses them when the record is built: under async durability, on
+the ledger's writer thread, so a streamed chunk costs the caller a count.
 
 ``client.beta``, ``with_raw_response`` and ``with_streaming_response`` (the client's or a
 resource's) are built on the audited client, so ``beta.chat.completions.parse`` and ``stream``
@@ -37,7 +39,7 @@ import asyncio
 import contextvars
 import copy
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import openai
@@ -88,6 +90,7 @@ def _tapped_client(client: Any) -> Any:
 
     tapped._process_response_data = tap
     tapped._tt_hook = tap
+    tapped._tt_origin = client
     return tapped
 
 
@@ -136,13 +139,6 @@ def _request_failed(call: Call, exc: BaseException) -> bool:
         return False  # refused, no route: nothing was sent
     call.fail(exc)
     return True
-
-
-def _stream_failed(call: Call, exc: BaseException) -> None:
-    """Note why a stream raised half-way (an SSE error event carries the server's body)."""
-    if isinstance(exc, openai.APIError) and exc.body is not None:
-        call.feed({"error": exc.body})
-    call.fail(exc)
 
 
 class _Transparent:
@@ -359,37 +355,52 @@ class _AuditedCreate(_Transparent):
 
 
 class AuditedStream(_Transparent):
-    """An ``openai.Stream`` that yields the library's own chunks and records the exchange."""
+    """An ``openai.Stream`` that yields the library's own chunks and records the exchange.
+
+    What is recorded is the body as the library read it (:func:`_audited_stream` taps the
+    response's ``iter_bytes``), so a chunk costs the caller a count here and a read a list
+    append; the events are parsed when the record is built (under async durability, on the
+    writer thread).
+    """
 
     def __init__(self, stream: Any, call: Call) -> None:
         self._tt_target = stream
         self._tt_call = call
 
-    def __iter__(self) -> AuditedStream:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        """The library's iteration (a generator, as the library's ``__iter__`` is), counted.
+
+        A loop that breaks out leaves the stream where it was, as the library's does: the
+        stream is recorded at its end, at ``close()``, or when it is dropped.
+        """
+        call = self._tt_call
+        try:
+            for chunk in self._tt_target:
+                call.took += 1
+                yield chunk
+        except Exception as exc:
+            call.fail(exc)
+            _record_quietly(call)
+            raise
+        call.record()
 
     def __next__(self) -> Any:
         call = self._tt_call
-        fed = call.fed
-        token = _CURRENT.set(call)
         try:
             chunk = self._tt_target.__next__()
         except StopIteration:
             call.record()
             raise
         except Exception as exc:
-            _stream_failed(call, exc)
+            call.fail(exc)
             _record_quietly(call)
             raise
-        finally:
-            _CURRENT.reset(token)
-        if call.fed == fed:
-            call.feed(_dump(chunk))
+        call.took += 1
         return chunk
 
     def close(self) -> None:
         """Close the stream; one closed before its end is recorded as ``client_disconnect``."""
-        self._tt_call.abandon()
+        self._tt_call.abandon(self._tt_call.took)
         self._tt_target.close()
 
     def __enter__(self) -> AuditedStream:
@@ -401,11 +412,12 @@ class AuditedStream(_Transparent):
     def __del__(self) -> None:
         call = getattr(self, "_tt_call", None)
         if call is not None and not call.recorded:
-            call.abandon()
+            call.abandon(call.took)
 
 
 class AuditedAsyncStream(_Transparent):
-    """An ``openai.AsyncStream`` that yields the library's own chunks and records the exchange."""
+    """An ``openai.AsyncStream`` that yields the library's own chunks and records the exchange
+    (the body as read, as :class:`AuditedStream`)."""
 
     def __init__(self, stream: Any, call: Call) -> None:
         self._tt_target = stream
@@ -416,26 +428,21 @@ class AuditedAsyncStream(_Transparent):
 
     async def __anext__(self) -> Any:
         call = self._tt_call
-        fed = call.fed
-        token = _CURRENT.set(call)
         try:
             chunk = await self._tt_target.__anext__()
         except StopAsyncIteration:
             await call.arecord()
             raise
         except Exception as exc:
-            _stream_failed(call, exc)
+            call.fail(exc)
             await _arecord_quietly(call)
             raise
-        finally:
-            _CURRENT.reset(token)
-        if call.fed == fed:
-            call.feed(_dump(chunk))
+        call.took += 1
         return chunk
 
     async def close(self) -> None:
         """Close the stream; one closed before its end is recorded as ``client_disconnect``."""
-        self._tt_call.abandon()
+        self._tt_call.abandon(self._tt_call.took)
         await self._tt_target.close()
 
     async def aclose(self) -> None:
@@ -451,7 +458,39 @@ class AuditedAsyncStream(_Transparent):
     def __del__(self) -> None:
         call = getattr(self, "_tt_call", None)
         if call is not None and not call.recorded:
-            call.abandon()
+            call.abandon(call.took)
+
+
+def _audited_stream(stream: Any, call: Call) -> Any:
+    """The library's stream, not yet read, in its audited wrapper, with its response's body
+    reads kept for the record (:meth:`Call.feed_sse`) as the library makes them.
+
+    The stream parses its chunks with the caller's own client, not the tapped copy it was made
+    by: the record is read from the bytes, so the tap would only cost a call a chunk.
+    """
+    origin = getattr(stream._client, "_tt_origin", None)
+    if origin is not None:
+        stream._client = origin
+    response = stream.response
+    if hasattr(stream, "__anext__"):
+        aread = response.aiter_bytes
+
+        async def aiter_bytes(chunk_size: int | None = None) -> Any:
+            async for data in aread(chunk_size):
+                call.feed_sse(data)
+                yield data
+
+        response.aiter_bytes = aiter_bytes
+        return AuditedAsyncStream(stream, call)
+    read = response.iter_bytes
+
+    def iter_bytes(chunk_size: int | None = None) -> Any:
+        for data in read(chunk_size):
+            call.feed_sse(data)
+            yield data
+
+    response.iter_bytes = iter_bytes
+    return AuditedStream(stream, call)
 
 
 def _raw_kind(options: Mapping[str, Any]) -> Any:
@@ -478,7 +517,7 @@ def _answer(
     if stream:
         if kind == "true":
             return AuditedRawResponse(result, call), False
-        return (AuditedAsyncStream if asynchronous else AuditedStream)(result, call), False
+        return _audited_stream(result, call), False
     if kind == "true":
         content = getattr(getattr(result, "http_response", None), "content", None)
         if isinstance(content, bytes):
@@ -504,9 +543,7 @@ class AuditedRawResponse(_Transparent):
         """The library's ``parse()``: a stream, here the audited one."""
         stream = self._tt_target.parse(*args, **kwargs)
         self._tt_parsed = True  # the stream records the exchange from here on
-        if hasattr(stream, "__anext__"):
-            return AuditedAsyncStream(stream, self._tt_call)
-        return AuditedStream(stream, self._tt_call)
+        return _audited_stream(stream, self._tt_call)
 
     def __del__(self) -> None:
         call = getattr(self, "_tt_call", None)
@@ -570,7 +607,7 @@ class AuditedStreamingResponse(_StreamingBase):
         if self._tt_stream:
             if not self._tt_taken:
                 self._tt_taken = True
-                return AuditedStream(result, self._tt_call)
+                return _audited_stream(result, self._tt_call)
             return result
         self._tt_done(self._tt_content())
         return result
@@ -637,7 +674,7 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
         if self._tt_stream:
             if not self._tt_taken:
                 self._tt_taken = True
-                return AuditedAsyncStream(result, self._tt_call)
+                return _audited_stream(result, self._tt_call)
             return result
         await self._tt_done(self._tt_content())
         return result
