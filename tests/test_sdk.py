@@ -95,6 +95,10 @@ def dump(obj: Any) -> Any:
     return blank(obj.model_dump())
 
 
+def _bytes(piece: str | bytes) -> bytes:
+    return piece.encode() if isinstance(piece, str) else piece
+
+
 def read_records(root: Path) -> list[dict[str, Any]]:
     """Every record of every log, in order, after checking seq, prev_hash and the seed hashes."""
     out: list[dict[str, Any]] = []
@@ -553,6 +557,50 @@ class TestOpenAIUsage:
                 assert response.parse().choices[0].message.content == want
             recorder.flush()
             assert want == read_records(recorder.writer.config.root)[-1]["output_text"]
+
+    @pytest.mark.parametrize("how", ["iter_lines", "iter_bytes", "iter_text"])
+    def test_streaming_response_left_half_way(
+        self, sims: dict[str, str], recorder: Recorder, how: str
+    ) -> None:
+        """A caller that leaves its loop over a streaming response's body half-way has a
+        ``client_disconnect`` record holding the events it read, not an empty one."""
+        wrapped = audit(
+            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        chat = wrapped.chat.completions.with_streaming_response
+        read = b""
+        with chat.create(model=MODEL, messages=MSGS, stream=True, max_tokens=8) as response:
+            for piece in getattr(response, how)():
+                read += piece.encode() + b"\n" if how == "iter_lines" else _bytes(piece)
+                if read.count(b"data: ") >= 3 and read.endswith(b"\n\n"):
+                    break
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        chunks = [json.loads(line[6:]) for line in read.split(b"\n") if line.startswith(b"data: ")]
+        shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert rec["stop_reason"] == "client_disconnect"
+        assert shown and rec["output_text"] == shown
+
+    async def test_async_streaming_response_left_half_way(
+        self, sims: dict[str, str], recorder: Recorder
+    ) -> None:
+        """The same through ``openai.AsyncOpenAI``: the loop left, the response closed."""
+        wrapped = audit(
+            openai.AsyncOpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
+        )
+        chat = wrapped.chat.completions.with_streaming_response
+        lines: list[str] = []
+        async with chat.create(model=MODEL, messages=MSGS, stream=True, max_tokens=8) as resp:
+            async for line in resp.iter_lines():
+                lines.append(line)
+                if not line and len([ln for ln in lines if ln.startswith("data: ")]) == 3:
+                    break  # at the blank line that ends the third event
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        chunks = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: ")]
+        shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert rec["stop_reason"] == "client_disconnect"
+        assert shown and rec["output_text"] == shown
 
     async def test_with_streaming_response_async(
         self, sims: dict[str, str], recorder: Recorder

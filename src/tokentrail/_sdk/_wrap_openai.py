@@ -575,6 +575,7 @@ class _StreamingBase(_Transparent):
         self._tt_call = call
         self._tt_stream = stream
         self._tt_taken = False  # parse() handed the stream on: it records the exchange
+        self._tt_got: list[bytes] = []  # what an iter_* loop has read of the body so far
 
     def _tt_read(self, body: bytes) -> bool:
         """Feed a body read to its end; whether the call is to be recorded now."""
@@ -586,10 +587,20 @@ class _StreamingBase(_Transparent):
     def _tt_content(self) -> bytes:
         return bytes(self._tt_target.http_response.content)
 
+    def _tt_stopped(self) -> None:
+        """Closed or dropped before the body's end: a ``client_disconnect``, holding the events
+        of a stream that an ``iter_*`` loop read before the caller left it (a part of a JSON
+        body is nothing to record)."""
+        call = self._tt_call
+        if call.recorded or self._tt_taken:
+            return
+        if self._tt_stream and self._tt_got:
+            _feed_body(call, b"".join(self._tt_got), True)
+        call.abandon()
+
     def __del__(self) -> None:
-        call = getattr(self, "_tt_call", None)
-        if call is not None and not call.recorded and not getattr(self, "_tt_taken", True):
-            call.abandon()
+        if getattr(self, "_tt_call", None) is not None and not getattr(self, "_tt_taken", True):
+            self._tt_stopped()
 
 
 class AuditedStreamingResponse(_StreamingBase):
@@ -631,33 +642,35 @@ class AuditedStreamingResponse(_StreamingBase):
         return value
 
     def iter_bytes(self, chunk_size: int | None = None) -> Any:
-        """The library's ``iter_bytes()``; the exchange is recorded at the body's end."""
-        got: list[bytes] = []
+        """The library's ``iter_bytes()``; the exchange is recorded at the body's
+        end, or at ``close()`` with what it read if the caller left the loop."""
+        got = self._tt_got
         for chunk in self._tt_target.iter_bytes(chunk_size):
             got.append(chunk)
             yield chunk
         self._tt_done(b"".join(got))
 
     def iter_text(self, chunk_size: int | None = None) -> Any:
-        """The library's ``iter_text()``; the exchange is recorded at the body's end."""
-        got: list[str] = []
+        """The library's ``iter_text()``; the exchange is recorded at the body's
+        end, or at ``close()`` with what it read if the caller left the loop."""
+        got = self._tt_got
         for chunk in self._tt_target.iter_text(chunk_size):
-            got.append(chunk)
+            got.append(chunk.encode())
             yield chunk
-        self._tt_done("".join(got).encode())
+        self._tt_done(b"".join(got))
 
     def iter_lines(self) -> Any:
-        """The library's ``iter_lines()``; the exchange is recorded at the body's end."""
-        got: list[str] = []
+        """The library's ``iter_lines()``; the exchange is recorded at the body's
+        end, or at ``close()`` with what it read if the caller left the loop."""
+        got = self._tt_got
         for line in self._tt_target.iter_lines():
-            got.append(line)
+            got.append(line.encode() + b"\n")
             yield line
-        self._tt_done("".join(f"{line}\n" for line in got).encode())
+        self._tt_done(b"".join(got))
 
     def close(self) -> None:
         """Close; a response closed before its body was read is a ``client_disconnect``."""
-        if not self._tt_taken:
-            self._tt_call.abandon()
+        self._tt_stopped()
         self._tt_target.close()
 
 
@@ -698,33 +711,35 @@ class AsyncAuditedStreamingResponse(_StreamingBase):
         return value
 
     async def iter_bytes(self, chunk_size: int | None = None) -> Any:
-        """The library's ``iter_bytes()``; the exchange is recorded at the body's end."""
-        got: list[bytes] = []
+        """The library's ``iter_bytes()``; the exchange is recorded at the body's
+        end, or at ``close()`` with what it read if the caller left the loop."""
+        got = self._tt_got
         async for chunk in self._tt_target.iter_bytes(chunk_size):
             got.append(chunk)
             yield chunk
         await self._tt_done(b"".join(got))
 
     async def iter_text(self, chunk_size: int | None = None) -> Any:
-        """The library's ``iter_text()``; the exchange is recorded at the body's end."""
-        got: list[str] = []
+        """The library's ``iter_text()``; the exchange is recorded at the body's
+        end, or at ``close()`` with what it read if the caller left the loop."""
+        got = self._tt_got
         async for chunk in self._tt_target.iter_text(chunk_size):
-            got.append(chunk)
+            got.append(chunk.encode())
             yield chunk
-        await self._tt_done("".join(got).encode())
+        await self._tt_done(b"".join(got))
 
     async def iter_lines(self) -> Any:
-        """The library's ``iter_lines()``; the exchange is recorded at the body's end."""
-        got: list[str] = []
+        """The library's ``iter_lines()``; the exchange is recorded at the body's
+        end, or at ``close()`` with what it read if the caller left the loop."""
+        got = self._tt_got
         async for line in self._tt_target.iter_lines():
-            got.append(line)
+            got.append(line.encode() + b"\n")
             yield line
-        await self._tt_done("".join(f"{line}\n" for line in got).encode())
+        await self._tt_done(b"".join(got))
 
     async def close(self) -> None:
         """Close; a response closed before its body was read is a ``client_disconnect``."""
-        if not self._tt_taken:
-            self._tt_call.abandon()
+        self._tt_stopped()
         await self._tt_target.close()
 
 
