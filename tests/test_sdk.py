@@ -95,6 +95,17 @@ def dump(obj: Any) -> Any:
     return blank(obj.model_dump())
 
 
+def assert_disconnect_holds(recorder: Recorder, lines: list[str]) -> None:
+    """The one record is a ``client_disconnect`` whose output is the text of the chat chunks
+    in the SSE ``lines`` the caller read."""
+    recorder.flush()
+    (rec,) = read_records(recorder.writer.config.root)
+    chunks = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: ")]
+    shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert rec["stop_reason"] == "client_disconnect"
+    assert shown and rec["output_text"] == shown
+
+
 def _bytes(piece: str | bytes) -> bytes:
     return piece.encode() if isinstance(piece, str) else piece
 
@@ -574,12 +585,7 @@ class TestOpenAIUsage:
                 read += piece.encode() + b"\n" if how == "iter_lines" else _bytes(piece)
                 if read.count(b"data: ") >= 3 and read.endswith(b"\n\n"):
                     break
-        recorder.flush()
-        (rec,) = read_records(recorder.writer.config.root)
-        chunks = [json.loads(line[6:]) for line in read.split(b"\n") if line.startswith(b"data: ")]
-        shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        assert rec["stop_reason"] == "client_disconnect"
-        assert shown and rec["output_text"] == shown
+        assert_disconnect_holds(recorder, read.decode().split("\n"))
 
     async def test_async_streaming_response_left_half_way(
         self, sims: dict[str, str], recorder: Recorder
@@ -595,12 +601,7 @@ class TestOpenAIUsage:
                 lines.append(line)
                 if not line and len([ln for ln in lines if ln.startswith("data: ")]) == 3:
                     break  # at the blank line that ends the third event
-        recorder.flush()
-        (rec,) = read_records(recorder.writer.config.root)
-        chunks = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: ")]
-        shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        assert rec["stop_reason"] == "client_disconnect"
-        assert shown and rec["output_text"] == shown
+        assert_disconnect_holds(recorder, lines)
 
     async def test_with_streaming_response_async(
         self, sims: dict[str, str], recorder: Recorder
