@@ -586,7 +586,8 @@ class TestTargets:
 
 
 class TestExpect:
-    """``Expect: 100-continue`` (curl sends it for large bodies) is answered at once."""
+    """``Expect: 100-continue`` (curl sends it for large bodies) is answered once the body is
+    to be read, and a request refused before that gets its final answer instead."""
 
     def test_continue_then_the_exchange(self, proxies: dict[str, ProxyProc]) -> None:
         """The proxy says ``100 Continue`` before the body is sent, then relays the exchange
@@ -616,6 +617,40 @@ class TestExpect:
                     out += chunk
             assert out.startswith(b"HTTP/1.1 200"), out[:200]
         assert len(proxy.records()) == before + 1
+
+    @pytest.mark.parametrize(
+        ("args", "status"),
+        [
+            (("--max-body-bytes", "100"), b"413"),  # too long by its Content-Length
+            (("--require-identity",), b"401"),  # no key: nobody to record it for
+            (("--refuse-unaudited",), b"403"),  # a path this proxy does not audit
+        ],
+    )
+    def test_refused_without_continue(
+        self,
+        sims: dict[str, str],
+        proxy_factory: Any,
+        args: tuple[str, ...],
+        status: bytes,
+    ) -> None:
+        """A request the proxy refuses before reading its body gets the final answer instead of
+        ``100 Continue`` (RFC 9110, 10.1.1), so the client never sends a body nobody reads."""
+        proxy = proxy_factory(sims["ollama"], *args)
+        path = "/api/delete" if "--refuse-unaudited" in args else "/api/generate"
+        body = json.dumps({"model": MODEL, "prompt": "x" * 200, "stream": False}).encode()
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            )
+            out = b""
+            while not out.endswith(b"\r\n\r\n"):  # the body is not sent meanwhile
+                chunk = s.recv(1)
+                assert chunk, out
+                out += chunk
+        assert out.startswith(b"HTTP/1.1 " + status), out[:200]
+        assert proxy.records() == []
 
     def test_unknown_expectation_refused(self, proxies: dict[str, ProxyProc]) -> None:
         """Any other expectation gets 417 and no record."""

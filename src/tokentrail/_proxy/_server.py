@@ -323,18 +323,28 @@ class _ClientWatch:
             self.handle = None
 
 
-async def _expect(request: web.BaseRequest) -> web.Response | None:
-    """Answer an ``Expect`` header as aiohttp's application router does (the low-level server
-    does not): ``100-continue`` gets ``100 Continue`` at once, anything else 417 (HTTP/1.1)."""
+def _unknown_expectation(request: web.BaseRequest) -> web.Response | None:
+    """417 for an ``Expect`` header other than ``100-continue`` (HTTP/1.1), as aiohttp's
+    application router answers it (the low-level server does not)."""
     if request.version != aiohttp.HttpVersion11:
         return None
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         return web.Response(status=417, text=f"Unknown Expect: {expect}")
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the answer's own head and body are yet to come
-    await request.writer.drain()
     return None
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """Say ``100 Continue`` to a client that waits for it before it sends the body: only once
+    the body is to be read, so a request refused before (401, 403, 413 by its length, …) gets
+    its final answer instead and never sends a body nobody reads (RFC 9110, section 10.1.1)."""
+    if (
+        request.version == aiohttp.HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own head and body are yet to come
+        await request.writer.drain()
 
 
 async def _prepare(out: web.StreamResponse, request: web.BaseRequest) -> None:
@@ -444,7 +454,7 @@ class ProxyApp:
             # (its one route was every path); there is nothing to relay it to.
             raise web.HTTPNotFound()
         if request.headers.get("Expect"):
-            refused = await _expect(request)
+            refused = _unknown_expectation(request)
             if refused is not None:
                 return refused
         # Audit by the path the upstream may act on: "/api/./generate", "/api/x/../generate",
@@ -508,6 +518,8 @@ class ProxyApp:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         data = request.content if request.body_exists else None
+        if data is not None:
+            await _continue(request)
         try:
             upstream = await self.session.request(
                 request.method,
@@ -544,6 +556,7 @@ class ProxyApp:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _BodyTooLarge
+        await _continue(request)
         chunks: list[bytes] = []
         size = 0
         while True:
