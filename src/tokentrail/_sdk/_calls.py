@@ -2,7 +2,8 @@
 
 Both wrappers (``_wrap_ollama``, ``_wrap_openai``) reduce a call to the same steps the proxy
 takes: :meth:`Auditor.begin` with the request body as sent, :meth:`Call.feed` with each response
-chunk as parsed wire JSON, and exactly one :meth:`Call.record` (or ``arecord`` / ``abandon``) with
+chunk as parsed wire JSON (or :meth:`Call.feed_sse` with each read of an SSE body, parsed as the
+proxy parses it), and exactly one :meth:`Call.record` (or ``arecord`` / ``abandon``) with
 the stop reason the capture reads from the stream, or one of tokentrail's own:
 ``upstream_error`` (the call raised after the request was sent), ``client_disconnect`` (the
 caller closed or dropped a stream half-way).
@@ -210,7 +211,8 @@ class Call:
         self.note_error(f"{type(exc).__name__}: {exc}")
 
     def _replay(self) -> None:
-        """Feed the capture what a lazy call kept, in order, with the times it arrived."""
+        """Feed the capture what the call kept (a lazy call's chunks, an SSE body's reads), in
+        order, with the times they arrived."""
         capture = self.capture
         pending = self.pending
         i, n = 0, len(pending)
