@@ -75,6 +75,8 @@ REQUIRED_FIELDS = (
     "output_text_hash",
 )
 
+_REQUIRED = frozenset(REQUIRED_FIELDS)
+
 
 def _encode_tokens(tokens: TokenList | None) -> tuple[bytes, bytes | None]:
     """``json.dumps(tokens).encode()``, and orjson's compact bytes when those are cheap to keep."""
@@ -308,7 +310,7 @@ class Exchange:
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string or None, not {value!r}")
         duration = self.request_duration_ms
-        if isinstance(duration, bool) or not isinstance(duration, int | float):
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
             raise ConfigError(f"request_duration_ms must be a number, not {duration!r}")
         if not math.isfinite(duration):
             raise ConfigError(f"request_duration_ms must be finite, not {duration!r}")
@@ -326,9 +328,9 @@ class Exchange:
                     f"{side}_token_source {source!r} is not one of {sorted(TOKEN_SOURCES)} "
                     "or local:<tokenizer>"
                 )
-        clash = set(self.extra).intersection(REQUIRED_FIELDS)
-        if clash:
-            raise ConfigError(f"extra fields may not replace record fields: {sorted(clash)}")
+        if not _REQUIRED.isdisjoint(self.extra):
+            clash = sorted(_REQUIRED.intersection(self.extra))
+            raise ConfigError(f"extra fields may not replace record fields: {clash}")
 
     def fields(self) -> dict[str, Any]:
         """The record's content fields with their hashes, in stored order (no chain fields)."""
