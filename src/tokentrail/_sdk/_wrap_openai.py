@@ -44,8 +44,6 @@ from typing import Any
 
 import openai
 
-from .._capture import loads
-from .._capture._sse import SSEEvents
 from .._errors import StoreError
 from ._calls import Auditor, Call, wire_copy
 from ._recorder import Recorder, log
@@ -552,19 +550,12 @@ class AuditedRawResponse(_Transparent):
 
 
 def _feed_body(call: Call, body: bytes, stream: bool) -> None:
-    """Feed a body the caller read whole: a JSON body, or an SSE stream's events."""
-    if not stream:
+    """Feed a body the caller read: a JSON body, or an SSE stream's (its events read as a
+    stream's are, :meth:`Call.feed_sse`)."""
+    if stream:
+        call.feed_sse(body)
+    else:
         call.feed_raw(body)
-        return
-    events = SSEEvents()
-    for line in body.splitlines(keepends=True):
-        data = events.line(line)
-        if data is None or data.strip() == b"[DONE]":
-            continue
-        try:
-            call.feed(loads(data))
-        except ValueError:
-            call.note_error("tokentrail: an event of the stream is not JSON")
 
 
 class _StreamingBase(_Transparent):
