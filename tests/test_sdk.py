@@ -95,6 +95,12 @@ def dump(obj: Any) -> Any:
     return blank(obj.model_dump())
 
 
+def streaming_chat(cls: Any, sims: dict[str, str], recorder: Recorder) -> Any:
+    """``chat.completions.with_streaming_response`` of an audited ``cls`` on the simulator."""
+    wrapped = audit(cls(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder)
+    return wrapped.chat.completions.with_streaming_response
+
+
 def assert_disconnect_holds(recorder: Recorder, lines: list[str]) -> None:
     """The one record is a ``client_disconnect`` whose output is the text of the chat chunks
     in the SSE ``lines`` the caller read."""
@@ -575,10 +581,7 @@ class TestOpenAIUsage:
     ) -> None:
         """A caller that leaves its loop over a streaming response's body half-way has a
         ``client_disconnect`` record holding the events it read, not an empty one."""
-        wrapped = audit(
-            openai.OpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
-        )
-        chat = wrapped.chat.completions.with_streaming_response
+        chat = streaming_chat(openai.OpenAI, sims, recorder)
         read = b""
         with chat.create(model=MODEL, messages=MSGS, stream=True, max_tokens=8) as response:
             for piece in getattr(response, how)():
@@ -591,10 +594,7 @@ class TestOpenAIUsage:
         self, sims: dict[str, str], recorder: Recorder
     ) -> None:
         """The same through ``openai.AsyncOpenAI``: the loop left, the response closed."""
-        wrapped = audit(
-            openai.AsyncOpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
-        )
-        chat = wrapped.chat.completions.with_streaming_response
+        chat = streaming_chat(openai.AsyncOpenAI, sims, recorder)
         lines: list[str] = []
         async with chat.create(model=MODEL, messages=MSGS, stream=True, max_tokens=8) as resp:
             async for line in resp.iter_lines():
@@ -607,10 +607,7 @@ class TestOpenAIUsage:
         self, sims: dict[str, str], recorder: Recorder
     ) -> None:
         """The same through ``openai.AsyncOpenAI``."""
-        wrapped = audit(
-            openai.AsyncOpenAI(base_url=sims["openai"] + "/v1", api_key="k"), ledger=recorder
-        )
-        chat = wrapped.chat.completions.with_streaming_response
+        chat = streaming_chat(openai.AsyncOpenAI, sims, recorder)
         async with chat.create(model=MODEL, messages=MSGS) as response:
             want = (await response.parse()).choices[0].message.content
         async with chat.create(model=MODEL, messages=MSGS, stream=True) as response:
