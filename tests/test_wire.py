@@ -94,8 +94,8 @@ class TestSSEParser:
         assert expected == events_of(stream)
 
     def test_reader_in_pieces_reads_as_line_by_line(self) -> None:
-        """The SDK's reader (:class:`SSEReader`, with its fast path for whole one-line events)
-        finds the events the line-by-line reading finds, however the body is cut."""
+        """The SDK's reader (:class:`SSEReader`) finds the events the line-by-line reading
+        finds, however the body is cut."""
         parts = [b"data: ", b"data:", b"x", b" ", b"\n", b"\r", b"\n\n", b": c\n", b"[DONE]",
                  b"\xef\xbb\xbf", b'{"a":1}', b"event: e\n", b'data: {"b":2}\n\n']  # fmt: skip
         rng = random.Random(9162)

@@ -55,17 +55,6 @@ class SSEEvents:
                 self._data.append(value)
         return None
 
-    def between_events(self, data: bytes) -> bool:
-        """Whether ``data`` would start at a new line of a new event: no event's data, no CR
-        and no byte-order mark pending."""
-        if self._data is not None or self._after_cr:
-            return False
-        if not self._started:
-            if len(data) < len(_BOM) or data.startswith(_BOM):
-                return False  # (a mark, or perhaps the start of one)
-            self._started = True  # there is no mark to take off
-        return True
-
     @property
     def open(self) -> bool:
         """Whether the event being read has data lines (it is not ended yet)."""
@@ -92,10 +81,6 @@ class SSEReader:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Take the next piece; the data of every event it completes, in order."""
-        if not self._pending and self._events.between_events(data):
-            simple = _simple_events(data)
-            if simple is not None:
-                return simple
         pending = self._pending + data if self._pending else data
         cut = cut_at_line_end(pending)
         self._pending = pending[cut:]
@@ -105,17 +90,3 @@ class SSEReader:
             if event is not None:
                 found.append(event)
         return found
-
-
-def _simple_events(data: bytes) -> list[bytes] | None:
-    """The data of a piece made only of whole one-line events (``data: X`` and a blank line,
-    LF only), as :meth:`SSEReader.feed` would find them line by line; ``None`` for any other
-    piece. This is how OpenAI-compatible servers send every chunk, and it is read a few times
-    faster than line by line."""
-    if b"\r" in data or not data.endswith(b"\n\n"):
-        return None
-    events = data[:-2].split(b"\n\n")
-    for event in events:
-        if not event.startswith(b"data: ") or b"\n" in event:
-            return None
-    return [event[6:] for event in events]
