@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -116,3 +117,27 @@ def test_node_clients_through_proxy(
     ]
     assert all(r["model"] == MODEL and r["stop_reason"] for r in records)
     assert all("sk-node-test" not in json.dumps(r) for r in records)
+
+
+def test_node_clients_abort_mid_stream(node_dir: Path, tmp_path: Path) -> None:
+    """ollama-js's ``abort()`` and openai-node's ``AbortController`` after the third chunk of a
+    slow stream: each leaves one ``client_disconnect`` record holding at least what the client
+    got, and the ledger verifies."""
+    with sim_in_thread(SimConfig(mode="ollama", token_ms=20)) as sim:
+        proxy = start_proxy(tmp_path / "p", sim)
+        try:
+            through = run_clients(node_dir, proxy.url, "abort")
+            deadline = time.monotonic() + 10
+            while len(proxy.records()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            proxy.stop()
+    records = proxy.records()
+    assert [r["api"] for r in records] == [c["api"] for c in through]
+    for rec, call in zip(records, through, strict=True):
+        assert rec["stop_reason"] == "client_disconnect"
+        assert len(call["got"]) == 3 and call["text"]
+        assert rec["output_text"].startswith(call["text"])
+        assert len(rec["output_text"]) < 200  # 200 tokens are ~1,000 characters: it stopped
+    result = proxy.verify(tmp_path / "state")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,7 @@
 // The official JavaScript clients (npm `ollama`, `openai`) against one base URL; prints what
 // they returned as JSON, so a test can compare the simulator reached directly with the proxy.
-// Usage: node clients.mjs BASE_URL ollama|openai
+// Usage: node clients.mjs BASE_URL ollama|openai|abort
+// abort: two streams (ollama-js, openai-node) the client aborts after its third chunk.
 import OpenAI from 'openai';
 import { Ollama } from 'ollama';
 
@@ -16,6 +17,31 @@ async function collect(stream) {
 }
 
 const oa = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'sk-node-test', maxRetries: 0 });
+if (kind === 'abort') {
+  const ol = new Ollama({ host: base });
+  const parts = [];
+  const stream = await ol.chat({ model, messages, stream: true, options: { num_predict: 200 } });
+  try {
+    for await (const part of stream) if (parts.push(part) === 3) stream.abort();
+  } catch (e) {
+    if (e.name !== 'AbortError') throw e;
+  }
+  calls.push({ api: 'ollama.chat', text: parts.map((p) => p.message.content).join(''), got: parts });
+  const controller = new AbortController();
+  const chunks = [];
+  const chat = await oa.chat.completions.create(
+    { model, messages, stream: true, max_tokens: 200 },
+    { signal: controller.signal },
+  );
+  try {
+    for await (const chunk of chat) if (chunks.push(chunk) === 3) controller.abort();
+  } catch (e) {
+    if (e.name !== 'AbortError' && e.constructor.name !== 'APIUserAbortError') throw e;
+  }
+  calls.push({ api: 'openai.chat', text: chunks.map((c) => c.choices[0]?.delta.content ?? '').join(''), got: chunks });
+  process.stdout.write(JSON.stringify(calls));
+  process.exit(0);
+}
 if (kind === 'ollama') {
   const ol = new Ollama({ host: base });
   const gen = await ol.generate({ model, prompt: 'Write a haiku' });
