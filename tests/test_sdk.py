@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -899,6 +900,9 @@ class TestPlainAPI:
             recorder.record(model="m", input_tokens=[1, object()])
         with pytest.raises(ConfigError, match="cannot audit"):
             audit(object(), ledger=recorder)
+        for module, client in ((ollama, "ollama.Client()"), (openai, "openai.OpenAI()")):
+            with pytest.raises(ConfigError, match=re.escape(f"tokentrail.audit({client}")):
+                audit(module, ledger=recorder)  # its functions (ollama.chat) call its own client
         for name, value in (("user_id", "bob\uffff"), ("session_id", "s\ud800")):
             with pytest.raises(ConfigError, match=f"{name} .* holds a lone surrogate or a"):
                 audit(ollama.Client(), ledger=recorder, **{name: value})

@@ -17,6 +17,7 @@ the same exchange differs from the proxy's only in provenance fields (``tokentra
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, TypeVar
 
 from .._errors import ConfigError
@@ -26,6 +27,7 @@ from ._sessions import Turn, request_messages, session_turns
 from ._tokenizers import HFTokenizer, LocalTokenizer, TiktokenBPE, load_tokenizer
 
 C = TypeVar("C")
+_CLIENTS = {"ollama": "Client", "openai": "OpenAI"}
 
 
 def audit(
@@ -57,6 +59,12 @@ def audit(
 
         audited = audit_openai(client, recorder, user_id=user_id, session_id=session_id)
         return audited  # type: ignore[no-any-return]
+    if isinstance(client, ModuleType):  # audit(ollama): its functions call a client of its own
+        raise ConfigError(
+            f"cannot audit the module {client.__name__}: audit a client and call its methods"
+            f" (tokentrail.audit({client.__name__}.{_CLIENTS.get(client.__name__, 'Client')}(),"
+            " ledger=...)); the module's own functions are not recorded"
+        )
     raise ConfigError(
         f"cannot audit a {type(client).__module__}.{type(client).__qualname__}: expected an"
         " ollama.Client, ollama.AsyncClient, openai.OpenAI or openai.AsyncOpenAI"
