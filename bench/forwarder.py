@@ -7,7 +7,10 @@ run as the auditing proxy. Two engines:
 
 - ``aiohttp``: the stack ``tokentrail serve`` runs on (aiohttp server and client, uvloop);
 - ``raw``: asyncio protocols and httptools' parser (llhttp), about the least a Python proxy can
-  do per request; needs ``pip install httptools``.
+  do per request; needs ``pip install httptools``;
+- ``plumbing``: what ``tokentrail serve`` relays an audited exchange with, without the audit:
+  aiohttp's low-level server and the proxy's own upstream client (``_proxy/_upstream.py``),
+  so the proxy's CPU minus this engine's is what auditing costs.
 
     .venv/bin/python bench/forwarder.py --engine raw \
         --upstream 127.0.0.1:11434 --listen 127.0.0.1:11436
@@ -172,6 +175,38 @@ class _Client(asyncio.Protocol):
             await up.done
 
 
+async def run_plumbing(upstream: str, host: str, port: int) -> None:
+    from multidict import CIMultiDict
+
+    from tokentrail._proxy._upstream import Pool
+
+    pool = Pool(upstream, connect_timeout=10, read_timeout=None)
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower().encode() not in _HOP
+        )
+        up = await pool.post(request.raw_path, await request.read(), headers)
+        async with up:
+            out = web.StreamResponse(
+                status=up.status,
+                reason=up.reason,
+                headers={k: v for k, v in up.headers.items() if k.lower().encode() not in _HOP},
+            )
+            await out.prepare(request)
+            async for chunk in up.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    runner = web.ServerRunner(
+        web.Server(handle, access_log=None, handler_cancellation=False, auto_decompress=False)
+    )
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    await asyncio.Event().wait()
+
+
 async def run_raw(upstream: str, host: str, port: int) -> None:
     up_host, _, up_port = upstream.removeprefix("http://").partition(":")
     pool: list[_Upstream] = []
@@ -182,14 +217,14 @@ async def run_raw(upstream: str, host: str, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=["aiohttp", "raw"], default="aiohttp")
+    parser.add_argument("--engine", choices=["aiohttp", "raw", "plumbing"], default="aiohttp")
     parser.add_argument("--upstream", required=True, help="HOST:PORT")
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
     if args.engine == "raw" and importlib.util.find_spec("httptools") is None:
         parser.error("--engine raw needs httptools: pip install httptools")
     host, _, port = args.listen.rpartition(":")
-    run = run_raw if args.engine == "raw" else run_aiohttp
+    run = {"raw": run_raw, "plumbing": run_plumbing}.get(args.engine, run_aiohttp)
     uvloop.run(run("http://" + args.upstream, host, int(port)))
 
 

@@ -3,7 +3,8 @@
 One run starts the simulator and the proxy (strict durability by default, a local ledger in a
 temporary directory) as subprocesses, and beside them the bare forwarders of
 ``bench/forwarder.py`` (no audit: the cost of the second HTTP hop alone, on aiohttp and on raw
-asyncio protocols). For each of non-streamed and streamed exchanges at concurrency 1, 16 and 64
+asyncio protocols; ``--floors plumbing`` adds the proxy's own server and upstream client
+without the audit). For each of non-streamed and streamed exchanges at concurrency 1, 16 and 64
 it sends the same requests to every path, alternating the paths in rounds so the machine's
 drift hits them alike, and prints one table: latency p50/p99 of each path, what each adds to
 the direct path (p50/p99), added time to first token and per chunk (streamed), requests/s, and
@@ -188,7 +189,7 @@ def cli() -> None:
     parser.add_argument("--durability", choices=["strict", "async"], default="strict")
     parser.add_argument(
         "--floors", default="aiohttp,raw",
-        help="bare forwarders to measure beside the proxy (aiohttp, raw; '' for none)",
+        help="bare forwarders to measure beside the proxy (aiohttp, raw, plumbing; '' for none)",
     )  # fmt: skip
     parser.add_argument(
         "--client", choices=["raw", "aiohttp"], default="raw",
@@ -204,13 +205,14 @@ def cli() -> None:
     except ValueError:
         parser.error(f"--concurrency: not a comma-separated list of integers: {args.concurrency}")
     floors = [f for f in args.floors.split(",") if f]
-    if any(f not in ("aiohttp", "raw") for f in floors):
-        parser.error(f"--floors: choose among aiohttp, raw; got {args.floors!r}")
+    if any(f not in ("aiohttp", "raw", "plumbing") for f in floors):
+        parser.error(f"--floors: choose among aiohttp, raw, plumbing; got {args.floors!r}")
     if args.requests < args.rounds or args.rounds < 1:
         parser.error("--requests must be at least --rounds, and --rounds at least 1")
-    if "raw" in floors and importlib.util.find_spec("httptools") is None:
-        print("note: the raw floor needs httptools (pip install httptools); skipped")
-        floors.remove("raw")
+    for needs in ("raw", "plumbing"):
+        if needs in floors and importlib.util.find_spec("httptools") is None:
+            print(f"note: the {needs} floor needs httptools (pip install httptools); skipped")
+            floors.remove(needs)
 
     run = asyncio.run if args.client == "aiohttp" else uvloop.run  # aiohttp: as before
     try:
