@@ -227,3 +227,29 @@ def recording_upstream() -> Iterator[tuple[str, Seen]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+LLAMA_SERVER = os.environ.get("TOKENTRAIL_LLAMA_SERVER", "")
+LLAMA_MODEL = os.environ.get("TOKENTRAIL_LLAMA_MODEL", "")
+_LLAMA_CHECK = Path(__file__).resolve().parents[1] / "bench" / "real_llamacpp" / "check.py"
+
+
+@pytest.fixture
+def llama_server(tmp_path: Path) -> Iterator[str]:
+    """A real llama.cpp ``llama-server`` on a free port (its base URL), started as
+    ``bench/real_llamacpp/check.py`` starts it; skips unless ``TOKENTRAIL_LLAMA_SERVER`` and
+    ``TOKENTRAIL_LLAMA_MODEL`` name a binary and a model (``bench/real_llamacpp/build.sh``)."""
+    if not (LLAMA_SERVER and os.access(LLAMA_SERVER, os.X_OK) and Path(LLAMA_MODEL).is_file()):
+        pytest.skip(
+            "set TOKENTRAIL_LLAMA_SERVER and TOKENTRAIL_LLAMA_MODEL "
+            "(bash bench/real_llamacpp/build.sh makes both)"
+        )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_llamacpp_check", _LLAMA_CHECK)
+    assert spec is not None and spec.loader is not None
+    check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check  # its dataclasses look their module up
+    spec.loader.exec_module(check)
+    with check.llama_server(Path(LLAMA_SERVER), Path(LLAMA_MODEL), tmp_path / "llama.log") as url:
+        yield url

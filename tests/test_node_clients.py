@@ -11,12 +11,10 @@ registry, the module skips and says why.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -29,9 +27,6 @@ from test_proxy import MODEL, OLLAMA_MODES, OPENAI_MODES, ProxyProc, start_proxy
 from tokentrail._sim import SimConfig, sim_in_thread
 
 PACKAGES = ("openai@6.49.0", "ollama@0.6.4")
-LLAMA_SERVER = os.environ.get("TOKENTRAIL_LLAMA_SERVER", "")
-LLAMA_MODEL = os.environ.get("TOKENTRAIL_LLAMA_MODEL", "")
-LLAMA_CHECK = Path(__file__).resolve().parents[1] / "bench" / "real_llamacpp" / "check.py"
 SCRIPT = Path(__file__).resolve().parent / "node" / "clients.mjs"
 # Made up by the simulator per response (ids, clocks, OpenAI's padding), as in test_proxy.
 _VOLATILE = {
@@ -148,26 +143,15 @@ def test_node_clients_abort_mid_stream(node_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(
-    not (LLAMA_SERVER and os.access(LLAMA_SERVER, os.X_OK) and Path(LLAMA_MODEL).is_file()),
-    reason="set TOKENTRAIL_LLAMA_SERVER and TOKENTRAIL_LLAMA_MODEL "
-    "(bash bench/real_llamacpp/build.sh makes both)",
-)
-def test_node_clients_real_llama_server(node_dir: Path, tmp_path: Path) -> None:
+def test_node_clients_real_llama_server(node_dir: Path, llama_server: str, tmp_path: Path) -> None:
     """openai-node through the proxy to a real llama.cpp server, neither written here: one
     record per call, holding the text the client assembled (the tiny random model's answers,
     bytes that are no UTF-8 shown as U+FFFD included), and the ledger verifies."""
-    spec = importlib.util.spec_from_file_location("real_llamacpp_check", LLAMA_CHECK)
-    assert spec is not None and spec.loader is not None
-    check = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = check  # its dataclasses look their module up
-    spec.loader.exec_module(check)
-    with check.llama_server(Path(LLAMA_SERVER), Path(LLAMA_MODEL), tmp_path / "llama.log") as url:
-        proxy = start_proxy(tmp_path / "p", url)
-        try:
-            through = run_clients(node_dir, proxy.url, "openai")
-        finally:
-            proxy.stop()
+    proxy = start_proxy(tmp_path / "p", llama_server)
+    try:
+        through = run_clients(node_dir, proxy.url, "openai")
+    finally:
+        proxy.stop()
     records = proxy.records()
     assert [(r["api"], r["output_text"]) for r in records] == [
         (c["api"], c["text"]) for c in through

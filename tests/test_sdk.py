@@ -1478,3 +1478,51 @@ class TestSessions:
         assert answers == [t.output_text for t in turns[:3]]
         assert [{"role": "user", "content": "plain turn"}] == turns[3].messages
         assert 3 == len(session_turns(recorder.writer.config.root, "agent-2"))
+
+
+class TestRealLlamaServer:
+    """The wrapped ``openai`` client against a real llama.cpp ``llama-server`` (skipped
+    without one): the server and the client library are neither of them written here."""
+
+    def test_openai_client_real_llama_server(
+        self, llama_server: str, recorder: Recorder, root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """chat and completions, streamed and not (temperature 0, a fixed seed, so the server
+        answers the same each time): the wrapped client returns what the bare one does, each
+        call leaves one record holding that text, and the ledger verifies. With logprobs
+        asked, a record holds llama.cpp's token ids when every token has its entry, and none
+        (counting the gap) when the server left out the entries of tokens that end inside a
+        character, as it does for this prompt's answer (bench/real_llamacpp/check.py)."""
+        fixed: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 12}
+        whole: Any = [{"role": "user", "content": "The server answers in JSON"}]
+        split: Any = [{"role": "user", "content": "Un café crème à Zürich? 東京 👋"}]
+
+        def calls(c: Any) -> list[tuple[str, str]]:
+            chat = c.chat.completions.create(model="tiny", messages=whole, logprobs=True, **fixed)
+            gaps = c.chat.completions.create(model="tiny", messages=split, logprobs=True, **fixed)
+            stream = c.chat.completions.create(model="tiny", messages=split, stream=True, **fixed)
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            comp = c.completions.create(model="tiny", prompt="The weather is", **fixed)
+            parts = c.completions.create(model="tiny", prompt="señor", stream=True, **fixed)
+            comp_streamed = "".join(ch.choices[0].text for ch in parts if ch.choices)
+            return [
+                ("openai.chat", chat.choices[0].message.content or ""),
+                ("openai.chat", gaps.choices[0].message.content or ""),
+                ("openai.chat", streamed),
+                ("openai.completions", comp.choices[0].text),
+                ("openai.completions", comp_streamed),
+            ]
+
+        bare = openai.OpenAI(base_url=llama_server + "/v1", api_key="none", max_retries=0)
+        expected = calls(bare)
+        assert expected == calls(audit(bare, ledger=recorder))
+        recorder.flush()
+        recs = read_records(root)
+        assert expected == [(r["api"], r["output_text"]) for r in recs]
+        assert ("upstream-ids", 12) == (
+            recs[0]["output_token_source"],
+            len(recs[0]["output_tokens"]),
+        )
+        assert (recs[1]["output_token_source"], recs[1]["output_tokens"]) == ("none", None)
+        assert recs[1]["tokentrail.output_tokens_missing"] > 0
+        verify(root, signer, tmp_path / "state")
