@@ -3,7 +3,7 @@
 It forwards every request to the upstream and relays the answer chunk by chunk, as
 ``tokentrail serve`` does, but parses, records and writes nothing. What it adds over reaching the
 upstream directly is the cost of the second HTTP hop alone, on the same machine and in the same
-run as the auditing proxy. Two engines:
+run as the auditing proxy. Three engines:
 
 - ``aiohttp``: the stack ``tokentrail serve`` runs on (aiohttp server and client, uvloop);
 - ``raw``: asyncio protocols and httptools' parser (llhttp), about the least a Python proxy can
@@ -221,8 +221,8 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="HOST:PORT")
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
-    if args.engine == "raw" and importlib.util.find_spec("httptools") is None:
-        parser.error("--engine raw needs httptools: pip install httptools")
+    if args.engine != "aiohttp" and importlib.util.find_spec("httptools") is None:
+        parser.error(f"--engine {args.engine} needs httptools: pip install httptools")
     host, _, port = args.listen.rpartition(":")
     run = {"raw": run_raw, "plumbing": run_plumbing}.get(args.engine, run_aiohttp)
     uvloop.run(run("http://" + args.upstream, host, int(port)))

@@ -4,7 +4,9 @@ real proxy: a client stack the proxy and the simulator were not written against.
 For every simulator mode, ``tests/node/clients.mjs`` makes the same calls against the simulator
 directly and through the proxy; what the clients return must agree (apart from the values the
 simulator makes up per response), each call must leave exactly one record holding the text the
-client assembled, and the ledger must verify. The packages are installed from the npm registry
+client assembled, and the ledger must verify. Also: streams the clients abort half-way, and
+openai-node through the proxy to a real llama.cpp server (when one is configured, see
+``conftest.llama_server``). The packages are installed from the npm registry
 into ``~/.cache/tokentrail-node`` on first use; without ``node`` and ``npm``, or without the
 registry, the module skips and says why.
 """

@@ -903,6 +903,8 @@ class TestPlainAPI:
         for module, client in ((ollama, "ollama.Client()"), (openai, "openai.OpenAI()")):
             with pytest.raises(ConfigError, match=re.escape(f"tokentrail.audit({client}")):
                 audit(module, ledger=recorder)  # its functions (ollama.chat) call its own client
+        with pytest.raises(ConfigError, match=re.escape("cannot audit a builtins.module")):
+            audit(json, ledger=recorder)  # another module: no client of it to suggest
         for name, value in (("user_id", "bob\uffff"), ("session_id", "s\ud800")):
             with pytest.raises(ConfigError, match=f"{name} .* holds a lone surrogate or a"):
                 audit(ollama.Client(), ledger=recorder, **{name: value})

@@ -59,11 +59,12 @@ def audit(
 
         audited = audit_openai(client, recorder, user_id=user_id, session_id=session_id)
         return audited  # type: ignore[no-any-return]
-    if isinstance(client, ModuleType):  # audit(ollama): its functions call a client of its own
+    if isinstance(client, ModuleType) and client.__name__ in _CLIENTS:
+        # audit(ollama): the module's functions (ollama.chat) call a client of its own
         raise ConfigError(
             f"cannot audit the module {client.__name__}: audit a client and call its methods"
-            f" (tokentrail.audit({client.__name__}.{_CLIENTS.get(client.__name__, 'Client')}(),"
-            " ledger=...)); the module's own functions are not recorded"
+            f" (tokentrail.audit({client.__name__}.{_CLIENTS[client.__name__]}(), ledger=...));"
+            " the module's own functions are not recorded"
         )
     raise ConfigError(
         f"cannot audit a {type(client).__module__}.{type(client).__qualname__}: expected an"
