@@ -55,10 +55,14 @@ def node_dir() -> Path:
         (cache / "node_modules" / p.split("@")[0] / "package.json").exists() for p in PACKAGES
     ):
         cache.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache), *PACKAGES],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        try:
+            result = subprocess.run(
+                [npm, "install", "--no-audit", "--no-fund", "--fetch-timeout=30000",
+                 "--fetch-retries=1", "--prefix", str(cache), *PACKAGES],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"npm could not install {' '.join(PACKAGES)} within 300 s")
         if result.returncode != 0:
             pytest.skip(f"npm could not install {' '.join(PACKAGES)}: {result.stderr[-500:]}")
     shutil.copy(SCRIPT, cache / SCRIPT.name)
