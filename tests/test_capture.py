@@ -634,6 +634,41 @@ class TestOpenAIChat:
             ex.extra.get("tokentrail.output_tokens_missing"),
         )
 
+    @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+    def test_pieces_unknown_without_a_count(self, stream: bool) -> None:
+        """llama-cpp-python's server decodes each token alone, dropping what is not UTF-8
+        (``errors="ignore"``): a byte token's entry comes as ``""``, a piece unknown. Whole,
+        the usage count says how many lack their piece; streamed it sends no usage, and the
+        entries are the count (as taken from its server: text ``señor``, 6 tokens)."""
+        tokens = ["q", "sw", "", "", "P", ""]
+        if stream:
+            chunks: list[Any] = [
+                {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny",
+                 "choices": [{"text": t, "index": 0, "finish_reason": None, "logprobs": {
+                     "tokens": [t], "text_offset": [5], "token_logprobs": [-0.5],
+                     "top_logprobs": [{t: -0.5}]}}]}
+                for t in tokens
+            ] + [{"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny",
+                  "choices": [{"text": "", "index": 0, "logprobs": None,
+                               "finish_reason": "length"}]}]  # fmt: skip
+        else:
+            chunks = [
+                {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny",
+                 "choices": [{"text": "qswP", "index": 0, "finish_reason": "length",
+                              "logprobs": {"tokens": tokens, "text_offset": [5] * 6,
+                                           "token_logprobs": [-0.5] * 6,
+                                           "top_logprobs": [{t: -0.5} for t in tokens]}}],
+                 "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}
+            ]  # fmt: skip
+        req = {"model": "tiny", "prompt": "señor", "logprobs": 1, "stream": stream}
+        ex = run(OpenAICapture(req, chat=False), chunks)
+        assert ("qswP", None, "none", 3) == (
+            ex.output_text,
+            ex.output_tokens,
+            ex.output_token_source,
+            ex.extra.get("tokentrail.output_tokens_missing"),
+        )
+
     def test_vllm_token_ids_stream(self) -> None:
         """vLLM return_token_ids: prompt ids in the first chunk, token_ids in each."""
         chunks = [

@@ -106,7 +106,7 @@ class Meta:
 class TokenTrack:
     """One token sequence as it arrives: ids and pieces kept apart, each while it stays complete."""
 
-    __slots__ = ("ids", "ids_ok", "logprobs", "pieces", "pieces_ok")
+    __slots__ = ("entries", "ids", "ids_ok", "logprobs", "pieces", "pieces_ok")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -114,6 +114,7 @@ class TokenTrack:
         self.ids_ok = True
         self.pieces_ok = True
         self.logprobs: list[float] = []
+        self.entries = 0  # logprobs entries read, with an id or a piece or neither
 
     @property
     def seen(self) -> bool:
@@ -124,6 +125,7 @@ class TokenTrack:
         """Add logprob entries (``[{token, bytes?, id?, logprob}]``); False if there were none."""
         if not isinstance(entries, list) or not entries:
             return False
+        self.entries += len(entries)
         for entry in entries:
             if not isinstance(entry, MAPPING):
                 self.ids_ok = self.pieces_ok = False

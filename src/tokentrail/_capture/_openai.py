@@ -193,6 +193,9 @@ class OpenAICapture(Capture):
         to the end-of-sequence token, so one fewer on a ``stop`` is complete, but only when
         no stop string was asked for: the token that completes a stop string has its entry.
         When every entry was left out it answers ``"logprobs": null``: all are missing.
+        Without a count of the tokens generated (llama-cpp-python streams no usage), the
+        entries are the count: those whose piece is unknown (its ``""`` for a token that is
+        not UTF-8 on its own) are the ones missing.
         """
         track = choice.logprobs
         if choice.reported.seen or len(self.choices) != 1:
@@ -204,7 +207,7 @@ class OpenAICapture(Capture):
         if generated is None:
             generated = self.predicted
         if generated is None:
-            return 0
+            generated = track.entries
         details = usage.get("completion_tokens_details")  # OpenAI counts reasoning tokens,
         if isinstance(details, MAPPING):  # which have no logprobs
             generated -= _count(details.get("reasoning_tokens")) or 0
