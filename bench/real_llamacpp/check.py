@@ -212,11 +212,9 @@ def tokentrail(*args: str, **kwargs: Any) -> Any:
 
 
 @contextmanager
-def llama_server(binary: Path, model: Path, log: Path) -> Iterator[str]:
-    """A llama-server on a free port, up and healthy; stopped on exit."""
-    port = free_port()
-    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-c", "512", "-np", "2", "-t", "1"]  # fmt: skip
+def serving(name: str, cmd: list[str], port: int, probe: str, log: Path) -> Iterator[str]:
+    """``cmd`` started (output to ``log``), its base URL once ``probe`` answers 200; stopped
+    on exit."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -224,18 +222,26 @@ def llama_server(binary: Path, model: Path, log: Path) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited {proc.returncode}; see {log}")
+                raise RuntimeError(f"{name} exited {proc.returncode}; see {log}")
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(url + probe, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not healthy after 60 s; see {log}")
+                raise RuntimeError(f"{name} not answering {probe} after 60 s; see {log}")
             time.sleep(0.2)
         yield url
     finally:
         stop_process(proc)
+
+
+def llama_server(binary: Path, model: Path, log: Path) -> Any:
+    """A llama-server on a free port, up and healthy (a context manager of its URL)."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+           "-c", "512", "-np", "2", "-t", "1"]  # fmt: skip
+    return serving("llama-server", cmd, port, "/health", log)
 
 
 @dataclass
@@ -421,13 +427,19 @@ def verify(ledger: Path, public_key: Path, state: Path) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace").strip()
 
 
-def run(args: argparse.Namespace, tmp: Path) -> int:
+def keygen(tmp: Path, name: str) -> Path:
+    """A signing key made by ``tokentrail keygen`` in ``tmp`` (its ``verifier.pub`` beside)."""
     key = tmp / "signing.key"
-    keygen = tokentrail("keygen", "--name", "llamacpp-check", "--out", str(key),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    out, _ = keygen.communicate(timeout=60)
-    if keygen.returncode != 0:
+    proc = tokentrail("keygen", "--name", name, "--out", str(key),
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    out, _ = proc.communicate(timeout=60)
+    if proc.returncode != 0:
         raise RuntimeError(f"tokentrail keygen failed: {out.decode(errors='replace')}")
+    return key
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    key = keygen(tmp, "llamacpp-check")
     rows: list[Row] = []
     verdicts: list[tuple[str, int, str]] = []
     with ExitStack() as stack:

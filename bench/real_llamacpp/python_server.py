@@ -23,19 +23,27 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check import BASE, Case, free_port, post, proxy, stop_process, table, tokentrail, verify
+from check import (
+    BASE,
+    Case,
+    free_port,
+    keygen,
+    post,
+    proxy,
+    serving,
+    stop_process,
+    table,
+    verify,
+)
 
 VOLATILE = [
     (re.compile(rb'"id": ?"[^"]*"'), rb'"id":"*"'),
@@ -59,31 +67,12 @@ CASES = [
 ]  # fmt: skip
 
 
-@contextmanager
-def python_server(python: str, model: Path, log: Path) -> Iterator[str]:
-    """llama-cpp-python's server on a free port, answering; stopped on exit."""
+def python_server(python: str, model: Path, log: Path) -> Any:
+    """llama-cpp-python's server on a free port, answering (a context manager of its URL)."""
     port = free_port()
     cmd = [python, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "512", "--model_alias", "tiny"]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited {proc.returncode}; see {log}")
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server not answering after 60 s; see {log}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        stop_process(proc)
+    return serving("llama_cpp.server", cmd, port, "/v1/models", log)
 
 
 def blank(data: bytes) -> bytes:
@@ -93,12 +82,7 @@ def blank(data: bytes) -> bytes:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
-    key = tmp / "signing.key"
-    keygen = tokentrail("keygen", "--name", "lcp-check", "--out", str(key),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    out, _ = keygen.communicate(timeout=60)
-    if keygen.returncode != 0:
-        raise RuntimeError(f"tokentrail keygen failed: {out.decode(errors='replace')}")
+    key = keygen(tmp, "lcp-check")
     rows: list[list[Any]] = []
     problems: list[str] = []
     with python_server(args.python, args.model, tmp / "server.log") as upstream:
