@@ -1494,7 +1494,7 @@ class TestRealLlamaServer:
         call leaves one record holding that text, and the ledger verifies. With logprobs
         asked, a record holds llama.cpp's token ids when every token has its entry, and none
         (counting the gap) when the server left out the entries of tokens that end inside a
-        character, as it does for this prompt's answer (bench/real_llamacpp/check.py)."""
+        character (bench/real_llamacpp/check.py)."""
         fixed: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 12}
         whole: Any = [{"role": "user", "content": "The server answers in JSON"}]
         split: Any = [{"role": "user", "content": "Un café crème à Zürich? 東京 👋"}]
@@ -1521,10 +1521,14 @@ class TestRealLlamaServer:
         recorder.flush()
         recs = read_records(root)
         assert expected == [(r["api"], r["output_text"]) for r in recs]
-        assert ("upstream-ids", 12) == (
-            recs[0]["output_token_source"],
-            len(recs[0]["output_tokens"]),
-        )
-        assert (recs[1]["output_token_source"], recs[1]["output_tokens"]) == ("none", None)
-        assert recs[1]["tokentrail.output_tokens_missing"] > 0
+        # Which of the two a prompt reaches is the tiny model's arithmetic (on this machine:
+        # all 12 ids for the first, 9 entries for 12 tokens for the second); either way a
+        # record holds every id the usage counts, or none and how many are missing.
+        for rec in recs[:2]:
+            if rec["output_token_source"] == "upstream-ids":
+                assert len(rec["output_tokens"]) == rec["gen_ai.usage.output_tokens"]
+                assert "tokentrail.output_tokens_missing" not in rec
+            else:
+                assert (rec["output_token_source"], rec["output_tokens"]) == ("none", None)
+                assert rec["tokentrail.output_tokens_missing"] > 0
         verify(root, signer, tmp_path / "state")
