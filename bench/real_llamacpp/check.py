@@ -211,6 +211,12 @@ def tokentrail(*args: str, **kwargs: Any) -> Any:
     return subprocess.Popen([sys.executable, "-m", "tokentrail", *args], env=env, **kwargs)
 
 
+def _last_line(log: Path) -> str:
+    """The log's last line: the temporary directory holding it is gone once the check ends."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(it printed nothing)"
+
+
 @contextmanager
 def serving(name: str, cmd: list[str], port: int, probe: str, log: Path) -> Iterator[str]:
     """``cmd`` started (output to ``log``), its base URL once ``probe`` answers 200; stopped
@@ -222,14 +228,14 @@ def serving(name: str, cmd: list[str], port: int, probe: str, log: Path) -> Iter
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited {proc.returncode}; see {log}")
+                raise RuntimeError(f"{name} exited {proc.returncode}: {_last_line(log)}")
             try:
                 if httpx.get(url + probe, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not answering {probe} after 60 s; see {log}")
+                raise RuntimeError(f"{name} not answering {probe} after 60 s: {_last_line(log)}")
             time.sleep(0.2)
         yield url
     finally:
