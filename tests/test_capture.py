@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tokentrail._capture import (
+    Begun,
     Meta,
     OllamaCapture,
     OpenAICapture,
@@ -27,6 +28,7 @@ from tokentrail._capture import (
     render_messages,
     split_context,
 )
+from tokentrail._errors import ConfigError
 from tokentrail._record import Exchange, clean_text, token_hash
 
 META = Meta(
@@ -1007,3 +1009,67 @@ class TestHelpers:
         )
         fields = ex.fields()
         assert hashlib.sha256(json.dumps([1]).encode()).hexdigest() == fields["input_hash"]
+
+
+class TestBegun:
+    """A crash-safety note rebuilds, byte for byte, the record it stands for."""
+
+    REQUESTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "ollama.generate": {"model": "m", "prompt": "p \u00e9\ud83d\ude00", "options": {"seed": 7}},
+        "ollama.chat": {
+            "model": "m",
+            "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+            "stream": False,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        "openai.chat": {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "t"}]}],
+            "logprobs": True,
+            "max_tokens": 3,
+            "big": 2**70,
+        },
+        "openai.completions": {"model": 5, "prompt": ["a", "b"], "echo": True, "stream": True},
+    }
+
+    @pytest.mark.parametrize("api", sorted(REQUESTS))
+    @pytest.mark.parametrize("asked", [False, True])
+    def test_rebuild_is_the_provisional_record(self, api: str, asked: bool) -> None:
+        capture = new_capture(api, loads(json.dumps(self.REQUESTS[api])))
+        capture.logprobs_asked = capture.logprobs_asked or asked  # on the client's behalf
+        meta = Meta(
+            timestamp="2024-01-01T00:00:00.000001Z",
+            event_id="00000000-0000-4000-8000-0000000000e2",
+            request_duration_ms=0.123456789,
+            user_id="alice",
+            session_id="s-1",
+            extra={"stream": capture.stream, "client.address": "::1", "retry_of": "x"},
+        )
+        begun = Begun(capture, meta)
+        note = begun.note()
+        assert note is not None
+        rebuilt = Begun.rebuild(loads(note))
+        assert begun.provisional().content_bytes() == rebuilt.content_bytes()
+        assert ("interrupted", meta.event_id) == (rebuilt.stop_reason, begun.event_id)
+
+    def test_too_deep_for_a_note(self) -> None:
+        """A request nested beyond the encoder has no note; its record is noted instead."""
+        deep = loads(b'{"model": "m", "prompt": "p", "options": ' + b"[" * 300 + b"]" * 300 + b"}")
+        begun = Begun(new_capture("ollama.generate", deep), META)
+        assert begun.note() is None
+        assert begun.provisional().content_bytes()
+
+    @pytest.mark.parametrize(
+        "note",
+        [
+            {"api": "nope", "request": {}, "logprobs_asked": False, "meta": {}},
+            {"api": "openai.chat", "request": [], "logprobs_asked": False, "meta": {}},
+            {"api": "openai.chat", "request": {}, "logprobs_asked": False, "meta": {"x": 1}},
+            {"api": "openai.chat", "request": {}, "meta": {}},
+            {"api": "openai.chat", "request": {}, "logprobs_asked": 0, "meta": {"timestamp": 1}},
+        ],
+    )
+    def test_not_a_note(self, note: dict[str, Any]) -> None:
+        """What is not a note raises one of the errors the replay skips a note for."""
+        with pytest.raises((ValueError, TypeError, KeyError, AttributeError, ConfigError)):
+            Begun.rebuild(note)

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from tokentrail._capture import Begun, Meta, new_capture
 from tokentrail._checkpoint import Signer
 from tokentrail._errors import (
     ConfigError,
@@ -1000,6 +1001,44 @@ class TestRestartSealsOnlyRecords:
             records[-1]["event_id"],
         )
         assert 1 == sum(r["event_id"] == first["event_id"] for r in records)
+
+
+    def test_a_begun_note_is_recorded_as_its_record_would_be(
+        self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]
+    ) -> None:
+        """A note taken from a :class:`Begun` holds the request, not the record, and a restart
+        records the same exchange from it as from a note of the record itself."""
+        request = {"model": "m", "messages": [{"role": "user", "content": "noted words"}]}
+        begun = Begun(
+            new_capture("openai.chat", request),
+            Meta(user_id="alice", extra={"stream": False, "client.address": "::1"}),
+        )
+        with Ledger.open(LedgerConfig(ledger_root, LOG_ID, signer)) as live:
+            live.append(make_exchange(0))
+            live.begin(begun)
+            note = json.loads((log_dir(ledger_root) / "inflight.jsonl").read_bytes())
+            live.writer.abandon(begun.event_id)
+        assert ["begun", "seq_hint"] == sorted(note)
+        assert request == note["begun"]["request"]
+        replayed = []
+        for form in (note, {"seq_hint": 1, "exchange": begun.provisional().fields()}):
+            crashed = ledger_root.with_name(f"crashed-{len(replayed)}")
+            with Ledger.open(LedgerConfig(crashed, LOG_ID, signer)) as other:
+                other.append(make_exchange(0))
+                shutil.copytree(crashed, crashed.with_name(crashed.name + "-copy"))
+            copy = crashed.with_name(crashed.name + "-copy")
+            (log_dir(copy) / "inflight.jsonl").write_bytes(json.dumps(form).encode() + b"\n")
+            with Ledger.open(LedgerConfig(copy, LOG_ID, signer)):
+                pass
+            record = json.loads(raw_lines(copy)[-1])
+            del record["request_duration_ms"], record["prev_hash"]  # (the first records differ)
+            replayed.append(record)
+        assert replayed[0] == replayed[1]
+        assert ("interrupted", begun.event_id, "alice") == (
+            replayed[0]["stop_reason"],
+            replayed[0]["event_id"],
+            replayed[0]["user_id"],
+        )
 
 
 class TestRestart:

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import orjson
 import zstandard
 
+from ._capture import Begun
 from ._checkpoint import Checkpoint, Signer, Verifier, open_note, split_note
 from ._errors import (
     ConfigError,
@@ -322,8 +323,8 @@ class LedgerWriter:
         for line in data.split(b"\n"):
             try:
                 obj = orjson.loads(line)
-                fields = obj["exchange"]
-                intents[fields["event_id"]] = (int(obj["seq_hint"]), fields)
+                noted = obj["begun"]["meta"] if "begun" in obj else obj["exchange"]
+                intents[noted["event_id"]] = (int(obj["seq_hint"]), obj)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a torn last line: the exchange had not even been noted
         if intents:
@@ -331,12 +332,15 @@ class LedgerWriter:
             since = min(min(max(0, hint), self._tree.size) for hint, _ in intents.values())
             recorded = self._event_ids_since(since)
             last_alive = mtime(path)
-            for event_id, (_, fields) in intents.items():
+            for event_id, (_, noted) in intents.items():
                 if event_id in recorded:
                     continue
                 try:
-                    exchange = Exchange.from_fields(fields)
-                except (ConfigError, TypeError, ValueError) as exc:
+                    if "begun" in noted:
+                        exchange = Begun.rebuild(noted["begun"])
+                    else:
+                        exchange = Exchange.from_fields(noted["exchange"])
+                except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
                     # Not a note this writer took (damage, or a hand's work): nothing to record.
                     log.error("in-flight note %r is not an exchange, skipped: %s", event_id, exc)
                     continue
@@ -585,23 +589,25 @@ class LedgerWriter:
         for event_id, content in self._build_deferred(builds):
             self._link_locked(event_id, content)
 
-    def begin(self, provisional: Exchange) -> None:
+    def begin(self, provisional: Exchange | Begun) -> None:
         """Note an exchange that has started, so a crash before its record still leaves one.
 
         ``provisional`` holds what is known at the start (its ``stop_reason`` should be
-        ``interrupted``). If the process dies before the exchange's own record is on disk, the
-        next writer on this log appends ``provisional`` instead. The note is a write to the
-        page cache, not an fsync: it survives the process, not the machine.
+        ``interrupted``): the record itself, or a :class:`Begun` that stands for it. If the
+        process dies before the exchange's own record is on disk, the next writer on this log
+        appends that record instead. The note is a write to the page cache, not an fsync: it
+        survives the process, not the machine.
         """
         # Sealed as its record would be (a keystore's subject key): the note holds no plaintext
         # of a sealed ledger, and a forgotten subject's exchange stops here, before it starts.
-        line = (
-            b'{"seq_hint":'
-            + str(self._next_seq).encode()
-            + b',"exchange":'
-            + self._content(provisional)
-            + b"}\n"
-        )
+        # Unsealed, a Begun's note holds what rebuilds the record, not the record.
+        if not isinstance(provisional, Begun):
+            content = b'"exchange":' + self._content(provisional)
+        elif self.config.sealer is None and (note := provisional.note()) is not None:
+            content = b'"begun":' + note
+        else:
+            content = b'"exchange":' + self._content(provisional.provisional())
+        line = b'{"seq_hint":' + str(self._next_seq).encode() + b"," + content + b"}\n"
         self._check_process()
         with self._wake:
             try:
@@ -1192,7 +1198,7 @@ class Ledger:
         """Open (or start) the log described by ``config``."""
         return cls(LedgerWriter.open(config))
 
-    def begin(self, provisional: Exchange) -> None:
+    def begin(self, provisional: Exchange | Begun) -> None:
         """Note a started exchange (see :meth:`LedgerWriter.begin`)."""
         self.writer.begin(provisional)
 
@@ -1226,7 +1232,7 @@ class AsyncLedger:
         """Open (or start) the log, recovering its tail off the event loop."""
         return cls(await asyncio.to_thread(LedgerWriter.open, config))
 
-    def begin(self, provisional: Exchange) -> None:
+    def begin(self, provisional: Exchange | Begun) -> None:
         """Note a started exchange (see :meth:`LedgerWriter.begin`); a quick page-cache write."""
         self.writer.begin(provisional)
 

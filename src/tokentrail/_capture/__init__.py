@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
+from .._record import Exchange
 from ._common import (
     SOURCE_CONTEXT,
     SOURCE_IDS,
@@ -52,12 +55,64 @@ def new_capture(api: str, request: Mapping[str, Any]) -> Capture:
     raise ValueError(f"no capture dialect for api {api!r}")
 
 
+class Begun:
+    """An exchange just begun, as a crash-safety note keeps it (``LedgerWriter.begin``).
+
+    The record the note stands for is ``capture.finish(meta, "interrupted")``, taken now.
+    Building and encoding that record costs about a tenth of what the proxy spends on a short
+    exchange; the note holds instead what rebuilds it (:meth:`rebuild`, should a crash leave
+    the note behind): the request, the api and ``meta``, a single encoding of the request.
+    """
+
+    __slots__ = ("capture", "meta")
+
+    def __init__(self, capture: Capture, meta: Meta) -> None:
+        self.capture = capture
+        self.meta = meta
+
+    @property
+    def event_id(self) -> str:
+        return self.meta.event_id
+
+    def note(self) -> bytes | None:
+        """The note's JSON (an object), or ``None`` where only the record itself is storable
+        (a request nested deeper than the encoder goes)."""
+        capture = self.capture
+        try:
+            return orjson.dumps(
+                {
+                    "api": capture.api,
+                    "request": capture.request,
+                    "logprobs_asked": capture.logprobs_asked,
+                    "meta": self.meta,
+                }
+            )
+        except TypeError:
+            return None
+
+    def provisional(self) -> Exchange:
+        """The record the note stands for, built now."""
+        return self.capture.finish(self.meta, "interrupted")
+
+    @staticmethod
+    def rebuild(note: Mapping[str, Any]) -> Exchange:
+        """The record a note from :meth:`note` stands for.
+
+        Raises ``ValueError``, ``TypeError``, ``KeyError``, ``AttributeError`` or ``ConfigError``
+        on a note that is not one.
+        """
+        capture = new_capture(note["api"], note["request"])
+        capture.logprobs_asked = note["logprobs_asked"] is True
+        return capture.finish(Meta(**note["meta"]), "interrupted")
+
+
 __all__ = [
     "PATHS",
     "SOURCE_CONTEXT",
     "SOURCE_IDS",
     "SOURCE_NONE",
     "SOURCE_PIECES",
+    "Begun",
     "Capture",
     "Meta",
     "OllamaCapture",

@@ -51,7 +51,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .._capture import PATHS, Capture, Meta, loads, new_capture
+from .._capture import PATHS, Begun, Capture, Meta, loads, new_capture
 from .._capture._common import asks_logprobs
 from .._capture._sse import SSEEvents, cut_at_line_end
 from .._errors import ConfigError, StoreError, SubjectForgottenError
@@ -666,9 +666,7 @@ class ProxyApp:
             headers["Accept-Encoding"] = "identity"  # the proxy edits the bytes it relays
         # Should this process die mid-exchange, the next writer records it as interrupted.
         try:
-            self.ledger.begin(
-                capture.finish(self._meta(ex, time.perf_counter(), None), "interrupted")
-            )
+            self.ledger.begin(Begun(capture, self._meta(ex, time.perf_counter(), None)))
         except SubjectForgottenError as exc:  # refused before it starts, fail-open or not
             self.metrics.refused.inc()
             self._release(ex)
