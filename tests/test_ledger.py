@@ -1002,7 +1002,6 @@ class TestRestartSealsOnlyRecords:
         )
         assert 1 == sum(r["event_id"] == first["event_id"] for r in records)
 
-
     def test_a_begun_note_is_recorded_as_its_record_would_be(
         self, ledger_root: Path, signer: Signer, make_exchange: Callable[..., Exchange]
     ) -> None:
