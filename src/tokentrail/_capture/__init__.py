@@ -61,7 +61,9 @@ class Begun:
     The record the note stands for is ``capture.finish(meta, "interrupted")``, taken now.
     Building and encoding that record costs about a tenth of what the proxy spends on a short
     exchange; the note holds instead what rebuilds it (:meth:`rebuild`, should a crash leave
-    the note behind): the request, the api and ``meta``, a single encoding of the request.
+    the note behind): the api, the request and ``meta``, a single encoding of the request. (The
+    capture's other state, such as ``logprobs_asked``, speaks of output, which a note has none
+    of.)
     """
 
     __slots__ = ("capture", "meta")
@@ -79,14 +81,7 @@ class Begun:
         (a request nested deeper than the encoder goes)."""
         capture = self.capture
         try:
-            return orjson.dumps(
-                {
-                    "api": capture.api,
-                    "request": capture.request,
-                    "logprobs_asked": capture.logprobs_asked,
-                    "meta": self.meta,
-                }
-            )
+            return orjson.dumps({"api": capture.api, "request": capture.request, "meta": self.meta})
         except TypeError:
             return None
 
@@ -101,9 +96,7 @@ class Begun:
         Raises ``ValueError``, ``TypeError``, ``KeyError``, ``AttributeError`` or ``ConfigError``
         on a note that is not one.
         """
-        capture = new_capture(note["api"], note["request"])
-        capture.logprobs_asked = note["logprobs_asked"] is True
-        return capture.finish(Meta(**note["meta"]), "interrupted")
+        return new_capture(note["api"], note["request"]).finish(Meta(**note["meta"]), "interrupted")
 
 
 __all__ = [
