@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,16 +499,28 @@ def main() -> int:
     args = parser.parse_args()
     if not args.url and not (args.server and args.model):
         parser.error("give --server and --model, or --url")
-    # SIGTERM unwinds like Ctrl-C, so the server and proxies are stopped on the way out
+    return run_in_tmp("check.py", run, args, keep=args.keep)
+
+
+def run_in_tmp(
+    name: str,
+    run: Callable[[argparse.Namespace, Path], int],
+    args: argparse.Namespace,
+    *,
+    keep: bool = False,
+) -> int:
+    """``run(args, tmp)`` in a fresh temporary directory, removed after unless ``keep``; what
+    stops it from running is one line on stderr and exit 2."""
+    # SIGTERM unwinds like Ctrl-C, so the servers and proxies are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="tokentrail-llamacpp-"))
     try:
         return run(args, tmp)
     except (RuntimeError, OSError, httpx.HTTPError) as exc:
-        print(f"check.py: could not run: {exc}", file=sys.stderr)
+        print(f"{name}: could not run: {exc}", file=sys.stderr)
         return 2
     finally:
-        if args.keep:
+        if keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from check import (
     keygen,
     post,
     proxy,
+    run_in_tmp,
     serving,
     stop_process,
     table,
@@ -122,14 +121,7 @@ def main() -> int:
     parser.add_argument("--python", required=True, help="a Python with llama-cpp-python[server]")
     parser.add_argument("--model", type=Path, required=True, help="GGUF model")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tokentrail-lcp-"))
-    try:
-        return run(args, tmp)
-    except (RuntimeError, OSError, httpx.HTTPError) as exc:
-        print(f"python_server.py: could not run: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_in_tmp("python_server.py", run, args)
 
 
 if __name__ == "__main__":
