@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -434,6 +435,45 @@ class TestOpenAI:
             "return_token_ids": True,
         }
         assert rec["input_token_source"] == "upstream-ids"
+
+    @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+    def test_a_stream_leaves_no_cycle(
+        self, sims: dict[str, str], recorder: Recorder, asynchronous: bool
+    ) -> None:
+        """A stream's HTTP response is freed with the stream, by reference counting as the bare
+        client's is: the wrapper's tap on its reads leaves no reference cycle for the garbage
+        collector (one a streamed call would be a collection's worth of work)."""
+        kwargs: dict[str, Any] = {"model": "llama3.2:1b", "messages": MSGS, "stream": True}
+        url = sims["openai"] + "/v1"
+
+        def read(cls: Any, wrap: bool) -> Any:
+            client = cls(base_url=url, api_key="k")
+            client = audit(client, ledger=recorder) if wrap else client
+            if not asynchronous:
+                stream = client.chat.completions.create(**kwargs)
+                ref = weakref.ref(stream.response)
+                assert list(stream)
+                return ref
+
+            async def go() -> Any:
+                stream = await client.chat.completions.create(**kwargs)
+                ref = weakref.ref(stream.response)
+                assert [chunk async for chunk in stream]
+                return ref
+
+            return asyncio.run(go())
+
+        cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        read(cls, True)  # imports, connections
+        gc.collect()
+        gc.disable()
+        try:
+            assert read(cls, False)() is None  # the bare client's: what the wrapper must match
+            assert read(cls, True)() is None
+        finally:
+            gc.enable()
+        recorder.flush()
+        assert len(read_records(recorder.writer.config.root)) == 2
 
 
 class TestOpenAIUsage:

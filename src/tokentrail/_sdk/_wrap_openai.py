@@ -39,7 +39,7 @@ import asyncio
 import contextvars
 import copy
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import openai
@@ -470,25 +470,40 @@ def _audited_stream(stream: Any, call: Call) -> Any:
     if origin is not None:
         stream._client = origin
     response = stream.response
+    # The tap takes itself out of the response when the library calls it: left in the
+    # response's __dict__, it and the bound method it holds would make a reference cycle, and
+    # every streamed response would wait for the garbage collector to be freed.
     if hasattr(stream, "__anext__"):
         aread = response.aiter_bytes
 
-        async def aiter_bytes(chunk_size: int | None = None) -> Any:
-            async for data in aread(chunk_size):
-                call.feed_sse(data)
-                yield data
+        def aiter_bytes(chunk_size: int | None = None) -> Any:
+            del response.aiter_bytes
+            return _afed(aread(chunk_size), call)
 
         response.aiter_bytes = aiter_bytes
         return AuditedAsyncStream(stream, call)
     read = response.iter_bytes
 
     def iter_bytes(chunk_size: int | None = None) -> Any:
-        for data in read(chunk_size):
-            call.feed_sse(data)
-            yield data
+        del response.iter_bytes
+        return _fed(read(chunk_size), call)
 
     response.iter_bytes = iter_bytes
     return AuditedStream(stream, call)
+
+
+def _fed(reads: Iterator[bytes], call: Call) -> Iterator[bytes]:
+    """The body's reads, each kept for the record (:meth:`Call.feed_sse`) as it passes."""
+    for data in reads:
+        call.feed_sse(data)
+        yield data
+
+
+async def _afed(reads: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
+    """:func:`_fed` for an async body."""
+    async for data in reads:
+        call.feed_sse(data)
+        yield data
 
 
 def _raw_kind(options: Mapping[str, Any]) -> Any:
