@@ -106,7 +106,9 @@ class Call:
         "__weakref__",
         "auditor",
         "capture",
+        "ended_at",
         "event_id",
+        "expect_end",
         "fed",
         "first_token",
         "last_seen",
@@ -118,7 +120,9 @@ class Call:
         "sse",
         "started",
         "status",
+        "stop",
         "taken",
+        "times",
         "took",
         "wall",
     )
@@ -134,13 +138,20 @@ class Call:
         self.recorded = False
         self.model_version: str | None = None
         self.lazy = auditor.recorder.durability == "async"
-        self.pending: list[tuple[Any, float]] = []
+        # What a lazy call or an SSE body was fed, and when each arrived (side by side, not in
+        # pairs: a tuple a chunk, kept until the record is built, would only feed the garbage
+        # collector's young generation).
+        self.pending: list[Any] = []
+        self.times: list[float] = []
         self.last_seen = False  # the chunk that ends the exchange has arrived
         self.noted: str | None = None  # lazy: an error noted on the caller's side
         self.fed = 0  # chunks fed so far
         self.sse: SSEReader | None = None  # the SSE body's events, read as it is replayed
         self.took = 0  # an SSE stream: the chunks handed to the caller so far
         self.taken: int | None = None  # a dropped SSE stream: the chunks its record holds
+        self.stop: str | None = None  # recorded: the stop reason given (or None) ...
+        self.ended_at = 0.0  # ... when the exchange ended (perf_counter) ...
+        self.expect_end = False  # ... and whether the response ended without error
 
     @property
     def ended(self) -> bool:
@@ -155,7 +166,8 @@ class Call:
             return
         self.fed += 1
         if self.lazy:
-            self.pending.append((chunk, time.perf_counter()))
+            self.pending.append(chunk)
+            self.times.append(time.perf_counter())
             if not self.last_seen:
                 self.last_seen = self.capture.is_last(chunk)
         elif self.capture.feed(chunk) and self.first_token is None:
@@ -180,7 +192,8 @@ class Call:
             self.feed(chunk)
             return
         self.fed += 1
-        self.pending.append((_Text(raw), time.perf_counter()))
+        self.pending.append(_Text(raw))
+        self.times.append(time.perf_counter())
         if self.last_seen or not isinstance(raw, str):  # a whole body: nothing follows it
             return
         if _MAY_END.search(raw) is not None:
@@ -193,7 +206,8 @@ class Call:
         """Take one read of an SSE body, as it arrived; its events are fed when the call is
         built (the events a read completes carry its time)."""
         if not self.recorded:
-            self.pending.append((data, time.perf_counter()))
+            self.pending.append(data)
+            self.times.append(time.perf_counter())
 
     def note_error(self, message: str) -> None:
         """An error seen on the caller's side; the upstream's own error, if any, comes first."""
@@ -214,20 +228,20 @@ class Call:
         """Feed the capture what the call kept (a lazy call's chunks, an SSE body's reads), in
         order, with the times they arrived."""
         capture = self.capture
-        pending = self.pending
+        pending, times = self.pending, self.times
         i, n = 0, len(pending)
         while i < n:
-            chunk, at = pending[i]
+            chunk, at = pending[i], times[i]
             i += 1
             if type(chunk) is bytes:
                 if self.first_token is not None:
                     # The times of the rest no longer matter: read the reads that follow this
                     # one at once (18 µs against 28 for an 18-chunk stream's, timed in a loop).
                     j = i
-                    while j < n and type(pending[j][0]) is bytes:
+                    while j < n and type(pending[j]) is bytes:
                         j += 1
                     if j > i:
-                        chunk = b"".join([chunk, *(data for data, _ in pending[i:j])])
+                        chunk = b"".join(pending[i - 1 : j])
                         i = j
                 if not self._replay_sse(chunk, at):
                     break
@@ -241,7 +255,7 @@ class Call:
                     break  # as when fed at once: the call ends on the first such line
             if capture.feed(chunk) and self.first_token is None:
                 self.first_token = at
-        self.pending = []
+        self.pending, self.times = [], []
         if self.noted is not None and capture.error is None:
             capture.error = self.noted
 
@@ -321,9 +335,15 @@ class Call:
         ended = time.perf_counter()
         recorder = self.auditor.recorder
         if self.lazy:
-            recorder.defer(lambda: self._exchange(stop, ended, expect_end))
+            # Kept on the call, not in a closure: fewer objects kept alive until it is built.
+            self.stop, self.ended_at, self.expect_end = stop, ended, expect_end
+            recorder.defer(self._deferred)
             return None
         return recorder.append(self._exchange(stop, ended, expect_end))
+
+    def _deferred(self) -> Exchange:
+        """A lazy call's exchange, built on the writer thread once it is recorded."""
+        return self._exchange(self.stop, self.ended_at, self.expect_end)
 
     async def arecord(self, stop: str | None = None, *, expect_end: bool = False) -> Record | None:
         """Record once from asyncio code."""

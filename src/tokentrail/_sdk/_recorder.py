@@ -473,7 +473,11 @@ class Recorder:
         """Record the exchange ``build()`` makes, built on the writer thread under async
         durability; under strict, here, returning once it is on disk (``LedgerWriter.defer``).
         """
-        self.local_writer().defer(lambda: self.prepare(build()))
+        writer = self.local_writer()
+        if self._tokenizer is None:  # nothing to prepare: no closure to keep until it is built
+            writer.defer(build)
+        else:
+            writer.defer(lambda: self.prepare(build()))
 
     def orphan(self, build: Callable[[], Exchange]) -> None:
         """Record what ``build()`` makes, from a finalizer: never waits for any lock."""
