@@ -71,7 +71,7 @@ class Auditor:
     def begin(self, api: str, body: Mapping[str, Any]) -> Call:
         """Start a call: the body must already be the wire copy (see :func:`wire_copy`)."""
         self.recorder.check_ready()  # also opens a forked process's own log here, not at a GC
-        call = Call(self, new_capture(api, body))
+        call = Call(self, api, body)
         self.recorder.track(call)
         return call
 
@@ -104,10 +104,12 @@ class Call:
 
     __slots__ = (
         "__weakref__",
+        "_capture",
+        "_event_id",
+        "_request",
+        "api",
         "auditor",
-        "capture",
         "ended_at",
-        "event_id",
         "expect_end",
         "fed",
         "first_token",
@@ -127,17 +129,20 @@ class Call:
         "wall",
     )
 
-    def __init__(self, auditor: Auditor, capture: Capture) -> None:
+    def __init__(self, auditor: Auditor, api: str, request: Mapping[str, Any]) -> None:
         self.auditor = auditor
-        self.capture = capture
+        self.api = api
+        self._request = request
+        self._capture: Capture | None = None
         self.wall = time.time()
         self.started = time.perf_counter()
-        self.event_id = new_event_id()
+        self.lazy = auditor.recorder.durability == "async"
+        # A lazy call's is drawn when its record is built (:meth:`_exchange`), off the caller.
+        self._event_id: str | None = None if self.lazy else new_event_id()
         self.first_token: float | None = None
         self.status: int | None = None
         self.recorded = False
         self.model_version: str | None = None
-        self.lazy = auditor.recorder.durability == "async"
         # What a lazy call or an SSE body was fed, and when each arrived (side by side, not in
         # pairs: a tuple a chunk, kept until the record is built, would only feed the garbage
         # collector's young generation).
@@ -152,6 +157,23 @@ class Call:
         self.stop: str | None = None  # recorded: the stop reason given (or None) ...
         self.ended_at = 0.0  # ... when the exchange ended (perf_counter) ...
         self.expect_end = False  # ... and whether the response ended without error
+
+    @property
+    def capture(self) -> Capture:
+        """The exchange's capture, made when first needed: for a lazy call that only a stream's
+        chunks feed, on the writer thread as the record is built."""
+        capture = self._capture
+        if capture is None:
+            capture = self._capture = new_capture(self.api, self._request)
+        return capture
+
+    @property
+    def event_id(self) -> str:
+        """The record's event id, drawn when first asked for."""
+        event_id = self._event_id
+        if event_id is None:
+            event_id = self._event_id = new_event_id()
+        return event_id
 
     @property
     def ended(self) -> bool:
