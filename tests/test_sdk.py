@@ -441,8 +441,8 @@ class TestOpenAI:
         self, sims: dict[str, str], recorder: Recorder, asynchronous: bool
     ) -> None:
         """A stream's HTTP response is freed with the stream, by reference counting as the bare
-        client's is: the wrapper's tap on its reads leaves no reference cycle for the garbage
-        collector (one a streamed call would be a collection's worth of work)."""
+        client's is: the wrapper's tap on its reads makes no reference cycle (with one, every
+        streamed call would leave its response, request and headers to the garbage collector)."""
         kwargs: dict[str, Any] = {"model": "llama3.2:1b", "messages": MSGS, "stream": True}
         url = sims["openai"] + "/v1"
 

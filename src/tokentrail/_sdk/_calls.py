@@ -90,8 +90,9 @@ class Call:
 
     Under async durability a call is *lazy*: what it is fed is kept, with the time each chunk
     arrived, and fed to the capture, together with building, encoding and hashing the record,
-    on the ledger's writer thread (:meth:`LedgerWriter.defer`), so the caller pays for a list
-    append per chunk. What is kept is wire text or the JSON the client library parsed from it,
+    on the ledger's writer thread (:meth:`LedgerWriter.defer`), so the caller pays for two list
+    appends per chunk (the chunk, its time). Its capture is made there too, when first needed.
+    What is kept is wire text or the JSON the client library parsed from it,
     never the library's objects, so what the caller does with those later cannot change the
     record. Errors noted on the caller's side (:meth:`note_error`) are applied after the chunks,
     as they happened. Under strict durability everything happens on the caller's thread.

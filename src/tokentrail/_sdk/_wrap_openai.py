@@ -15,7 +15,7 @@ variable says which), at no extra parsing. Should a future library not call that
 is read back with ``model_dump(exclude_unset=True)`` instead. (openai's models copy what they
 declare; fields they do not declare are shared with the parsed JSON, so a caller that mutates
 ``model_extra`` before an async-durability record is built would change it.) A stream is kept as
-the bytes the library reads (its response's ``iter_bytes``), one list append a read, and its
+the bytes the library reads (its response's ``iter_bytes``), a read and its time appended, and its
 events are parsed as the proxy parses them when the record is built: under async durability, on
 the ledger's writer thread, so a streamed chunk costs the caller a count.
 
