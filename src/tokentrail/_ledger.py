@@ -322,9 +322,10 @@ class LedgerWriter:
         intents: dict[str, tuple[int, dict[str, Any]]] = {}
         for line in data.split(b"\n"):
             try:
-                obj = orjson.loads(line)
-                noted = obj["begun"]["meta"] if "begun" in obj else obj["exchange"]
-                intents[noted["event_id"]] = (int(obj["seq_hint"]), obj)
+                note = orjson.loads(line)
+                # Either form names its event: a Begun's in its meta, a record's in its fields.
+                fields = note["begun"]["meta"] if "begun" in note else note["exchange"]
+                intents[fields["event_id"]] = (int(note["seq_hint"]), note)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a torn last line: the exchange had not even been noted
         if intents:
@@ -332,14 +333,14 @@ class LedgerWriter:
             since = min(min(max(0, hint), self._tree.size) for hint, _ in intents.values())
             recorded = self._event_ids_since(since)
             last_alive = mtime(path)
-            for event_id, (_, noted) in intents.items():
+            for event_id, (_, note) in intents.items():
                 if event_id in recorded:
                     continue
                 try:
-                    if "begun" in noted:
-                        exchange = Begun.rebuild(noted["begun"])
+                    if "begun" in note:
+                        exchange = Begun.rebuild(note["begun"])
                     else:
-                        exchange = Exchange.from_fields(noted["exchange"])
+                        exchange = Exchange.from_fields(note["exchange"])
                 except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
                     # Not a note this writer took (damage, or a hand's work): nothing to record.
                     log.error("in-flight note %r is not an exchange, skipped: %s", event_id, exc)
