@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,7 @@ def serving(name: str, cmd: list[str], port: int, probe: str, log: Path) -> Iter
         stop_process(proc)
 
 
-def llama_server(binary: Path, model: Path, log: Path) -> Any:
+def llama_server(binary: Path, model: Path, log: Path) -> AbstractContextManager[str]:
     """A llama-server on a free port, up and healthy (a context manager of its URL)."""
     port = free_port()
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),

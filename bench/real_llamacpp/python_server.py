@@ -24,6 +24,7 @@ import argparse
 import re
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ CASES = [
 ]  # fmt: skip
 
 
-def python_server(python: str, model: Path, log: Path) -> Any:
+def python_server(python: str, model: Path, log: Path) -> AbstractContextManager[str]:
     """llama-cpp-python's server on a free port, answering (a context manager of its URL)."""
     port = free_port()
     cmd = [python, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
