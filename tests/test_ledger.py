@@ -43,6 +43,7 @@ from tokentrail._errors import (
     StoreError,
 )
 from tokentrail._ledger import (
+    ASYNC_FLUSH_S,
     ASYNC_SYNC_S,
     AsyncLedger,
     Durability,
@@ -441,6 +442,45 @@ class TestGroupCommit:
             sealed = ledger.writer.seal()
         assert sealed is not None and 300 == sealed.size
         assert_chain(ledger_root, 300)
+        assert verified(ledger_root, signer)
+
+    @pytest.mark.parametrize("how", ["defer", "append"])
+    def test_async_records_flowing_are_taken_once_an_interval(
+        self,
+        ledger_root: Path,
+        signer: Signer,
+        make_exchange: Callable[..., Exchange],
+        how: str,
+    ) -> None:
+        """While records flow under async durability the flusher takes them once every
+        ASYNC_FLUSH_S, not whenever it comes round (for an fsync, say) and finds one queued:
+        each turn it takes is a turn of the GIL taken from the appenders."""
+        cfg = LedgerConfig(ledger_root, LOG_ID, signer, durability="async")
+        writes = 0
+        with Ledger.open(cfg) as ledger:
+            writer = ledger.writer
+            write = writer._write
+
+            def counted(batch: list[Any]) -> None:
+                nonlocal writes
+                writes += 1
+                write(batch)
+
+            writer._write = counted  # type: ignore[method-assign]
+            started = time.monotonic()
+            i = 0
+            while time.monotonic() - started < 0.5:  # a record every 4 ms
+                if how == "defer":
+                    writer.defer(lambda i=i: make_exchange(i))
+                else:
+                    writer.submit(make_exchange(i))
+                i += 1
+                time.sleep(0.004)
+            elapsed = time.monotonic() - started
+            turns = writes
+            writer.flush()
+        assert turns <= elapsed / ASYNC_FLUSH_S + 3, f"{turns} batches in {elapsed:.2f}s"
+        assert_chain(ledger_root, i)
         assert verified(ledger_root, signer)
 
     def test_flush_returns_when_the_batch_it_waits_for_fails(

@@ -256,6 +256,7 @@ class LedgerWriter:
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
         self._async_poll: float | None = None  # async: the look-again interval; None when idle
+        self._look_at = 0.0  # async, while records flow: when the flusher next takes them
         self._unsynced = False  # async durability: written, not yet fsynced
         self._unsynced_paths: list[Path] = []  # closed segments whose fsync failed
         self._last_sync = 0.0  # time.monotonic() of the last fsync
@@ -715,41 +716,38 @@ class LedgerWriter:
         while True:
             with self._wake:
                 idle = self._async_poll is None
-                while not (
-                    self._queue
-                    or self._deferred
-                    or self._orphans
-                    or self._closing
-                    or self._seal_requests
-                    or (self._sync_wanted and self._unsynced)
-                ):
+                while not self._takes_now_locked():
                     timeout = self._next_timer()
                     if timeout == 0.0 or not self._wake.wait(timeout):
                         break
-                # Group commit. Strict: the appenders the last fsync released are about to append
-                # again; wait (briefly) for as many of them as there were, so one fsync serves
-                # them all. Async: the look-again interval gathers the batch; woken from idle by
-                # an append, gather for ASYNC_FLUSH_S, so the work is done while the appender
-                # (most likely) waits for its model, not at its next system call.
-                if self.config.durability == "async":
-                    want, deadline = (
-                        (ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S) if idle else (1, 0.0)
-                    )
+                if not self._takes_now_locked():  # a timer's turn only: fsync, seal, rotation
+                    builds, batch, requests, closing = [], [], [], False
                 else:
-                    want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
-                while (
-                    0 < len(self._queue) + len(self._deferred) < want
-                    and not self._closing
-                    and not self._seal_requests
-                    and (left := deadline - time.monotonic()) > 0
-                ):
-                    self._wake.wait(left)
-                self._adopt_orphans_locked()
-                builds, self._deferred = self._deferred, []
-                self._building = bool(builds)
-                closing = self._closing
-                requests, self._seal_requests = self._seal_requests, []
-                batch = [] if builds else self._take_batch_locked()
+                    # Group commit. Strict: the appenders the last fsync released are about to
+                    # append again; wait (briefly) for as many of them as there were, so one
+                    # fsync serves them all. Async: the look-again interval gathers the batch;
+                    # woken from idle by an append, gather for ASYNC_FLUSH_S, so the work is
+                    # done while the appender (most likely) waits for its model, not at its
+                    # next system call.
+                    if self.config.durability == "async":
+                        want, deadline = (
+                            (ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S) if idle else (1, 0.0)
+                        )
+                    else:
+                        want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
+                    while (
+                        0 < len(self._queue) + len(self._deferred) < want
+                        and not self._closing
+                        and not self._seal_requests
+                        and (left := deadline - time.monotonic()) > 0
+                    ):
+                        self._wake.wait(left)
+                    self._adopt_orphans_locked()
+                    builds, self._deferred = self._deferred, []
+                    self._building = bool(builds)
+                    closing = self._closing
+                    requests, self._seal_requests = self._seal_requests, []
+                    batch = [] if builds else self._take_batch_locked()
             if builds:  # build outside the lock, link (cheap) under it, behind what is queued
                 built = self._build_deferred(builds)
                 with self._wake:
@@ -783,11 +781,32 @@ class LedgerWriter:
                         break
         self._close_segment()
 
+    def _takes_now_locked(self) -> bool:
+        """Whether the flusher is to take what is queued now (or serve a close, seal or flush).
+
+        Async durability, while records flow: only once the look-again interval has passed
+        since the last take (or a full batch waits), not whenever one is queued when the
+        flusher comes round for an fsync: so one turn of the GIL, taken from the appenders,
+        serves the records of a whole interval.
+        """
+        queued = len(self._queue) + len(self._deferred)
+        if (
+            self._closing
+            or self._seal_requests
+            or self._orphans
+            or (self._sync_wanted and (self._unsynced or queued))
+        ):
+            return True
+        if self.config.durability == "strict" or self._async_poll is None:
+            return queued > 0
+        return queued >= ASYNC_BATCH or time.monotonic() >= self._look_at
+
     def _take_batch_locked(self) -> list[_Pending]:
         batch, self._queue = self._queue, []
         self._last_batch = len(batch)
         # Async: look again soon while records flow, else sleep until an append wakes us.
         self._async_poll = ASYNC_FLUSH_S if batch else None
+        self._look_at = time.monotonic() + ASYNC_FLUSH_S
         return batch
 
     def _next_timer(self) -> float | None:
@@ -795,7 +814,7 @@ class LedgerWriter:
         now = self.config.clock()
         timers = []
         if self.config.durability == "async" and self._async_poll is not None:
-            timers.append(self._async_poll)  # records flow: look again soon
+            timers.append(self._look_at - time.monotonic())  # records flow: look again soon
         if self._tree.size > self._signed_size:
             timers.append(self._last_seal + self.config.seal_interval_s - now)
         if self._unsynced:
