@@ -255,8 +255,8 @@ class LedgerWriter:
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
-        self._async_poll: float | None = None  # async: the look-again interval; None when idle
-        self._look_at = 0.0  # async, while records flow: when the flusher next takes them
+        self._flowing = False  # async: records flow, the flusher looks again at ``_look_at``
+        self._look_at = 0.0  # (else it sleeps until an append wakes it)
         self._unsynced = False  # async durability: written, not yet fsynced
         self._unsynced_paths: list[Path] = []  # closed segments whose fsync failed
         self._last_sync = 0.0  # time.monotonic() of the last fsync
@@ -470,7 +470,7 @@ class LedgerWriter:
                 # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
                 if queued == 1 or queued == self._last_batch:
                     self._wake.notify()
-            elif queued == ASYNC_BATCH or (queued == 1 and self._async_poll is None):
+            elif queued == ASYNC_BATCH or (queued == 1 and not self._flowing):
                 self._wake.notify()  # async: a full batch, or the first append after a pause
         return record
 
@@ -491,7 +491,7 @@ class LedgerWriter:
             self._check_open()
             self._deferred.append(build)
             queued = len(self._queue) + len(self._deferred)
-            if queued == ASYNC_BATCH or (queued == 1 and self._async_poll is None):
+            if queued == ASYNC_BATCH or (queued == 1 and not self._flowing):
                 self._wake.notify()
 
     def orphan(self, build: Callable[[], Exchange]) -> None:
@@ -715,7 +715,7 @@ class LedgerWriter:
     def _run(self) -> None:
         while True:
             with self._wake:
-                idle = self._async_poll is None
+                idle = not self._flowing
                 while not self._takes_now_locked():
                     timeout = self._next_timer()
                     if timeout == 0.0 or not self._wake.wait(timeout):
@@ -797,7 +797,7 @@ class LedgerWriter:
             or (self._sync_wanted and (self._unsynced or queued))
         ):
             return True
-        if self.config.durability == "strict" or self._async_poll is None:
+        if self.config.durability == "strict" or not self._flowing:
             return queued > 0
         return queued >= ASYNC_BATCH or time.monotonic() >= self._look_at
 
@@ -805,7 +805,7 @@ class LedgerWriter:
         batch, self._queue = self._queue, []
         self._last_batch = len(batch)
         # Async: look again soon while records flow, else sleep until an append wakes us.
-        self._async_poll = ASYNC_FLUSH_S if batch else None
+        self._flowing = bool(batch)
         self._look_at = time.monotonic() + ASYNC_FLUSH_S
         return batch
 
@@ -813,7 +813,7 @@ class LedgerWriter:
         """Seconds until the next seal or timed rotation is due (``None``: nothing pending)."""
         now = self.config.clock()
         timers = []
-        if self.config.durability == "async" and self._async_poll is not None:
+        if self.config.durability == "async" and self._flowing:
             timers.append(self._look_at - time.monotonic())  # records flow: look again soon
         if self._tree.size > self._signed_size:
             timers.append(self._last_seal + self.config.seal_interval_s - now)
