@@ -255,8 +255,9 @@ class LedgerWriter:
         self._flusher: threading.Thread | None = None
         self._seal_requests: list[concurrent.futures.Future[Checkpoint | None]] = []
         self._last_batch = 1
-        self._flowing = False  # async: records flow, the flusher looks again at ``_look_at``
-        self._look_at = 0.0  # (else it sleeps until an append wakes it)
+        # Async, while records flow: when the flusher next takes them (None: it sleeps until an
+        # append wakes it).
+        self._look_at: float | None = None
         self._unsynced = False  # async durability: written, not yet fsynced
         self._unsynced_paths: list[Path] = []  # closed segments whose fsync failed
         self._last_sync = 0.0  # time.monotonic() of the last fsync
@@ -470,7 +471,7 @@ class LedgerWriter:
                 # One wake-up per batch: the flusher then gathers what follows (see ``_run``).
                 if queued == 1 or queued == self._last_batch:
                     self._wake.notify()
-            elif queued == ASYNC_BATCH or (queued == 1 and not self._flowing):
+            elif queued == ASYNC_BATCH or (queued == 1 and self._look_at is None):
                 self._wake.notify()  # async: a full batch, or the first append after a pause
         return record
 
@@ -491,7 +492,7 @@ class LedgerWriter:
             self._check_open()
             self._deferred.append(build)
             queued = len(self._queue) + len(self._deferred)
-            if queued == ASYNC_BATCH or (queued == 1 and not self._flowing):
+            if queued == ASYNC_BATCH or (queued == 1 and self._look_at is None):
                 self._wake.notify()
 
     def orphan(self, build: Callable[[], Exchange]) -> None:
@@ -715,39 +716,15 @@ class LedgerWriter:
     def _run(self) -> None:
         while True:
             with self._wake:
-                idle = not self._flowing
-                while not self._takes_now_locked():
+                while not (take := self._takes_now_locked()):
                     timeout = self._next_timer()
                     if timeout == 0.0 or not self._wake.wait(timeout):
+                        take = self._takes_now_locked()
                         break
-                if not self._takes_now_locked():  # a timer's turn only: fsync, seal, rotation
+                if take:
+                    builds, batch, requests, closing = self._take_locked()
+                else:  # a timer's turn only: fsync, seal, rotation
                     builds, batch, requests, closing = [], [], [], False
-                else:
-                    # Group commit. Strict: the appenders the last fsync released are about to
-                    # append again; wait (briefly) for as many of them as there were, so one
-                    # fsync serves them all. Async: the look-again interval gathers the batch;
-                    # woken from idle by an append, gather for ASYNC_FLUSH_S, so the work is
-                    # done while the appender (most likely) waits for its model, not at its
-                    # next system call.
-                    if self.config.durability == "async":
-                        want, deadline = (
-                            (ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S) if idle else (1, 0.0)
-                        )
-                    else:
-                        want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
-                    while (
-                        0 < len(self._queue) + len(self._deferred) < want
-                        and not self._closing
-                        and not self._seal_requests
-                        and (left := deadline - time.monotonic()) > 0
-                    ):
-                        self._wake.wait(left)
-                    self._adopt_orphans_locked()
-                    builds, self._deferred = self._deferred, []
-                    self._building = bool(builds)
-                    closing = self._closing
-                    requests, self._seal_requests = self._seal_requests, []
-                    batch = [] if builds else self._take_batch_locked()
             if builds:  # build outside the lock, link (cheap) under it, behind what is queued
                 built = self._build_deferred(builds)
                 with self._wake:
@@ -781,6 +758,37 @@ class LedgerWriter:
                         break
         self._close_segment()
 
+    def _take_locked(
+        self,
+    ) -> tuple[list[Callable[[], Exchange]], list[_Pending], list[Any], bool]:
+        """Take what the flusher is to do this turn: the deferred builds (or, with none, the
+        queued batch), the seal requests, and whether the writer is closing.
+
+        Group commit. Strict: the appenders the last fsync released are about to append again;
+        wait (briefly) for as many of them as there were, so one fsync serves them all. Async:
+        the look-again interval gathers the batch; woken from idle by an append, gather for
+        ASYNC_FLUSH_S, so the work is done while the appender (most likely) waits for its
+        model, not at its next system call.
+        """
+        if self.config.durability == "async":
+            idle = self._look_at is None
+            want, deadline = (ASYNC_BATCH, time.monotonic() + ASYNC_FLUSH_S) if idle else (1, 0.0)
+        else:
+            want, deadline = self._last_batch, time.monotonic() + COMMIT_DELAY_S
+        while (
+            0 < len(self._queue) + len(self._deferred) < want
+            and not self._closing
+            and not self._seal_requests
+            and (left := deadline - time.monotonic()) > 0
+        ):
+            self._wake.wait(left)
+        self._adopt_orphans_locked()
+        builds, self._deferred = self._deferred, []
+        self._building = bool(builds)
+        requests, self._seal_requests = self._seal_requests, []
+        batch = [] if builds else self._take_batch_locked()
+        return builds, batch, requests, self._closing
+
     def _takes_now_locked(self) -> bool:
         """Whether the flusher is to take what is queued now (or serve a close, seal or flush).
 
@@ -797,7 +805,7 @@ class LedgerWriter:
             or (self._sync_wanted and (self._unsynced or queued))
         ):
             return True
-        if self.config.durability == "strict" or not self._flowing:
+        if self.config.durability == "strict" or self._look_at is None:
             return queued > 0
         return queued >= ASYNC_BATCH or time.monotonic() >= self._look_at
 
@@ -805,15 +813,14 @@ class LedgerWriter:
         batch, self._queue = self._queue, []
         self._last_batch = len(batch)
         # Async: look again soon while records flow, else sleep until an append wakes us.
-        self._flowing = bool(batch)
-        self._look_at = time.monotonic() + ASYNC_FLUSH_S
+        self._look_at = time.monotonic() + ASYNC_FLUSH_S if batch else None
         return batch
 
     def _next_timer(self) -> float | None:
         """Seconds until the next seal or timed rotation is due (``None``: nothing pending)."""
         now = self.config.clock()
         timers = []
-        if self.config.durability == "async" and self._flowing:
+        if self.config.durability == "async" and self._look_at is not None:
             timers.append(self._look_at - time.monotonic())  # records flow: look again soon
         if self._tree.size > self._signed_size:
             timers.append(self._last_seal + self.config.seal_interval_s - now)
