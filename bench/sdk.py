@@ -84,10 +84,8 @@ def start_sim(mode: str, *delays: str) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit(f"simulator ({mode}) did not start")
 
 
-def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[Any], Any]]]:
-    """name -> (bare client, one call made with a client)."""
-    oc = ollama.Client(host=ollama_url)
-    ai = openai.OpenAI(base_url=openai_url + "/v1", api_key="k", max_retries=0)
+def calls() -> dict[str, tuple[str, Callable[[Any], Any]]]:
+    """name -> (which client: "ollama" or "openai", one call made with such a client)."""
     opts = {"num_predict": 16}
 
     def gen(c: Any) -> Any:
@@ -107,11 +105,25 @@ def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[An
         )
 
     return {
-        "ollama generate": (oc, gen),
-        "ollama generate, streamed": (oc, gen_stream),
-        "openai chat": (ai, chat),
-        "openai chat, streamed": (ai, chat_stream),
+        "ollama generate": ("ollama", gen),
+        "ollama generate, streamed": ("ollama", gen_stream),
+        "openai chat": ("openai", chat),
+        "openai chat, streamed": ("openai", chat_stream),
     }
+
+
+def clients(ollama_url: str, openai_url: str, **httpx_options: Any) -> dict[str, Any]:
+    """The bare clients, "ollama" and "openai" (``httpx_options``: a ``transport``, say)."""
+    oc = ollama.Client(host=ollama_url, **httpx_options)
+    http = httpx.Client(**httpx_options) if httpx_options else None
+    ai = openai.OpenAI(base_url=openai_url + "/v1", api_key="k", max_retries=0, http_client=http)
+    return {"ollama": oc, "openai": ai}
+
+
+def cases(ollama_url: str, openai_url: str) -> dict[str, tuple[Any, Callable[[Any], Any]]]:
+    """name -> (bare client, one call made with a client)."""
+    bare = clients(ollama_url, openai_url)
+    return {name: (bare[kind], fn) for name, (kind, fn) in calls().items()}
 
 
 def timed(
