@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import signal
 import statistics
@@ -30,6 +31,17 @@ def exchange(rng: random.Random, n_in: int = 1000, n_out: int = 300) -> Exchange
         session_id=f"session-{rng.randrange(1000)}",
         request_duration_ms=812.5,
     )
+
+
+def positive(text: str) -> int:
+    """An ``argparse`` type: a count of at least 1 (so a run never divides by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def pct(values: Sequence[float], q: float) -> float:

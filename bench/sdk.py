@@ -46,7 +46,7 @@ import ollama
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table
+from _common import positive, table
 from tokentrail import Signer
 from tokentrail._sdk import Recorder, audit
 
@@ -160,8 +160,8 @@ def timed(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=300, help="calls per cell")
-    parser.add_argument("--block", type=int, default=50, help="calls per alternating block")
+    parser.add_argument("--calls", type=positive, default=300, help="calls per cell")
+    parser.add_argument("--block", type=positive, default=50, help="calls per alternating block")
     parser.add_argument(
         "--durability", default="async,strict", help="comma-separated: async, strict"
     )

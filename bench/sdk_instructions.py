@@ -3,8 +3,10 @@
 ``bench/sdk.py`` times the wrapper in microseconds, which a busy or virtual machine moves by more
 than the wrapper costs. This counts instead (``valgrind --tool=callgrind``, one count per thread),
 which the machine's load does not move: two runs of the same code counted the bare calls within
-0.1 % of each other; the wrapper's added count moved by up to 20,000 instructions a call (which
-thread runs a garbage collection, and how often the ledger's thread wakes, depend on timing).
+0.1 % of each other; the wrapper's added count moved by up to 20,000 instructions a call. What
+still depends on timing (how often the ledger's thread wakes, which thread runs a garbage
+collection) is spread over the calls, so few calls give unsteady figures: with ``--calls 3``
+two runs counted the writer's part of a plain openai call at 88,205 and 391,902 a call.
 
 Each case (the ``ollama`` and ``openai`` clients, streamed and not) runs in three child processes
 under callgrind, identical but for their last step: the setup alone (clients, recorder, warm-up
@@ -47,7 +49,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table
+from _common import positive, table
 from sdk import calls, clients, start_sim
 
 WARMUP = 20
@@ -150,28 +152,37 @@ def settle(writer: Any, records: int) -> None:
 def counted(spec: Path, mode: str, n: int, durability: str, out: Path) -> tuple[int, int]:
     """(caller thread, other threads) instructions of one child run under callgrind."""
     prefix = out / f"{spec.stem}-{mode}"
-    subprocess.run(
+    run = subprocess.run(
         [
             "valgrind", "--tool=callgrind", "--separate-threads=yes",
             f"--callgrind-out-file={prefix}.%p", sys.executable, __file__,
             "--child", str(spec), mode, str(n), durability,
         ],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts, the same count
     )  # fmt: skip
+    _check(run, f"{spec.stem} {mode} under valgrind")
     per_thread: dict[int, int] = {}
     for path in out.glob(f"{prefix.name}.*"):
-        thread = int(path.name.rsplit("-", 1)[1]) if "-" in path.name.rsplit(".", 1)[1] else 1
+        # <prefix>.<pid>-<thread> per thread; the bare <prefix>.<pid> is left empty
+        _, _, thread = path.name.rsplit(".", 1)[1].partition("-")
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
-                per_thread[thread] = int(line.split()[1])
+            if line.startswith("summary:"):
+                per_thread[int(thread or 1)] = int(line.split()[1])
                 break
     return per_thread.get(1, 0), sum(v for k, v in per_thread.items() if k != 1)
 
 
+def _check(run: subprocess.CompletedProcess[str], what: str) -> None:
+    """A child that failed ends the bench with one line: its own last line of error."""
+    if run.returncode != 0:
+        ours = [ln for ln in run.stderr.splitlines() if ln.strip() and not ln.startswith("==")]
+        raise SystemExit(f"{what} exited {run.returncode}: {(ours or ['no output'])[-1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=50, help="calls per count")
+    parser.add_argument("--calls", type=positive, default=50, help="calls per count")
     parser.add_argument("--durability", choices=["async", "strict"], default="async")
     parser.add_argument("--case", action="append", help="only this case (repeatable)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -203,8 +214,9 @@ def main() -> None:
         for spec in specs:
             rate_run = subprocess.run(
                 [sys.executable, __file__, "--child", str(spec), "rate", "200", args.durability],
-                check=True, capture_output=True, text=True,
+                capture_output=True, text=True,
             )  # fmt: skip
+            _check(rate_run, f"{spec.stem} rate")
             bare_us = float(rate_run.stdout.split()[-1])
             setup, bare, wrapped = (counts[(spec, m)] for m in ("setup", "bare", "wrapped"))
             per_bare = (bare[0] - setup[0]) / args.calls
