@@ -760,7 +760,12 @@ class LedgerWriter:
 
     def _take_locked(
         self,
-    ) -> tuple[list[Callable[[], Exchange]], list[_Pending], list[Any], bool]:
+    ) -> tuple[
+        list[Callable[[], Exchange]],
+        list[_Pending],
+        list[concurrent.futures.Future[Checkpoint | None]],
+        bool,
+    ]:
         """Take what the flusher is to do this turn: the deferred builds (or, with none, the
         queued batch), the seal requests, and whether the writer is closing.
 
