@@ -143,43 +143,83 @@ def write_records(ledger_root: Path, signer: Signer) -> WriteRecords:
 SOAK_TEST = "tests/test_soak.py::test_sixty_seconds_flat_and_lossless"
 #: The CI-sized soak of issue 7: a minute at 40 exchanges/s.
 SOAK_ARGS: dict[str, float] = {"seconds": 60.0, "rate": 40.0, "sample": 5.0, "warmup": 10.0}
-SOAK_KEY = pytest.StashKey[tuple[subprocess.Popen[bytes], Path, Path]]()
-_SOAK_LOG = pytest.StashKey[TextIO]()
+#: Where the soak started early writes ``soak.json``, ``soak.log`` and, once it exits, ``rc``.
+SOAK_DIR = pytest.StashKey[Path]()
+_SOAK_PROC = pytest.StashKey[tuple[subprocess.Popen[bytes], TextIO]]()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the soak now if it is among the tests to run (see ``tests/test_soak.py``)."""
-    config = session.config
-    if config.option.collectonly or not any(i.nodeid == SOAK_TEST for i in session.items):
-        return
-    if len(session.items) == 1:
-        return  # alone: the test runs it itself
-    work = Path(tempfile.mkdtemp(prefix="tt-soak-test-"))
-    out, log_path = work / "soak.json", work / "soak.log"
-    log = log_path.open("w")
+def soak_early(nodeids: list[str]) -> bool:
+    """Whether a run of these tests starts the soak as soon as they are collected (not alone)."""
+    return SOAK_TEST in nodeids and len(nodeids) > 1
+
+
+def soak_dir(config: pytest.Config) -> Path:
+    """The soak's folder for this run: made by the process that runs the soak, given to the
+    pytest-xdist workers (the test waits for it wherever it runs)."""
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return Path(workerinput["tokentrail_soak_dir"])
+    if SOAK_DIR not in config.stash:
+        config.stash[SOAK_DIR] = Path(tempfile.mkdtemp(prefix="tt-soak-test-"))
+    return config.stash[SOAK_DIR]
+
+
+def _start_soak(config: pytest.Config) -> None:
+    work = soak_dir(config)
+    log = (work / "soak.log").open("w")
     bench = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
     proc = subprocess.Popen(
         [sys.executable, str(bench), "--minutes", str(SOAK_ARGS["seconds"] / 60),
          "--rate", str(SOAK_ARGS["rate"]), "--sample", str(SOAK_ARGS["sample"]),
-         "--warmup", str(SOAK_ARGS["warmup"]), "--json", str(out)],
+         "--warmup", str(SOAK_ARGS["warmup"]), "--json", str(work / "soak.json")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    config.stash[SOAK_KEY] = (proc, out, log_path)
-    config.stash[_SOAK_LOG] = log
+    config.stash[_SOAK_PROC] = (proc, log)
+
+    def note_exit() -> None:  # written last, so a test that sees it finds the figures complete
+        (work / "rc.tmp").write_text(str(proc.wait()))
+        os.replace(work / "rc.tmp", work / "rc")
+
+    threading.Thread(target=note_exit, daemon=True).start()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the soak now if it is among the tests to run (see ``tests/test_soak.py``); with
+    pytest-xdist the controller starts it instead (the workers collect, each of them)."""
+    config = session.config
+    if config.option.collectonly or hasattr(config, "workerinput"):
+        return
+    if soak_early([item.nodeid for item in session.items]):
+        _start_soak(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist's controller: tell each worker where the soak's figures will be."""
+    node.workerinput["tokentrail_soak_dir"] = str(soak_dir(node.config))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """pytest-xdist's controller: start the soak once, when the first worker has collected."""
+    config = node.config
+    if _SOAK_PROC not in config.stash and soak_early(ids):
+        _start_soak(config)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A soak the run did not wait for (stopped early, deselected) is stopped with its children."""
-    started = session.config.stash.get(SOAK_KEY, None)
-    if started is None:
-        return
-    proc, out, _ = started
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    session.config.stash[_SOAK_LOG].close()
-    if proc.returncode == 0:
-        shutil.rmtree(out.parent, ignore_errors=True)
+    """A soak the run did not wait for (stopped early, deselected) is stopped with its children;
+    the folder of one that passed is removed."""
+    config = session.config
+    passed = True
+    if _SOAK_PROC in config.stash:
+        proc, log = config.stash[_SOAK_PROC]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        passed = proc.wait() == 0
+        log.close()
+    if passed and SOAK_DIR in config.stash:
+        shutil.rmtree(config.stash[SOAK_DIR], ignore_errors=True)
 
 
 @dataclass
