@@ -163,14 +163,15 @@ def counted(spec: Path, mode: str, n: int, durability: str, out: Path) -> tuple[
     )  # fmt: skip
     _check(run, f"{spec.stem} {mode} under valgrind")
     per_thread: dict[int, int] = {}
-    for path in out.glob(f"{prefix.name}.*"):
-        # <prefix>.<pid>-<thread> per thread; the bare <prefix>.<pid> is left empty
-        _, _, thread = path.name.rsplit(".", 1)[1].partition("-")
+    for path in out.glob(f"{prefix.name}.*-*"):  # <prefix>.<pid>-<thread>, 01 the main one
+        thread = int(path.name.rsplit("-", 1)[1])
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith("summary:"):
-                per_thread[int(thread or 1)] = int(line.split()[1])
+                per_thread[thread] = int(line.split()[1])
                 break
-    return per_thread.get(1, 0), sum(v for k, v in per_thread.items() if k != 1)
+    if 1 not in per_thread:
+        raise SystemExit(f"{spec.stem} {mode} under valgrind: no count for its main thread")
+    return per_thread.pop(1), sum(per_thread.values())
 
 
 def _check(run: subprocess.CompletedProcess[str], what: str) -> None:
