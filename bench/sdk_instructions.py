@@ -197,7 +197,7 @@ def main() -> None:
     names = list(calls())
     for wanted in args.case or []:
         if wanted not in names:
-            parser.error(f"--case: one of {', '.join(names)}; not {wanted!r}")
+            parser.error(f"--case: one of {', '.join(map(repr, names))}; not {wanted!r}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
