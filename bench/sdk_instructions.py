@@ -145,7 +145,10 @@ def child(spec_path: Path, mode: str, n: int, durability: str) -> None:
 def settle(writer: Any, records: int) -> None:
     """Wait until the ledger's own thread has written ``records`` (a ``flush`` would build what
     it has not yet taken on this thread, the caller's, by the timing of the run)."""
+    deadline = time.monotonic() + 120
     while writer.size < records:
+        if time.monotonic() > deadline:  # a record lost (its build raised): say so, not hang
+            raise SystemExit(f"the ledger wrote {writer.size} records of {records} in 120 s")
         time.sleep(0.05)
 
 
