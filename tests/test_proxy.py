@@ -852,23 +852,36 @@ class TestRequestTokenData:
         )
 
     @pytest.mark.parametrize(
-        "raw",
+        ("raw", "stored"),
         [
-            b'{"model":"llama3.2:1b","prompt":"lone \\ud800 surrogate","stream":false}',
-            b'{"model":"llama3.2:1b","prompt":"x","stream":false,'
-            b'"options":{"seed":18446744073709551616}}',
+            (
+                b'{"model":"llama3.2:1b","prompt":"lone \\ud800 surrogate","stream":false}',
+                {"prompt": "lone \ufffd surrogate"},
+            ),
+            (
+                b'{"model":"llama3.2:1b","prompt":"x","stream":false,'
+                b'"options":{"seed":18446744073709551616}}',
+                {"options": {"seed": float(2**64)}},
+            ),
+            (
+                b'{"model":"llama3.2:1b","prompt":"x","stream":false,"options":{"seed":1e400}}',
+                {"options": {"seed": None}},
+            ),
         ],
-        ids=["surrogate", "int-beyond-64-bits"],
+        ids=["surrogate", "int-beyond-64-bits", "beyond-a-double"],
     )
     def test_body_it_cannot_reencode_is_sent_as_is(
-        self, sims: dict[str, str], proxy_factory: Any, raw: bytes
+        self, sims: dict[str, str], proxy_factory: Any, raw: bytes, stored: dict[str, Any]
     ) -> None:
         """A body orjson cannot re-encode to the same meaning is forwarded unedited (no token
-        data asked for), so the client gets what it gets directly, refusal included."""
+        data asked for), so the client gets what it gets directly, refusal included; the
+        record's ``request_body`` holds it as the README says (U+FFFD for a lone surrogate,
+        the nearest double for an integer beyond 64 bits, ``null`` beyond a double's range)."""
         proxy = proxy_factory(sims["ollama"], "--request-token-data", "logprobs")
         same_response(*post_both(sims["ollama"], proxy, "/api/generate", raw))
         (rec,) = proxy.records()
         assert "token_data_requested" not in rec
+        assert stored == {key: rec["request_body"][key] for key in stored}
 
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
     def test_llamacpp_ids_with_gaps_are_not_a_sequence(
