@@ -642,6 +642,9 @@ class TestTamper:
         lines = findings_at(report, key_of(records[4]))
         assert any(f"log={LOG_ID} seq=4 " in line and "2 versions" in line for line in lines)
         assert any("output_text_hash does not match" in line for line in lines)
+        # The record after the edited one is named by its own object, in the message too.
+        after = f"(seq 5, event_id {records[5].event_id}, s3://{bucket}/{key_of(records[5])})"
+        assert any("record edited" in line and line.endswith(after) for line in lines), lines
         assert any(
             "expected seq 7, found 8" in line for line in findings_at(report, key_of(records[8]))
         )

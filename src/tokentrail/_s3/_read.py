@@ -585,7 +585,7 @@ def _relocate(finding: Finding, result: MirrorResult, tmp: Path, url: S3Url) -> 
     (per-record) the record's object, else the key under the same relative path; in the
     message too (a finding about an edit names the record after it, and its file)."""
     if str(tmp) in finding.message:
-        message = _message_uris(finding.message, result, tmp, url)
+        message = _message_uris(finding.message, result, tmp, url, finding.log_id)
         finding = dataclasses.replace(finding, message=message)
     location = finding.location
     if location is not None and location in result.locations:
@@ -602,16 +602,24 @@ def _relocate(finding: Finding, result: MirrorResult, tmp: Path, url: S3Url) -> 
     return finding
 
 
-def _message_uris(message: str, result: MirrorResult, tmp: Path, url: S3Url) -> str:
-    """``message`` with each path into the temporary mirror replaced by its ``s3://`` URI."""
+def _message_uris(
+    message: str, result: MirrorResult, tmp: Path, url: S3Url, log_id: str | None
+) -> str:
+    """``message`` with each path into the temporary mirror replaced by its ``s3://`` URI: a
+    mirrored object's own, else, after ``seq N, event_id E, `` (a record named in the message),
+    that record's per-record object, else the key under the same relative path."""
 
     def uri(match: re.Match[str]) -> str:
-        path = match.group(0)
+        named, seq, path = match.group(1) or "", match.group(2), match.group(3)
         if path in result.locations:
-            return result.locations[path]
-        return url.uri(url.key(*Path(path).relative_to(tmp).parts))
+            return named + result.locations[path]
+        record = result.record_keys.get((log_id, int(seq))) if seq and log_id else None
+        if record is not None:
+            return named + record
+        return named + url.uri(url.key(*Path(path).relative_to(tmp).parts))
 
-    return re.sub(re.escape(str(tmp)) + r"/[^\s,;)]+", uri, message)
+    pattern = r"(seq (\d+), event_id [^\s,]+, )?(" + re.escape(str(tmp)) + r"/[^\s,;)]+)"
+    return re.sub(pattern, uri, message)
 
 
 def verify_s3(
