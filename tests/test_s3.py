@@ -730,6 +730,103 @@ class TestTamper:
             report
         )
 
+    @staticmethod
+    def _replace(client: Any, url: S3Url, key: str, new_key: str | None = None) -> str:
+        """Delete ``key``'s only version for good (governance bypass) and put a forgery of it
+        (its first record's answer changed; hashes, links, checksum and metadata recomputed;
+        locked) at ``new_key``, or at the same key: either way the listing shows one version."""
+        head = client.head_object(Bucket=url.bucket, Key=key)
+        data = client.get_object(Bucket=url.bucket, Key=key)["Body"].read()
+        lines = zstandard.ZstdDecompressor().decompressobj().decompress(data).splitlines()
+        forged = _forge(lines, json.loads(lines[0])["prev_hash"])
+        client.delete_object(
+            Bucket=url.bucket, Key=key, VersionId=head["VersionId"], BypassGovernanceRetention=True
+        )
+        target = new_key or key
+        raw = b"".join(line + b"\n" for line in forged)
+        _put_segment(client, url, target, raw, head["ObjectLockRetainUntilDate"])
+        return target
+
+    @pytest.mark.parametrize("where", ["same key", "another day"])
+    def test_replaced_segment_caught_by_the_daily_run(
+        self, s3: MotoS3, client: Any, shipped: Any, signer: Signer, tmp_path: Path, where: str
+    ):
+        """After a clean run, a segment a checkpoint covers deleted for good and a forgery put
+        in its place (same key, or the same range under another day): one version in the
+        listing, content and checksum consistent. The next incremental run, which reads no
+        record below what it verified, names it: it was written after what that run read."""
+        url, segments = shipped
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        time.sleep(1.1)  # S3's LastModified counts whole seconds
+        key = segments[1]
+        day = key.split("/segments/")[1].split("/")[0]
+        new_key = None if where == "same key" else key.replace(f"/{day}/", "/2020-01-01/")
+        put = self._replace(client, url, key, new_key)
+        report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert not report.ok
+        assert any("put in its place" in line for line in findings_at(report, put)), (
+            describe_findings(report)
+        )
+        # It stays a finding on the runs after (the run that found it remembers nothing new).
+        again = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert any("put in its place" in line for line in findings_at(again, put))
+
+    def test_replaced_record_caught_by_the_daily_run(
+        self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
+    ):
+        """Per-record: after a clean run, a sealed record's object deleted for good and a
+        forgery put at its key (hashes and metadata recomputed): named by the next run."""
+        records = write_log(tmp_path, signer, 12)
+        url = S3Url(bucket, "rp")
+        ship_once(tmp_path, url, layout="per-record", client_options=options(s3))
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        time.sleep(1.1)  # S3's LastModified counts whole seconds
+        obj = json.loads(records[5].leaf)
+        key = f"rp/audit/{obj['timestamp'][:10]}/{obj['event_id']}.json"
+        head = client.head_object(Bucket=bucket, Key=key)
+        client.delete_object(
+            Bucket=bucket, Key=key, VersionId=head["VersionId"], BypassGovernanceRetention=True
+        )
+        obj["output_text"] = "forged answer"
+        obj["output_text_hash"] = hashlib.sha256(b"forged answer").hexdigest()
+        leaf = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=leaf,
+            ChecksumAlgorithm="SHA256",
+            ObjectLockMode="GOVERNANCE",
+            ObjectLockRetainUntilDate=head["ObjectLockRetainUntilDate"],
+            Metadata={"tokentrail-sha256": hashlib.sha256(leaf).hexdigest()},
+        )
+        report = verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3))
+        assert not report.ok
+        named = [f for f in report.findings if "put in its place" in f.message]
+        assert [(LOG_ID, 5, obj["event_id"], f"s3://{bucket}/{key}")] == [
+            (f.log_id, f.seq, f.event_id, f.location) for f in named
+        ], describe_findings(report)
+
+    def test_daily_runs_after_more_records_stay_clean(
+        self, s3: MotoS3, bucket: str, tmp_path: Path, signer: Signer
+    ):
+        """Segments and checkpoints shipped after a clean run are new, not replacements: the
+        runs after it stay clean."""
+        write_log(tmp_path, signer, 12)
+        url = S3Url(bucket, "more")
+        ship_once(tmp_path, url, client_options=options(s3))
+        state = tmp_path / "state"
+        assert verify_s3(url, verify_opts(signer, state_dir=state), client_options=options(s3)).ok
+        time.sleep(1.1)
+        write_log(tmp_path, signer, 12)  # the same log, continued
+        ship_once(tmp_path, url, client_options=options(s3))
+        for _ in range(2):
+            report = verify_s3(
+                url, verify_opts(signer, state_dir=state), client_options=options(s3)
+            )
+            assert report.ok, describe_findings(report)
+
     def test_inserted_record_caught_by_the_daily_run(
         self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
     ):

@@ -12,7 +12,11 @@ naming its key:
   less than the configured days from its upload;
 * a segment whose key range ``<first>-<last>`` disagrees with its content, an object whose
   content does not match the SHA-256 it was written with, and a per-record object whose key does
-  not match its record.
+  not match its record;
+* an object holding records an earlier run verified (or one of its checkpoints) that was
+  written after them: the version that run read was deleted for good and another put in its
+  place, under the same key or another (:func:`check_replaced`). Each run with a state folder
+  remembers, per log, the size it verified and when the newest object under it was written.
 
 Per-record objects are regrouped per log in ``seq`` order (an index of ``(seq, offset)`` per
 record stays in memory; record bodies are staged on disk). Objects are read with
@@ -43,7 +47,7 @@ from typing import IO, Any
 import orjson
 
 from .._errors import ConfigError, StoreError
-from .._layout import checkpoint_name, is_log_id, iter_lines, list_logs
+from .._layout import checkpoint_name, is_log_id, iter_lines, list_logs, write_atomic
 from .._proof import build_bundle
 from .._verify import (
     NO_LOG,
@@ -52,6 +56,7 @@ from .._verify import (
     Report,
     VerifyOptions,
     previous_failure,
+    remembered_states,
     save_last_run,
     verify_local,
 )
@@ -90,6 +95,10 @@ class MirrorResult:
     locations: dict[str, str] = field(default_factory=dict)
     #: ``(log_id, seq)`` -> ``s3://bucket/key`` of per-record objects
     record_keys: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: every object read, as ``(log_id, low, key, written, event_id)``: ``low`` is the first
+    #: seq it holds (a checkpoint of size n: n - 1), ``written`` its version's LastModified,
+    #: ``event_id`` its first record's (``None`` for a checkpoint)
+    written: list[tuple[str, int, str, datetime, str | None]] = field(default_factory=list)
     objects: int = 0
     bytes: int = 0
 
@@ -323,6 +332,13 @@ class _Mirror:
         finally:
             body.close()
 
+    def _note_written(
+        self, log_id: str, low: int, key: str, version: _Version, event_id: str | None = None
+    ) -> None:
+        if isinstance(version.last_modified, datetime):
+            with self._lock:
+                self.result.written.append((log_id, low, key, version.last_modified, event_id))
+
     def _check_retention(
         self, key: str, response: dict[str, Any], version: _Version, where: dict[str, Any]
     ) -> None:
@@ -411,17 +427,21 @@ class _Mirror:
         digest = hashlib.sha256()
         count = 0
         first = last = None
+        first_event: str | None = None
         try:
             for _, line, complete in iter_lines(path):
                 digest.update(line + (b"\n" if complete else b""))
                 seq = _seq(line)
                 if count == 0:
                     first = seq
+                    first_event = _event_id(line)
                 last = seq
                 count += 1
         except StoreError as exc:
             self.finding(f"segment object is unreadable: {exc}", sk.key, **where)
             return
+        finally:
+            self._note_written(sk.log_id, sk.first, sk.key, version, first_event)
         self._check_sha(sk.key, response, digest.hexdigest(), where)
         if (first, last, count) != (sk.first, sk.last, sk.last - sk.first + 1):
             self.finding(
@@ -441,6 +461,7 @@ class _Mirror:
         if not self._claim(path, self.url.uri(ck.key)):
             return
         self._download(body, path, version)
+        self._note_written(ck.log_id, ck.size - 1, ck.key, version)
         self._check_retention(ck.key, response, version, where)
         self._check_sha(ck.key, response, hashlib.sha256(path.read_bytes()).hexdigest(), where)
         (path.parent.parent / "segments").mkdir(parents=True, exist_ok=True)
@@ -474,6 +495,7 @@ class _Mirror:
         where.update(log_id=log_id, seq=seq)
         for message in version.pending:
             self.finding(message, rk.key, **where)
+        self._note_written(log_id, seq, rk.key, version, rk.event_id)
         self._check_retention(rk.key, response, version, where)
         self._check_sha(rk.key, response, hashlib.sha256(leaf).hexdigest(), where)
         timestamp = obj.get("timestamp")
@@ -530,6 +552,14 @@ class _Mirror:
 
 
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _event_id(line: bytes) -> str | None:
+    try:
+        event_id = orjson.loads(line).get("event_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return event_id if isinstance(event_id, str) else None
 
 
 def _seq(line: bytes) -> int | None:
@@ -622,6 +652,100 @@ def _message_uris(
     return re.sub(pattern, uri, message)
 
 
+def _written_path(state_dir: Path, store: str) -> Path:
+    """Beside the witness states, named apart from their ``*.json``."""
+    return state_dir / f"s3-written-{hashlib.sha256(store.encode()).hexdigest()[:32]}"
+
+
+def _stamp(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def load_written(state_dir: Path, store: str) -> dict[str, dict[str, Any]]:
+    """Per log, what the last clean run verified: ``size``, ``newest`` (when the newest object
+    under that size was written, S3's clock) and ``verified_at``; ``{}`` before any."""
+    path = _written_path(state_dir, store)
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    except orjson.JSONDecodeError:
+        raise StoreError(f"{path} is not JSON; remove it to start over") from None
+    logs = data.get("logs") if isinstance(data, dict) and data.get("store") == store else None
+    if not isinstance(logs, dict):
+        raise StoreError(f"{path} is not a state of {store}; remove it to start over")
+    return logs
+
+
+def check_replaced(
+    url: S3Url, result: MirrorResult, known: dict[str, dict[str, Any]]
+) -> list[Finding]:
+    """Objects written after an earlier run had verified what they hold.
+
+    Every object holding seqs below the size a run verified was there when it ran, and was
+    written no later than the newest of them (S3's own clock, both sides). So one holding such
+    seqs, or a checkpoint that size covered, with a later LastModified replaces a version that
+    run read, deleted for good since (a governance bypass): the listing
+    shows one version, and content and checksum may be forged to match. Found even by a run
+    that reads no record below that size.
+    """
+    found: list[Finding] = []
+    for log_id, low, key, written, event_id in sorted(
+        result.written, key=lambda w: (w[0], w[1], w[2])
+    ):
+        entry = known.get(log_id)
+        if entry is None:
+            continue
+        try:
+            size, newest = int(entry["size"]), datetime.fromisoformat(entry["newest"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if low < size and written > newest:
+            found.append(
+                Finding(
+                    "finding",
+                    f"object written {_stamp(written)}, after the run of"
+                    f" {entry.get('verified_at')} verified the {size} records it covers (the"
+                    f" newest object then written {_stamp(newest)}): the version that run read"
+                    " was deleted and this one put in its place",
+                    log_id,
+                    seq=low if "/checkpoints/" not in key else None,
+                    event_id=event_id,
+                    location=url.uri(key),
+                )
+            )
+    return found
+
+
+def save_written(
+    state_dir: Path, store: str, result: MirrorResult, report: Report, when: datetime
+) -> None:
+    """Remember, per log verified clean this run, its verified size and when the newest object
+    under it was written; a log with findings keeps what the last clean run remembered."""
+    logs = load_written(state_dir, store)
+    sizes: dict[str, int] = {}
+    for state in remembered_states(state_dir, store):
+        log_id = state.origin.rsplit("/", 1)[-1]
+        sizes[log_id] = max(sizes.get(log_id, 0), state.tree.size)
+    clean = {lg.log_id for lg in report.logs if not any(f.level == "finding" for f in lg.findings)}
+    newest: dict[str, datetime] = {}
+    for log_id, low, _, written, _ in result.written:
+        if low < sizes.get(log_id, 0) and (log_id not in newest or written > newest[log_id]):
+            newest[log_id] = written
+    for log_id, size in sizes.items():
+        if log_id in clean and log_id in newest:
+            logs[log_id] = {"size": size, "newest": _stamp(newest[log_id]), "verified_at":
+                            _stamp(when)}  # fmt: skip
+    path = _written_path(state_dir, store)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, orjson.dumps({"store": store, "logs": logs}, option=orjson.OPT_INDENT_2))
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def verify_s3(
     url: str | S3Url,
     options: VerifyOptions,
@@ -659,6 +783,8 @@ def verify_s3(
             logs = []
         else:
             raise StoreError(f"{url} holds no tokentrail objects (nothing shipped there yet?)")
+    if options.state_dir is not None:
+        result.findings += check_replaced(url, result, load_written(options.state_dir, str(url)))
     by_log = {lg.log_id: lg for lg in logs}
     for item in result.findings:
         name = item.log_id or NO_LOG
@@ -671,6 +797,7 @@ def verify_s3(
         logs.append(stands)
     outcome = Report(str(url), logs)
     if options.state_dir is not None:
+        save_written(options.state_dir, str(url), result, outcome, options.now)
         save_last_run(options.state_dir, outcome, options.now, str(url), full=options.full)
     return outcome
 
