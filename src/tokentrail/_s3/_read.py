@@ -708,8 +708,9 @@ def check_replaced(
                     "finding",
                     f"object written {_stamp(written)}, after the run of"
                     f" {entry.get('verified_at')} verified the {size} records it covers (the"
-                    f" newest object then written {_stamp(newest)}): the version that run read"
-                    " was deleted and this one put in its place",
+                    f" newest object then written {_stamp(newest)}): the object that run read"
+                    " for them was deleted for good and this one put in its place (at its key"
+                    " or another)",
                     log_id,
                     seq=low if "/checkpoints/" not in key else None,
                     event_id=event_id,
