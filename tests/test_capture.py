@@ -909,6 +909,39 @@ class TestOpenAICompletions:
         ex = run(OpenAICapture({"model": "m", "prompt": "p"}, chat=False), [body])
         assert (ex.input_tokens, ex.output_tokens) == ([5, 6], [7])
 
+    def test_vllm_prompt_ids_once_per_choice_are_one_prompt(self) -> None:
+        """With ``n`` = 2 vLLM gives the whole prompt's ids once per choice (on each
+        completions choice, on each streamed chat choice's first chunk): one prompt, not two
+        joined; a batch of two prompts (ids that differ) leaves no single prompt sequence."""
+
+        def choice(i: int, prompt: list[int]) -> dict[str, Any]:
+            return {"text": "x", "index": i, "finish_reason": "stop", "logprobs": None,
+                    "prompt_token_ids": prompt, "token_ids": [7]}  # fmt: skip
+
+        body = {"id": "c", "object": "text_completion", "model": "m",
+                "choices": [choice(0, [5, 6]), choice(1, [5, 6])]}  # fmt: skip
+        ex = run(OpenAICapture({"model": "m", "prompt": "p", "n": 2}, chat=False), [body])
+        assert (ex.input_tokens, ex.input_token_source) == ([5, 6], "upstream-ids")
+        batch = {**body, "choices": [choice(0, [5, 6]), choice(1, [8])]}
+        ex = run(OpenAICapture({"model": "m", "prompt": ["p", "q"]}, chat=False), [batch])
+        assert (ex.input_tokens, ex.input_token_source) == (None, "none")
+
+        def first(i: int) -> dict[str, Any]:
+            return {"object": "chat.completion.chunk", "model": "m", "prompt_token_ids": [1, 2],
+                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None}]}  # fmt: skip
+
+        def token(i: int, reason: str | None) -> dict[str, Any]:
+            return {"object": "chat.completion.chunk", "model": "m",
+                    "choices": [{"index": i, "delta": {"content": "a"}, "token_ids": [3],
+                                 "finish_reason": reason}]}  # fmt: skip
+
+        chunks = [first(0), first(1), token(0, None), token(1, None), token(0, "stop"),
+                  token(1, "stop")]  # fmt: skip
+        ex = run(OpenAICapture({"model": "m", "stream": True, "n": 2}, chat=True), chunks)
+        assert (ex.input_tokens, ex.input_token_source) == ([1, 2], "upstream-ids")
+        assert (ex.output_tokens, ex.output_text) == ([3, 3], "aa")
+
 
 class TestHelpers:
     """Pieces, rendering and parsing."""

@@ -827,6 +827,30 @@ class TestRequestTokenData:
             assert (rec["input_token_source"], bool(rec["input_tokens"])) == ("upstream-ids", True)
 
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+    def test_vllm_prompt_ids_with_two_choices(
+        self, sims: dict[str, str], proxy_factory: Any, path: str, stream: bool
+    ) -> None:
+        """``n`` = 2 from vLLM: the prompt's ids come once per choice, and the record holds the
+        prompt once (as many ids as the usage counts), not the two joined."""
+        proxy = proxy_factory(sims["vllm"], "--request-token-data", "all")
+        body: dict[str, Any] = {"model": MODEL, "n": 2, "max_tokens": 4, "stream": stream}
+        if path == "/v1/completions":
+            body["prompt"] = "Once upon a time"
+        else:
+            body["messages"] = [{"role": "user", "content": "Once upon a time"}]
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        with httpx.Client(timeout=30) as client:
+            same_response(
+                client.post(sims["vllm"] + path, json=body),
+                client.post(proxy.url + path, json=body),
+            )
+        (rec,) = proxy.records()
+        assert rec["input_token_source"] == "upstream-ids"
+        assert len(rec["input_tokens"]) == rec["gen_ai.usage.input_tokens"] > 0
+
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
     def test_ollama_openai_layer(
         self, sims: dict[str, str], proxy_factory: Any, stream: bool
     ) -> None:

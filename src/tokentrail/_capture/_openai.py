@@ -75,6 +75,7 @@ class OpenAICapture(Capture):
         self.choices: dict[int, _Choice] = {}
         self.streamed = self.stream  # asked on every chunk
         self.prompt_ids = TokenTrack()
+        self.prompt_reported = False  # vLLM's prompt_token_ids seen (an empty list included)
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.fingerprint: str | None = None
@@ -115,7 +116,7 @@ class OpenAICapture(Capture):
             self.predicted = timings["predicted_n"]
         prompt_ids = chunk.get("prompt_token_ids")
         if prompt_ids is not None:
-            self.prompt_ids.add_ids(prompt_ids)
+            self._prompt(prompt_ids)
         produced = False
         choices = chunk.get("choices")
         if isinstance(choices, list):
@@ -135,7 +136,7 @@ class OpenAICapture(Capture):
             choice = self.choices[index] = _Choice()
         prompt_ids = raw.get("prompt_token_ids")  # vLLM completions: on the choice
         if prompt_ids is not None:
-            self.prompt_ids.add_ids(prompt_ids)
+            self._prompt(prompt_ids)
         produced = False
         if self.chat:
             msg = raw.get("delta", raw.get("message"))
@@ -168,6 +169,20 @@ class OpenAICapture(Capture):
             choice.finish_reason = reason
             self.finished = True
         return produced
+
+    def _prompt(self, ids: Any) -> None:
+        """vLLM's ``prompt_token_ids``: the whole prompt each time it is given, so once per
+        choice with ``n`` > 1 (on each completions choice, on each streamed chat choice's first
+        chunk). The same list again adds nothing; a different one (a batch of prompts) leaves
+        no single prompt sequence."""
+        if not isinstance(ids, list):
+            return  # not token data (see add_ids)
+        track = self.prompt_ids
+        if not self.prompt_reported:
+            self.prompt_reported = True
+            track.add_ids(ids)
+        elif ids != track.ids:
+            track.ids_ok = False
 
     def _feed_logprobs(self, choice: _Choice, logprobs: Any) -> bool:
         if not isinstance(logprobs, MAPPING):
