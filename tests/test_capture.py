@@ -286,6 +286,41 @@ class TestOllamaChat:
         assert ("The", req) == (ex.output_text, ex.extra["request_body"])
         assert None is ex.input_tokens
 
+    @pytest.mark.parametrize("chat", [True, False], ids=["chat", "generate"])
+    def test_thinking_streamed(self, chat: bool) -> None:
+        """``think: true`` (Ollama 0.9+): the reasoning comes first, in ``message.thinking``
+        (chat) or ``thinking`` (generate), then the answer. ``output_text`` is the answer
+        alone; the reasoning is the output message's first part, and the first thinking
+        chunk is the first token."""
+
+        def line(thinking: str, content: str, done: bool = False) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": "qwen3", "created_at": "2025-05-29T09:35:56Z"}
+            if chat:
+                out["message"] = {"role": "assistant", "content": content}
+                if thinking:
+                    out["message"]["thinking"] = thinking
+            else:
+                out["response"] = content
+                if thinking:
+                    out["thinking"] = thinking
+            out["done"] = done
+            if done:
+                out.update(done_reason="stop", prompt_eval_count=9, eval_count=4)
+            return out
+
+        req: dict[str, Any] = {"model": "qwen3", "think": True}
+        req.update(messages=[{"role": "user", "content": "2+2?"}] if chat else {"prompt": "2+2?"})
+        capture = OllamaCapture(req, chat=chat)
+        first = line("Adding", "")
+        assert capture.feed(first) is True  # reasoning is output: it starts the first token
+        ex = run(capture, [line(" two and two.", ""), line("", "4"), line("", "", done=True)])
+        assert (ex.output_text, ex.stop_reason) == ("4", "stop")
+        (message,) = ex.extra["gen_ai.output.messages"]
+        assert message["parts"] == [
+            {"type": "reasoning", "content": "Adding two and two."},
+            {"type": "text", "content": "4"},
+        ]
+
 
 class TestSplitContext:
     """The documented context split rule."""
@@ -511,6 +546,29 @@ class TestOpenAIChat:
             "arguments": '{"loc":"Paris"}',
         }
         assert (ex.stop_reason, ex.model_version) == ("tool_calls", "m")
+
+    @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+    def test_reasoning_streamed(self, field: str) -> None:
+        """Reasoning deltas (vLLM's and DeepSeek's ``reasoning_content``; ``reasoning`` in
+        newer vLLM and Ollama's ``/v1``): not in ``output_text``, the first part of the output
+        message, and output for the first token."""
+
+        def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return {"id": "c", "object": "chat.completion.chunk", "model": "m",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}  # fmt: skip
+
+        capture = OpenAICapture({"model": "m", "messages": [], "stream": True}, chat=True)
+        assert capture.feed(chunk({"role": "assistant", "content": ""})) is False
+        assert capture.feed(chunk({field: "Two and"})) is True
+        ex = run(
+            capture,
+            [chunk({field: " two."}), chunk({"content": "4"}), chunk({}, reason="stop")],
+        )
+        assert (ex.output_text, ex.stop_reason) == ("4", "stop")
+        assert ex.extra["gen_ai.output.messages"][0]["parts"] == [
+            {"type": "reasoning", "content": "Two and two."},
+            {"type": "text", "content": "4"},
+        ]
 
     def test_llamacpp_ids(self) -> None:
         """llama.cpp logprobs entries carry ``id``: upstream-ids beat pieces."""
