@@ -259,6 +259,20 @@ def test_forget_refuses_an_empty_user(tmp_path: Path) -> None:
     assert keys.lookup(key_id(ANONYMOUS)) is not None
 
 
+def test_destroy_tombstone_is_private_and_a_missing_store_is_named(tmp_path: Path) -> None:
+    """The tombstone a destroyed key leaves is mode 0600 like the keys (the README: "a
+    directory of 0600 files"); forgetting in a key store that is not there says so."""
+    from tokentrail._erasure import key_id
+
+    keys = FileKeyStore(tmp_path / "keys")
+    keys.key_for("erin")
+    keys.destroy("erin")
+    tombstone = tmp_path / "keys" / f"{key_id('erin')}.destroyed"
+    assert 0o600 == tombstone.stat().st_mode & 0o777
+    with pytest.raises(StoreError, match=r"key store .*nosuch does not exist"):
+        FileKeyStore(tmp_path / "nosuch").destroy("erin")
+
+
 def test_forget_counts_what_it_cannot_erase(tmp_path: Path) -> None:
     """Records written before sealing was turned on stay readable: forget says how many and
     exits 1, after destroying the key; with no key at all it says so in its error."""

@@ -145,12 +145,18 @@ class FileKeyStore:
         if not path.exists():
             if (already := self.destroyed_at(kid)) is not None:
                 return already
+            if not self.root.is_dir():
+                raise StoreError(f"key store {self.root} does not exist (or is not a folder)")
             raise StoreError(f"no key for subject {subject!r} in {self.root}")
         # The tombstone first: from then on no writer can make the subject a new key (key_for
         # makes one only when there is neither a key nor a tombstone), and the zeroed key is
-        # never handed out (lookup refuses it) before the file goes.
+        # never handed out (lookup refuses it) before the file goes. Mode 0600, as the keys.
         tombstone = self._path(kid, "destroyed")
-        tombstone.write_text(when + "\n")
+        fd = os.open(tombstone, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(when + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         fsync_dir(self.root)
         with path.open("r+b") as fh:
             fh.write(b"\0" * 32)
