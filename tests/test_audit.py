@@ -22,7 +22,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,24 @@ class TestSearch:
             result = search(small.root, index, Filters(**filters), None)
         assert expected == {h.row.event_id for h in result.hits}
         assert result.problems == []
+
+    def test_anonymous(self, tmp_path: Path, signer: Signer) -> None:
+        """--anonymous finds the records with no user_id (null or empty), and only those;
+        with --user it is refused."""
+        root = tmp_path / "ledger"
+        users = [None, "user-1", "", None, "user-2"]
+        with Ledger.open(LedgerConfig(root, "log-0", signer, durability="async")) as ledger:
+            made = [
+                ledger.append(replace(small_exchange(k), user_id=u)) for k, u in enumerate(users)
+            ]
+        expected = [r.event_id for r, u in zip(made, users, strict=True) if not u]
+        result = run("search", "--ledger", root, "--anonymous", "--json", "--limit", "0")
+        assert result.exit_code == 0, result.output
+        got = [orjson.loads(line)["event_id"] for line in result.output.splitlines()]
+        assert sorted(expected) == sorted(got) and len(got) == 3
+        both = run("search", "--ledger", root, "--anonymous", "--user", "user-1")
+        assert 2 == both.exit_code
+        assert "tokentrail: error: --anonymous and --user exclude each other" in both.output
 
     def test_time_range(self, small: Ledgers) -> None:
         """--since/--until select by record timestamp."""

@@ -191,6 +191,11 @@ def _short(value: object, width: int = 40) -> str:
 @click.command("search")
 @LEDGER_OPTION
 @click.option("--user", help="Only this user_id.")
+@click.option(
+    "--anonymous",
+    is_flag=True,
+    help="Only records with no user_id (null or empty; the erasure subject _anonymous).",
+)
 @click.option("--session", help="Only this session_id.")
 @click.option("--model", help="Only this model (as requested).")
 @SINCE_OPTION
@@ -210,6 +215,7 @@ def _short(value: object, width: int = 40) -> str:
 def search_command(
     ledger: Path,
     user: str | None,
+    anonymous: bool,
     session: str | None,
     model: str | None,
     since: str | None,
@@ -232,10 +238,14 @@ def search_command(
     Examples:
       tokentrail search --user alice --since 2025-01-01
       tokentrail search --text "refund" --model llama3.2:1b --json
+      tokentrail search --anonymous --since 2025-01-01
     """
+    if anonymous and user is not None:
+        raise ConfigError("--anonymous and --user exclude each other: give one")
     start, end = parse_range(since, until)
     filters = Filters(
         user=user,
+        anonymous=anonymous,
         session=session,
         model=model,
         since=start,

@@ -22,6 +22,8 @@ class Filters:
     """What to search for; ``None`` means any. ``text`` is a case-insensitive substring."""
 
     user: str | None = None
+    #: only records with no ``user_id`` (null or empty): the erasure subject ``_anonymous``
+    anonymous: bool = False
     session: str | None = None
     model: str | None = None
     since: datetime | None = None
@@ -42,6 +44,8 @@ class Filters:
             if value is not None:
                 clauses.append(f"r.{column} = ?")
                 params.append(value)
+        if self.anonymous:
+            clauses.append("(r.user_id IS NULL OR r.user_id = '')")
         if self.since is not None:
             clauses.append("r.ts >= ?")
             params.append(moment_micros(self.since))
