@@ -137,6 +137,9 @@ def _hit_json(hit: Checked, keystore: Path | None) -> dict[str, object]:
         "input_text": rec.get("input_text"),
         "output_text": rec.get("output_text"),
         "checked": True,
+        # The same keys whether the ledger seals content or not, so a script reads any ledger.
+        "content_sealed": False,
+        "content_erased_at": None,
     }
     if rec.get("content_sealed"):  # the texts stay null unless the key store opens them
         opened = open_record(rec, FileKeyStore(keystore)) if keystore is not None else None
