@@ -875,6 +875,25 @@ class TestExport:
         assert [r["event_id"] for r in recs[3:9]] == got
         assert _verify(out, "--public-key", small.pub).exit_code == 0
 
+    def test_zip_with_a_damaged_entry(self, small: Ledgers, tmp_path: Path) -> None:
+        """A byte flipped inside a zip entry's data (its directory still reads): the package
+        does not verify, exit 1 with a FAIL line, not "cannot be read" (exit 2)."""
+        out = tmp_path / "u2.zip"
+        _export(small, out, "--user", "user-2")
+        with zipfile.ZipFile(out) as zf:
+            info = zf.getinfo("records.jsonl")
+        data = bytearray(out.read_bytes())
+        at = info.header_offset  # the local header: name and extra lengths at 26 and 28
+        name_len = int.from_bytes(data[at + 26 : at + 28], "little")
+        extra_len = int.from_bytes(data[at + 28 : at + 30], "little")
+        start = at + 30 + name_len + extra_len
+        data[start + info.compress_size // 2] ^= 0x01
+        out.write_bytes(bytes(data))
+        result = _verify(out, "--public-key", small.pub)
+        assert 1 == result.exit_code, result.output
+        assert "FAIL: the zip is damaged (records.jsonl: " in result.output
+        assert "Traceback" not in result.output
+
     def test_only_the_owner_can_read_it(self, small: Ledgers, tmp_path: Path) -> None:
         """A package holds a person's prompts: its files are 0600 and its folders 0700, as
         a zip or a directory, whatever the umask."""

@@ -17,6 +17,7 @@ Stages, each naming what fails:
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,24 @@ class ExportReport:
         return [head, *(f"FAIL: {p}" for p in self.problems), *(f"NOTE: {n}" for n in self.notes)]
 
 
+class PackageDamaged(Exception):
+    """A zip package whose directory reads but an entry does not (a CRC or data error)."""
+
+
+def _read_entry(zf: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise PackageDamaged(f"{name}: {exc}") from exc
+
+
 def read_package(path: Path) -> dict[str, bytes]:
-    """The files of a package directory, zip, or self-contained HTML file."""
+    """The files of a package directory, zip, or self-contained HTML file.
+
+    Raises :class:`PackageDamaged` for a zip entry that fails its CRC or cannot be inflated:
+    the package as received does not verify (a finding), unlike one that cannot be read at
+    all (``ConfigError``).
+    """
     try:
         if path.is_dir():
             return {
@@ -93,7 +110,7 @@ def read_package(path: Path) -> dict[str, bytes]:
                     twice = sorted({n for n in names if names.count(n) > 1})
                     # Tools disagree on which copy they extract: the package is ambiguous.
                     raise ConfigError(f"{path} holds more than one entry named {twice[0]}")
-                return {n: zf.read(n) for n in names}
+                return {n: _read_entry(zf, n) for n in names}
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist") from None
@@ -114,8 +131,12 @@ def _name(item: Item, rec: dict[str, Any]) -> str:
 def verify_export(path: Path, pinned: list[Verifier] | None) -> ExportReport:
     """Check the package at ``path``; see the module docstring for the stages."""
     report = ExportReport(str(path), pinned=pinned is not None)
-    files = read_package(path)
     fail = report.problems.append
+    try:
+        files = read_package(path)
+    except PackageDamaged as exc:
+        fail(f"the zip is damaged ({exc}): altered or corrupted since it was made")
+        return report
     # 2. manifest, keys and signature
     try:
         manifest = orjson.loads(files[MANIFEST])
