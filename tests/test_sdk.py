@@ -164,7 +164,9 @@ def wire_record(base: str, path: str, body: dict[str, Any], api: str) -> dict[st
 
 
 def same_content(sdk: dict[str, Any], proxy: dict[str, Any]) -> None:
-    """Records agree on everything but volatile values and provenance."""
+    """Records agree on everything but volatile values and provenance; a time to first token
+    only for a streamed answer, as the proxy's (a whole body has none apart from its end)."""
+    assert ("time_to_first_token_ms" in sdk) == bool(sdk["stream"]), sdk
     a = {k: v for k, v in sdk.items() if k not in VOLATILE_RECORD}
     b = {k: v for k, v in proxy.items() if k not in VOLATILE_RECORD}
     for k in ("schema", "log_id", "seq", "prev_hash"):

@@ -335,8 +335,9 @@ class Call:
             timestamp=rfc3339(self.wall),
             event_id=self.event_id,
             request_duration_ms=(ended - self.started) * 1000.0,
+            # A whole body has no first token apart from its end (the proxy records none).
             time_to_first_token_ms=None
-            if self.first_token is None
+            if self.first_token is None or not capture.stream
             else (self.first_token - self.started) * 1000.0,
             user_id=a.user_id,
             session_id=a.session_id,
