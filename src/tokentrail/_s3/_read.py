@@ -431,10 +431,9 @@ class _Mirror:
         try:
             for _, line, complete in iter_lines(path):
                 digest.update(line + (b"\n" if complete else b""))
-                seq = _seq(line)
+                seq, event_id = _seq_and_event_id(line)
                 if count == 0:
-                    first = seq
-                    first_event = _event_id(line)
+                    first, first_event = seq, event_id
                 last = seq
                 count += 1
         except StoreError as exc:
@@ -554,20 +553,19 @@ class _Mirror:
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-def _event_id(line: bytes) -> str | None:
+def _seq_and_event_id(line: bytes) -> tuple[int | None, str | None]:
+    """A record line's ``seq`` and ``event_id``, each ``None`` when absent or of another type."""
     try:
-        event_id = orjson.loads(line).get("event_id")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return event_id if isinstance(event_id, str) else None
-
-
-def _seq(line: bytes) -> int | None:
-    try:
-        seq = orjson.loads(line).get("seq")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return seq if isinstance(seq, int) else None
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    seq, event_id = obj.get("seq"), obj.get("event_id")
+    return (
+        seq if isinstance(seq, int) else None,
+        event_id if isinstance(event_id, str) else None,
+    )
 
 
 def _client(client: S3Client | None, options: ClientOptions | None) -> S3Client:
