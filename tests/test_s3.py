@@ -808,6 +808,28 @@ class TestTamper:
             (f.log_id, f.seq, f.event_id, f.location) for f in named
         ], describe_findings(report)
 
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b"{",
+            b'{"store": "s3://other/x", "logs": {}}',
+            b'{"store": "s3://b/p", "logs": []}',
+            b'{"store": "s3://b/p", "logs": {"l": {"size": "3", "newest": "'
+            b'2026-01-01T00:00:00.000000Z"}}}',
+            b'{"store": "s3://b/p", "logs": {"l": {"size": 3, "newest": "yesterday"}}}',
+        ],
+        ids=["not-json", "another-store", "not-an-object", "size-a-string", "not-a-time"],
+    )
+    def test_damaged_written_state_is_refused(self, tmp_path: Path, body: bytes) -> None:
+        """The remembered sizes and times, damaged or another store's, are refused in one
+        line that says what to do, never read as "nothing remembered" (which would turn the
+        replacement check off)."""
+        from tokentrail._s3._read import _written_path, load_written
+
+        _written_path(tmp_path, "s3://b/p").write_bytes(body)
+        with pytest.raises(StoreError, match="remove it to start over"):
+            load_written(tmp_path, "s3://b/p")
+
     def test_daily_runs_after_more_records_stay_clean(
         self, s3: MotoS3, bucket: str, tmp_path: Path, signer: Signer
     ):

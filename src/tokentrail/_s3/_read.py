@@ -42,13 +42,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
 from .._errors import ConfigError, StoreError
 from .._layout import checkpoint_name, is_log_id, iter_lines, list_logs, write_atomic
 from .._proof import build_bundle
+from .._record import parse_rfc3339, rfc3339
 from .._verify import (
     NO_LOG,
     Finding,
@@ -56,7 +57,6 @@ from .._verify import (
     Report,
     VerifyOptions,
     previous_failure,
-    remembered_states,
     save_last_run,
     verify_local,
 )
@@ -655,13 +655,17 @@ def _written_path(state_dir: Path, store: str) -> Path:
     return state_dir / f"s3-written-{hashlib.sha256(store.encode()).hexdigest()[:32]}"
 
 
-def _stamp(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+class Verified(NamedTuple):
+    """What the last clean run verified of one log: its size, S3's ``LastModified`` of the
+    newest object under that size, and when the run was."""
+
+    size: int
+    newest: datetime
+    verified_at: str
 
 
-def load_written(state_dir: Path, store: str) -> dict[str, dict[str, Any]]:
-    """Per log, what the last clean run verified: ``size``, ``newest`` (when the newest object
-    under that size was written, S3's clock) and ``verified_at``; ``{}`` before any."""
+def load_written(state_dir: Path, store: str) -> dict[str, Verified]:
+    """Per log, what the last clean run verified (:class:`Verified`); ``{}`` before any."""
     path = _written_path(state_dir, store)
     try:
         data = orjson.loads(path.read_bytes())
@@ -672,49 +676,48 @@ def load_written(state_dir: Path, store: str) -> dict[str, dict[str, Any]]:
     except orjson.JSONDecodeError:
         raise StoreError(f"{path} is not JSON; remove it to start over") from None
     logs = data.get("logs") if isinstance(data, dict) and data.get("store") == store else None
+    bad = StoreError(f"{path} is not a state of {store}; remove it to start over")
     if not isinstance(logs, dict):
-        raise StoreError(f"{path} is not a state of {store}; remove it to start over")
-    return logs
+        raise bad
+    known: dict[str, Verified] = {}
+    for log_id, entry in logs.items():
+        if not isinstance(entry, dict):
+            raise bad
+        size, newest = entry.get("size"), parse_rfc3339(entry.get("newest"))
+        if type(size) is not int or newest is None:
+            raise bad
+        known[log_id] = Verified(size, newest, str(entry.get("verified_at")))
+    return known
 
 
-def check_replaced(
-    url: S3Url, result: MirrorResult, known: dict[str, dict[str, Any]]
-) -> list[Finding]:
+def check_replaced(url: S3Url, result: MirrorResult, known: dict[str, Verified]) -> list[Finding]:
     """Objects written after an earlier run had verified what they hold.
 
     Every object holding seqs below the size a run verified was there when it ran, and was
     written no later than the newest of them (S3's own clock, both sides). So one holding such
     seqs, or a checkpoint that size covered, with a later LastModified replaces a version that
-    run read, deleted for good since (a governance bypass): the listing
-    shows one version, and content and checksum may be forged to match. Found even by a run
-    that reads no record below that size.
+    run read, deleted for good since (a governance bypass): the listing shows one version, and
+    content and checksum may be forged to match. Found even by a run that reads no record
+    below that size.
     """
     found: list[Finding] = []
-    for log_id, low, key, written, event_id in sorted(
-        result.written, key=lambda w: (w[0], w[1], w[2])
-    ):
-        entry = known.get(log_id)
-        if entry is None:
+    for log_id, low, key, written, event_id in sorted(result.written, key=lambda w: w[:3]):
+        seen = known.get(log_id)
+        if seen is None or low >= seen.size or written <= seen.newest:
             continue
-        try:
-            size, newest = int(entry["size"]), datetime.fromisoformat(entry["newest"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if low < size and written > newest:
-            found.append(
-                Finding(
-                    "finding",
-                    f"object written {_stamp(written)}, after the run of"
-                    f" {entry.get('verified_at')} verified the {size} records it covers (the"
-                    f" newest object then written {_stamp(newest)}): the object that run read"
-                    " for them was deleted for good and this one put in its place (at its key"
-                    " or another)",
-                    log_id,
-                    seq=low if "/checkpoints/" not in key else None,
-                    event_id=event_id,
-                    location=url.uri(key),
-                )
+        found.append(
+            Finding(
+                "finding",
+                f"object written {rfc3339(written)}, after the run of {seen.verified_at}"
+                f" verified the {seen.size} records it covers (the newest object then written"
+                f" {rfc3339(seen.newest)}): the object that run read for them was deleted for"
+                " good and this one put in its place (at its key or another)",
+                log_id,
+                seq=None if isinstance(parse_key(url, key), CheckpointKey) else low,
+                event_id=event_id,
+                location=url.uri(key),
             )
+        )
     return found
 
 
@@ -723,20 +726,22 @@ def save_written(
 ) -> None:
     """Remember, per log verified clean this run, its verified size and when the newest object
     under it was written; a log with findings keeps what the last clean run remembered."""
-    logs = load_written(state_dir, store)
-    sizes: dict[str, int] = {}
-    for state in remembered_states(state_dir, store):
-        log_id = state.origin.rsplit("/", 1)[-1]
-        sizes[log_id] = max(sizes.get(log_id, 0), state.tree.size)
-    clean = {lg.log_id for lg in report.logs if not any(f.level == "finding" for f in lg.findings)}
+    known = load_written(state_dir, store)
+    sizes = {
+        lg.log_id: lg.verified_size
+        for lg in report.logs
+        if not lg.suppressed and not any(f.level == "finding" for f in lg.findings)
+    }
     newest: dict[str, datetime] = {}
     for log_id, low, _, written, _ in result.written:
         if low < sizes.get(log_id, 0) and (log_id not in newest or written > newest[log_id]):
             newest[log_id] = written
-    for log_id, size in sizes.items():
-        if log_id in clean and log_id in newest:
-            logs[log_id] = {"size": size, "newest": _stamp(newest[log_id]), "verified_at":
-                            _stamp(when)}  # fmt: skip
+    for log_id, latest in newest.items():
+        known[log_id] = Verified(sizes[log_id], latest, rfc3339(when))
+    logs = {
+        log_id: {"size": v.size, "newest": rfc3339(v.newest), "verified_at": v.verified_at}
+        for log_id, v in known.items()
+    }
     path = _written_path(state_dir, store)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
