@@ -78,7 +78,7 @@ class ExportReport:
         return [head, *(f"FAIL: {p}" for p in self.problems), *(f"NOTE: {n}" for n in self.notes)]
 
 
-class PackageDamaged(Exception):
+class PackageDamaged(VerificationError):
     """A zip package whose directory reads but an entry does not (a CRC or data error)."""
 
 
