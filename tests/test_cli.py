@@ -691,6 +691,31 @@ class TestSubprocess:
             assert (2, ["tokentrail: error: cannot write the output: No space left on device"]) \
                 == (done.returncode, done.stderr.splitlines())  # fmt: skip
 
+    @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+    def test_output_and_errors_that_cannot_be_written(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """The cron line's ``>> log 2>&1`` on a full disk: stdout and stderr both unwritable.
+        The run could not tell its result, so exit 2, never 1 (a failed check): it was 1, the
+        error line's own write raising out of the error handler."""
+        key = signer.verifier.to_text()
+        state = ["--state", tmp_path / "s"]
+        cases = [
+            ["verify", "--ledger", ledger_root, "--public-key", key, *state],
+            ["verify", "--ledger", ledger_root, "--public-key", key, "--json", *state],
+            ["verify", "--ledger", tmp_path / "nope", "--public-key", key, *state],
+            ["verify", "--ledger", tmp_path / "nope", "--public-key", key, "--json", *state],
+            ["count", "--ledger", ledger_root],
+            ["count", "--ledger", tmp_path / "nope"],
+        ]
+        for args in cases:
+            with open("/dev/full", "w") as full:
+                done = subprocess.run(
+                    [sys.executable, "-m", "tokentrail", *map(str, args)],
+                    stdout=full, stderr=full, timeout=60,
+                )  # fmt: skip
+            assert 2 == done.returncode, args
+
     def test_demo(self, tmp_path: Path) -> None:
         """The README's main job: exits 0 with its summary on stdout (progress goes to stderr,
         so stdout redirected to a file holds no bar), and leaves a ledger that verifies."""

@@ -6,9 +6,7 @@ stderr. Exit status: 0 success or a valid ledger, 1 an integrity violation, 2 co
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import signal
 import sys
 import threading
@@ -44,6 +42,7 @@ from ._options import (
     parse_range,
     resolve_verifiers,
     retention_options,
+    silence,
 )
 from ._options import fail as _fail
 from ._paths import default_signing_key
@@ -94,13 +93,6 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _silence_stdout() -> None:
-    """Point file descriptor 1 at /dev/null, so the interpreter's last flush succeeds."""
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-
-
 class _Main(click.Group):
     """The command group, printing every error as one line."""
 
@@ -111,7 +103,10 @@ class _Main(click.Group):
 
         def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
             if as_json:  # a reader of --json gets JSON, whatever went wrong
-                click.echo(orjson.dumps({"ok": False, "exit_status": code, "error": message}))
+                try:
+                    click.echo(orjson.dumps({"ok": False, "exit_status": code, "error": message}))
+                except OSError:
+                    silence(sys.stdout)
             _fail(message, code)
 
         # A cron job's timeout or a shutdown ends a long verify with SIGTERM: it leaves a
@@ -127,7 +122,7 @@ class _Main(click.Group):
             if exc.errno not in _OUTPUT_ERRNOS:  # not mapped to a StoreError: still one line
                 where = f" ({exc.filename})" if exc.filename else ""
                 fail(f"{exc.strerror or exc}{where}")
-            _silence_stdout()  # the output could not be written: the result is not known
+            silence(sys.stdout)  # the output could not be written: the result is not known
             _fail(f"cannot write the output: {exc.strerror or exc}")
         except click.exceptions.Abort:
             fail("aborted")

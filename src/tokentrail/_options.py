@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import click
 
@@ -102,9 +104,23 @@ def retention_options(
 
 
 def fail(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
-    """Print one line to stderr and exit."""
-    click.echo(f"tokentrail: error: {message}", err=True)
+    """Print one line to stderr and exit with ``code``, even when stderr cannot take the line
+    (a full disk under a cron log): its write would raise, and the traceback exit 1."""
+    try:
+        click.echo(f"tokentrail: error: {message}", err=True)
+    except OSError:
+        silence(sys.stderr)
     sys.exit(code)
+
+
+def silence(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, dropping what its buffer holds, so the
+    interpreter's last flush of it succeeds (a failed one would change the exit status)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        stream.flush()  # what the failed write left buffered goes to /dev/null now
 
 
 def resolve_verifiers(specs: tuple[str, ...]) -> list[Verifier]:
