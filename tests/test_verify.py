@@ -31,7 +31,7 @@ from tokentrail._checkpoint import Signer
 from tokentrail._cli import main
 from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._record import Exchange, rfc3339
-from tokentrail._verify import Report, VerifyOptions, verify_local
+from tokentrail._verify import NO_LOG, Report, VerifyOptions, verify_local
 
 LOG_ID = "test-log"
 N = 50
@@ -920,7 +920,17 @@ class TestIncremental:
             "), and this run does not re-read what it found; it stands until tokentrail verify"
             " --all passes"
         )
-        assert not run_verify(scene.root, scene.signer, scene.state_dir).ok
+        # The finding names the run that found the edit, not the last run it stood in (each
+        # standing run rewrote the date, so after a few days it named yesterday's run).
+        (noted,) = scene.state_dir.glob("failed-*")
+        first = json.loads(noted.read_text())
+        noted.write_text(json.dumps({**first, "at": 1767225600.0}))  # 2026-01-01T00:00:00Z
+        for _ in range(2):
+            again = run_verify(scene.root, scene.signer, scene.state_dir)
+            (stands,) = again.findings
+            assert "failed (2026-01-01T00:00:00.000000Z)" in stands.message, stands.message
+            # filed under no log, in --json too: "(bucket)" read oddly for a local store
+            assert ["(store)"] == [lg.log_id for lg in again.logs if lg.findings] == [NO_LOG]
         # A clean run on another store, sharing the state directory, clears nothing.
         other = scene.tmp / "other-ledger"
         with Ledger.open(LedgerConfig(other, LOG_ID, scene.signer)) as ledger:

@@ -141,8 +141,9 @@ class LogReport:
             self.suppressed += 1
 
 
-#: Where findings that belong to no log (an object outside the layout, say) are filed; not a log.
-NO_LOG = "(bucket)"
+#: Where findings that belong to no log (an object outside the layout, a failure standing from
+#: an earlier run) are filed; not a log.
+NO_LOG = "(store)"
 
 
 @dataclass
@@ -336,6 +337,22 @@ def _failure_path(state_dir: Path, store: str) -> Path:
     return state_dir / f"failed-{hashlib.sha256(store.encode()).hexdigest()[:32]}"
 
 
+def _failed_at(path: Path) -> float | None:
+    """When the failure noted at ``path`` was found (``None``: none noted, or unreadable)."""
+    try:
+        failed = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    at = failed.get("at") if isinstance(failed, dict) else None
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        return None
+    try:
+        datetime.fromtimestamp(at, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return float(at)
+
+
 def previous_failure(options: VerifyOptions, store: str) -> LogReport | None:
     """A finding when a run on ``store`` failed and no full run on it has passed since, and
     this one will not re-read everything: what that run found (below the witness state, or in
@@ -344,14 +361,10 @@ def previous_failure(options: VerifyOptions, store: str) -> LogReport | None:
     if options.state_dir is None or options.full:
         return None
     path = _failure_path(options.state_dir, store)
-    try:
-        failed = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, orjson.JSONDecodeError):
-        failed = {}
-    at = failed.get("at") if isinstance(failed, dict) else None
-    when = rfc3339(datetime.fromtimestamp(at, UTC)) if isinstance(at, int | float) else "?"
+    at = _failed_at(path)
+    when = "?" if at is None else rfc3339(datetime.fromtimestamp(at, UTC))
     report = LogReport(NO_LOG)
     report.add(
         Finding(
@@ -379,7 +392,7 @@ def save_last_run(
     failed = _failure_path(state_dir, store)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        if not report.ok:
+        if not report.ok and _failed_at(failed) is None:  # the first failure's date stands
             write_atomic(failed, orjson.dumps(data))
         elif full:
             failed.unlink(missing_ok=True)
