@@ -1428,6 +1428,70 @@ rec.close()
             assert (root / "logs" / f"app-{pid}" / "checkpoints" / f"{5:020d}.checkpoint").exists()
         verify(root, signer, tmp_path / "state")
 
+    def test_multiprocessing_children_leave_no_log_unsealed(
+        self, tmp_path: Path, signer: Signer
+    ) -> None:
+        """``multiprocessing`` children end by ``os._exit``, which skips ``atexit``: a
+        Process whose target returns closes its recorder at multiprocessing's finalizers; a
+        pool's workers, terminated (``with Pool()``), or a child killed, leave their logs
+        unsealed, and the parent seals them: once a minute while it runs, and when it closes.
+        Before, those logs stayed unsealed for good, and every daily check failed on them."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        script = f"""
+import multiprocessing, os, signal, sys, time
+from pathlib import Path
+import tokentrail._sdk._recorder as R
+from tokentrail._sdk import Recorder
+R.REAP_INTERVAL_S = 0.2
+rec = Recorder.open({str(root)!r}, key={str(key)!r}, log_id="app")
+rec.record(model="m", input_text="parent", output_text="o")
+logs = Path({str(root)!r}) / "logs"
+def sealed(pid):
+    return (logs / f"app-{{pid}}" / "checkpoints" / f"{{1:020d}}.checkpoint").exists()
+def one(text):
+    signal.alarm(30)
+    rec.record(model="m", input_text=text, output_text="o")
+    return os.getpid()
+mp = multiprocessing.get_context("fork")
+child = mp.Process(target=one, args=("process",))
+child.start()
+child.join()
+assert child.exitcode == 0, child.exitcode
+assert sealed(child.pid), "a Process whose target returned left its log unsealed"
+with mp.Pool(2) as pool:
+    workers = set(pool.map(one, [f"pool {{n}}" for n in range(4)]))
+pid = os.fork()
+if pid == 0:
+    one("killed")
+    os.kill(os.getpid(), signal.SIGKILL)
+os.waitpid(pid, 0)
+deadline = time.monotonic() + 20
+while not sealed(pid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert sealed(pid), "the parent did not seal a killed child's log while it ran"
+rec.close()
+print(child.pid, pid, *workers)
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, timeout=120, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        pids = done.stdout.split()
+        texts = sorted(r["input_text"] for r in read_records(root))
+        assert texts == sorted(["parent", "process", "killed"] + [f"pool {n}" for n in range(4)])
+        logs = sorted(p.name for p in (root / "logs").iterdir())
+        assert logs == sorted(["app", *(f"app-{pid}" for pid in pids)])
+        report = verify_local(
+            root,
+            VerifyOptions(
+                verifiers=[signer.verifier], state_dir=tmp_path / "s", require_sealed=True
+            ),
+        )
+        assert report.ok, [f.message for f in report.findings]
+
     def test_two_programs_on_the_default_log(self, tmp_path: Path, signer: Signer) -> None:
         """A second live process that opens the default log gets ``<default>-<pid>`` instead
         of an error; one that names a busy log is refused with LogBusyError."""

@@ -13,8 +13,11 @@ future resolved with one wake-up per batch (as ``AsyncLedger`` does). Under ``du
 a call returns once its record is on disk; under ``"async"`` it returns once the record is queued.
 
 A recorder opened here is closed (flushed and sealed) on ``close()``, on context-manager exit and,
-failing both, at interpreter exit (``atexit``). A process killed without any of these loses no
-record it had acknowledged under strict durability: the next writer of the log seals that tail.
+failing both, at interpreter exit (``atexit``, and in a ``multiprocessing`` child, whose end skips
+``atexit``, at its finalizers). A process killed without any of these loses no record it had
+acknowledged under strict durability: the next writer of the log seals that tail. A forked
+child's log (``<log id>-<pid>``) has no next writer: the parent seals the log of a child that
+died without sealing it (:func:`seal_abandoned`), once a minute and when it closes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -38,7 +42,14 @@ from typing import Any
 
 from .._checkpoint import Signer
 from .._errors import ConfigError, LogBusyError, StoreError
-from .._ledger import AsyncLedger, Durability, Ledger, LedgerConfig, LedgerWriter
+from .._ledger import (
+    OPEN_SEGMENT_FILE,
+    AsyncLedger,
+    Durability,
+    Ledger,
+    LedgerConfig,
+    LedgerWriter,
+)
 from .._paths import DEFAULT_LEDGER, default_signing_key
 from .._record import (
     MAX_AHEAD_S,
@@ -78,18 +89,91 @@ _atexit_registered = False
 _fork_lock = threading.Lock()
 
 
+#: How often a process that forked looks for its dead children's unsealed logs (well inside
+#: the verifier's 5-minute grace for an unsealed tail).
+REAP_INTERVAL_S = 60.0
+# The process whose finalizers close the recorders at a multiprocessing child's end, and the
+# one whose thread looks for dead children's logs (each started once per process).
+_mp_finalizer_pid: int | None = None
+_reaper_pid: int | None = None
+# How long a child waits for a log the parent holds for an instant while sealing it (the log of
+# a dead child whose pid the new one reuses).
+_BUSY_WAIT_S = 2.0
+
+
 def _after_fork_in_child() -> None:
     global _fork_lock
     _fork_lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _after_fork_in_parent() -> None:
+    """A child may record to a log of its own and die without sealing it (killed, or a
+    ``multiprocessing`` pool's worker terminated): look for such logs from now on."""
+    global _reaper_pid
+    with _atexit_lock:
+        if _reaper_pid == os.getpid() or not _open_recorders:
+            return
+        _reaper_pid = os.getpid()
+    threading.Thread(target=_reap_forever, name="tokentrail-reaper", daemon=True).start()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_after_fork_in_parent)
 
 
 def forked_log_id(log_id: str, pid: int) -> str:
     """The log a forked child writes to: its parent's log id and the child's pid."""
     suffix = f"-{pid}"
     return log_id[: 64 - len(suffix)] + suffix
+
+
+def seal_abandoned(config: LedgerConfig) -> list[str]:
+    """Seal the logs that forks of ``config``'s log (``<log id>-<pid>``) left unsealed: a child
+    killed, or ended without closing its recorder. Such a log has an open segment and no live
+    writer; opening it seals its tail, as a restarted writer does (SPEC: a dead writer's records
+    are a finding once older than the verifier's grace). Returns the logs sealed.
+
+    A log a live process holds is left alone, as is one closed cleanly (no open segment)."""
+    me = os.getpid()
+    sealed: list[str] = []
+    try:
+        entries = list(os.scandir(config.root / "logs"))
+    except OSError:
+        return sealed
+    for entry in entries:
+        name = entry.name
+        _, sep, pid = name.rpartition("-")
+        if not (sep and pid.isdigit()) or int(pid) == me:
+            continue
+        if name != forked_log_id(config.log_id, int(pid)) or name == config.log_id:
+            continue
+        if not os.path.exists(os.path.join(entry.path, OPEN_SEGMENT_FILE)):
+            continue  # closed cleanly, or never appended to
+        try:
+            LedgerWriter.open(replace(config, log_id=name)).close()
+        except LogBusyError:
+            continue  # its process lives
+        except StoreError as exc:
+            log.warning("tokentrail: cannot seal log %s of a process gone: %s", name, exc)
+            continue
+        log.info("tokentrail: sealed log %s, left unsealed by a process gone", name)
+        sealed.append(name)
+    return sealed
+
+
+def _reap_owned(recorders: list[Recorder]) -> None:
+    for recorder in recorders:
+        writer = recorder.writer
+        if recorder._owns_writer and writer.owned_here and not recorder._closed:
+            try:
+                seal_abandoned(writer.config)
+            except Exception as exc:  # a daemon thread: nobody to raise to
+                log.error("tokentrail: looking for unsealed logs failed: %s", exc)
+
+
+def _reap_forever() -> None:
+    while True:
+        time.sleep(REAP_INTERVAL_S)
+        _reap_owned(list(_open_recorders))
 
 
 def _close_all_at_exit() -> None:
@@ -107,6 +191,21 @@ def _register(recorder: Recorder) -> None:
             atexit.register(_close_all_at_exit)
             _atexit_registered = True
         _open_recorders.add(recorder)
+    _close_at_mp_child_end()
+
+
+def _close_at_mp_child_end() -> None:
+    """In a ``multiprocessing`` child, close the recorders at its end: the child leaves by
+    ``os._exit`` after its target, which skips ``atexit``, but runs ``multiprocessing``'s
+    finalizers first (a pool's worker too, when the pool is closed rather than terminated)."""
+    global _mp_finalizer_pid
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or mp.parent_process() is None or _mp_finalizer_pid == os.getpid():
+        return
+    _mp_finalizer_pid = os.getpid()
+    from multiprocessing import util
+
+    util.Finalize(None, _close_all_at_exit, exitpriority=100)
 
 
 #: Sources whose tokens are ids, and the one whose tokens are pieces (SPEC section 5).
@@ -237,6 +336,19 @@ def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(extra)
 
 
+def _open_waiting(config: LedgerConfig) -> LedgerWriter:
+    """Open a forked child's log, waiting out a parent that holds it for an instant to seal
+    it (the log of a dead child whose pid this one reuses: :func:`seal_abandoned`)."""
+    deadline = time.monotonic() + _BUSY_WAIT_S
+    while True:
+        try:
+            return LedgerWriter.open(config)
+        except LogBusyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Recorder:
     """Records exchanges into one log of a local ledger; thread-safe and asyncio-safe.
 
@@ -349,6 +461,7 @@ class Recorder:
             call.abandon()
         if self._owns_writer:
             self.writer.close()
+            seal_abandoned(self.writer.config)  # forks of it that died without sealing
         else:
             self.writer.flush()
 
@@ -367,7 +480,8 @@ class Recorder:
                     self.writer.flush()  # raises the writer's own explanation
                 config = self.writer.config
                 forked = replace(config, log_id=forked_log_id(config.log_id, os.getpid()))
-                self.writer = LedgerWriter.open(forked)  # closed at exit as before: registered
+                self.writer = _open_waiting(forked)  # closed at exit as before: registered
+                _close_at_mp_child_end()
                 log.info("tokentrail: forked process records to log %s", forked.log_id)
         return self.writer
 
