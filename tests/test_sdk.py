@@ -871,6 +871,30 @@ class TestTokenizers:
         assert (other["input_token_source"], other["input_tokens"]) == ("none", None)
         verify(root, signer, tmp_path / "state")
 
+    def test_tokenizer_given_as_a_path(self, root: Path, signer: Signer, tmp_path: Path) -> None:
+        """``tokenizer=`` takes a file's path (str or Path, alone or in a mapping) as well as a
+        loaded tokenizer; anything else is a ConfigError at ``open``, with the log left free.
+        A path used to be accepted and to fail the first record with an AttributeError, after
+        its wrapped call had gone out."""
+        path = tmp_path / "tiny-bpe" / "tokenizer.json"
+        tok = train_tokenizer(path)
+        for given in (str(path), path, {"*": str(path)}, {"m": path}):
+            with Recorder.open(root, key=signer, log_id="sdk", tokenizer=given) as rec:
+                rec.record(model="m", input_text="Why is the sky blue?", output_text="Rayleigh")
+        for r in read_records(root):
+            assert ("local:tiny-bpe", tok.encode(r["input_text"]).ids) == (
+                r["input_token_source"],
+                r["input_tokens"],
+            )
+        for bad, complaint in (
+            (42, "not int"),
+            ({"m": 42}, r"tokenizer\['m'\] must be"),
+            ({1: str(path)}, "model name must be a string"),
+        ):
+            with pytest.raises(ConfigError, match=complaint):
+                Recorder.open(root, key=signer, log_id="sdk", tokenizer=bad)
+        Recorder.open(root, key=signer, log_id="sdk").close()  # not left held by the refusal
+
     def test_tiktoken_format(self, tmp_path: Path) -> None:
         """A tiktoken BPE file: leftmost lowest-rank merges, and the bytes round-trip."""
         merges = [b"ab", b"abc", b"bc", b" a", b"cd"]

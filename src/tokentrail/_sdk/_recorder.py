@@ -64,7 +64,7 @@ from .._record import (
     piece,
     rfc3339,
 )
-from ._tokenizers import LocalTokenizer
+from ._tokenizers import LocalTokenizer, load_tokenizer
 
 log = logging.getLogger("tokentrail.sdk")
 
@@ -72,7 +72,35 @@ log = logging.getLogger("tokentrail.sdk")
 VIA_FIELD = "tokentrail.via"
 VIA_SDK = "sdk"
 
-TokenizerConfig = LocalTokenizer | Mapping[str, LocalTokenizer] | None
+TokenizerConfig = LocalTokenizer | str | Path | Mapping[str, LocalTokenizer | str | Path] | None
+_Tokenizers = LocalTokenizer | Mapping[str, LocalTokenizer] | None
+
+
+def tokenizer_config(value: Any) -> _Tokenizers:
+    """``tokenizer=`` as given: a tokenizer, the path of its file (:func:`load_tokenizer`),
+    or a mapping from model name (``"*"``: any) to either; anything else is a ``ConfigError``
+    here, not an ``AttributeError`` from the first record, after its call was sent."""
+
+    def one(item: Any, where: str) -> LocalTokenizer:
+        if isinstance(item, LocalTokenizer):
+            return item
+        if isinstance(item, str | Path):
+            return load_tokenizer(item)
+        raise ConfigError(
+            f"tokenizer{where} must be a tokenizer (tokentrail.load_tokenizer(path)) or the"
+            f" path of a tokenizer.json or tiktoken BPE file, not {type(item).__name__}"
+        )
+
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and not isinstance(value, LocalTokenizer):
+        out: dict[str, LocalTokenizer] = {}
+        for model, item in value.items():
+            if not isinstance(model, str):
+                raise ConfigError(f"tokenizer: a model name must be a string, not {model!r}")
+            out[model] = one(item, f"[{model!r}]")
+        return out
+    return one(value, "")
 
 
 def default_log_id() -> str:
@@ -352,9 +380,9 @@ def _open_waiting(config: LedgerConfig) -> LedgerWriter:
 class Recorder:
     """Records exchanges into one log of a local ledger; thread-safe and asyncio-safe.
 
-    ``tokenizer`` (a :class:`LocalTokenizer`, or a mapping from model name to one, ``"*"`` for
-    any model) tokenizes ``input_text`` / ``output_text`` when no token data came with them; the
-    record then says ``local:<name>``.
+    ``tokenizer`` (a :class:`LocalTokenizer` or the path of its file, or a mapping from model
+    name to either, ``"*"`` for any model) tokenizes ``input_text`` / ``output_text`` when no
+    token data came with them; the record then says ``local:<name>``.
     """
 
     def __init__(
@@ -365,7 +393,7 @@ class Recorder:
         owns_writer: bool = False,
     ) -> None:
         self.writer = writer
-        self._tokenizer = tokenizer
+        self._tokenizer = tokenizer_config(tokenizer)
         self._owns_writer = owns_writer
         self._closed = False
         self._strict = writer.config.durability == "strict"
@@ -396,6 +424,7 @@ class Recorder:
         """
         from .._proxy import load_or_create_key  # the proxy's rule for keys, shared
 
+        tokenizer = tokenizer_config(tokenizer)  # refused before the log is taken
         signer = (
             key
             if isinstance(key, Signer)
