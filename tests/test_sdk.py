@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1009,6 +1010,7 @@ class TestPlainAPI:
             ({"request_duration_ms": "12"}, "must be a number"),
             ({"timestamp": "2025-01-01 00:00:00"}, "UTC offset"),
             ({"timestamp": "yesterday"}, "not an RFC 3339"),
+            ({"timestamp": datetime(2026, 1, 31, 12)}, "no time zone; give an aware datetime"),
             ({"event_id": "hello"}, "lowercase UUID"),
             ({"input_token_source": "bogus", "input_tokens": [1]}, "is not one of"),
             ({"output_token_source": "local:"}, "is not one of"),
@@ -1050,6 +1052,12 @@ class TestPlainAPI:
         )
         assert "2026-01-31T12:00:00.000000Z" == stored["timestamp"]
         assert "0b9f4b5e-0d6a-4f57-9c53-3f6f1d4c2e11" == stored["event_id"]
+        # an aware datetime too (it was refused as "not an RFC 3339 time"), in any zone
+        plus_one = timezone(timedelta(hours=1))
+        for moment in (datetime(2026, 1, 31, 13, 0, 0, 5, plus_one), datetime(2026, 1, 31, 12,
+                       0, 0, 5, UTC)):  # fmt: skip
+            again = recorder.record(model="m", timestamp=moment).to_json()
+            assert "2026-01-31T12:00:00.000005Z" == again["timestamp"]
 
 
 class TestFaults:

@@ -36,6 +36,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -324,10 +325,18 @@ def _check_tokens(name: str, tokens: Any) -> TokenList | None:
     return out
 
 
-def _check_timestamp(timestamp: str | float | None) -> str:
-    """RFC 3339 UTC with microseconds and ``Z``, from epoch seconds or an aware ISO 8601 time."""
+def _check_timestamp(timestamp: str | float | datetime | None) -> str:
+    """RFC 3339 UTC with microseconds and ``Z``, from epoch seconds, an aware ``datetime`` or
+    an RFC 3339 time with a UTC offset."""
     if timestamp is None:
         return now_rfc3339()
+    if isinstance(timestamp, datetime):
+        if timestamp.tzinfo is None or timestamp.utcoffset() is None:
+            raise ConfigError(
+                f"timestamp {timestamp!r} has no time zone; give an aware datetime"
+                " (datetime.now(timezone.utc)), not a naive one"
+            )
+        return _not_future(rfc3339(timestamp), timestamp.timestamp())
     if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
         if not math.isfinite(timestamp):
             raise ConfigError(f"timestamp must be finite, not {timestamp!r}")
@@ -651,7 +660,7 @@ class Recorder:
         model_version: str | None = None,
         stop_reason: str = "stop",
         request_duration_ms: float = 0.0,
-        timestamp: str | float | None = None,
+        timestamp: str | float | datetime | None = None,
         event_id: str | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Exchange:
