@@ -754,6 +754,55 @@ class TestSubprocess:
             done.stderr.splitlines()
         )
 
+    def test_sigterm_while_loading(self) -> None:
+        """A SIGTERM while the command is still importing (most of a second) leaves the same
+        line and exit 143 as later; it ended the process without a word. Sent by an import
+        hook at the import of the command group."""
+        code = (
+            "import os, runpy, signal, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'tokentrail._cli':\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "sys.argv = ['tokentrail', '--version']\n"
+            "runpy.run_module('tokentrail', run_name='__main__')\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert (143, "", "tokentrail: error: terminated (SIGTERM): the run did not finish\n") == (
+            out.returncode,
+            out.stdout,
+            out.stderr,
+        )
+
+    def test_sigterm_after_the_verdict(
+        self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
+    ) -> None:
+        """A SIGTERM once verify has finished (its state saved) and prints its verdict: the
+        verdict stands, exit 0 with the summary line last. It was exit 143 and a "terminated"
+        line after an OK summary, the log's last line contradicting the exit status."""
+        code = (
+            "import os, signal, sys\n"
+            "import click\n"
+            "real = click.echo\n"
+            "def echo(message=None, *args, **kwargs):\n"
+            "    if str(message).startswith('tokentrail verify '):  # the verdict\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(message, *args, **kwargs)\n"
+            "click.echo = echo\n"
+            "from tokentrail._main import run\n"
+            "sys.argv = ['tokentrail', *sys.argv[1:]]\n"
+            "run()\n"
+        )
+        args = ["verify", "--ledger", ledger_root, "--public-key", signer.verifier.to_text(),
+                "--state", tmp_path / "s"]  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (0, "") == (done.returncode, done.stderr), done.stderr
+        assert done.stdout.splitlines()[-1].startswith("tokentrail verify OK: ")
+
     def test_ctrl_c_while_loading(self) -> None:
         """A Ctrl-C while the command is still importing (aiohttp, boto3: most of a second) is
         one line and exit 130, as later, not a traceback. The interrupt is raised by an import

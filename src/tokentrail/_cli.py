@@ -10,6 +10,7 @@ import errno
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +31,7 @@ from ._audit import (
 from ._checkpoint import Signer, propose_key_name
 from ._errors import ConfigError, KeyError_, StoreError, TokentrailError, VerificationError
 from ._layout import list_log, list_logs, read_bytes
+from ._main import TERMINATED, Terminated, terminate
 from ._options import (
     EARLIEST,
     EVENT_ID_ARGUMENT,
@@ -85,14 +87,6 @@ def _client_options(endpoint_url: str | None, region: str | None) -> Any:
 _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE, errno.EIO})
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
 class _Main(click.Group):
     """The command group, printing every error as one line."""
 
@@ -111,8 +105,17 @@ class _Main(click.Group):
 
         # A cron job's timeout or a shutdown ends a long verify with SIGTERM: it leaves a
         # line in the log, as Ctrl-C does (serve and sim set their own graceful handlers).
+        # Run in-process (a test, a program calling main), the caller's handler comes back.
+        previous = None
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
+            previous = signal.signal(signal.SIGTERM, terminate)
+        try:
+            return self._run(fail, *args, **kwargs)
+        finally:
+            if previous is not None and previous is not terminate:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _run(self, fail: Callable[[str, int], NoReturn], *args: Any, **kwargs: Any) -> Any:
         try:
             try:
                 return super().main(*args, **kwargs)
@@ -121,11 +124,11 @@ class _Main(click.Group):
         except OSError as exc:
             if exc.errno not in _OUTPUT_ERRNOS:  # not mapped to a StoreError: still one line
                 where = f" ({exc.filename})" if exc.filename else ""
-                fail(f"{exc.strerror or exc}{where}")
+                fail(f"{exc.strerror or exc}{where}", EXIT_CANNOT_RUN)
             silence(sys.stdout)  # the output could not be written: the result is not known
             _fail(f"cannot write the output: {exc.strerror or exc}")
         except click.exceptions.Abort:
-            fail("aborted")
+            fail("aborted", EXIT_CANNOT_RUN)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.exceptions.NoArgsIsHelpError as exc:  # the help page, not an error line
@@ -138,11 +141,11 @@ class _Main(click.Group):
                 hint = f" (see: {ctx.command_path} --help)"
             fail(exc.format_message() + hint, EXIT_CANNOT_RUN)
         except TokentrailError as exc:
-            fail(str(exc))
+            fail(str(exc), EXIT_CANNOT_RUN)
         except KeyboardInterrupt:
             fail("interrupted", 130)
-        except _Terminated:
-            fail("terminated (SIGTERM): the run did not finish", 128 + signal.SIGTERM)
+        except Terminated:
+            fail(TERMINATED, 128 + signal.SIGTERM)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -272,6 +275,10 @@ def verify(
         )
     else:
         report = verify_local(ledger, options)
+    # Done, its outcome noted in the state: a SIGTERM now would print "terminated" and exit 143
+    # after (or instead of) the verdict, for a run that finished; let it print the verdict.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if as_json:
         click.echo(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
