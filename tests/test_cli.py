@@ -916,6 +916,21 @@ def test_deploy_command_lines_exist(name: str, args: list[str], env: dict[str, s
     assert 0 == result.exit_code, f"{name}: {result.output}"
 
 
+def test_every_serve_option_reads_its_own_variable() -> None:
+    """The README: "every option of serve also reads a TOKENTRAIL_* environment variable".
+    Each reads ``TOKENTRAIL_<OPTION>`` (``--verify-state`` read only TOKENTRAIL_STATE, so
+    TOKENTRAIL_VERIFY_STATE was silently ignored), and ``--help`` names it."""
+    command = main.commands["serve"]
+    help_text = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    for p in command.params:
+        if not isinstance(p, click.Option) or p.name == "help":
+            continue
+        names = [p.envvar] if isinstance(p.envvar, str) else list(p.envvar or [])
+        own = "TOKENTRAIL_" + p.opts[0].lstrip("-").replace("-", "_").upper()
+        assert own in names, (p.opts, names)
+        assert re.search(f"env var: {', '.join(names)}[];]", help_text), p.opts
+
+
 def test_deploy_files_are_all_checked() -> None:
     """The proxy's unit, the verifier's unit and both cron lines are among those checked."""
     seen = [(name, args[0]) for name, args, _ in _deploy_command_lines()]

@@ -548,7 +548,7 @@ Examples:
     "--s3-endpoint-url",
     default=None,
     envvar=S3_ENDPOINT_ENV,
-    help="S3-compatible endpoint (moto, MinIO) [env TOKENTRAIL_S3_ENDPOINT_URL].",
+    help="S3-compatible endpoint (moto, MinIO).",
 )
 @click.option(
     "--s3-layout",
@@ -580,7 +580,8 @@ Examples:
 @click.option(
     "--verify-state",
     default=None,
-    envvar="TOKENTRAIL_STATE",
+    # its own name, as every option's, and verify's (--state), which the daily check may set
+    envvar=["TOKENTRAIL_VERIFY_STATE", "TOKENTRAIL_STATE"],
     type=click.Path(file_okay=False),
     help="The state directory of the daily `tokentrail verify`, whose last result /metrics"
     " shows [default: ~/.local/state/tokentrail/witness].",
@@ -613,6 +614,12 @@ def serve_command(ctx: click.Context, /, **options: Any) -> None:
         run(config)
     except TokentrailError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+# Every option of serve reads an environment variable: --help names each.
+for _param in serve_command.params:
+    if isinstance(_param, click.Option) and _param.envvar:
+        _param.show_envvar = True
 
 
 def build_config(
