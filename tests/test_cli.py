@@ -931,6 +931,43 @@ def test_every_serve_option_reads_its_own_variable() -> None:
         assert re.search(f"env var: {', '.join(names)}[];]", help_text), p.opts
 
 
+def test_the_readme_cron_line_is_the_help_one_and_parses() -> None:
+    """The README's cron line is ``tokentrail --help``'s, one line (crontab has no
+    continuation lines: --help split it with a backslash), pins the verifier key, and its
+    options parse."""
+    from tokentrail._cli import DAILY_CHECK
+
+    readme = (DEPLOY.parent / "README.md").read_text()
+    block = re.search(r"```cron\n(.*?)\n```", readme, re.S)
+    assert block is not None and [DAILY_CHECK] == block.group(1).splitlines()
+    assert DAILY_CHECK in CliRunner().invoke(main, ["--help"]).output
+    words = shlex.split(DAILY_CHECK.split(">>")[0])[5:]
+    assert ["tokentrail", "verify"] == words[:2] and "--public-key" in words
+    assert 0 == CliRunner().invoke(main, [*words[1:], "--help"]).exit_code
+
+
+def test_deploy_examples_say_what_they_do() -> None:
+    """The API keys example loads as its comments say (a key, and one by its digest), and
+    logrotate recreates each cron log with the owner its cron line writes as (root's, by
+    default, would leave the verifier unable to open its log)."""
+    from tokentrail._proxy._config import key_digest, load_api_keys
+
+    table = load_api_keys(DEPLOY / "api-keys.example.toml")
+    assert {
+        key_digest("sk-example-alice-0000000000000000"): "alice",
+        key_digest("sk-example-bob-1111111111111111"): "bob",
+    } == table
+    cron = [
+        line.split()
+        for line in (DEPLOY / "tokentrail-verify.cron").read_text().splitlines()
+        if re.match(r"^[0-9*]", line)
+    ]
+    writers = {words[-2]: words[5] for words in cron}  # log file -> cron user
+    rotate = (DEPLOY / "tokentrail.logrotate").read_text()
+    created = dict(re.findall(r"^(/\S+) \{[^}]*?create 0640 (\S+) adm", rotate, re.M | re.S))
+    assert writers == created
+
+
 def test_deploy_files_are_all_checked() -> None:
     """The proxy's unit, the verifier's unit and both cron lines are among those checked."""
     seen = [(name, args[0]) for name, args, _ in _deploy_command_lines()]

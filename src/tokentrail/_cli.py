@@ -148,18 +148,29 @@ class _Main(click.Group):
             fail(TERMINATED, 128 + signal.SIGTERM)
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="tokentrail")
-def main() -> None:
-    """tokentrail: a token-level, tamper-evident audit trail of every exchange with an LLM.
+#: The README's cron line: one line (crontab has no continuation lines).
+DAILY_CHECK = (
+    "0 6 * * * tokentrail verify --ledger /var/lib/tokentrail"
+    " --public-key /etc/tokentrail/verifier.pub --days 1"
+    " >> /var/log/audit-validation.log 2>&1"
+)
+
+
+@click.group(
+    cls=_Main,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help=f"""tokentrail: a token-level, tamper-evident audit trail of every exchange with an LLM.
 
     \b
     Quick start (no Ollama, no AWS needed):
       tokentrail demo
-    The daily check, for cron (see deploy/):
-      0 6 * * * tokentrail verify --ledger /var/lib/tokentrail --days 1 \\
-          >> /var/log/audit-validation.log 2>&1
-    """
+    The daily check, a crontab line (the verifier key pinned; see deploy/ for /etc/cron.d):
+      {DAILY_CHECK}
+    """,
+)
+@click.version_option(__version__, prog_name="tokentrail")
+def main() -> None:
+    """The command group (its help is above)."""
 
 
 @main.command()
@@ -244,7 +255,8 @@ def verify(
     \b
     Examples:
       tokentrail verify --ledger ./tokentrail-ledger --public-key verifier.pub
-      tokentrail verify --days 1 >> /var/log/audit-validation.log 2>&1
+      tokentrail verify --public-key /etc/tokentrail/verifier.pub --days 1 \\
+          >> /var/log/audit-validation.log 2>&1
     """
     if days is not None and since is not None:
         raise ConfigError("give --days or --since, not both")

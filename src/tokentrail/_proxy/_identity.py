@@ -7,7 +7,8 @@ stored; or, only when the operator trusts the network in front, from ``X-Tokentr
 
 Retries: a client that repeats a request with the same ``Idempotency-Key`` gets a new record whose
 ``retry_of`` is the ``event_id`` of the first record with that key (per user). The index is in
-memory and bounded (least recently used keys are forgotten), so it does not survive a restart.
+memory and bounded (least recently used keys are forgotten); a restarted proxy rebuilds it from
+its log's last two UTC days.
 """
 
 from __future__ import annotations
