@@ -500,6 +500,7 @@ class TestShowAndSession:
         assert "…" not in out  # a file or pipe gets 160 columns: no header cut short
         turns = re.split(r"─+ turn \d ", out)[1:]
         assert len(turns) == 3
+        assert all("· stop_reason stop ·" in turn for turn in turns)  # was "· stop stop ·"
         assert "what the model saw (2 messages):" in turns[0]
         assert "+ system: You are terse." in turns[0]
         assert "+ user: What is an audit log?" in turns[0]

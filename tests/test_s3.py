@@ -12,6 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -1088,6 +1091,35 @@ class TestCli:
         )
         assert out.exit_code == 0, out.output
         assert out.output.startswith("shipped 2 segments (5 records") or "5 records" in out.output
+
+    def test_ship_once_as_a_command(
+        self, s3: MotoS3, bucket: str, tmp_path: Path, signer: Signer
+    ) -> None:
+        """The command's own process: its summary says what was sent and what S3 had, and its
+        log is tokentrail's alone (botocore's "Found credentials in environment variables."
+        came out on every run). Shipped again from scratch (the progress file gone), nothing
+        is sent: every object is counted as there already, with 0 bytes sent (a per-record
+        segment's bytes were counted by whether any object was there)."""
+        write_log(tmp_path, signer, 5)
+        args = [sys.executable, "-m", "tokentrail", "ship", "--ledger", str(tmp_path), "--s3",
+                f"s3://{bucket}/cmd", "--once", "--endpoint-url", s3.endpoint, "--layout",
+                "per-record"]  # fmt: skip
+        first = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert (0, "") == (first.returncode, first.stderr), first.stderr
+        summary = re.fullmatch(
+            r"shipped (\d+) segments \(5 records\) and (\d+) checkpoints, (\d+) bytes sent; 0 of"
+            r" their objects were in S3 already \(not sent again\); 0 local bytes not yet in S3\n",
+            first.stdout,
+        )
+        assert summary is not None and int(summary.group(3)) > 0, first.stdout
+        checkpoints = int(summary.group(2))
+        (tmp_path / "logs" / LOG_ID / "shipped.json").unlink()
+        again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert (0, "") == (again.returncode, again.stderr), again.stderr
+        assert again.stdout.startswith(
+            f"shipped {summary.group(1)} segments (5 records) and {checkpoints} checkpoints, 0"
+            f" bytes sent; {5 + checkpoints} of their objects were in S3 already"
+        ), again.stdout
 
     def test_cost_table(self):
         """`tokentrail cost` prints both layouts with the seed's PUT count."""

@@ -275,7 +275,7 @@ def render_session(session_id: str, turns: list[Checked]) -> list[Any]:
         rec = turn.record or {}
         head = (
             f"turn {n} · {rec.get('timestamp')} · {rec.get('model')} · {rec.get('api')}"
-            f" · stop {rec.get('stop_reason')} · {_ms(rec.get('request_duration_ms'))}"
+            f" · stop_reason {rec.get('stop_reason')} · {_ms(rec.get('request_duration_ms'))}"
         )
         out.append(Rule(head, style="bold"))
         out.append(Text(f"event {rec.get('event_id')} (log {turn.row.log_id}, seq"

@@ -196,6 +196,8 @@ def ship_command(
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        for chatty in ("botocore", "boto3", "urllib3"):  # "Found credentials in ...", each run
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     config = ShipperConfig(
         root=ledger,
         url=S3Url.parse(s3_url),

@@ -124,8 +124,9 @@ class ShipReport:
     def summary(self) -> str:
         """One line for a log."""
         return (
-            f"shipped {self.segments} segments ({self.records} records, {self.bytes_sent} bytes)"
-            f" and {self.checkpoints} checkpoints; {self.already_present} were already in S3;"
+            f"shipped {self.segments} segments ({self.records} records) and"
+            f" {self.checkpoints} checkpoints, {self.bytes_sent} bytes sent;"
+            f" {self.already_present} of their objects were in S3 already (not sent again);"
             f" {self.unshipped_bytes} local bytes not yet in S3"
         )
 
@@ -402,14 +403,14 @@ class Shipper:
                 report.waiting.append(f"{log_id}/{name} (incomplete final line)")
                 break
             try:
-                present = self._ship_segment(log_id, seg, packed)
+                present, sent = self._ship_segment(log_id, seg, packed)
             finally:
                 if packed.body is not None:
                     packed.body.close()
             report.segments += 1
             report.records += packed.count
             report.already_present += present
-            report.bytes_sent += 0 if present else packed.size
+            report.bytes_sent += sent
             progress.segments[_seg_id(seg)] = {
                 "first": packed.first,
                 "last": packed.last,
@@ -489,13 +490,16 @@ class Shipper:
             log.warning("log %s: segment %s starts with seq %d", log_id, _seg_id(seg), first)
         return _Packed(first, last, count, digest.hexdigest(), spool, leaves or None, size)
 
-    def _ship_segment(self, log_id: str, seg: SegmentRef, packed: _Packed) -> int:
-        """Upload one packed segment; return how many of its objects were already there."""
+    def _ship_segment(self, log_id: str, seg: SegmentRef, packed: _Packed) -> tuple[int, int]:
+        """Upload one packed segment; return how many of its objects were already there, and
+        the bytes sent (a per-record segment cut short by a crash is partly there)."""
         url = self.config.url
         if packed.body is not None:
             key = segment_key(url, log_id, seg.date, packed.first, packed.last)
             meta = {META_RECORDS: str(packed.count)}
-            return 0 if self._put(key, packed.body, packed.sha256, "application/zstd", meta) else 1
+            if self._put(key, packed.body, packed.sha256, "application/zstd", meta):
+                return 0, packed.size
+            return 1, 0
         assert packed.lines is not None
 
         def one(leaf: bytes) -> bool:
@@ -512,7 +516,10 @@ class Shipper:
         workers = min(self.config.workers, len(packed.lines))
         with concurrent.futures.ThreadPoolExecutor(workers, "tokentrail-s3-put") as pool:
             results = list(pool.map(one, packed.lines))
-        return sum(1 for uploaded in results if not uploaded)
+        sent = sum(
+            len(leaf) for leaf, uploaded in zip(packed.lines, results, strict=True) if uploaded
+        )
+        return sum(1 for uploaded in results if not uploaded), sent
 
     # ------------------------------------------------------------------ one object
 
