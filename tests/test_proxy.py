@@ -1428,6 +1428,59 @@ class TestConfig:
         with pytest.raises(click.BadParameter, match=r"unknown setting.*upstrem"):
             serve_command.make_context("serve", ["--config", str(cfg)])
 
+    def test_config_file_takes_every_option_by_its_own_name(self, tmp_path: Path) -> None:
+        """The TOML file takes each option under the option's name: ``s3``,
+        ``s3-rotate-seconds`` and ``s3-interval`` were refused as unknown (only ``s3_url``,
+        the parameter's name, was taken). Two spellings of one setting are refused."""
+        cfg = tmp_path / "tt.toml"
+        cfg.write_text(
+            'upstream = "http://file:1"\ns3 = "s3://bucket/prefix"\ns3-rotate-seconds = 30\n'
+            "s3_interval = 2.5\n"
+        )
+        ctx = serve_command.make_context("serve", ["--config", str(cfg)])
+        config = build_config(ctx.params, ctx.meta.get("tokentrail.api_key_table"))
+        assert ("s3://bucket/prefix", 30.0, 2.5) == (
+            config.s3_url,
+            config.s3_rotate_s,
+            config.s3_interval_s,
+        )
+        cfg.write_text('log-id = "a"\nlog_id = "b"\n')
+        with pytest.raises(click.BadParameter, match="log_id is given twice"):
+            serve_command.make_context("serve", ["--config", str(cfg)])
+
+    def test_api_keys_file_and_table_in_one_config(self, tmp_path: Path) -> None:
+        """``api-keys = "FILE"`` and an ``[api_keys]`` table in one config file: both keys
+        map to their users. The table silently replaced the file (both spell "api_keys"), so
+        the file's users were recorded as anonymous."""
+        keys = tmp_path / "keys.toml"
+        keys.write_text('"sk-alice" = "alice"\n')
+        cfg = tmp_path / "tt.toml"
+        cfg.write_text(f'api-keys = "{keys}"\n[api_keys]\n"k2" = "bob"\n')
+        ctx = serve_command.make_context("serve", ["--config", str(cfg)])
+        config = build_config(ctx.params, ctx.meta.get("tokentrail.api_key_table"))
+        assert {key_digest("sk-alice"): "alice", key_digest("k2"): "bob"} == dict(config.api_keys)
+        keys.write_text('"sha256:zz" = "carol"\n')  # a digest mistyped: not taken as a key
+        with pytest.raises(ConfigError, match="is not sha256: and 64 hex digits"):
+            build_config(ctx.params, None)
+
+    @pytest.mark.parametrize(
+        "upstream", ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1", "http://:80"]
+    )
+    def test_malformed_upstream_is_one_line(self, tmp_path: Path, upstream: str) -> None:
+        """A port out of range or not a number, a broken IPv6 address, no host: one error line,
+        exit 2, nothing made in the ledger (it was a 55-line traceback and exit 1, after the
+        ledger's folders were made)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "tokentrail", "serve", "--ledger", str(tmp_path / "ledger"),
+             "--key", str(tmp_path / "k"), "--listen", "127.0.0.1:0", "--upstream", upstream],
+            env=_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (2, [f"tokentrail: error: --upstream must be an http(s) URL, not {upstream!r}"]) == (
+            out.returncode,
+            [line.split(" (")[0] for line in out.stderr.splitlines()],
+        )
+        assert not (tmp_path / "ledger" / "logs").exists()
+
     def test_api_keys_file_named_in_errors(self, tmp_path: Path) -> None:
         """A broken or missing --api-keys file is named as the API keys file, not as the
         config file (which the user may not have)."""

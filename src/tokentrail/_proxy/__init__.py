@@ -362,28 +362,50 @@ def run(config: ProxyConfig) -> None:
 # -- the click command --------------------------------------------------------------------------
 
 
-def _norm(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+def _setting_names(command: click.Command) -> dict[str, str]:
+    """Every name a config file may give an option by: the option's own (``s3``,
+    ``s3-rotate-seconds``), dashes or underscores, and its parameter's (``s3_url``)."""
+    names: dict[str, str] = {}
+    for param in command.params:
+        if not param.name or param.name == "config":
+            continue
+        names[param.name] = param.name
+        for opt in param.opts:
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = param.name
+    return names
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """``--config FILE``: TOML values become defaults under the options and env vars."""
+    """``--config FILE``: TOML values become defaults under the options and env vars.
+
+    The ``api-keys`` setting (a file) and an ``[api_keys]`` table may both be given: their keys
+    are merged. A setting given twice (``log-id`` and ``log_id``) is refused, as is one that is
+    no option's (a typo must not leave the proxy on its defaults, silently).
+    """
     if value is None:
         return None
     try:
-        data = _norm(load_toml(Path(value)))
+        raw = load_toml(Path(value))
     except TokentrailError as exc:
         raise click.BadParameter(str(exc)) from exc
-    table = data.pop("api_keys", None)
-    if table is not None and not isinstance(table, dict):
-        data["api_keys"] = table  # a path
-    elif table is not None:
-        ctx.meta["tokentrail.api_key_table"] = table
-    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
-    unknown = sorted(set(data) - known)
-    if unknown:  # a typo ("upstrem") must not leave the proxy on its defaults, silently
-        names = ", ".join(name.replace("_", "-") for name in unknown)
-        raise click.BadParameter(f"{value}: unknown setting(s) {names}")
+    names = _setting_names(ctx.command)
+    data: dict[str, Any] = {}
+    unknown = []
+    for key, setting in raw.items():
+        spelled = str(key).replace("-", "_")
+        if spelled == "api_keys" and isinstance(setting, dict):
+            ctx.meta["tokentrail.api_key_table"] = setting
+            continue
+        name = names.get(spelled)
+        if name is None:
+            unknown.append(str(key))
+        elif name in data:
+            raise click.BadParameter(f"{value}: {key} is given twice (under two spellings)")
+        else:
+            data[name] = setting
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown setting(s) {', '.join(sorted(unknown))}")
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 

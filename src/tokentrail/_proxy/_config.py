@@ -65,8 +65,12 @@ def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:
 
 def check_upstream(value: str) -> str:
     """An ``http://`` or ``https://`` base URL without a trailing slash."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (read for its check: a port beyond 65535 or not a number)
+    except ValueError as exc:
+        raise ConfigError(f"--upstream must be an http(s) URL, not {value!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"--upstream must be an http(s) URL, not {value!r}")
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         raise ConfigError(
@@ -91,6 +95,8 @@ def api_key_table(table: Mapping[str, Any], where: str) -> dict[str, str]:
         if not isinstance(user, str) or not user:
             raise ConfigError(f"{where}: user id for an API key must be a non-empty string")
         m = _SHA256_RE.fullmatch(key)
+        if m is None and key.startswith("sha256:"):  # a digest mistyped, not a key
+            raise ConfigError(f"{where}: {key!r} is not sha256: and 64 hex digits")
         out[m.group(1).lower() if m else key_digest(key)] = user
     return out
 
