@@ -76,3 +76,32 @@ def test_counters_move_as_exchanges_flow(tmp_path: Path) -> None:
     # Metrics carry no content: no prompt text, no user ids.
     page = "\n".join(after)
     assert "hello" not in page
+
+
+def test_healthz_says_when_every_exchange_is_refused(tmp_path: Path) -> None:
+    """/healthz is 503 with the reason while the proxy refuses every new exchange (here its
+    disk is "full": --min-free-bytes beyond any disk), so a load balancer moves the traffic;
+    it answered {"status": "ok"} meanwhile. With --fail-open nothing is refused: 200."""
+    with sim_in_thread(SimConfig(mode="ollama")) as sim_url:
+        for extra, status in (([], 503), (["--fail-open"], 200)):
+            proxy = start_proxy(
+                tmp_path / str(status), sim_url, "--metrics-listen", "127.0.0.1:0",
+                "--min-free-bytes", str(10**18), *extra,
+            )  # fmt: skip
+            try:
+                metrics_url = next(
+                    ln.split("metrics on ", 1)[1] for ln in proxy.stderr if "metrics on " in ln
+                )
+                body = {"model": "llama3.2:1b", "prompt": "hello", "stream": False}
+                answer = httpx.post(proxy.url + "/api/generate", json=body, timeout=10)
+                health = httpx.get(metrics_url.replace("/metrics", "/healthz"), timeout=10)
+            finally:
+                proxy.stop()
+            assert (status, status) == (answer.status_code, health.status_code)
+            if status == 503:
+                assert {
+                    "status": "refusing",
+                    "reason": "the audit ledger's disk is full; refusing unaudited traffic",
+                } == health.json()
+            else:
+                assert {"status": "ok"} == health.json()

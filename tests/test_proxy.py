@@ -9,6 +9,7 @@ right tokens and sources, chained by ``prev_hash``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -1397,6 +1398,56 @@ class TestDurability:
         assert len(proxy.records()) == 3
         cps = sorted((proxy.ledger / "logs" / proxy.log_id / "checkpoints").glob("*.checkpoint"))
         assert cps and cps[-1].name == f"{3:020d}.checkpoint"
+
+
+async def test_shutdown_stops_within_its_grace(tmp_path: Path, signer: Any) -> None:
+    """Stopping (SIGTERM) lets exchanges in flight finish for the grace, then cuts them, each
+    recorded as ``interrupted``, and the proxy is done: it took twice the grace, aiohttp
+    waiting as long again for the handlers it had cancelled, which went on relaying."""
+    import asyncio
+
+    from tokentrail._proxy import Proxy, ProxyConfig
+    from tokentrail._verify import VerifyOptions, verify_local
+
+    grace = 3.0
+    with sim_in_thread(SimConfig(mode="ollama", token_ms=500)) as slow:
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        config = ProxyConfig(upstream=slow, port=0, ledger=tmp_path / "ledger", key=key,
+                             log_id="stop", shutdown_grace_s=grace)  # fmt: skip
+        proxy = Proxy(config)
+        await proxy.start()
+        body = {"model": MODEL, "prompt": "a long answer", "options": {"num_predict": 200}}
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def streamed() -> int:
+                got = 0
+                try:
+                    async with client.stream("POST", proxy.url + "/api/generate", json=body) as r:
+                        async for line in r.aiter_lines():
+                            got += bool(line)
+                except httpx.HTTPError:
+                    pass  # cut at the end of the grace
+                return got
+
+            async def whole() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.post(proxy.url + "/api/generate", json={**body, "stream": False})
+
+            tasks = [asyncio.ensure_future(streamed()), asyncio.ensure_future(whole())]
+            await asyncio.sleep(1.5)  # both under way, the stream's first lines read
+            started = time.monotonic()
+            await proxy.close()
+            took = time.monotonic() - started
+            lines = (await asyncio.gather(*tasks))[0]
+    assert grace - 0.5 < took < grace + 1.5, took
+    assert 0 < lines < 200
+    segments = sorted((tmp_path / "ledger").glob("logs/stop/segments/*/*.jsonl"))
+    records = [json.loads(line) for f in segments for line in f.read_bytes().splitlines()]
+    assert ["interrupted", "interrupted"] == [r["stop_reason"] for r in records]
+    report = verify_local(tmp_path / "ledger", VerifyOptions(verifiers=[signer.verifier],
+                                                             require_sealed=True))  # fmt: skip
+    assert report.ok, [f.to_line() for f in report.findings]
 
 
 class TestConfig:

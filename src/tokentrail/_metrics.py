@@ -22,6 +22,7 @@ class Metrics:
     """The proxy's counters, histograms and gauges."""
 
     def __init__(self) -> None:
+        self._refusal: Callable[[], str | None] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.exchanges = Counter(
@@ -123,13 +124,23 @@ class Metrics:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def track_refusal(self, refusal: Callable[[], str | None]) -> None:
+        """What ``/healthz`` asks: why new exchanges are refused now (``None``: they are not)."""
+        self._refusal = refusal
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        """``GET /healthz``: 200 while exchanges are taken; 503 with the reason while every
+        new one is refused (the ledger cannot be written, its disk is full), so that a load
+        balancer sends them to another instance. An upstream that is down is not this
+        instance's fault: its exchanges get the upstream's error, and ``/healthz`` stays 200."""
+        reason = self._refusal() if self._refusal is not None else None
+        if reason is not None:
+            return web.json_response({"status": "refusing", "reason": reason}, status=503)
+        return web.json_response({"status": "ok"})
+
     def app(self) -> web.Application:
         """A small application serving ``/metrics`` and ``/healthz``."""
         app = web.Application()
         app.router.add_get("/metrics", self.handle)
-        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/healthz", self.healthz)
         return app
-
-
-async def _healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})

@@ -152,6 +152,7 @@ class Proxy:
             read_timeout=self.config.upstream_timeout,
         )
         self.app = ProxyApp(self.config, self.ledger, self.session, self.pool, self.metrics)
+        self.metrics.track_refusal(self.app.refusal)
         await asyncio.to_thread(
             self.app.retries.remember,
             keyed_records(self.config.ledger, self.ledger.writer.config.log_id, RETRY_DAYS),
@@ -185,7 +186,16 @@ class Proxy:
             await self.metrics_runner.cleanup()
             self.metrics_runner = None
         if self.runner is not None:
-            await self.runner.cleanup()
+            # aiohttp waits the grace for handlers to finish, then cancels each request and
+            # waits as long again for its handler, which goes on relaying the upstream: so
+            # the exchanges still running after the grace are cancelled here, and each
+            # records itself as interrupted, so the proxy stops within the grace (and a bit).
+            cleanup = asyncio.ensure_future(self.runner.cleanup())
+            done, _ = await asyncio.wait({cleanup}, timeout=self.config.shutdown_grace_s)
+            if not done and self.app is not None:
+                for task in list(self.app.in_flight):
+                    task.cancel()
+            await cleanup
             self.runner = None
         if self.session is not None:
             await self.session.close()

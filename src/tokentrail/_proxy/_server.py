@@ -441,6 +441,9 @@ class ProxyApp:
         self.records = 0
         self._space_checked = -SPACE_CHECK_S
         self._space_low = False
+        #: The tasks of audited exchanges under way: at shutdown, those still running after the
+        #: grace are cancelled, and record themselves as ``interrupted`` (see ``Proxy.close``).
+        self.in_flight: set[asyncio.Task[Any]] = set()
 
     def server(self, **kwargs: Any) -> web.Server:
         """aiohttp's low-level server, every request to :meth:`handle` (no application router:
@@ -679,6 +682,8 @@ class ProxyApp:
                 self._release(ex)
                 return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
         watch = _ClientWatch(request)
+        if watch.task is not None:
+            self.in_flight.add(watch.task)
         try:
             # The target as sent: audited by the path the upstream may act on (see ``handle``),
             # but what the upstream makes of "/api/generate/" is its own answer to give.
@@ -690,6 +695,8 @@ class ProxyApp:
             raise
         finally:
             watch.stop()
+            if watch.task is not None:
+                self.in_flight.discard(watch.task)
             if digest_task is not None and not digest_task.done():
                 digest_task.cancel()
 
@@ -988,6 +995,10 @@ class ProxyApp:
         if ex.capture.error is not None:
             return True
         return events is None and ex.capture.finished
+
+    def refusal(self) -> str | None:
+        """Why new exchanges are refused now (``None``: they are not); ``/healthz`` asks."""
+        return None if self.config.fail_open else self._ledger_refusal()
 
     def _ledger_refusal(self) -> str | None:
         """Why a new exchange cannot be audited now, or ``None`` (fail closed)."""
