@@ -1499,6 +1499,26 @@ class TestConfig:
         with pytest.raises(click.BadParameter, match="log_id is given twice"):
             serve_command.make_context("serve", ["--config", str(cfg)])
 
+    def test_a_switch_set_elsewhere_can_be_turned_off(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A switch on in the config file or the environment is turned off by ``--no-…`` on
+        the command line (there was no way: the flag could only turn it on)."""
+        cfg = tmp_path / "tt.toml"
+        cfg.write_text("require-identity = true\nfail-open = true\n")
+        monkeypatch.setenv("TOKENTRAIL_REFUSE_UNAUDITED", "1")
+        monkeypatch.setenv("TOKENTRAIL_TRUST_IDENTITY_HEADERS", "1")
+        ctx = serve_command.make_context("serve", ["--config", str(cfg)])
+        on = build_config(ctx.params, None)
+        names = ("require_identity", "fail_open", "refuse_unaudited", "trust_identity_headers")
+        assert [True] * 4 == [getattr(on, name) for name in names]
+        ctx = serve_command.make_context(
+            "serve", ["--config", str(cfg), "--no-require-identity", "--no-fail-open",
+                      "--no-refuse-unaudited", "--no-trust-identity-headers"],
+        )  # fmt: skip
+        off = build_config(ctx.params, None)
+        assert [False] * 4 == [getattr(off, name) for name in names]
+
     def test_api_keys_file_and_table_in_one_config(self, tmp_path: Path) -> None:
         """``api-keys = "FILE"`` and an ``[api_keys]`` table in one config file: both keys
         map to their users. The table silently replaced the file (both spell "api_keys"), so

@@ -348,7 +348,8 @@ async def serve(config: ProxyConfig, *, announce: bool = True) -> None:
             click.echo(f"tokentrail: verifier key {proxy.signer.verifier.to_text()}", err=True)
             click.echo(
                 f"tokentrail: ledger {config.ledger} log {config.effective_log_id}"
-                f" ({config.durability}), upstream {config.upstream}",
+                f" ({config.durability}), upstream {config.upstream}"
+                + (f", shipping to {config.s3_url}" if config.s3_url else ""),
                 err=True,
             )
             if proxy.metrics_url:
@@ -520,16 +521,15 @@ Examples:
     type=click.Path(dir_okay=False),
     help='TOML file of "<api key or sha256:hex>" = "<user_id>" pairs.',
 )
+# Each switch has its --no- form: off on the command line, over the environment or the file.
 @click.option(
-    "--trust-identity-headers",
-    is_flag=True,
+    "--trust-identity-headers/--no-trust-identity-headers",
     default=False,
     envvar="TOKENTRAIL_TRUST_IDENTITY_HEADERS",
     help="Honour X-Tokentrail-User / X-Tokentrail-Session (only behind a trusted network).",
 )
 @click.option(
-    "--require-identity",
-    is_flag=True,
+    "--require-identity/--no-require-identity",
     default=False,
     envvar="TOKENTRAIL_REQUIRE_IDENTITY",
     help="Refuse (401) requests without a known user.",
@@ -544,16 +544,14 @@ Examples:
     " so `tokentrail forget --user U` can erase it without breaking the chain [default: off].",
 )
 @click.option(
-    "--fail-open",
-    is_flag=True,
+    "--fail-open/--no-fail-open",
     default=False,
     envvar="TOKENTRAIL_FAIL_OPEN",
     help="When the ledger cannot be written (disk full), relay traffic anyway, unaudited."
     " UNSAFE for compliance; the default refuses with 503.",
 )
 @click.option(
-    "--refuse-unaudited",
-    is_flag=True,
+    "--refuse-unaudited/--no-refuse-unaudited",
     default=False,
     envvar="TOKENTRAIL_REFUSE_UNAUDITED",
     help="Answer 403 to every request the proxy would relay unrecorded (/v1/responses,"
