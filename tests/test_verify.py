@@ -569,6 +569,16 @@ class TestUnsealed:
             f"{N - SEAL_EVERY} records from seq {SEAL_EVERY} on are under signed checkpoints"
             f" (up to size {N}) that could not be verified past the findings above"
         ) in text
+        # The summary counts them apart too; it called them "unsealed".
+        assert (SEAL_EVERY, N - SEAL_EVERY, 0) == (
+            report.logs[0].verified_size,
+            report.logs[0].unverified,
+            report.logs[0].unsealed,
+        )
+        assert (
+            f"{SEAL_EVERY} sealed under {report.logs[0].checkpoints} checkpoints,"
+            f" {N - SEAL_EVERY} under them not verified, 0 unsealed,"
+        ) in report.summary()
 
     def test_young_forged_record_fails_when_sealing_is_required(self, scene: Scene) -> None:
         """Under ``require_sealed`` the same forged record is a finding naming it."""

@@ -130,6 +130,9 @@ class LogReport:
     verified_size: int = 0
     checkpoints: int = 0
     unsealed: int = 0
+    #: Records signed checkpoints cover that could not be verified past a finding before them
+    #: (counted apart from ``unsealed``, the records after the last checkpoint).
+    unverified: int = 0
     findings: list[Finding] = field(default_factory=list)
     suppressed: int = 0
 
@@ -178,13 +181,16 @@ class Report:
         records = sum(lg.records_read for lg in self.logs)
         sealed = sum(lg.verified_size for lg in self.logs)
         unsealed = sum(lg.unsealed for lg in self.logs)
+        unverified = sum(lg.unverified for lg in self.logs)
         checkpoints = sum(lg.checkpoints for lg in self.logs)
         suppressed = sum(lg.suppressed for lg in self.logs)
         verdict = "OK" if self.ok else "FAIL"
         logs = sum(lg.log_id != NO_LOG for lg in self.logs)
+        not_verified = f", {unverified} under them not verified" if unverified else ""
         return (
             f"tokentrail verify {verdict}: {self.store}: {logs} logs, {records} records"
-            f" read, {sealed} sealed under {checkpoints} checkpoints, {unsealed} unsealed,"
+            f" read, {sealed} sealed under {checkpoints} checkpoints{not_verified},"
+            f" {unsealed} unsealed,"
             f" {len(self.findings) + suppressed} findings, {len(self.warnings)} warnings,"
             f" checked {self.checked_at}"
         )
@@ -204,6 +210,7 @@ class Report:
                     "verified_size": lg.verified_size,
                     "checkpoints": lg.checkpoints,
                     "unsealed": lg.unsealed,
+                    "unverified": lg.unverified,
                     "findings_suppressed": lg.suppressed,
                 }
                 for lg in self.logs
@@ -902,6 +909,8 @@ class _LogVerifier:
         covered = max(self.checkpoints, default=0)
         if covered > sealed and any(f.level == "finding" for f in self.report.findings):
             # Signed checkpoints do cover them: what stopped verification is named above.
+            self.report.unverified = min(covered, size) - sealed
+            self.report.unsealed = max(0, size - covered)
             after = f", and {size - covered} after them are not sealed" if size > covered else ""
             self.finding(
                 f"{min(covered, size) - sealed} records from seq {sealed} on are under signed"
