@@ -754,29 +754,6 @@ class TestSubprocess:
             done.stderr.splitlines()
         )
 
-    def test_sigterm_while_loading(self) -> None:
-        """A SIGTERM while the command is still importing (most of a second) leaves the same
-        line and exit 143 as later; it ended the process without a word. Sent by an import
-        hook at the import of the command group."""
-        code = (
-            "import os, runpy, signal, sys\n"
-            "class Hook:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'tokentrail._cli':\n"
-            "            os.kill(os.getpid(), signal.SIGTERM)\n"
-            "sys.meta_path.insert(0, Hook())\n"
-            "sys.argv = ['tokentrail', '--version']\n"
-            "runpy.run_module('tokentrail', run_name='__main__')\n"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-        )
-        assert (143, "", "tokentrail: error: terminated (SIGTERM): the run did not finish\n") == (
-            out.returncode,
-            out.stdout,
-            out.stderr,
-        )
-
     def test_sigterm_after_the_verdict(
         self, ledger: list[Record], ledger_root: Path, signer: Signer, tmp_path: Path
     ) -> None:
@@ -803,16 +780,26 @@ class TestSubprocess:
         assert (0, "") == (done.returncode, done.stderr), done.stderr
         assert done.stdout.splitlines()[-1].startswith("tokentrail verify OK: ")
 
-    def test_ctrl_c_while_loading(self) -> None:
-        """A Ctrl-C while the command is still importing (aiohttp, boto3: most of a second) is
-        one line and exit 130, as later, not a traceback. The interrupt is raised by an import
-        hook at the import of the command group, where a real Ctrl-C lands."""
+    @pytest.mark.parametrize(
+        ("interrupt", "status", "line"),
+        [
+            ("raise KeyboardInterrupt", 130, "interrupted"),
+            ("os.kill(os.getpid(), signal.SIGTERM)", 143, "terminated (SIGTERM): the run did not"
+             " finish"),
+        ],
+        ids=["ctrl-c", "sigterm"],
+    )  # fmt: skip
+    def test_interrupted_while_loading(self, interrupt: str, status: int, line: str) -> None:
+        """A Ctrl-C or a SIGTERM while the command is still importing (aiohttp, boto3: most of
+        a second) is one line and its exit status, as later, not a traceback (Ctrl-C) nor an
+        end without a word (SIGTERM, before its handler was set up). Raised or sent by an
+        import hook at the import of the command group, where a real one lands."""
         code = (
-            "import runpy, sys\n"
+            "import os, runpy, signal, sys\n"
             "class Hook:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name == 'tokentrail._cli':\n"
-            "            raise KeyboardInterrupt\n"
+            f"            {interrupt}\n"
             "sys.meta_path.insert(0, Hook())\n"
             "sys.argv = ['tokentrail', '--version']\n"
             "runpy.run_module('tokentrail', run_name='__main__')\n"
@@ -820,7 +807,7 @@ class TestSubprocess:
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
         )
-        assert (130, "", "tokentrail: error: interrupted\n") == (
+        assert (status, "", f"tokentrail: error: {line}\n") == (
             out.returncode,
             out.stdout,
             out.stderr,
