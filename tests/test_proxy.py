@@ -1450,6 +1450,40 @@ async def test_shutdown_stops_within_its_grace(tmp_path: Path, signer: Any) -> N
     assert report.ok, [f.to_line() for f in report.findings]
 
 
+async def test_shutdown_cuts_a_long_passthrough_after_its_grace(
+    tmp_path: Path, signer: Any
+) -> None:
+    """A request the proxy relays unaudited (llama.cpp's native /completion, streamed) and
+    still running when it stops is cut after the grace too, as an exchange is (it was waited
+    for as long again)."""
+    import asyncio
+
+    from tokentrail._proxy import Proxy, ProxyConfig
+
+    grace = 3.0
+    with sim_in_thread(SimConfig(mode="llamacpp", token_ms=500)) as slow:
+        config = ProxyConfig(upstream=slow, port=0, ledger=tmp_path / "ledger",
+                             key=tmp_path / "k", log_id="stop", shutdown_grace_s=grace)  # fmt: skip
+        proxy = Proxy(config)
+        await proxy.start()
+        body = {"prompt": "a long answer", "n_predict": 200, "stream": True}
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def native() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    async with client.stream("POST", proxy.url + "/completion", json=body) as r:
+                        async for _ in r.aiter_bytes():
+                            pass
+
+            task = asyncio.ensure_future(native())
+            await asyncio.sleep(1.5)
+            started = time.monotonic()
+            await proxy.close()
+            took = time.monotonic() - started
+            await task
+    assert grace - 0.5 < took < grace + 1.5, took
+
+
 class TestConfig:
     """Options, environment and the TOML file."""
 

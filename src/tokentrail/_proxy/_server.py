@@ -441,8 +441,9 @@ class ProxyApp:
         self.records = 0
         self._space_checked = -SPACE_CHECK_S
         self._space_low = False
-        #: The tasks of audited exchanges under way: at shutdown, those still running after the
-        #: grace are cancelled, and record themselves as ``interrupted`` (see ``Proxy.close``).
+        #: The tasks of requests under way: at shutdown, those still running after the grace
+        #: are cancelled (an audited one records itself as ``interrupted``; see
+        #: ``Proxy.close``).
         self.in_flight: set[asyncio.Task[Any]] = set()
 
     def server(self, **kwargs: Any) -> web.Server:
@@ -515,6 +516,16 @@ class ProxyApp:
 
     async def passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         """Relay a request the proxy does not audit, streaming both bodies."""
+        task = asyncio.current_task()
+        if task is None:
+            return await self._passthrough(request)
+        self.in_flight.add(task)  # at shutdown, cut after the grace as an exchange is
+        try:
+            return await self._passthrough(request)
+        finally:
+            self.in_flight.discard(task)
+
+    async def _passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         self.metrics.passthrough.inc()
         url = URL(self.config.upstream + _target_as_sent(request), encoded=True)
         headers = upstream_request_headers(request.headers, audited=False)
