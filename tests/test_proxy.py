@@ -1400,6 +1400,67 @@ class TestDurability:
         assert cps and cps[-1].name == f"{3:020d}.checkpoint"
 
 
+async def test_a_slow_digest_lookup_holds_no_exchange_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Ollama whose /api/tags takes 2.5 s, records allowed to wait 0.5 s for a digest: the
+    first exchange waits for the lookup until it is 0.5 s old, the others not at all (each
+    waited its own 0.5 s before, and with a lookup that kept failing, every exchange did);
+    once the lookup answers, records carry the digest."""
+    import asyncio
+
+    from aiohttp import ClientSession, web
+
+    import tokentrail._proxy._server as server
+    from tokentrail._proxy import Proxy, ProxyConfig
+
+    monkeypatch.setattr(server, "DIGEST_WAIT_S", 0.5)
+    with sim_in_thread(SimConfig(mode="ollama")) as sim:
+        async with ClientSession() as session:
+
+            async def relay(request: web.Request) -> web.Response:
+                if request.path == "/api/tags":
+                    await asyncio.sleep(2.5)
+                async with session.request(
+                    request.method, sim + request.path, data=await request.read()
+                ) as resp:
+                    return web.Response(body=await resp.read(), status=resp.status,
+                                        content_type=resp.content_type)  # fmt: skip
+
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", relay)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            upstream = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with session.get(sim + "/api/tags") as resp:
+                tags = await resp.json()
+            digest = next(m["digest"] for m in tags["models"] if m["name"] == MODEL)
+            config = ProxyConfig(upstream=upstream, port=0, ledger=tmp_path / "ledger",
+                                 key=tmp_path / "k", log_id="tags")  # fmt: skip
+            proxy = Proxy(config)
+            await proxy.start()
+            try:
+                body = {"model": MODEL, "prompt": "hi", "stream": False}
+                async with httpx.AsyncClient(timeout=30) as client:
+                    started = time.monotonic()
+                    for _ in range(5):
+                        r = await client.post(proxy.url + "/api/generate", json=body)
+                        assert 200 == r.status_code
+                    took = time.monotonic() - started
+                    await asyncio.sleep(max(0.0, 3.0 - took))
+                    await client.post(proxy.url + "/api/generate", json=body)
+            finally:
+                await proxy.close()
+                await runner.cleanup()
+    assert took < 1.5, took
+    segments = sorted((tmp_path / "ledger").glob("logs/tags/segments/*/*.jsonl"))
+    versions = [json.loads(line)["model_version"] for f in segments
+                for line in f.read_bytes().splitlines()]  # fmt: skip
+    assert [digest] == versions[-1:] and all(v in (None, digest) for v in versions), versions
+
+
 async def test_shutdown_stops_within_its_grace(tmp_path: Path, signer: Any) -> None:
     """Stopping (SIGTERM) lets exchanges in flight finish for the grace, then cuts them, each
     recorded as ``interrupted``, and the proxy is done: it took twice the grace, aiohttp

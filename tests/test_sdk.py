@@ -1060,6 +1060,97 @@ class TestPlainAPI:
             assert "2026-01-31T12:00:00.000005Z" == again["timestamp"]
 
 
+class _SlowTags(httpx.HTTPTransport):
+    """An Ollama whose ``/api/tags`` takes ``delay`` seconds; every other path is at once."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/tags":
+            time.sleep(self.delay)
+        return super().handle_request(request)
+
+
+class _ASlowTags(httpx.AsyncHTTPTransport):
+    """:class:`_SlowTags` for an ``ollama.AsyncClient``."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/tags":
+            await asyncio.sleep(self.delay)
+        return await super().handle_async_request(request)
+
+
+class TestDigestLookup:
+    """``model_version`` of the ollama wrapper: the digest from ``/api/tags``, looked up beside
+    the call, never holding it up for long."""
+
+    def test_a_slow_lookup_holds_no_call_up(
+        self,
+        sims: dict[str, str],
+        root: Path,
+        recorder: Recorder,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """/api/tags taking 2.5 s, records allowed to wait 0.5 s for it: a strict call waits
+        for the lookup at most until it is 0.5 s old, and the calls after it not at all; an
+        async call never waits (its record takes the digest known when it is built). Each
+        call waited its own 0.5 s before, until the lookup answered (five calls: 2.5 s; with
+        a lookup that kept failing, every call). Once the lookup answers, records carry the
+        digest."""
+        import tokentrail._sdk._wrap_ollama as wrap
+
+        monkeypatch.setattr(wrap, "DIGEST_WAIT_S", 0.5)
+        bare = ollama.Client(host=sims["ollama"])
+        digest = next(m.digest for m in bare.list().models if m.model == MODEL)
+        slow = ollama.Client(host=sims["ollama"], transport=_SlowTags(2.5))
+        wrapped = audit(slow, ledger=recorder)
+        started = time.monotonic()
+        for _ in range(5):
+            wrapped.generate(model=MODEL, prompt="hi", stream=False)
+        took = time.monotonic() - started
+        assert took < (1.5 if recorder.durability == "strict" else 0.45), took
+        time.sleep(max(0.0, 3.0 - took))  # the lookup has answered
+        wrapped.generate(model=MODEL, prompt="hi", stream=False)
+        recorder.flush()
+        versions = [r["model_version"] for r in read_records(root)]
+        assert [digest] == versions[-1:]
+        assert all(v in (None, digest) for v in versions), versions
+
+    async def test_a_slow_lookup_holds_no_async_call_up(
+        self,
+        sims: dict[str, str],
+        root: Path,
+        recorder: Recorder,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The same with ``ollama.AsyncClient``."""
+        import tokentrail._sdk._wrap_ollama as wrap
+
+        monkeypatch.setattr(wrap, "DIGEST_WAIT_S", 0.5)
+        digest = next(
+            m.digest for m in ollama.Client(host=sims["ollama"]).list().models if m.model == MODEL
+        )
+        slow = ollama.AsyncClient(host=sims["ollama"], transport=_ASlowTags(2.5))
+        wrapped = audit(slow, ledger=recorder)
+        started = time.monotonic()
+        for _ in range(5):
+            await wrapped.generate(model=MODEL, prompt="hi", stream=False)
+        took = time.monotonic() - started
+        assert took < (1.5 if recorder.durability == "strict" else 0.45), took
+        await asyncio.sleep(max(0.0, 3.0 - took))
+        await wrapped.generate(model=MODEL, prompt="hi", stream=False)
+        recorder.flush()
+        versions = [r["model_version"] for r in read_records(root)]
+        assert [digest] == versions[-1:]
+        assert all(v in (None, digest) for v in versions), versions
+
+
 class TestFaults:
     """Failures: the caller sees the library's own exception; records stay intact."""
 

@@ -198,6 +198,8 @@ class Proxy:
             await cleanup
             self.runner = None
         if self.session is not None:
+            if self.app is not None:
+                self.app.digests.cancel()
             await self.session.close()
             self.session = None
         if self.pool is not None:

@@ -182,6 +182,12 @@ def error_response(
     )
 
 
+#: How long after a digest lookup began a record may wait for it (one not known in time has
+#: none), and how soon a lookup that failed, or found no digest for the model, is tried again.
+DIGEST_WAIT_S = 2.0
+DIGEST_RETRY_S = 10.0
+
+
 class ModelDigests:
     """Ollama model digests from ``GET /api/tags``, cached and refreshed after ``ttl`` seconds."""
 
@@ -191,6 +197,11 @@ class ModelDigests:
         self.ttl = ttl
         self._digests: dict[str, str] = {}
         self._fetched = float("-inf")
+        self._started = float("-inf")  # when the last lookup began
+        #: The last lookup failed or took longer than DIGEST_WAIT_S: records do not wait,
+        #: and an unknown model is looked up again only after DIGEST_RETRY_S.
+        self._slow = False
+        self._outliving: set[asyncio.Task[str | None]] = set()
         self._lock = asyncio.Lock()
         #: Whether the upstream answers /api/tags (an Ollama): None until it was asked.
         self.available: bool | None = None
@@ -216,17 +227,39 @@ class ModelDigests:
             found = self._find(model)
         return found
 
+    def outlive(self, task: asyncio.Task[str | None]) -> None:
+        """Keep a lookup its exchange no longer waits for until it ends: cancelled with the
+        exchange, a lookup slower than the exchanges never filled the cache, and every
+        record went without a digest."""
+        self._outliving.add(task)
+        task.add_done_callback(self._outliving.discard)
+
+    def cancel(self) -> None:
+        """At shutdown: stop the lookups still running."""
+        for task in list(self._outliving):
+            task.cancel()
+
+    def wait_left(self) -> float:
+        """How long a record may still wait for the lookup under way (0: not at all): until
+        it is DIGEST_WAIT_S old, and not while lookups fail or run longer than that."""
+        if self._slow:
+            return 0.0
+        return max(0.0, self._started + DIGEST_WAIT_S - time.monotonic())
+
     def _find(self, model: str) -> str | None:
         return self._digests.get(model) or self._digests.get(f"{model}:latest")
 
     async def _refresh(self) -> None:
         async with self._lock:
-            if time.monotonic() - self._fetched < 1.0:
-                return  # another request just refreshed
+            if time.monotonic() - self._fetched < (DIGEST_RETRY_S if self._slow else 1.0):
+                return  # another request just refreshed (or failed to)
+            self._started = time.monotonic()
+            ok = False
             try:
                 timeout = aiohttp.ClientTimeout(total=5)
                 async with self.session.get(self.url, timeout=timeout) as resp:
                     self.available = resp.status == 200
+                    ok = True  # it answered: a 404 says no Ollama, not a slow one
                     if resp.status != 200:
                         return
                     data = loads(await resp.read())
@@ -235,6 +268,7 @@ class ModelDigests:
                 return
             finally:
                 self._fetched = time.monotonic()
+                self._slow = not ok or self._fetched - self._started > DIGEST_WAIT_S
             digests: dict[str, str] = {}
             models = data.get("models") if isinstance(data, dict) else None
             for m in models if isinstance(models, list) else []:
@@ -709,7 +743,7 @@ class ProxyApp:
             if watch.task is not None:
                 self.in_flight.discard(watch.task)
             if digest_task is not None and not digest_task.done():
-                digest_task.cancel()
+                self.digests.outlive(digest_task)  # its answer fills the cache for the next
 
     async def _exchange(
         self,
@@ -1046,10 +1080,15 @@ class ProxyApp:
         ex.recorded = True
         now = time.perf_counter()
         model_version = ex.model_version
-        if ex.digest_task is not None:
-            try:
-                model_version = await asyncio.wait_for(asyncio.shield(ex.digest_task), 2.0)
-            except (TimeoutError, asyncio.CancelledError):
+        task = ex.digest_task
+        if task is not None:
+            left = self.digests.wait_left()  # a lookup that is slow holds no exchange up
+            if task.done() or left > 0:
+                try:
+                    model_version = await asyncio.wait_for(asyncio.shield(task), left)
+                except (TimeoutError, asyncio.CancelledError):
+                    model_version = None
+            else:
                 model_version = None
         exchange = ex.capture.finish(self._meta(ex, now, model_version, status), stop)
         metrics = self.metrics

@@ -17,12 +17,16 @@ the caller abandons (closes the generator, or drops it to the garbage collector)
 (nothing was sent); a timeout or a cut after sending leaves ``upstream_error``.
 
 ``model_version`` is the model's digest from ``/api/tags`` (``client.list()``), cached for a
-minute and refreshed beside the call, not before it.
+minute and refreshed beside the call, not before it. A strict call that ends before the first
+lookup does waits for it, at most until the lookup is :data:`DIGEST_WAIT_S` old, and not at all
+while lookups fail or run longer than that; an async call never waits: its record, built on the
+ledger's thread, takes the digest known then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import threading
 import time
@@ -39,7 +43,10 @@ from ._recorder import Recorder, log
 
 OLLAMA_APIS = {path: api for path, api in PATHS.items() if api.startswith("ollama.")}
 DIGEST_TTL_S = 60.0
+#: How long after a lookup began a record may wait for it (one not known in time has none).
 DIGEST_WAIT_S = 2.0
+#: How soon a lookup that failed, or found no digest for the model, is tried again.
+DIGEST_RETRY_S = 10.0
 
 
 def _api_of(method: str, url: Any) -> str | None:
@@ -55,6 +62,9 @@ class _Digests:
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
         self.fetched = float("-inf")
+        self.started = float("-inf")  # when the last lookup began
+        #: The last lookup failed or took longer than DIGEST_WAIT_S: records do not wait.
+        self.slow = False
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.done.set()
@@ -67,7 +77,23 @@ class _Digests:
 
     def stale(self, model: str | None) -> bool:
         age = time.monotonic() - self.fetched
-        return age > DIGEST_TTL_S or (self.find(model) is None and age > 1.0)
+        retry = DIGEST_RETRY_S if self.slow else 1.0
+        return age > DIGEST_TTL_S or (self.find(model) is None and age > retry)
+
+    def begin(self) -> None:
+        """A lookup begins."""
+        self.started = time.monotonic()
+
+    def ended(self, ok: bool) -> None:
+        """A lookup ended (``ok``: it answered)."""
+        self.fetched = time.monotonic()
+        self.slow = not ok or self.fetched - self.started > DIGEST_WAIT_S
+
+    def wait_left(self) -> float:
+        """How long a record may still wait for the lookup under way (0: not at all)."""
+        if self.slow:
+            return 0.0
+        return max(0.0, self.started + DIGEST_WAIT_S - time.monotonic())
 
     def store(self, listing: Any) -> None:
         digests: dict[str, str] = {}
@@ -106,22 +132,31 @@ class _SyncTap(_Tapped):
             with d.lock:
                 if d.done.is_set():
                     d.done.clear()
+                    d.begin()
                     threading.Thread(target=self._refresh, daemon=True).start()
         return call
 
     def _refresh(self) -> None:
         d = self.digests
+        ok = False
         try:
             d.store(self.client.list())
+            ok = True
         except Exception as exc:  # an old server, a network hiccup: no digest this time
             log.debug("cannot list ollama models: %s", exc)
         finally:
-            d.fetched = time.monotonic()
+            d.ended(ok)
             d.done.set()
 
     def _version(self, call: Call) -> None:
-        if call.model_version is None and self.digests.done.wait(DIGEST_WAIT_S):
-            call.model_version = self.digests.find(call.capture.model)
+        """Under strict durability, the digest of the lookup under way, if it comes in time;
+        under async, nothing here (the record's build looks it up: ``Auditor.model_version``)."""
+        d = self.digests
+        if call.model_version is not None or call.lazy:
+            return
+        if not d.done.is_set():
+            d.done.wait(d.wait_left())
+        call.model_version = d.find(call.capture.model)
 
     def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
         """A non-streamed request: audited paths are recorded before the body is returned."""
@@ -246,27 +281,31 @@ class _AsyncTap(_Tapped):
         d = self.digests
         call.model_version = d.find(call.capture.model)
         if d.stale(call.capture.model) and (d.task is None or d.task.done()):
+            d.begin()
             d.task = asyncio.ensure_future(self._refresh())
         return call
 
     async def _refresh(self) -> None:
         d = self.digests
+        ok = False
         try:
             d.store(await self.client.list())
+            ok = True
         except Exception as exc:
             log.debug("cannot list ollama models: %s", exc)
         finally:
-            d.fetched = time.monotonic()
+            d.ended(ok)
 
     async def _version(self, call: Call) -> None:
-        task = self.digests.task
-        if call.model_version is None and task is not None:
-            if not task.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), DIGEST_WAIT_S)
-                except (TimeoutError, asyncio.CancelledError):
-                    return
-            call.model_version = self.digests.find(call.capture.model)
+        """As the sync client's :meth:`_SyncTap._version`."""
+        d = self.digests
+        if call.model_version is not None or call.lazy:
+            return
+        task = d.task
+        if task is not None and not task.done() and (left := d.wait_left()) > 0:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # as before
+                await asyncio.wait_for(asyncio.shield(task), left)
+        call.model_version = d.find(call.capture.model)
 
     async def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
         """A non-streamed request: audited paths are recorded before the body is returned."""
@@ -393,12 +432,15 @@ def audit_ollama(
         http = http.http
     auditor = Auditor(recorder, user_id=user_id, session_id=session_id, client=_client_label())
     audited = copy.copy(client)
+    tap: _Tapped
     if isinstance(http, httpx.Client):
-        audited._client = _SyncTap(client, auditor, http)
+        tap = _SyncTap(client, auditor, http)
     elif isinstance(http, httpx.AsyncClient):
-        audited._client = _AsyncTap(client, auditor, http)
+        tap = _AsyncTap(client, auditor, http)
     else:
         raise ConfigError(
             f"cannot audit this {type(client).__name__}: its HTTP client is not an httpx client"
         )
+    audited._client = tap
+    auditor.model_version = tap.digests.find  # a record built later takes the digest known then
     return audited
