@@ -1615,6 +1615,111 @@ print(child.pid, pid, *workers)
         )
         assert report.ok, [f.message for f in report.findings]
 
+    @pytest.mark.parametrize("client", ["ollama", "openai"])
+    def test_a_call_in_flight_at_a_kill_is_recorded_interrupted(
+        self, tmp_path: Path, signer: Signer, client: str
+    ) -> None:
+        """SPEC section 6: a crash loses nothing; a request in flight is recorded as
+        ``interrupted`` on restart. A strict call is noted before it is sent, as the proxy
+        notes an exchange, so the next writer of the log records one the process died in the
+        middle of (it left nothing: the model had been asked, and no record said so). A call
+        refused before it was sent leaves no note, and no record."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        with sim_in_thread(SimConfig(mode="ollama", token_ms=300)) as slow:
+            if client == "ollama":
+                make = f"ollama.Client(host={slow!r})"
+                refused = "ollama.Client(host='http://127.0.0.1:9')"
+                call = "c.generate(model={MODEL!r}, prompt='hi', stream=True)"
+                fails = "ollama.ResponseError, httpx.ConnectError, ConnectionError"
+            else:
+                make = f"openai.OpenAI(base_url={slow + '/v1'!r}, api_key='k', max_retries=0)"
+                refused = (
+                    "openai.OpenAI(base_url='http://127.0.0.1:9/v1', api_key='k', max_retries=0)"
+                )
+                call = ("c.chat.completions.create(model={MODEL!r}, stream=True,"
+                        " messages=[{{'role': 'user', 'content': 'hi'}}])")  # fmt: skip
+                fails = "openai.APIConnectionError"
+            script = f"""
+import os, signal, sys, httpx, ollama, openai, tokentrail
+from tokentrail._sdk import Recorder
+rec = Recorder.open({str(root)!r}, key={str(key)!r}, log_id="app")
+c = tokentrail.audit({refused}, ledger=rec)
+try:
+    {call.format(MODEL=MODEL).replace("stream=True", "stream=False")}
+    sys.exit("a refused call went through")
+except ({fails}):
+    pass
+c = tokentrail.audit({make}, ledger=rec)
+for n, chunk in enumerate({call.format(MODEL=MODEL)}):
+    if n == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+            done = subprocess.run(
+                [sys.executable, "-c", script],
+                env={**os.environ, "PYTHONPATH": str(SRC)},
+                timeout=120,
+                capture_output=True,
+                text=True,
+            )
+        assert -signal.SIGKILL == done.returncode, done.stderr
+        Recorder.open(root, key=signer, log_id="app").close()  # the next writer of the log
+        records = read_records(root)
+        assert 1 == len(records), [(r["stop_reason"], r.get("error_message")) for r in records]
+        (rec,) = records
+        assert ("interrupted", "sdk", MODEL) == (
+            rec["stop_reason"],
+            rec["tokentrail.via"],
+            rec["model"],
+        )
+        assert "hi" in json.dumps(rec["request_body"])
+        verify(root, signer, tmp_path / "state")
+
+    def test_the_next_writer_of_a_log_id_seals_what_dead_processes_left(
+        self, tmp_path: Path, signer: Signer
+    ) -> None:
+        """Two programs on the default log (the second records to ``<default>-<pid>``), both
+        killed: the next process that opens the default log seals both logs as it opens it,
+        its own by taking it over, the other's as a parent seals a dead fork's. The second's
+        stayed unsealed until a process closed a recorder of that log id (gunicorn workers
+        without --preload, one killed: days, for a server that runs for days)."""
+        key = tmp_path / "signing.key"
+        signer.save(key)
+        root = tmp_path / "ledger"
+        script = f"""
+import os, signal, sys, time
+from tokentrail._sdk import Recorder
+rec = Recorder.open({str(root)!r}, key={str(key)!r})
+rec.record(model="m", input_text=sys.argv[1], output_text="o")
+print(rec.writer.config.log_id, flush=True)
+if sys.argv[1] == "first":
+    time.sleep(60)  # holds the default log until killed
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        first = subprocess.Popen([sys.executable, "-c", script, "first"], env=env,
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert first.stdout is not None
+            held = first.stdout.readline().strip()
+            second = subprocess.run([sys.executable, "-c", script, "second"], env=env,
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert -signal.SIGKILL == second.returncode, second.stderr
+            assert second.stdout.strip().startswith(f"{held}-"), second.stdout
+        finally:
+            first.kill()
+            first.wait()
+        with Recorder.open(root, key=signer):  # sealed at the open, not only at a close
+            report = verify_local(
+                root,
+                VerifyOptions(
+                    verifiers=[signer.verifier], state_dir=tmp_path / "s", require_sealed=True
+                ),
+            )
+        assert report.ok, [f.message for f in report.findings]
+        assert ["first", "second"] == sorted(r["input_text"] for r in read_records(root))
+
     def test_two_programs_on_the_default_log(self, tmp_path: Path, signer: Signer) -> None:
         """A second live process that opens the default log gets ``<default>-<pid>`` instead
         of an error; one that names a busy log is refused with LogBusyError."""

@@ -325,6 +325,9 @@ class LedgerWriter:
         for line in data.split(b"\n"):
             try:
                 note = orjson.loads(line)
+                if "abandoned" in note:  # begun, then never sent (see ``abandon``)
+                    intents.pop(note["abandoned"], None)
+                    continue
                 # Either form names its event: a Begun's in its meta, a record's in its fields.
                 fields = note["begun"]["meta"] if "begun" in note else note["exchange"]
                 intents[fields["event_id"]] = (int(note["seq_hint"]), note)
@@ -628,10 +631,24 @@ class LedgerWriter:
             self._intents[provisional.event_id] = line
 
     def abandon(self, event_id: str) -> None:
-        """Forget a begun exchange that will have no record (it never reached the upstream)."""
+        """Forget a begun exchange that will have no record (it never reached the upstream):
+        in the journal too, or a crash before the next write settles it would have the next
+        writer record, as ``interrupted``, an exchange that never happened."""
         self._check_process()
         with self._wake:
-            self._intents.pop(event_id, None)
+            if self._intents.pop(event_id, None) is None or self._journal_fd is None:
+                return
+            try:
+                if not self._intents:
+                    os.ftruncate(self._journal_fd, 0)
+                    self._journal_bytes = 0
+                else:
+                    line = b'{"abandoned":' + orjson.dumps(event_id) + b"}\n"
+                    os.write(self._journal_fd, line)
+                    self._journal_bytes += len(line)
+            except OSError as exc:
+                log.warning("cannot note in %s that %s was not sent: %s", JOURNAL_FILE,
+                            event_id, exc.strerror)  # fmt: skip
 
     def append(self, exchange: Exchange) -> Record:
         """Append and, under strict durability, return only once the record is on disk."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .._capture import Capture, Meta, loads, new_capture
+from .._capture import Begun, Capture, Meta, loads, new_capture
 from .._capture._sse import SSEReader
 from .._record import Exchange, Record, new_event_id, rfc3339
 from ._recorder import VIA_FIELD, VIA_SDK, Recorder
@@ -69,9 +69,17 @@ class Auditor:
         self.model_version = model_version
 
     def begin(self, api: str, body: Mapping[str, Any]) -> Call:
-        """Start a call: the body must already be the wire copy (see :func:`wire_copy`)."""
+        """Start a call: the body must already be the wire copy (see :func:`wire_copy`).
+
+        Under strict durability the call is noted in the log's in-flight journal first, as the
+        proxy notes an exchange: should the process die before its record is on disk, the next
+        writer of the log records it as ``interrupted`` (SPEC section 6). Under async
+        durability, which keeps nothing from the caller's path, it is not.
+        """
         self.recorder.check_ready()  # also opens a forked process's own log here, not at a GC
         call = Call(self, api, body)
+        if not call.lazy:
+            self.recorder.local_writer().begin(Begun(call.capture, call.meta(call.started)))
         self.recorder.track(call)
         return call
 
@@ -327,11 +335,16 @@ class Call:
             capture.error = f"HTTP {status}"
         elif expect_end and not capture.finished and capture.error is None:
             capture.error = "upstream closed the stream before its end"
+        return capture.finish(self.meta(ended), stop)
+
+    def meta(self, ended: float) -> Meta:
+        """What the call knows beyond the wire, as of ``ended`` (``perf_counter``)."""
         a = self.auditor
+        capture = self.capture
         model_version = self.model_version
         if model_version is None and a.model_version is not None:
             model_version = a.model_version(capture.model)
-        meta = Meta(
+        return Meta(
             timestamp=rfc3339(self.wall),
             event_id=self.event_id,
             request_duration_ms=(ended - self.started) * 1000.0,
@@ -345,7 +358,12 @@ class Call:
             status=self.status,
             extra={"stream": capture.stream, VIA_FIELD: VIA_SDK, CLIENT_FIELD: a.client},
         )
-        return capture.finish(meta, stop)
+
+    def unsent(self) -> None:
+        """The request never left (connection refused): no record, and no in-flight note."""
+        if not self.lazy and not self.recorded:
+            self.recorded = True
+            self.auditor.recorder.local_writer().abandon(self.event_id)
 
     def record(self, stop: str | None = None, *, expect_end: bool = False) -> Record | None:
         """Record once: blocking for strict durability, handed to the writer thread for async.

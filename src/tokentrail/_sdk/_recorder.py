@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import fcntl
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ from typing import Any
 from .._checkpoint import Signer
 from .._errors import ConfigError, LogBusyError, StoreError
 from .._ledger import (
+    LOCK_FILE,
     OPEN_SEGMENT_FILE,
     AsyncLedger,
     Durability,
@@ -177,6 +179,8 @@ def seal_abandoned(config: LedgerConfig) -> list[str]:
             continue
         if not os.path.exists(os.path.join(entry.path, OPEN_SEGMENT_FILE)):
             continue  # closed cleanly, or never appended to
+        if _held(entry.path):
+            continue  # its process lives (asked without the writer's wait for a lock)
         try:
             LedgerWriter.open(replace(config, log_id=name)).close()
         except LogBusyError:
@@ -187,6 +191,21 @@ def seal_abandoned(config: LedgerConfig) -> list[str]:
         log.info("tokentrail: sealed log %s, left unsealed by a process gone", name)
         sealed.append(name)
     return sealed
+
+
+def _held(log_dir: str) -> bool:
+    """Whether a live writer holds the log's lock, asked at once (as a shipper asks)."""
+    try:
+        fd = os.open(os.path.join(log_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing it lets go of the probe's own lock)
+    return False
 
 
 def _reap_owned(recorders: list[Recorder]) -> None:
@@ -459,6 +478,9 @@ class Recorder:
             log.info("tokentrail: default log in use; recording to log %s", config.log_id)
         recorder = cls(writer, tokenizer=tokenizer, owns_writer=True)
         _register(recorder)
+        # What processes on this log id that died left unsealed (a worker killed, a second
+        # program of the default log): sealed by whoever opens the log id next.
+        seal_abandoned(replace(config, log_id=log_id or default_log_id()))
         return recorder
 
     @classmethod

@@ -168,6 +168,7 @@ class _SyncTap(_Tapped):
         try:
             resp: httpx.Response = self.http.request(method, url, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout):
+            call.unsent()
             raise  # nothing was sent: no exchange to record
         except Exception as exc:
             call.fail(exc)
@@ -224,6 +225,7 @@ class _SyncStream(_Stream):
         try:
             self.resp = self.inner.__enter__()
         except (httpx.ConnectError, httpx.ConnectTimeout):
+            self.call.unsent()
             raise
         except Exception as exc:
             self.call.fail(exc)
@@ -317,6 +319,7 @@ class _AsyncTap(_Tapped):
         try:
             resp = await self.http.request(method, url, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout):
+            call.unsent()
             raise
         except asyncio.CancelledError:
             call.abandon()  # the caller gave up on a call that was sent: client_disconnect
@@ -351,6 +354,7 @@ class _AsyncStream(_Stream):
         try:
             self.resp = await self.inner.__aenter__()
         except (httpx.ConnectError, httpx.ConnectTimeout):
+            self.call.unsent()
             raise
         except asyncio.CancelledError:
             self.call.abandon()

@@ -134,6 +134,7 @@ def _request_failed(call: Call, exc: BaseException) -> bool:
         call.note_error(exc.message)
         return True
     if isinstance(exc, openai.APIConnectionError) and _not_sent(exc):
+        call.unsent()
         return False  # refused, no route: nothing was sent
     call.fail(exc)
     return True
