@@ -962,6 +962,14 @@ class TestPlainAPI:
         assert (recs[3]["input_tokens"], recs[3]["input_token_source"]) == (None, "none")
         verify(root, signer, tmp_path / "state")
 
+    def test_a_recorder_is_not_pickled(self, recorder: Recorder) -> None:
+        """Sent to another process (a spawn pool's argument), a recorder says to open one
+        there, not "cannot pickle '_thread.lock' object"."""
+        import pickle
+
+        with pytest.raises(TypeError, match="open one in each process"):
+            pickle.dumps(recorder)
+
     def test_bad_arguments(self, recorder: Recorder) -> None:
         """Bad tokens and unknown clients are a ConfigError, not a broken record."""
         with pytest.raises(ConfigError):

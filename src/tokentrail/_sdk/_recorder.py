@@ -578,6 +578,14 @@ class Recorder:
         """Wait until every record queued so far is on disk."""
         self.local_writer().flush()
 
+    def __reduce__(self) -> Any:
+        """A recorder holds its log's writer (a lock, a thread): it cannot go to another
+        process by pickling (a ``spawn`` pool's argument, say); each process opens its own."""
+        raise TypeError(
+            "a tokentrail Recorder cannot be pickled: open one in each process"
+            " (Recorder.open(root, ...)); a forked child may use its parent's (see the README)"
+        )
+
     def __enter__(self) -> Recorder:
         return self
 
