@@ -1184,9 +1184,15 @@ class TestFaults:
         oai = audit(
             openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0), ledger=recorder
         )
-        with pytest.raises(openai.APIConnectionError):
+        with pytest.raises(openai.APIConnectionError) as kept:
             oai.chat.completions.create(model=MODEL, messages=MSGS)
         recorder.flush()
+        assert [] == read_records(recorder.writer.config.root)
+        # Closing the recorder records the calls still open: a refused one, still referenced
+        # (here by the traceback kept), is not one of them (async durability recorded it as a
+        # client_disconnect).
+        recorder.close()
+        assert kept.value is not None
         assert [] == read_records(recorder.writer.config.root)
 
     def test_timeouts_and_errors(self, sims: dict[str, str], recorder: Recorder) -> None:

@@ -360,9 +360,12 @@ class Call:
         )
 
     def unsent(self) -> None:
-        """The request never left (connection refused): no record, and no in-flight note."""
-        if not self.lazy and not self.recorded:
-            self.recorded = True
+        """The request never left (connection refused): no record, and no in-flight note (nor
+        one at the recorder's close, which records the calls still open)."""
+        if self.recorded:
+            return
+        self.recorded = True
+        if not self.lazy:
             self.auditor.recorder.local_writer().abandon(self.event_id)
 
     def record(self, stop: str | None = None, *, expect_end: bool = False) -> Record | None:
