@@ -369,7 +369,7 @@ class TestSearch:
             )
             refused = run("index", "--ledger", ledger)
             assert (2, "") == (refused.exit_code, refused.stdout)
-            assert "cannot be written here (a read-only ledger)" in refused.stderr
+            assert "cannot be written by this user: a read-only ledger" in refused.stderr
             before = sorted(p.relative_to(bare) for p in bare.rglob("*"))
             missing = run("search", "--ledger", bare, "--user", "user-3", "--json", "--limit", 0)
             assert 0 == missing.exit_code, missing.output

@@ -297,8 +297,9 @@ class Index:
 
         if self.read_only:
             raise StoreError(
-                f"the search index in {self.root / INDEX_DIR} cannot be written here (a"
-                " read-only ledger); index a writable copy"
+                f"the search index in {self.root / INDEX_DIR} cannot be written by this user:"
+                " a read-only ledger (index a writable copy), or an index another user made"
+                " (root's, say: remove the folder, or give it to the ledger's user)"
             )
         started = time.perf_counter()
         stats = UpdateStats()
