@@ -107,6 +107,25 @@ FLUSH_RECHECK_S = 0.05
 _forks = 0
 
 
+def writer_is_live(log_folder: Path) -> bool:
+    """Whether a writer holds the log's ``writer.lock`` (tested without blocking)."""
+    try:
+        fd = os.open(log_folder / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"cannot open {log_folder / LOCK_FILE}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _count_fork() -> None:
     global _forks
     _forks += 1

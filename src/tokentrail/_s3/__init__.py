@@ -16,12 +16,13 @@ needed. Needs the ``s3`` extra: ``pip install 'tokentrail[s3]'``.
 
 from __future__ import annotations
 
+from .._ledger import writer_is_live
 from ._bucket import BucketStatus, Retention, check_bucket, init_bucket, read_status
 from ._client import ClientOptions, S3Url, make_client
 from ._cost import CostRow, estimate, measure_records
 from ._keys import checkpoint_key, parse_key, record_key, segment_key
 from ._read import MirrorResult, count_s3, mirror_s3, mirror_store, prove_s3, verify_s3
-from ._shipper import Shipper, ShipperConfig, ShipReport, ship_once, writer_is_live
+from ._shipper import Shipper, ShipperConfig, ShipReport, ship_once
 
 __all__ = [
     "BucketStatus",

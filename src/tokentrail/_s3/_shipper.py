@@ -35,10 +35,8 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import fcntl
 import hashlib
 import logging
-import os
 import random
 import tempfile
 import threading
@@ -54,7 +52,7 @@ import zstandard
 
 from .._errors import ConfigError, StoreError, TokentrailError
 from .._layout import SegmentRef, iter_lines, list_log, list_logs, log_dir, write_atomic
-from .._ledger import LOCK_FILE, OPEN_SEGMENT_FILE
+from .._ledger import OPEN_SEGMENT_FILE, writer_is_live
 from ._bucket import Retention, check_bucket
 from ._client import (
     ClientOptions,
@@ -145,25 +143,6 @@ class Backoff:
 
 
 # ---------------------------------------------------------------------- the local side
-
-
-def writer_is_live(log_folder: Path) -> bool:
-    """Whether a writer holds the log's ``writer.lock`` (tested without blocking)."""
-    try:
-        fd = os.open(log_folder / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise StoreError(f"cannot open {log_folder / LOCK_FILE}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 def _open_marker(log_folder: Path) -> str | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import fcntl
 import logging
 import math
 import os
@@ -45,13 +44,13 @@ from typing import Any
 from .._checkpoint import Signer
 from .._errors import ConfigError, LogBusyError, StoreError
 from .._ledger import (
-    LOCK_FILE,
     OPEN_SEGMENT_FILE,
     AsyncLedger,
     Durability,
     Ledger,
     LedgerConfig,
     LedgerWriter,
+    writer_is_live,
 )
 from .._paths import DEFAULT_LEDGER, default_signing_key
 from .._record import (
@@ -179,9 +178,9 @@ def seal_abandoned(config: LedgerConfig) -> list[str]:
             continue
         if not os.path.exists(os.path.join(entry.path, OPEN_SEGMENT_FILE)):
             continue  # closed cleanly, or never appended to
-        if _held(entry.path):
-            continue  # its process lives (asked without the writer's wait for a lock)
         try:
+            if writer_is_live(Path(entry.path)):
+                continue  # its process lives (asked at once, not with the writer's wait)
             LedgerWriter.open(replace(config, log_id=name)).close()
         except LogBusyError:
             continue  # its process lives
@@ -191,21 +190,6 @@ def seal_abandoned(config: LedgerConfig) -> list[str]:
         log.info("tokentrail: sealed log %s, left unsealed by a process gone", name)
         sealed.append(name)
     return sealed
-
-
-def _held(log_dir: str) -> bool:
-    """Whether a live writer holds the log's lock, asked at once (as a shipper asks)."""
-    try:
-        fd = os.open(os.path.join(log_dir, LOCK_FILE), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (closing it lets go of the probe's own lock)
-    return False
 
 
 def _reap_owned(recorders: list[Recorder]) -> None:
