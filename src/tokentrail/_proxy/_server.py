@@ -475,9 +475,9 @@ class ProxyApp:
         self.records = 0
         self._space_checked = -SPACE_CHECK_S
         self._space_low = False
-        #: The tasks of requests under way: at shutdown, those still running after the grace
-        #: are cancelled (an audited one records itself as ``interrupted``; see
-        #: ``Proxy.close``).
+        #: The tasks of requests under way (:meth:`handle`): at shutdown, those still running
+        #: after the grace are cancelled (an audited one records itself as ``interrupted``;
+        #: see ``Proxy.close``).
         self.in_flight: set[asyncio.Task[Any]] = set()
 
     def server(self, **kwargs: Any) -> web.Server:
@@ -486,6 +486,17 @@ class ProxyApp:
         return web.Server(self.handle, **kwargs)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request, kept in :attr:`in_flight` while it runs (see :meth:`_dispatch`)."""
+        task = asyncio.current_task()
+        if task is None:  # (aiohttp runs each request in a task of its own)
+            return await self._dispatch(request)
+        self.in_flight.add(task)
+        try:
+            return await self._dispatch(request)
+        finally:
+            self.in_flight.discard(task)
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch: audited paths to :meth:`audited`, everything else passed through."""
         if not request.path.startswith("/"):
             # A target that is no path ("OPTIONS *"): not Found, as aiohttp's router answered
@@ -550,16 +561,6 @@ class ProxyApp:
 
     async def passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         """Relay a request the proxy does not audit, streaming both bodies."""
-        task = asyncio.current_task()
-        if task is None:
-            return await self._passthrough(request)
-        self.in_flight.add(task)  # at shutdown, cut after the grace as an exchange is
-        try:
-            return await self._passthrough(request)
-        finally:
-            self.in_flight.discard(task)
-
-    async def _passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         self.metrics.passthrough.inc()
         url = URL(self.config.upstream + _target_as_sent(request), encoded=True)
         headers = upstream_request_headers(request.headers, audited=False)
@@ -727,8 +728,6 @@ class ProxyApp:
                 self._release(ex)
                 return error_response(ex.dialect, 503, f"tokentrail: {exc}", kind="api_error")
         watch = _ClientWatch(request)
-        if watch.task is not None:
-            self.in_flight.add(watch.task)
         try:
             # The target as sent: audited by the path the upstream may act on (see ``handle``),
             # but what the upstream makes of "/api/generate/" is its own answer to give.
@@ -740,8 +739,6 @@ class ProxyApp:
             raise
         finally:
             watch.stop()
-            if watch.task is not None:
-                self.in_flight.discard(watch.task)
             if digest_task is not None and not digest_task.done():
                 self.digests.outlive(digest_task)  # its answer fills the cache for the next
 
@@ -1080,16 +1077,13 @@ class ProxyApp:
         ex.recorded = True
         now = time.perf_counter()
         model_version = ex.model_version
-        task = ex.digest_task
-        if task is not None:
-            left = self.digests.wait_left()  # a lookup that is slow holds no exchange up
-            if task.done() or left > 0:
-                try:
-                    model_version = await asyncio.wait_for(asyncio.shield(task), left)
-                except (TimeoutError, asyncio.CancelledError):
-                    model_version = None
-            else:
-                model_version = None
+        if ex.digest_task is not None:
+            model_version = None  # unless the lookup answers within what is left to wait (a
+            # slow one holds no exchange up; with nothing left, only a done one is read)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                model_version = await asyncio.wait_for(
+                    asyncio.shield(ex.digest_task), self.digests.wait_left()
+                )
         exchange = ex.capture.finish(self._meta(ex, now, model_version, status), stop)
         metrics = self.metrics
         t0 = time.perf_counter()
