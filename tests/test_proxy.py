@@ -1411,10 +1411,10 @@ async def test_a_slow_digest_lookup_holds_no_exchange_up(
 
     from aiohttp import ClientSession, web
 
-    import tokentrail._proxy._server as server
+    import tokentrail._digests as digests
     from tokentrail._proxy import Proxy, ProxyConfig
 
-    monkeypatch.setattr(server, "DIGEST_WAIT_S", 0.5)
+    monkeypatch.setattr(digests, "DIGEST_WAIT_S", 0.5)
     with sim_in_thread(SimConfig(mode="ollama")) as sim:
         async with ClientSession() as session:
 

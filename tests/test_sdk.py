@@ -1111,9 +1111,9 @@ class TestDigestLookup:
         call waited its own 0.5 s before, until the lookup answered (five calls: 2.5 s; with
         a lookup that kept failing, every call). Once the lookup answers, records carry the
         digest."""
-        import tokentrail._sdk._wrap_ollama as wrap
+        import tokentrail._digests as digests
 
-        monkeypatch.setattr(wrap, "DIGEST_WAIT_S", 0.5)
+        monkeypatch.setattr(digests, "DIGEST_WAIT_S", 0.5)
         bare = ollama.Client(host=sims["ollama"])
         digest = next(m.digest for m in bare.list().models if m.model == MODEL)
         slow = ollama.Client(host=sims["ollama"], transport=_SlowTags(2.5))
@@ -1138,9 +1138,9 @@ class TestDigestLookup:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """The same with ``ollama.AsyncClient``."""
-        import tokentrail._sdk._wrap_ollama as wrap
+        import tokentrail._digests as digests
 
-        monkeypatch.setattr(wrap, "DIGEST_WAIT_S", 0.5)
+        monkeypatch.setattr(digests, "DIGEST_WAIT_S", 0.5)
         digest = next(
             m.digest for m in ollama.Client(host=sims["ollama"]).list().models if m.model == MODEL
         )

@@ -54,6 +54,7 @@ from yarl import URL
 from .._capture import PATHS, Begun, Capture, Meta, loads, new_capture
 from .._capture._common import asks_logprobs
 from .._capture._sse import SSEEvents, cut_at_line_end
+from .._digests import Digests
 from .._errors import ConfigError, StoreError, SubjectForgottenError
 from .._ledger import AsyncLedger
 from .._metrics import Metrics
@@ -182,25 +183,14 @@ def error_response(
     )
 
 
-#: How long after a digest lookup began a record may wait for it (one not known in time has
-#: none), and how soon a lookup that failed, or found no digest for the model, is tried again.
-DIGEST_WAIT_S = 2.0
-DIGEST_RETRY_S = 10.0
-
-
 class ModelDigests:
-    """Ollama model digests from ``GET /api/tags``, cached and refreshed after ``ttl`` seconds."""
+    """Ollama model digests from ``GET /api/tags``, cached for ``ttl`` seconds, looked up by the
+    shared rule (:class:`~tokentrail._digests.Digests`)."""
 
     def __init__(self, session: aiohttp.ClientSession, upstream: str, ttl: float) -> None:
         self.session = session
         self.url = upstream + "/api/tags"
-        self.ttl = ttl
-        self._digests: dict[str, str] = {}
-        self._fetched = float("-inf")
-        self._started = float("-inf")  # when the last lookup began
-        #: The last lookup failed or took longer than DIGEST_WAIT_S: records do not wait,
-        #: and an unknown model is looked up again only after DIGEST_RETRY_S.
-        self._slow = False
+        self.known = Digests(ttl)
         self._outliving: set[asyncio.Task[str | None]] = set()
         self._lock = asyncio.Lock()
         #: Whether the upstream answers /api/tags (an Ollama): None until it was asked.
@@ -209,23 +199,17 @@ class ModelDigests:
     def worth_asking(self) -> bool:
         """Whether an OpenAI-dialect exchange should look its model up: the upstream is an
         Ollama (its /v1 layer), or it was not asked lately (an OpenAI server answers 404)."""
-        return self.available is not False or time.monotonic() - self._fetched > self.ttl
+        return self.available is not False or not self.known.fresh()
 
     def cached(self, model: str | None) -> str | None:
         """The digest if it is known and fresh, without waiting (the common case)."""
-        if model and time.monotonic() - self._fetched <= self.ttl:
-            return self._find(model)
-        return None
+        return self.known.find(model) if self.known.fresh() else None
 
     async def lookup(self, model: str | None) -> str | None:
         """The digest of ``model`` (``name`` or ``name:latest``), or None when unknown."""
-        if not model:
-            return None
-        found = self._find(model)
-        if found is None or time.monotonic() - self._fetched > self.ttl:
-            await self._refresh()
-            found = self._find(model)
-        return found
+        if self.known.due(model):
+            await self._refresh(model)
+        return self.known.find(model)
 
     def outlive(self, task: asyncio.Task[str | None]) -> None:
         """Keep a lookup its exchange no longer waits for until it ends: cancelled with the
@@ -240,20 +224,14 @@ class ModelDigests:
             task.cancel()
 
     def wait_left(self) -> float:
-        """How long a record may still wait for the lookup under way (0: not at all): until
-        it is DIGEST_WAIT_S old, and not while lookups fail or run longer than that."""
-        if self._slow:
-            return 0.0
-        return max(0.0, self._started + DIGEST_WAIT_S - time.monotonic())
+        """How long a record may still wait for the lookup under way (0: not at all)."""
+        return self.known.wait_left()
 
-    def _find(self, model: str) -> str | None:
-        return self._digests.get(model) or self._digests.get(f"{model}:latest")
-
-    async def _refresh(self) -> None:
+    async def _refresh(self, model: str | None) -> None:
         async with self._lock:
-            if time.monotonic() - self._fetched < (DIGEST_RETRY_S if self._slow else 1.0):
-                return  # another request just refreshed (or failed to)
-            self._started = time.monotonic()
+            if not self.known.due(model):
+                return  # another request just looked (or failed to)
+            self.known.begin()
             ok = False
             try:
                 timeout = aiohttp.ClientTimeout(total=5)
@@ -267,16 +245,13 @@ class ModelDigests:
                 log.debug("cannot read %s: %s", self.url, exc)
                 return
             finally:
-                self._fetched = time.monotonic()
-                self._slow = not ok or self._fetched - self._started > DIGEST_WAIT_S
-            digests: dict[str, str] = {}
+                self.known.ended(ok)
             models = data.get("models") if isinstance(data, dict) else None
-            for m in models if isinstance(models, list) else []:
-                if isinstance(m, dict) and isinstance(m.get("digest"), str):
-                    for name in (m.get("name"), m.get("model")):
-                        if isinstance(name, str):
-                            digests[name] = m["digest"]
-            self._digests = digests
+            self.known.store(models if isinstance(models, list) else [], _json_field)
+
+
+def _json_field(model: Any, name: str) -> Any:
+    return model.get(name) if isinstance(model, dict) else None
 
 
 class _BodyTooLarge(Exception):

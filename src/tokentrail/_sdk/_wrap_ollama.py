@@ -18,9 +18,9 @@ the caller abandons (closes the generator, or drops it to the garbage collector)
 
 ``model_version`` is the model's digest from ``/api/tags`` (``client.list()``), cached for a
 minute and refreshed beside the call, not before it. A strict call that ends before the first
-lookup does waits for it, at most until the lookup is :data:`DIGEST_WAIT_S` old, and not at all
-while lookups fail or run longer than that; an async call never waits: its record, built on the
-ledger's thread, takes the digest known then.
+lookup does waits for it, at most until the lookup is two seconds old, and not at all while
+lookups fail or run longer than that (the proxy's rule: :mod:`tokentrail._digests`); an async
+call never waits: its record, built on the ledger's thread, takes the digest known then.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import copy
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any
@@ -37,16 +36,13 @@ from typing import Any
 import httpx
 
 from .._capture import PATHS
+from .._digests import Digests
 from .._errors import ConfigError, StoreError
 from ._calls import Auditor, Call, wire_copy
 from ._recorder import Recorder, log
 
 OLLAMA_APIS = {path: api for path, api in PATHS.items() if api.startswith("ollama.")}
 DIGEST_TTL_S = 60.0
-#: How long after a lookup began a record may wait for it (one not known in time has none).
-DIGEST_WAIT_S = 2.0
-#: How soon a lookup that failed, or found no digest for the model, is tried again.
-DIGEST_RETRY_S = 10.0
 
 
 def _api_of(method: str, url: Any) -> str | None:
@@ -56,54 +52,24 @@ def _api_of(method: str, url: Any) -> str | None:
     return OLLAMA_APIS.get(path.split("?", 1)[0])
 
 
-class _Digests:
-    """Ollama model digests from ``/api/tags``, keyed by name and by ``name:latest``."""
+class _Digests(Digests):
+    """The digests of one audited client, looked up on a thread of their own
+    (:meth:`_SyncTap._refresh`) or a task (the async client's)."""
 
     def __init__(self) -> None:
-        self.digests: dict[str, str] = {}
-        self.fetched = float("-inf")
-        self.started = float("-inf")  # when the last lookup began
-        #: The last lookup failed or took longer than DIGEST_WAIT_S: records do not wait.
-        self.slow = False
+        super().__init__(DIGEST_TTL_S)
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.done.set()
         self.task: asyncio.Task[None] | None = None
 
-    def find(self, model: str | None) -> str | None:
-        if not model:
-            return None
-        return self.digests.get(model) or self.digests.get(f"{model}:latest")
+    def take(self, listing: Any) -> None:
+        """Take a ``client.list()`` answer."""
+        self.store(getattr(listing, "models", None) or [], _attribute)
 
-    def stale(self, model: str | None) -> bool:
-        age = time.monotonic() - self.fetched
-        retry = DIGEST_RETRY_S if self.slow else 1.0
-        return age > DIGEST_TTL_S or (self.find(model) is None and age > retry)
 
-    def begin(self) -> None:
-        """A lookup begins."""
-        self.started = time.monotonic()
-
-    def ended(self, ok: bool) -> None:
-        """A lookup ended (``ok``: it answered)."""
-        self.fetched = time.monotonic()
-        self.slow = not ok or self.fetched - self.started > DIGEST_WAIT_S
-
-    def wait_left(self) -> float:
-        """How long a record may still wait for the lookup under way (0: not at all)."""
-        if self.slow:
-            return 0.0
-        return max(0.0, self.started + DIGEST_WAIT_S - time.monotonic())
-
-    def store(self, listing: Any) -> None:
-        digests: dict[str, str] = {}
-        for m in getattr(listing, "models", None) or []:
-            digest = getattr(m, "digest", None)
-            if isinstance(digest, str):
-                for name in (getattr(m, "model", None), getattr(m, "name", None)):
-                    if isinstance(name, str):
-                        digests[name] = digest
-        self.digests = digests
+def _attribute(model: Any, name: str) -> Any:
+    return getattr(model, name, None)
 
 
 class _Tapped:
@@ -128,7 +94,7 @@ class _SyncTap(_Tapped):
         call = self.auditor.begin(api, wire_copy(kwargs.get("json") or {}))
         d = self.digests
         call.model_version = d.find(call.capture.model)
-        if d.stale(call.capture.model) and d.done.is_set():
+        if d.due(call.capture.model) and d.done.is_set():
             with d.lock:
                 if d.done.is_set():
                     d.done.clear()
@@ -140,7 +106,7 @@ class _SyncTap(_Tapped):
         d = self.digests
         ok = False
         try:
-            d.store(self.client.list())
+            d.take(self.client.list())
             ok = True
         except Exception as exc:  # an old server, a network hiccup: no digest this time
             log.debug("cannot list ollama models: %s", exc)
@@ -282,7 +248,7 @@ class _AsyncTap(_Tapped):
         call = self.auditor.begin(api, wire_copy(kwargs.get("json") or {}))
         d = self.digests
         call.model_version = d.find(call.capture.model)
-        if d.stale(call.capture.model) and (d.task is None or d.task.done()):
+        if d.due(call.capture.model) and (d.task is None or d.task.done()):
             d.begin()
             d.task = asyncio.ensure_future(self._refresh())
         return call
@@ -291,7 +257,7 @@ class _AsyncTap(_Tapped):
         d = self.digests
         ok = False
         try:
-            d.store(await self.client.list())
+            d.take(await self.client.list())
             ok = True
         except Exception as exc:
             log.debug("cannot list ollama models: %s", exc)
