@@ -123,6 +123,10 @@ class Script:
     with_logprobs: list[bytes] | None = None
     #: The server dies after the body's pieces: the connection closes, the answer unfinished.
     cut: bool = False
+    #: A request member the server refuses -> its error answer (status, body).
+    refuses: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    #: The request bodies received, in order.
+    seen: list[dict[str, Any]] = field(default_factory=list)
 
 
 SCRIPTS: dict[str, Script] = {}
@@ -133,8 +137,13 @@ async def _answer(request: web.Request) -> web.StreamResponse:
     script = SCRIPTS.get(request.headers.get("X-Script", ""))
     if script is None:  # the proxy's own look-ups (/api/tags for the model digest)
         return web.json_response({"models": []})
+    asked = orjson.loads(sent) if sent else {}
+    script.seen.append(asked)
+    for member, (status, error) in script.refuses.items():
+        if member in asked:
+            return web.Response(status=status, body=error, content_type="application/json")
     body = script.body
-    if script.with_logprobs is not None and orjson.loads(sent).get("logprobs"):
+    if script.with_logprobs is not None and asked.get("logprobs"):
         body = script.with_logprobs
     out = web.StreamResponse(status=script.status, headers=script.headers)
     await out.prepare(request)
@@ -600,6 +609,92 @@ class TestTokenDataHidden:
             got[2]["output_tokens"],
             got[2]["output_token_source"],
         )
+
+
+#: OpenAI's answer to a member it does not know, and its reasoning models' to logprobs.
+UNKNOWN_MEMBER = (
+    400,
+    b'{\n  "error": {\n    "message": "Unrecognized request argument supplied: return_token_ids",'
+    b'\n    "type": "invalid_request_error",\n    "param": null,\n    "code": null\n  }\n}\n',
+)
+NO_LOGPROBS = (
+    400,
+    b'{\n  "error": {\n    "message": "Unsupported parameter: \'logprobs\' is not supported with'
+    b' this model.",\n    "type": "invalid_request_error",\n    "param": "logprobs",\n'
+    b'    "code": "unsupported_parameter"\n  }\n}',
+)
+
+
+class TestTokenDataRefused:
+    """An upstream that refuses what ``--request-token-data`` adds (OpenAI knows no
+    ``return_token_ids``; its reasoning models refuse ``logprobs``): the request goes again
+    without it, so the client gets the answer it gets directly, and that model is not asked
+    for it again."""
+
+    @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+    @pytest.mark.parametrize(
+        ("mode", "member", "refusal"),
+        [("all", "return_token_ids", UNKNOWN_MEMBER), ("logprobs", "logprobs", NO_LOGPROBS)],
+        ids=["ids", "logprobs"],
+    )
+    def test_asked_again_without_it(
+        self,
+        upstream: str,
+        tmp_path: Path,
+        mode: str,
+        member: str,
+        refusal: tuple[int, bytes],
+        streamed: bool,
+    ) -> None:
+        name = f"refuses-{member}-{streamed}"
+        body = dict(CHAT, stream=streamed)
+        if streamed:
+            plain = [b"".join(lp_chunk(t, f, False) for t, f in (("Hi", None), (None, "stop")))]
+            asked = [b"".join(lp_chunk(t, f, True) for t, f in (("Hi", None), (None, "stop")))]
+            headers = SSE
+        else:
+            answer = {
+                "id": "c1",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "Hi"},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+            plain = [orjson.dumps(answer)]
+            answer["choices"][0]["logprobs"] = logprobs_of("Hi")  # type: ignore[index]
+            asked = [orjson.dumps(answer)]
+            headers = {"Content-Type": "application/json"}
+        script = Script(plain, headers=headers, with_logprobs=asked, refuses={member: refusal})
+        SCRIPTS[name] = script
+        direct = exchange(upstream, None, name, "/v1/chat/completions", body)
+        assert direct[0] == 200
+        proxy = start_proxy(tmp_path, upstream, "--request-token-data", mode)
+        try:
+            script.seen.clear()
+            first = exchange(proxy.url, proxy, name, "/v1/chat/completions", body)
+            second = exchange(proxy.url, proxy, name, "/v1/chat/completions", body)
+        finally:
+            proxy.stop()
+        assert direct[:2] == first[:2] == second[:2]
+        # Refused once; asked again without it; the next exchange never asks for it.
+        assert [member in seen for seen in script.seen] == [True, False, False]
+        records = [first[2], second[2]]
+        assert all(r is not None and r["stop_reason"] == "stop" for r in records)
+        assert first[2] is not None and second[2] is not None
+        refused = ["return_token_ids"] if mode == "all" else ["logprobs", "top_logprobs"]
+        assert refused == first[2]["token_data_refused"]
+        assert "token_data_refused" not in second[2]
+        # What was not refused is still asked for: logprobs, when the ids were refused.
+        still = mode == "all"
+        assert [bool(s.get("logprobs")) for s in script.seen[1:]] == [still, still]
+        expected = (["Hi"], "upstream-pieces") if still else (None, "none")
+        assert expected == (second[2]["output_tokens"], second[2]["output_token_source"])
 
 
 class TestRedirects:

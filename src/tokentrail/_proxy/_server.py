@@ -61,7 +61,17 @@ from .._metrics import Metrics
 from .._record import new_event_id, now_rfc3339
 from ._config import ProxyConfig
 from ._identity import IDEMPOTENCY_HEADER, SESSION_HEADER, USER_HEADER, IdentityResolver, RetryIndex
-from ._tokendata import Strip, plan, strip_event, strip_json, strip_line
+from ._tokendata import (
+    ASKS,
+    REFUSAL_STATUSES,
+    Strip,
+    added,
+    plan,
+    refused_by,
+    strip_event,
+    strip_json,
+    strip_line,
+)
 from ._upstream import Pool, Response, UpstreamBroken, UpstreamUnreachable
 
 log = logging.getLogger("tokentrail.proxy")
@@ -270,6 +280,12 @@ class _ClientGone(Exception):
 _LONG_NUMBER = re.compile(rb"\d{20}")
 
 
+#: How much of an error answer is read to see whether it refuses the token data asked for.
+REFUSAL_PEEK_BYTES = 64 * 1024
+#: Models whose refusals are remembered (past that, forgotten and learnt again).
+REFUSALS_KEPT = 10_000
+
+
 def reencodes_exactly(raw: bytes) -> bool:
     """Whether ``orjson.dumps(orjson.loads(raw))`` means what ``raw`` does, so that the proxy may
     send an edited copy (``--request-token-data``): not when a value is only readable with a
@@ -442,6 +458,8 @@ class ProxyApp:
             config.api_keys, trust_headers=config.trust_identity_headers
         )
         self.retries = RetryIndex()
+        #: (api, model) -> the token data asks the upstream refused for it (``_refused``).
+        self.token_data_refused: dict[tuple[str, str | None], frozenset[str]] = {}
         self.unaudited_seen: set[str] = set()  # "METHOD /path" already warned about
         self.digests = ModelDigests(session, config.upstream, config.tags_ttl_s)
         self.timeout = aiohttp.ClientTimeout(  # pass-through's (audited: the pool's own)
@@ -645,15 +663,9 @@ class ProxyApp:
             resp.headers["Retry-After"] = "1"
             return resp
         capture = new_capture(api, body)
-        new_body, strip = plan(api, body, self.config.request_token_data)
-        if new_body is not None and not reencodes_exactly(raw):
-            new_body, strip = None, Strip()  # send the client's bytes, without the token data
-        send = raw if new_body is None else orjson.dumps(new_body)
         event_id = new_event_id()
         meta_base: dict[str, Any] = {"stream": capture.stream}
-        if new_body is not None:
-            meta_base["token_data_requested"] = sorted(set(new_body) - set(body))
-            capture.logprobs_asked = asks_logprobs(new_body)
+        send, strip = self._ask(api, capture, raw, meta_base)
         peer = request.remote
         if peer:
             meta_base["client.address"] = peer
@@ -707,7 +719,7 @@ class ProxyApp:
             # The target as sent: audited by the path the upstream may act on (see ``handle``),
             # but what the upstream makes of "/api/generate/" is its own answer to give.
             target = _target_as_sent(request)
-            return await self._exchange(request, ex, send, headers, strip, target, watch)
+            return await self._exchange(request, ex, raw, send, headers, strip, target, watch)
         except asyncio.CancelledError:
             if not ex.recorded:
                 await asyncio.shield(self._record(ex, "interrupted"))
@@ -717,10 +729,53 @@ class ProxyApp:
             if digest_task is not None and not digest_task.done():
                 self.digests.outlive(digest_task)  # its answer fills the cache for the next
 
+    def _ask(
+        self, api: str, capture: Capture, raw: bytes, meta: dict[str, Any]
+    ) -> tuple[bytes, Strip]:
+        """The body to send (``raw``, or a copy asking for token data) and what to strip from
+        the answer; notes what was asked in ``meta`` and ``capture``."""
+        body = capture.request
+        refused = self.token_data_refused.get((api, capture.model), frozenset())
+        new_body, strip = plan(api, body, self.config.request_token_data, refused)
+        if new_body is not None and not reencodes_exactly(raw):
+            new_body, strip = None, Strip()  # send the client's bytes, without the token data
+        meta.pop("token_data_requested", None)
+        capture.logprobs_asked = asks_logprobs(body if new_body is None else new_body)
+        if new_body is None:
+            return raw, strip
+        meta["token_data_requested"] = added(body, new_body)
+        return orjson.dumps(new_body), strip
+
+    async def _refused(self, ex: _Exchange, upstream: Response) -> bool:
+        """Whether ``upstream`` (an error answer to a request with token data added) refuses
+        what was added: if so, it is not asked for this model again."""
+        members = ex.meta_base.get("token_data_requested", [])
+        error = await upstream.peek(REFUSAL_PEEK_BYTES)
+        refused = refused_by(members, error or b"")
+        if not refused:
+            return False
+        key = (ex.api, ex.capture.model)
+        if len(self.token_data_refused) >= REFUSALS_KEPT:
+            self.token_data_refused.clear()
+        before = self.token_data_refused.get(key, frozenset())
+        self.token_data_refused[key] = before | refused
+        ex.meta_base.setdefault("token_data_refused", []).extend(
+            m for m in members if ASKS.get(m) in refused
+        )
+        log.warning(
+            "upstream refused %s for model %r (HTTP %d): asked again without it, and not"
+            " asked for it again",
+            ", ".join(m for m in members if ASKS.get(m) in refused),
+            ex.capture.model,
+            upstream.status,
+        )
+        return True
+
     async def _exchange(
         self,
         request: web.BaseRequest,
         ex: _Exchange,
+        raw: bytes,
         send: bytes,
         headers: CIMultiDict[str],
         strip: Strip,
@@ -730,6 +785,17 @@ class ProxyApp:
         try:
             # A redirect goes to the client as it is: following it would answer another request.
             upstream = await watch.waiting(self.upstream.post(target, send, headers))
+            while (
+                send is not raw
+                and upstream.status in REFUSAL_STATUSES
+                and await self._refused(ex, upstream)
+            ):
+                upstream.close()  # the same request again, without what was refused
+                send, strip = self._ask(ex.api, ex.capture, raw, ex.meta_base)
+                headers = upstream_request_headers(request.headers, audited=True)
+                if strip:
+                    headers["Accept-Encoding"] = "identity"
+                upstream = await watch.waiting(self.upstream.post(target, send, headers))
         except _ClientGone:  # the upstream had not answered: it stops, and nothing is relayed
             await self._record(ex, "client_disconnect")
             return web.Response(status=499)  # for nobody: the client has gone
@@ -771,7 +837,8 @@ class ProxyApp:
         ex.capture.logprobs_asked = asked
         ex.meta_base["stream"] = ex.capture.stream
         # What was asked on the client's behalf was asked in the same words (logprobs: true).
-        return plan(api, body, self.config.request_token_data)[1] if strip else strip
+        refused = self.token_data_refused.get((ex.api, ex.capture.model), frozenset())
+        return plan(api, body, self.config.request_token_data, refused)[1] if strip else strip
 
     async def _relay_body(
         self,

@@ -10,6 +10,11 @@ for itself:
 - ``ids`` (``ids`` or ``all``): vLLM's ``"return_token_ids": true`` (other servers may refuse an
   unknown parameter, which is why it is a separate choice).
 
+An upstream that refuses what was added (OpenAI answers 400 "Unrecognized request argument
+supplied: return_token_ids", and its reasoning models refuse ``logprobs``) has the request sent
+again without it, and it is not asked for that model again (:func:`refused_by`): the client gets
+the answer it gets directly.
+
 and removes from every response chunk exactly what that addition put there, editing the upstream's
 bytes in place (never re-serialising) so the client receives the bytes it would have received
 (an SSE event whose JSON spans several ``data:`` lines is edited as a client reads it, joined):
@@ -57,12 +62,24 @@ class Strip:
         return bool(self.top_remove or self.choice_null or self.choice_remove or self.top_null)
 
 
-def plan(api: str, body: Mapping[str, Any], mode: str) -> tuple[dict[str, Any] | None, Strip]:
-    """The request body to send upstream (``None``: unchanged) and what to strip from responses."""
+#: What each request member the proxy may add asks for: refused, the whole ask is dropped.
+ASKS = {"logprobs": "logprobs", "top_logprobs": "logprobs", "return_token_ids": "ids"}
+#: The statuses a server refuses a request member with (OpenAI 400, and 403 for logprobs on
+#: some reasoning models; 422 from servers on FastAPI that validate strictly).
+REFUSAL_STATUSES = frozenset({400, 403, 422})
+
+
+def plan(
+    api: str, body: Mapping[str, Any], mode: str, refused: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any] | None, Strip]:
+    """The request body to send upstream (``None``: unchanged) and what to strip from responses.
+
+    ``refused``: the asks (``"logprobs"``, ``"ids"``) the upstream refused for this model.
+    """
     if mode == "off":
         return None, Strip()
-    want_lp = mode in ("logprobs", "all")
-    want_ids = mode in ("ids", "all") and api.startswith("openai.")
+    want_lp = mode in ("logprobs", "all") and "logprobs" not in refused
+    want_ids = mode in ("ids", "all") and api.startswith("openai.") and "ids" not in refused
     new = dict(body)
     top_remove: list[bytes] = []
     choice_null: list[bytes] = []
@@ -95,6 +112,17 @@ def plan(api: str, body: Mapping[str, Any], mode: str) -> tuple[dict[str, Any] |
         drop_llamacpp_logprobs=api == "openai.chat",
     )
     return (new if strip else None), strip
+
+
+def added(body: Mapping[str, Any], sent: Mapping[str, Any]) -> list[str]:
+    """The members of ``sent`` the proxy added to the client's ``body`` (or changed: a legacy
+    completions ``"logprobs": null`` asked as 1), sorted."""
+    return sorted(k for k, v in sent.items() if k not in body or body[k] != v)
+
+
+def refused_by(members: list[str], error: bytes) -> frozenset[str]:
+    """The asks an upstream's error body refuses: those whose added member it names."""
+    return frozenset(ASKS[m] for m in members if m in ASKS and m.encode() in error)
 
 
 def _skip_ws(buf: bytes, i: int) -> int:

@@ -147,6 +147,19 @@ class Response:
             await self.wait()
         return self._take() if self.chunks else b""
 
+    async def peek(self, limit: int) -> bytes | None:
+        """The whole body, left to be read again; ``None`` when it is longer than ``limit``
+        bytes, fails or stalls (whoever reads it next meets that)."""
+        while not self.complete:
+            if self.error is not None or self._size > limit:
+                return None
+            try:
+                await self.wait()
+            except TimeoutError:
+                return None
+        data = b"".join(self.chunks)
+        return data if len(data) <= limit else None
+
     def close(self) -> None:
         """Drop the connection if the answer is still coming (the upstream sees it close)."""
         conn, self._conn = self._conn, None
