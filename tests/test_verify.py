@@ -917,6 +917,19 @@ class TestIncremental:
         report = run_verify(scene.root, scene.signer, scene.state_dir, full=True)
         assert 5 in {f.seq for f in report.findings}, describe(report)
 
+    @pytest.mark.parametrize("full", [False, True], ids=["daily", "all"])
+    def test_a_longer_fork_signed_with_the_key_is_caught(self, scene: Scene, full: bool) -> None:
+        """A history rewritten by someone holding the signing key, longer than the one verified
+        and with no checkpoint of the remembered size: the remembered root is the only proof
+        left, and a full run (``--all``) compares it too (it took the fork, and its state)."""
+        _rewrite(N + 7, None)(scene)
+        assert N not in {int(p.name[:20]) for p in (log_path(scene.root) / "checkpoints").iterdir()}
+        report = run_verify(scene.root, scene.signer, scene.state_dir, full=full)
+        assert not report.ok, describe(report)
+        assert any("rewritten history" in f.message for f in report.findings), describe(report)
+        again = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not again.ok, describe(again)  # the fork did not become the remembered history
+
     def test_a_failure_stands_until_a_full_run_passes(self, scene: Scene) -> None:
         """An edit below the witness state, found by a full run: the next daily run does not
         re-read it, and still fails, saying why, until a full run passes again."""

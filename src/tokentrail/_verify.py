@@ -712,14 +712,21 @@ class _LogVerifier:
                     )
                     broken = True
                 elif obj.get("prev_hash") != prev_hex:
-                    # The record before no longer hashes to what this one chained to: it was
-                    # edited (or this record's prev_hash was). Name both.
-                    before = last_at or at
-                    self.finding(
-                        f"record edited: its leaf hash does not match the prev_hash of the next"
-                        f" record (seq {seq}, event_id {event_id}, {where})",
-                        **before,
-                    )
+                    if last_at is None and state is not None and start == state.tree.size:
+                        # The record before is the last one verified, known by its hash only.
+                        self.finding(
+                            f"record does not chain to record {start - 1} as verified on"
+                            f" {state.verified_at} (rewritten history)",
+                            **at,
+                        )
+                    else:
+                        # The record before no longer hashes to what this one chained to: it
+                        # was edited (or this record's prev_hash was). Name both.
+                        self.finding(
+                            f"record edited: its leaf hash does not match the prev_hash of the"
+                            f" next record (seq {seq}, event_id {event_id}, {where})",
+                            **(last_at or at),
+                        )
                     broken = True
                 # A line under a signed checkpoint was vouched for by the key that signed it
                 # (a writer refuses to seal one that is not I-JSON); re-encoding every line to
@@ -752,6 +759,22 @@ class _LogVerifier:
                 if broken:
                     continue
                 tree.append(lhash)
+                known = self.state
+                # A full run passes the size verified before: the same history, or a fork (one
+                # holding the key can sign a longer one with no checkpoint of that size).
+                if (
+                    state is None
+                    and known is not None
+                    and tree.size == known.tree.size
+                    and tree.root() != known.root
+                ):
+                    self.finding(
+                        f"the first {tree.size} records differ from those verified on"
+                        f" {known.verified_at} (rewritten history)",
+                        **at,
+                    )
+                    broken = True
+                    continue
                 cp = self.checkpoints.get(tree.size)
                 if cp is None:
                     continue
