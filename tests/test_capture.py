@@ -797,6 +797,60 @@ class TestOpenAIChat:
         ) == ("upstream_error", "The model `x` does not exist")
 
 
+class TestOpenAIRefusal:
+    """OpenAI's ``refusal``, given in place of the content (``content: null``), with its tokens
+    under ``logprobs.refusal``: the answer's text and tokens, and a ``refusal`` part."""
+
+    def _entries(self, pieces: list[str]) -> list[dict[str, Any]]:
+        return [
+            {"token": p, "logprob": -0.1, "bytes": list(p.encode()), "top_logprobs": []}
+            for p in pieces
+        ]
+
+    def test_whole(self) -> None:
+        body = {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+            "system_fingerprint": "fp_1",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": None,
+                            "refusal": "I'm sorry, I can't help.", "annotations": []},
+                "logprobs": {"content": None,
+                             "refusal": self._entries(["I'm", " sorry", ",", " I can't help."])},
+                "finish_reason": "stop",
+            }],
+        }  # fmt: skip
+        ex = run(OpenAICapture({"model": "gpt-4o", "logprobs": True}, chat=True), [body])
+        assert ex.output_text == "I'm sorry, I can't help."
+        assert (ex.output_tokens, ex.output_token_source) == (
+            ["I'm", " sorry", ",", " I can't help."],
+            "upstream-pieces",
+        )
+        assert [{"type": "refusal", "content": "I'm sorry, I can't help."}] == ex.extra[
+            "gen_ai.output.messages"
+        ][0]["parts"]
+
+    def test_streamed(self) -> None:
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                "model": "gpt-4o", "system_fingerprint": "fp_1"}  # fmt: skip
+
+        def chunk(delta: dict[str, Any], lp: Any, finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            return {**base, "choices": [choice]}
+
+        chunks = [
+            chunk({"role": "assistant", "refusal": ""}, {"content": None, "refusal": []}),
+            chunk({"refusal": "I'm"}, {"content": None, "refusal": self._entries(["I'm"])}),
+            chunk({"refusal": " sorry"}, {"content": None, "refusal": self._entries([" sorry"])}),
+            chunk({}, None, "stop"),
+        ]
+        request = {"model": "gpt-4o", "stream": True, "logprobs": True}
+        ex = run(OpenAICapture(request, chat=True), chunks)
+        assert (ex.output_text, ex.stop_reason) == ("I'm sorry", "stop")
+        assert (ex.output_tokens, ex.output_token_source) == (["I'm", " sorry"], "upstream-pieces")
+        assert ex.extra["gen_ai.output.messages"][0]["parts"][0]["type"] == "refusal"
+
+
 class TestOpenAIOddFields:
     """Fields of the wrong JSON type where token data or usage would be: ignored, never taken
     for data, and the output still captured."""

@@ -49,10 +49,19 @@ def _count(value: Any) -> int | None:
 class _Choice:
     """What one ``choices[index]`` has produced so far."""
 
-    __slots__ = ("finish_reason", "logprobs", "reasoning", "reported", "text", "tool_calls")
+    __slots__ = (
+        "finish_reason",
+        "logprobs",
+        "reasoning",
+        "refusal",
+        "reported",
+        "text",
+        "tool_calls",
+    )
 
     def __init__(self) -> None:
-        self.text: list[str] = []
+        self.text: list[str] = []  # the content, and a refusal given in its place
+        self.refusal = False  # the text is (or has) OpenAI's ``refusal``
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
@@ -146,6 +155,7 @@ class OpenAICapture(Capture):
             if isinstance(reasoning, str) and reasoning:
                 choice.reasoning.append(reasoning)
                 produced = True
+            refusal = msg.get("refusal")  # OpenAI's, in place of the content
             calls = msg.get("tool_calls")
             if isinstance(calls, list) and calls:
                 produced = True
@@ -153,9 +163,13 @@ class OpenAICapture(Capture):
                     self._merge_call(choice, pos, call)
         else:
             content = raw.get("text")
+            refusal = None
         if isinstance(content, str) and content:
             choice.text.append(content)
             produced = True
+        if isinstance(refusal, str) and refusal:
+            choice.text.append(refusal)
+            choice.refusal = produced = True
         ids = raw.get("token_ids")
         had_ids = ids is not None and choice.reported.add_ids(ids)
         logprobs = raw.get("logprobs")
@@ -188,7 +202,10 @@ class OpenAICapture(Capture):
         if not isinstance(logprobs, MAPPING):
             return False
         if self.chat or "content" in logprobs:
-            return choice.logprobs.add_entries(logprobs.get("content"))
+            # A refusal's tokens are under "refusal", where the content's would be.
+            got = choice.logprobs.add_entries(logprobs.get("content"))
+            refusal = logprobs.get("refusal")
+            return (refusal is not None and choice.logprobs.add_entries(refusal)) or got
         tokens, lps = logprobs.get("tokens"), logprobs.get("token_logprobs")
         if not isinstance(tokens, list):
             return False
@@ -360,7 +377,7 @@ class OpenAICapture(Capture):
             parts.append({"type": "reasoning", "content": "".join(choice.reasoning)})
         text = "".join(choice.text)
         if text or not (choice.reasoning or choice.tool_calls):
-            parts.append({"type": "text", "content": text})
+            parts.append({"type": "refusal" if choice.refusal else "text", "content": text})
         for idx in sorted(choice.tool_calls):
             call = choice.tool_calls[idx]
             part: dict[str, Any] = {"type": "tool_call", "name": call["name"]}
