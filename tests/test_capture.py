@@ -146,29 +146,32 @@ class TestOllamaGenerate:
                 "done": False,
                 "logprobs": [{"token": "Hi", "logprob": -0.1}],
             },
-            {
+            {  # "é" over two tokens, sent once it is whole
                 "model": "m",
-                "response": "\ufffd",
+                "response": "é",
                 "done": False,
-                "logprobs": [{"token": "\ufffd", "logprob": -0.2, "bytes": [0xE2, 0x80]}],
+                "logprobs": [
+                    {"token": "\ufffd", "logprob": -0.2, "bytes": [0xC3]},
+                    {"token": "\ufffd", "logprob": -0.3, "bytes": [0xA9]},
+                ],
             },
             {
                 "model": "m",
                 "response": "",
                 "done": True,
                 "done_reason": "length",
-                "context": [1, 2, 3, 4],
+                "context": [1, 2, 3, 4, 5],
                 "prompt_eval_count": 2,
-                "eval_count": 2,
+                "eval_count": 3,
             },
         ]
         ex = run(OllamaCapture({"model": "m", "prompt": "p"}, chat=False), chunks)
         assert (
             ex.output_tokens,
             ex.output_token_source,
-        ) == (["Hi", [0xE2, 0x80]], "upstream-pieces")
+        ) == (["Hi", [0xC3], [0xA9]], "upstream-pieces")
         assert (ex.input_tokens, ex.input_token_source) == ([1, 2], "upstream-context")
-        assert ex.extra["output_logprobs"] == [-0.1, -0.2]
+        assert ex.extra["output_logprobs"] == [-0.1, -0.2, -0.3]
         assert ex.stop_reason == "length"
 
     def test_partial_logprobs_are_not_reported(self) -> None:
@@ -345,6 +348,79 @@ class TestSplitContext:
         assert split == how["split_at"]
         assert ctx == inp + (out or [])
         assert ctx[:split] == inp
+
+
+class TestOllamaPiecesChecked:
+    """Ollama's logprobs pieces are the answer's tokens only when every token generated has its
+    entry and they spell the answer's text; else the context (generate) or none."""
+
+    @staticmethod
+    def entry(token: str, raw: bytes | None = None) -> dict[str, Any]:
+        return {"token": token, "logprob": -0.25, "bytes": list(raw or token.encode())}
+
+    def lines(
+        self, chat: bool, steps: list[tuple[str, list[dict[str, Any]]]], **final: Any
+    ) -> list[dict[str, Any]]:
+        def line(text: str) -> dict[str, Any]:
+            if chat:
+                return {"model": "m", "message": {"role": "assistant", "content": text}}
+            return {"model": "m", "response": text}
+
+        out = [{**line(text), "done": False, "logprobs": lp} for text, lp in steps]
+        return [*out, {**line(""), "done": True, **final}]
+
+    @pytest.mark.parametrize("chat", [False, True], ids=["generate", "chat"])
+    def test_answer_cut_inside_a_character(self, chat: bool) -> None:
+        """``num_predict`` 4 reached inside "€" (3 bytes over 2 tokens): the runner drops the
+        incomplete bytes and their entries, ``eval_count`` still counts them. Two of four
+        tokens are no sequence: the context's ids (generate) or none, and how many lack one."""
+        steps = [("Hi", [self.entry("Hi")]), (" ", [self.entry(" ")])]
+        final: dict[str, Any] = {"done_reason": "length", "prompt_eval_count": 2, "eval_count": 4}
+        if not chat:
+            final["context"] = [7, 8, 30, 31, 32, 33]
+        request = {"model": "m", "logprobs": True}
+        ex = run(OllamaCapture(request, chat=chat), self.lines(chat, steps, **final))
+        assert ex.output_text == "Hi "
+        assert ex.extra["tokentrail.output_tokens_missing"] == 2
+        expected = (None, "none") if chat else ([30, 31, 32, 33], "upstream-context")
+        assert expected == (ex.output_tokens, ex.output_token_source)
+
+    def test_end_of_sequence_is_counted_not_sent(self) -> None:
+        """A ``stop`` answer counts its end-of-sequence token in ``eval_count`` and has no
+        entry for it: one fewer entry is every token (and as many, as the simulator sends)."""
+        steps = [("Hi", [self.entry("Hi")]), (" there", [self.entry(" there")])]
+        for count in (2, 3):
+            chunks = self.lines(True, steps, done_reason="stop", eval_count=count)
+            ex = run(OllamaCapture({"model": "m", "logprobs": True}, chat=True), chunks)
+            assert (["Hi", " there"], "upstream-pieces") == (
+                ex.output_tokens,
+                ex.output_token_source,
+            )
+        chunks = self.lines(True, steps, done_reason="stop", eval_count=4)
+        ex = run(OllamaCapture({"model": "m", "logprobs": True}, chat=True), chunks)
+        assert (ex.output_token_source, ex.extra["tokentrail.output_tokens_missing"]) == (
+            "none",
+            1,
+        )
+        # A stop sequence's tokens are counted and trimmed with their entries: no telling.
+        request = {"model": "m", "logprobs": True, "options": {"stop": ["\n"]}}
+        ex = run(OllamaCapture(request, chat=True), chunks)
+        assert ex.output_token_source == "upstream-pieces"
+
+    @pytest.mark.parametrize("chat", [False, True], ids=["generate", "chat"])
+    def test_replacement_characters_are_not_the_tokens(self, chat: bool) -> None:
+        """ollama/ollama#13497: "é" split over two tokens, each given as U+FFFD with U+FFFD's
+        bytes. Pieces that do not spell the text are not its tokens."""
+        bad = self.entry("\ufffd", "\ufffd".encode())
+        steps = [("Caf", [self.entry("Caf")]), ("é", [bad, bad]), (" ok", [self.entry(" ok")])]
+        final: dict[str, Any] = {"done_reason": "stop", "prompt_eval_count": 1, "eval_count": 5}
+        if not chat:
+            final["context"] = [9, 40, 41, 42, 43]
+        ex = run(OllamaCapture({"model": "m"}, chat=chat), self.lines(chat, steps, **final))
+        assert ex.output_text == "Café ok"
+        assert "tokentrail.output_pieces_unusable" in ex.extra
+        expected = (None, "none") if chat else ([40, 41, 42, 43], "upstream-context")
+        assert expected == (ex.output_tokens, ex.output_token_source)
 
 
 class TestOpenAIChat:
@@ -1077,6 +1153,7 @@ class TestHelpers:
             ({"token": "token_id:42"}, (42, None)),
             ({"id": 7, "token": "x"}, (7, "x")),
             ({"token": "bytes:\\xe2"}, (None, [0xE2])),
+            ({"token": "bytes: \\xe2\\x80"}, (None, [0xE2, 0x80])),  # (seen with a space too)
             ({"logprob": 0.0}, (None, None)),
             ({"token": "", "bytes": None, "logprob": -1.0}, (None, None)),
             ({"token": "", "logprob": -1.0}, (None, None)),

@@ -40,7 +40,7 @@ SOURCE_CONTEXT = "upstream-context"
 SOURCE_NONE = "none"
 
 #: OpenAI's legacy completions spell a piece that is not valid UTF-8 as ``bytes:\xe2\x80``.
-_LEGACY_BYTES = re.compile(r"^bytes:((?:\\x[0-9a-fA-F]{2})+)$")
+_LEGACY_BYTES = re.compile(r"^bytes: ?((?:\\x[0-9a-fA-F]{2})+)$")
 #: vLLM's ``return_tokens_as_token_ids`` spells a logprobs token as ``token_id:1234``.
 _VLLM_TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 

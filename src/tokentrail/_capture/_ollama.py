@@ -12,8 +12,17 @@ return ``logprobs: [{"token", "logprob", "bytes"?, "top_logprobs"?}]`` on each c
 request sets ``"logprobs": true``.
 
 Token sources: output pieces from ``logprobs`` (``upstream-pieces``) when every output chunk had
-them; otherwise, and for the input always, the ``context`` split by :func:`split_context`
-(``upstream-context``); otherwise ``none``.
+them, every token generated has its entry, and the pieces spell the answer's text; otherwise,
+and for the input always, the ``context`` split by :func:`split_context` (``upstream-context``);
+otherwise ``none``.
+
+The runner sends no entry for the tokens of a character an answer ends inside (``flushPending``
+drops the incomplete bytes, and with nothing left, their entries), while ``eval_count`` counts
+every token sampled, the end-of-sequence token included: so a ``length`` answer with fewer
+entries than ``eval_count``, or a ``stop`` one (no stop sequences asked) with fewer than
+``eval_count`` − 1, lacks tokens. Some versions give a token that is not UTF-8 on its own as
+U+FFFD with U+FFFD's bytes (ollama/ollama#13497): pieces that do not spell the text are no
+token sequence of it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from ._common import (
     MAPPING,
     SOURCE_CONTEXT,
     SOURCE_NONE,
+    SOURCE_PIECES,
     Capture,
     Meta,
     TokenTrack,
@@ -80,6 +90,14 @@ def split_context(
     if split is None:
         return list(context), None, how
     return list(context[:split]), list(context[split:]), how
+
+
+def spells(pieces: TokenList | None, text: str) -> bool:
+    """Whether ``pieces`` (strings, or byte values) joined are the UTF-8 of ``text``."""
+    if pieces is None:
+        return False
+    joined = b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in pieces)
+    return joined == text.encode()
 
 
 def _count(value: Any) -> int | None:
@@ -154,7 +172,18 @@ class OllamaCapture(Capture):
 
         input_tokens: TokenList | None = None
         input_source = SOURCE_NONE
+        output_text = "".join(self.text)
         output_tokens, output_source = self.tokens.best()
+        if output_source == SOURCE_PIECES:
+            missing = self._entries_missing(e, final.get("done_reason"))
+            if missing:
+                extra["tokentrail.output_tokens_missing"] = missing
+                output_tokens, output_source = None, SOURCE_NONE
+            elif not (self.thinking or self.tool_calls) and not spells(output_tokens, output_text):
+                extra["tokentrail.output_pieces_unusable"] = (
+                    "the logprobs' pieces do not spell the answer's text"
+                )
+                output_tokens, output_source = None, SOURCE_NONE
         context = final.get("context")
         if isinstance(context, list) and set(map(type, context)) <= _INT_ONLY:
             ctx_in, ctx_out, how = split_context(context, p, e)
@@ -177,7 +206,6 @@ class OllamaCapture(Capture):
             extra["ollama.durations_ns"] = durations
         if self.tokens.logprobs and output_source != SOURCE_NONE:
             extra["output_logprobs"] = list(self.tokens.logprobs)
-        output_text = "".join(self.text)
         extra["gen_ai.output.messages"] = [self._output_message(output_text, done_reason)]
         extra.update(meta.extra)
 
@@ -214,6 +242,23 @@ class OllamaCapture(Capture):
             event_id=meta.event_id,
             extra=extra,
         )
+
+    def _entries_missing(self, eval_count: int | None, done_reason: Any) -> int:
+        """How many generated tokens have no logprobs entry (0: none known to be missing)."""
+        if eval_count is None or self.error is not None:
+            return 0
+        if done_reason == "length":
+            expected = eval_count
+        elif done_reason == "stop" and not self._stop_sequences():
+            expected = eval_count - 1  # the end-of-sequence token, counted and never sent
+        else:
+            return 0  # a stop sequence's tokens are counted and trimmed with their entries
+        return max(0, expected - self.tokens.entries)
+
+    def _stop_sequences(self) -> bool:
+        options = self.request.get("options")
+        stop = options.get("stop") if isinstance(options, MAPPING) else None
+        return bool(stop)
 
     def _output_message(self, text: str, done_reason: Any) -> dict[str, Any]:
         parts: list[dict[str, Any]] = []
