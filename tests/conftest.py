@@ -43,16 +43,26 @@ TOKEN_SAMPLES: tuple[list[Any] | None, ...] = (
 )
 
 
+def source_of(tokens: list[Any] | None) -> str:
+    """The source a token list can have (SPEC sections 2 and 5): none for ``null``, ids from
+    ``upstream-ids``, pieces from ``upstream-pieces``."""
+    if tokens is None:
+        return "none"
+    return "upstream-pieces" if tokens and not isinstance(tokens[0], int) else "upstream-ids"
+
+
 def exchange_for(i: int, **overrides: Any) -> Exchange:
     """The ``i``-th test exchange: token lists, text and ids vary with ``i``."""
+    input_tokens = TOKEN_SAMPLES[i % len(TOKEN_SAMPLES)]
+    output_tokens = TOKEN_SAMPLES[(i + 1) % len(TOKEN_SAMPLES)]
     fields: dict[str, Any] = {
         "model": "llama3.2:1b",
         "api": "ollama.generate",
         "stop_reason": "stop",
-        "input_tokens": TOKEN_SAMPLES[i % len(TOKEN_SAMPLES)],
-        "output_tokens": TOKEN_SAMPLES[(i + 1) % len(TOKEN_SAMPLES)],
-        "input_token_source": "upstream-ids",
-        "output_token_source": "upstream-pieces",
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "input_token_source": source_of(input_tokens),
+        "output_token_source": source_of(output_tokens),
         "input_text": f"prompt number {i}: why is the sky blue?",
         "output_text": None if i % 7 == 3 else f"answer {i}: Rayleigh scattering ☀",
         "user_id": f"user-{i % 5}",

@@ -493,7 +493,7 @@ exchanges = st.builds(
     session_id=st.one_of(st.none(), st.text()),
     model_version=st.one_of(st.none(), st.text()),
     model=st.text(),
-    request_duration_ms=st.floats(allow_nan=False, allow_infinity=False),
+    request_duration_ms=st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
     stop_reason=st.sampled_from(["stop", "length", "tool_calls", "client_disconnect"]),
     api=st.sampled_from(
         ["ollama.generate", "ollama.chat", "openai.chat", "openai.completions", "sdk"]
@@ -537,7 +537,7 @@ class TestEncodeLine:
     @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=repr)
     def test_no_nan_or_infinity(self, value: float) -> None:
         """A non-finite duration is refused: SPEC wants a float, and I-JSON has no NaN."""
-        with pytest.raises(ConfigError, match="request_duration_ms must be finite"):
+        with pytest.raises(ConfigError, match="request_duration_ms must be a wall time in ms"):
             exchange(request_duration_ms=value)
 
     def test_newlines_in_text_are_escaped(self) -> None:

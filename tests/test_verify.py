@@ -477,6 +477,56 @@ class TestTamperMatrix:
         assert (False, False) == (first.ok, second.ok), describe(second)
 
 
+class TestFindingsNameRecords:
+    """SPEC section 4: a finding names the log, seq, event_id and file. A checkpoint's finding
+    names the last record the checkpoint covers; a record that does not parse is named by its
+    place and the event_id it still reads, and a break after it is blamed on it."""
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "checkpoint-root-edited",
+            "checkpoint-size-edited",
+            "checkpoint-signature-edited",
+            "checkpoint-other-key",
+            "checkpoint-forged-root",
+        ],
+    )
+    def test_checkpoint_findings_name_its_last_record(self, name: str, scene: Scene) -> None:
+        TAMPERS[name](scene)
+        last = json.loads(line_of(scene.root, 29)[2])
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        cp = str(checkpoint_file(scene.root, 30))
+        at_cp = [f for f in report.findings if f.location == cp]
+        assert at_cp, describe(report)
+        assert all((f.seq, f.event_id) == (29, last["event_id"]) for f in at_cp), describe(report)
+
+    def test_event_id_used_twice(self, scene: Scene) -> None:
+        """A record (hashes and chain recomputed, as a writer holding the key could write it)
+        reusing an earlier record's ``event_id``: named, with the record it shares it with."""
+        path, _, last = line_of(scene.root, N - 1)
+        earlier = json.loads(line_of(scene.root, 7)[2])["event_id"]
+        obj = json.loads(forged_line(last, timestamp=rfc3339(datetime.now(UTC)), seq=N))
+        obj["event_id"] = earlier
+        with path.open("ab") as fh:
+            fh.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        report = run_verify(scene.root, scene.signer, scene.state_dir, full=True)
+        assert [(N, earlier, str(path))] == [
+            (f.seq, f.event_id, f.location) for f in report.findings if "also used by" in f.message
+        ], describe(report)
+        assert "record 7" in describe(report)
+
+    def test_unreadable_record_is_named_and_blamed(self, scene: Scene) -> None:
+        path, _, line = line_of(scene.root, 12)
+        event_id = json.loads(line)["event_id"]
+        edit_record(scene.root, 12, b'"seq":12,', b'"seq":12,,')
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
+        assert not report.ok
+        assert {(12, event_id, str(path))} == {
+            (f.seq, f.event_id, f.location) for f in report.findings if f.seq in (11, 12)
+        }, describe(report)
+
+
 class TestDateFolders:
     """A segment's date folder is the day its first record was appended (SPEC section 3)."""
 
@@ -660,6 +710,63 @@ class TestRecordRules:
             fh.write(line)
         report = run_verify(scene.root, scene.signer, scene.state_dir)
         assert not report.ok, describe(report)
+        assert [N] == [f.seq for f in report.findings if message in f.message], describe(report)
+
+    @pytest.mark.parametrize(
+        ("fields", "message"),
+        [
+            ({"api": "bogus.api"}, "api 'bogus.api' is not one of"),
+            ({"output_token_source": "magic"}, "output_token_source 'magic' is unknown"),
+            ({"stop_reason": None}, "stop_reason is not a string"),
+            ({"model": None}, "model is not a string"),
+            ({"user_id": 42}, "user_id is neither a string nor null"),
+            ({"model_version": 7}, "model_version is neither a string nor null"),
+            ({"request_duration_ms": -5.0}, "request_duration_ms -5.0 is not a wall time"),
+            ({"request_duration_ms": "12.5"}, "request_duration_ms '12.5' is not a wall time"),
+            (
+                {"output_tokens": [[104, 105], "x"], "output_token_source": "upstream-pieces"},
+                "output_tokens: a byte piece that is valid UTF-8",
+            ),
+            (
+                {"output_tokens": [[300], "x"], "output_token_source": "upstream-pieces"},
+                "output_tokens: a byte piece with a value that is not a byte",
+            ),
+            (
+                {"output_tokens": [1, "a"], "output_token_source": "upstream-pieces"},
+                "output_tokens: neither ids nor pieces (or both)",
+            ),
+            (
+                {"output_tokens": [1, 2], "output_token_source": "none"},
+                "output_tokens: tokens, but the source is 'none'",
+            ),
+            (
+                {"output_tokens": None, "output_token_source": "upstream-ids"},
+                "output_tokens: no tokens, but the source is 'upstream-ids'",
+            ),
+            (
+                {"output_tokens": [1, 2], "output_token_source": "upstream-pieces"},
+                "output_tokens: ids, but the source is 'upstream-pieces'",
+            ),
+            (
+                {"output_tokens": ["a"], "output_token_source": "upstream-context"},
+                "output_tokens: pieces, but the source 'upstream-context' gives ids",
+            ),
+        ],
+        ids=repr,
+    )
+    def test_value_broken_is_a_finding(
+        self, fields: dict[str, Any], message: str, scene: Scene
+    ) -> None:
+        """A record a writer holding the key could have signed with values SPEC section 2
+        forbids, its hashes recomputed: a finding, sealed or not."""
+        path, _, last = line_of(scene.root, N - 1)
+        obj = json.loads(forged_line(last, timestamp=rfc3339(datetime.now(UTC)), seq=N))
+        obj.update(fields)
+        tokens = obj["output_tokens"]
+        obj["output_hash"] = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+        with path.open("ab") as fh:
+            fh.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        report = run_verify(scene.root, scene.signer, scene.state_dir)
         assert [N] == [f.seq for f in report.findings if message in f.message], describe(report)
 
 

@@ -117,6 +117,51 @@ def is_token_source(value: Any) -> bool:
     )
 
 
+#: Sources whose tokens are ids (the rest hold pieces, or, ``local:``, either).
+ID_SOURCES = frozenset({"upstream-ids", "upstream-context"})
+
+
+PIECES = "upstream-pieces"
+
+
+def _all_ids(tokens: Any) -> bool:
+    return not tokens or all(type(t) is int for t in tokens)
+
+
+def token_list_problem(tokens: Any, source: Any) -> str | None:
+    """What breaks SPEC section 2's rules for a stored token list and its source (sections 2
+    and 5): ``null`` exactly when the source is ``none``; ids (ints ≥ 0) or pieces, never
+    both; a piece a string, or the byte values (0-255) of bytes that are not valid UTF-8; ids
+    from an id source, pieces from ``upstream-pieces``. ``None``: none broken."""
+    if tokens is None:
+        return None if source == "none" else f"no tokens, but the source is {source!r}"
+    if not isinstance(tokens, list):
+        return "not a list or null"
+    if source == "none":
+        return "tokens, but the source is 'none'"
+    kinds = set(map(type, tokens))
+    if not kinds:
+        return None
+    if kinds == {int}:
+        if source == "upstream-pieces":
+            return "ids, but the source is 'upstream-pieces'"
+        return "a negative token id" if min(tokens) < 0 else None
+    if not kinds <= {str, list}:
+        return "neither ids nor pieces (or both)"
+    if source in ID_SOURCES:
+        return f"pieces, but the source {source!r} gives ids"
+    for item in tokens:
+        if type(item) is list:
+            if not all(type(b) is int and 0 <= b <= 255 for b in item):
+                return "a byte piece with a value that is not a byte"
+            try:
+                bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            return "a byte piece that is valid UTF-8 (stored as a string)"
+    return None
+
+
 def is_event_id(value: Any) -> bool:
     """Whether ``value`` is an event id as SPEC section 2 stores it: a lowercase UUID."""
     return isinstance(value, str) and _EVENT_ID.fullmatch(value) is not None
@@ -312,8 +357,8 @@ class Exchange:
         duration = self.request_duration_ms
         if isinstance(duration, bool) or not isinstance(duration, (int, float)):
             raise ConfigError(f"request_duration_ms must be a number, not {duration!r}")
-        if not math.isfinite(duration):
-            raise ConfigError(f"request_duration_ms must be finite, not {duration!r}")
+        if not math.isfinite(duration) or duration < 0:
+            raise ConfigError(f"request_duration_ms must be a wall time in ms, not {duration!r}")
         if not isinstance(self.timestamp, str) or not TIMESTAMP_RE.fullmatch(self.timestamp):
             raise ConfigError(
                 f"timestamp must be RFC 3339 UTC with microseconds and Z "
@@ -323,6 +368,11 @@ class Exchange:
             raise ConfigError(f"event_id must be a lowercase UUID, not {self.event_id!r}")
         for side in ("input", "output"):
             source = getattr(self, f"{side}_token_source")
+            if source == "none" and getattr(self, f"{side}_tokens") is not None:
+                # Tokens come from somewhere (SPEC section 5: "none" is no token data): left at
+                # the default, the source is what the tokens show, as the SDK's record() has it.
+                source = "upstream-ids" if _all_ids(getattr(self, f"{side}_tokens")) else PIECES
+                object.__setattr__(self, f"{side}_token_source", source)
             if not is_token_source(source):
                 raise ConfigError(
                     f"{side}_token_source {source!r} is not one of {sorted(TOKEN_SOURCES)} "

@@ -21,8 +21,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from itertools import zip_longest
 from pathlib import Path
@@ -44,15 +45,18 @@ from ._layout import (
 )
 from ._merkle import CompactRange, leaf_hash
 from ._record import (
+    APIS,
     MAX_AHEAD_S,
     REQUIRED_FIELDS,
     SCHEMA,
     TIMESTAMP_RE,
     ZERO_HASH,
     is_event_id,
+    is_token_source,
     parse_rfc3339,
     rfc3339,
     text_hash,
+    token_list_problem,
     tokens_json,
 )
 
@@ -460,6 +464,27 @@ def record_line_problems(line: bytes, log_id: str) -> list[str]:
     return [*line_problems(line, obj), *check_record(obj, log_id)]
 
 
+def _value_problems(obj: dict[str, Any]) -> list[str]:
+    """The fields of SPEC section 2 whose values break its rules (types, names, ranges)."""
+    problems = []
+    if obj["api"] not in APIS:
+        problems.append(f"api {obj['api']!r} is not one of {sorted(APIS)}")
+    if not isinstance(obj["model"], str):
+        problems.append("model is not a string")
+    if not isinstance(obj["stop_reason"], str):
+        problems.append("stop_reason is not a string")
+    for name in ("user_id", "session_id", "model_version"):
+        if obj[name] is not None and not isinstance(obj[name], str):
+            problems.append(f"{name} is neither a string nor null")
+    duration = obj["request_duration_ms"]
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0:
+        problems.append(f"request_duration_ms {duration!r} is not a wall time in ms")
+    for side in ("input", "output"):
+        if not is_token_source(obj[f"{side}_token_source"]):
+            problems.append(f"{side}_token_source {obj[f'{side}_token_source']!r} is unknown")
+    return problems
+
+
 def check_record(obj: Any, log_id: str) -> list[str]:
     """The content problems of one parsed record: missing fields, wrong hashes."""
     if not isinstance(obj, dict):
@@ -479,8 +504,13 @@ def check_record(obj: Any, log_id: str) -> list[str]:
         )
     if obj["log_id"] != log_id:
         problems.append(f"record names log {obj['log_id']!r}, stored in log {log_id!r}")
+    problems.extend(_value_problems(obj))
     if obj.get("content_sealed") is True:
         return problems  # keyed hashes (SPEC section 7): not recomputable without the key
+    for side in ("input", "output"):
+        problem = token_list_problem(obj[f"{side}_tokens"], obj[f"{side}_token_source"])
+        if problem is not None:
+            problems.append(f"{side}_tokens: {problem}")
     for tokens, hashed in (("input_tokens", "input_hash"), ("output_tokens", "output_hash")):
         try:
             expected = hashlib.sha256(tokens_json(obj[tokens])).hexdigest()
@@ -520,6 +550,17 @@ def _event_id_of(line: bytes) -> str | None:
     return event_id if isinstance(event_id, str) else None
 
 
+_EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([^"\\]{1,100})"')
+
+
+def _event_id_in(line: bytes) -> str | None:
+    """The ``event_id`` of a record line, or as it reads in what is left of a damaged one."""
+    found = _event_id_of(line)
+    if found is None and (m := _EVENT_ID.search(line)) is not None:
+        found = m.group(1).decode("utf-8", "replace")
+    return found
+
+
 _Where = tuple[str | None, str | None, datetime | None]  # file, event id, timestamp
 _Future = tuple[int, str, str | None, datetime]  # seq, file, event id, timestamp
 
@@ -538,6 +579,9 @@ class _LogVerifier:
         self.origin: str | None = None
         self.state: WitnessState | None = None
         self.new_state: WitnessState | None = None
+        #: The event ids of the records read, by hash (a hit is checked again: _duplicates).
+        self._seen_ids: set[int] = set()
+        self._twice: set[str] = set()
 
     def finding(self, message: str, **where: Any) -> None:
         self.report.add(Finding("finding", message, self.log_id, **where))
@@ -551,6 +595,9 @@ class _LogVerifier:
         self._load_checkpoints()
         self._load_state()
         self._coverage(self._stream(self._start_position()))
+        if self._twice:
+            self._duplicates()
+        self._name_records()
         if (
             self.options.state_dir is not None
             and self.new_state is not None
@@ -672,15 +719,20 @@ class _LogVerifier:
                 except orjson.JSONDecodeError:
                     obj = None
                 if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int):
-                    self.finding(
-                        f"unreadable record at byte {offset}", seq=expected, location=where
-                    )
+                    last_at = {"seq": expected, "event_id": _event_id_in(line), "location": where}
+                    self.finding(f"unreadable record at byte {offset}", **last_at)
                     broken, first_line = True, False
                     expected += 1
                     prev_hex = leaf_hash(line).hex()
                     continue
                 seq: int = obj["seq"]
                 event_id = obj.get("event_id")
+                if type(event_id) is str:
+                    key = hash(event_id)
+                    if key in self._seen_ids:
+                        self._twice.add(event_id)
+                    else:
+                        self._seen_ids.add(key)
                 at = {"seq": seq, "event_id": event_id, "location": where}
                 if first_line:
                     if seq != seg.first_seq:
@@ -886,6 +938,80 @@ class _LogVerifier:
             self.finding(
                 f"segment truncated: incomplete record at byte {offset}", seq=seq, location=where
             )
+
+    # stage 5
+    def _name_records(self) -> None:
+        """Give the findings that name a seq but no ``event_id`` (a torn line, a record before
+        a gap) the ``event_id`` of that record, and those that name a checkpoint the seq and
+        ``event_id`` of the last record it covers: read again, on failure only."""
+        sizes = {str(path): size for size, path in self.listing.checkpoints.items()}
+        wanted: dict[int, list[int]] = {}
+        for i, f in enumerate(self.report.findings):
+            if f.event_id is not None:
+                continue
+            seq = f.seq
+            if seq is None and f.location in sizes:
+                seq = sizes[f.location] - 1
+            if seq is not None and seq >= 0:
+                wanted.setdefault(seq, []).append(i)
+        if not wanted:
+            return
+        found = self._event_ids(set(wanted))
+        for seq, event_id in found.items():
+            for i in wanted[seq]:
+                self.report.findings[i] = replace(
+                    self.report.findings[i], seq=seq, event_id=event_id
+                )
+
+    def _duplicates(self) -> None:
+        """Name each record whose ``event_id`` an earlier record of the log has (SPEC section
+        2: unique within a store), reading the log again for the ids the stream saw twice."""
+        first: dict[str, int] = {}
+        for seg in self.listing.segments:
+            where = str(seg.path)
+            for _, line, complete in _read_lines(seg.path, []):
+                if not complete or not any(i.encode() in line for i in self._twice):
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                event_id, seq = obj.get("event_id"), obj.get("seq")
+                if event_id not in self._twice or not isinstance(seq, int):
+                    continue
+                if event_id in first and first[event_id] != seq:
+                    self.finding(
+                        f"event_id also used by record {first[event_id]} (event ids are unique"
+                        " within a store)",
+                        seq=seq,
+                        event_id=event_id,
+                        location=where,
+                    )
+                else:
+                    first.setdefault(event_id, seq)
+
+    def _event_ids(self, seqs: set[int]) -> dict[int, str]:
+        """The ``event_id`` of each record of ``seqs`` found in the segments (a line that does
+        not parse is taken for the seq of its place, and its ``event_id`` read as it is)."""
+        found: dict[int, str] = {}
+        segments = self.listing.segments
+        for idx, seg in enumerate(segments):
+            end = segments[idx + 1].first_seq if idx + 1 < len(segments) else None
+            if not any(seg.first_seq <= s and (end is None or s < end) for s in seqs):
+                continue
+            for place, (_, line, _) in enumerate(_read_lines(seg.path, [])):
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    obj = None
+                seq = obj.get("seq") if isinstance(obj, dict) else None
+                if not isinstance(seq, int):
+                    seq = seg.first_seq + place
+                if seq in seqs and seq not in found:
+                    event_id = _event_id_in(line)
+                    if event_id is not None:
+                        found[seq] = event_id
+        return found
 
     # stage 4
     def _coverage(self, size: int) -> None:

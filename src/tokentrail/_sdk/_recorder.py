@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import logging
 import math
@@ -54,6 +55,7 @@ from .._ledger import (
 )
 from .._paths import DEFAULT_LEDGER, default_signing_key
 from .._record import (
+    ID_SOURCES,
     MAX_AHEAD_S,
     Exchange,
     Record,
@@ -240,9 +242,10 @@ def _close_at_mp_child_end() -> None:
     util.Finalize(None, _close_all_at_exit, exitpriority=100)
 
 
-#: Sources whose tokens are ids, and the one whose tokens are pieces (SPEC section 5).
-_ID_SOURCES = frozenset({"upstream-ids", "upstream-context"})
+#: The source whose tokens are pieces (SPEC section 5; ID_SOURCES give ids).
 _PIECE_SOURCE = "upstream-pieces"
+#: How many caller-chosen event ids a recorder remembers to refuse a second record under one.
+CHOSEN_IDS_KEPT = 100_000
 #: Largest token id stored: every JSON reader holds it exactly (I-JSON, RFC 7493 section 2.2).
 MAX_TOKEN_ID = (1 << 53) - 1
 #: Extra fields a caller may not set: tokentrail's own marker of sealed content (SPEC section 7),
@@ -268,7 +271,7 @@ def _token_source(name: str, tokens: TokenList | None, given: str | None) -> str
         return given
     if tokens is None:
         raise ConfigError(f"{name}: a source of {given!r} says where tokens came from; none given")
-    if tokens and given in _ID_SOURCES and not isinstance(tokens[0], int):
+    if tokens and given in ID_SOURCES and not isinstance(tokens[0], int):
         raise ConfigError(f"{name}: {given!r} tokens are ids, but pieces are given")
     if tokens and given == _PIECE_SOURCE and isinstance(tokens[0], int):
         raise ConfigError(f"{name}: {given!r} tokens are pieces, but ids are given")
@@ -413,6 +416,8 @@ class Recorder:
         # they are recorded with what they have, before the writer stops.
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         self._live_lock = threading.Lock()
+        #: The event ids callers chose for the records of this recorder (the last ones).
+        self._chosen_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -715,11 +720,35 @@ class Recorder:
         ``input_token_source`` to say otherwise. Without tokens, a configured local tokenizer
         fills them from the text (``local:<name>``), else the source is ``none``.
         """
-        return self.append(self.build(**fields))
+        exchange = self.build(**fields)
+        chosen = self._choose(fields.get("event_id"))
+        record = self.append(exchange)
+        self._chose(chosen)
+        return record
 
     async def arecord(self, **fields: Any) -> Record:
         """:meth:`record` for asyncio code."""
-        return await self.aappend(self.build(**fields))
+        exchange = self.build(**fields)
+        chosen = self._choose(fields.get("event_id"))
+        record = await self.aappend(exchange)
+        self._chose(chosen)
+        return record
+
+    def _choose(self, event_id: str | None) -> str | None:
+        """A caller's ``event_id``, refused if this recorder stored a record under it already
+        (SPEC section 2: unique within a store; a retry must not make a second record)."""
+        if event_id is not None and event_id in self._chosen_ids:
+            raise ConfigError(
+                f"event_id {event_id} was recorded already (event ids are unique within a store)"
+            )
+        return event_id
+
+    def _chose(self, event_id: str | None) -> None:
+        if event_id is None:
+            return
+        self._chosen_ids[event_id] = None
+        if len(self._chosen_ids) > CHOSEN_IDS_KEPT:
+            self._chosen_ids.popitem(last=False)
 
     def exchange(self, *, model: str, **fields: Any) -> ExchangeScope:
         """``with recorder.exchange(model=..., input_text=...) as ex: ex.output_text = ...``.
