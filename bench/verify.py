@@ -18,11 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from _common import exchange, table
 from tokentrail import AsyncLedger, LedgerConfig, Signer
 from tokentrail._ledger import compress_segment
+from tokentrail._record import new_event_id
 
 
 async def build(root: Path, signer: Signer, size_mb: int) -> int:
@@ -33,7 +35,8 @@ async def build(root: Path, signer: Signer, size_mb: int) -> int:
     config = LedgerConfig(root=root, log_id="bench", signer=signer, durability="async")
     ledger = await AsyncLedger.open(config)
     for i in range(records):
-        await ledger.append(pool[i % len(pool)])
+        # (each record its own event_id: ids are unique within a store, and verify checks)
+        await ledger.append(replace(pool[i % len(pool)], event_id=new_event_id()))
         if i % 2000 == 0:
             await asyncio.sleep(0)
     await ledger.close()

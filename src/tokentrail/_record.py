@@ -78,7 +78,7 @@ REQUIRED_FIELDS = (
 _REQUIRED = frozenset(REQUIRED_FIELDS)
 
 
-def _encode_tokens(tokens: TokenList | None) -> tuple[bytes, bytes | None]:
+def encode_tokens(tokens: TokenList | None) -> tuple[bytes, bytes | None]:
     """``json.dumps(tokens).encode()``, and orjson's compact bytes when those are cheap to keep."""
     if tokens is None:
         return b"null", None
@@ -95,7 +95,7 @@ def _encode_tokens(tokens: TokenList | None) -> tuple[bytes, bytes | None]:
 
 def tokens_json(tokens: TokenList | None) -> bytes:
     """The bytes of ``json.dumps(tokens).encode()``, fast for lists of ints."""
-    return _encode_tokens(tokens)[0]
+    return encode_tokens(tokens)[0]
 
 
 def token_hash(tokens: TokenList | None) -> str:
@@ -128,28 +128,33 @@ def _all_ids(tokens: Any) -> bool:
     return not tokens or all(type(t) is int for t in tokens)
 
 
-def token_list_problem(tokens: Any, source: Any) -> str | None:
+def token_list_problem(tokens: Any, source: Any, compact: bytes | None = None) -> str | None:
     """What breaks SPEC section 2's rules for a stored token list and its source (sections 2
     and 5): ``null`` exactly when the source is ``none``; ids (ints ≥ 0) or pieces, never
     both; a piece a string, or the byte values (0-255) of bytes that are not valid UTF-8; ids
-    from an id source, pieces from ``upstream-pieces``. ``None``: none broken."""
+    from an id source, pieces from ``upstream-pieces``. ``None``: none broken.
+
+    ``compact``: the list's compact JSON when :func:`encode_tokens` found it a flat list of
+    ints (so it is not scanned again)."""
     if tokens is None:
         return None if source == "none" else f"no tokens, but the source is {source!r}"
     if not isinstance(tokens, list):
         return "not a list or null"
     if source == "none":
         return "tokens, but the source is 'none'"
-    kinds = set(map(type, tokens))
-    if not kinds:
+    if not tokens:
         return None
-    if kinds == {int}:
+    if compact is not None or (kinds := set(map(type, tokens))) == {int}:
         if source == "upstream-pieces":
             return "ids, but the source is 'upstream-pieces'"
-        return "a negative token id" if min(tokens) < 0 else None
+        negative = b"-" in compact if compact is not None else min(tokens) < 0
+        return "a negative token id" if negative else None
     if not kinds <= {str, list}:
         return "neither ids nor pieces (or both)"
     if source in ID_SOURCES:
         return f"pieces, but the source {source!r} gives ids"
+    if list not in kinds:
+        return None
     for item in tokens:
         if type(item) is list:
             if not all(type(b) is int and 0 <= b <= 255 for b in item):
@@ -458,8 +463,8 @@ class Exchange:
             raise ConfigError(f"record for event {self.event_id} is not I-JSON: {exc}") from exc
 
     def _fields(self, *, fragments: bool) -> dict[str, Any]:
-        in_seed, in_compact = _encode_tokens(self.input_tokens)
-        out_seed, out_compact = _encode_tokens(self.output_tokens)
+        in_seed, in_compact = encode_tokens(self.input_tokens)
+        out_seed, out_compact = encode_tokens(self.output_tokens)
         in_value: Any = self.input_tokens
         out_value: Any = self.output_tokens
         if fragments:

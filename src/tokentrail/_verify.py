@@ -51,13 +51,13 @@ from ._record import (
     SCHEMA,
     TIMESTAMP_RE,
     ZERO_HASH,
+    encode_tokens,
     is_event_id,
     is_token_source,
     parse_rfc3339,
     rfc3339,
     text_hash,
     token_list_problem,
-    tokens_json,
 )
 
 MAX_FINDINGS_PER_LOG = 100
@@ -508,17 +508,17 @@ def check_record(obj: Any, log_id: str) -> list[str]:
     if obj.get("content_sealed") is True:
         return problems  # keyed hashes (SPEC section 7): not recomputable without the key
     for side in ("input", "output"):
-        problem = token_list_problem(obj[f"{side}_tokens"], obj[f"{side}_token_source"])
+        tokens = obj[f"{side}_tokens"]
+        try:
+            seed, compact = encode_tokens(tokens)
+        except (TypeError, ValueError):
+            problems.append(f"{side}_tokens cannot be encoded")
+            continue
+        if obj[f"{side}_hash"] != hashlib.sha256(seed).hexdigest():
+            problems.append(f"{side}_hash does not match {side}_tokens")
+        problem = token_list_problem(tokens, obj[f"{side}_token_source"], compact)
         if problem is not None:
             problems.append(f"{side}_tokens: {problem}")
-    for tokens, hashed in (("input_tokens", "input_hash"), ("output_tokens", "output_hash")):
-        try:
-            expected = hashlib.sha256(tokens_json(obj[tokens])).hexdigest()
-        except (TypeError, ValueError):
-            problems.append(f"{tokens} cannot be encoded")
-            continue
-        if obj[hashed] != expected:
-            problems.append(f"{hashed} does not match {tokens}")
     for text, hashed in (("input_text", "input_text_hash"), ("output_text", "output_text_hash")):
         value = obj[text]
         if value is not None and not isinstance(value, str):
@@ -553,9 +553,10 @@ def _event_id_of(line: bytes) -> str | None:
 _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([^"\\]{1,100})"')
 
 
-def _event_id_in(line: bytes) -> str | None:
-    """The ``event_id`` of a record line, or as it reads in what is left of a damaged one."""
-    found = _event_id_of(line)
+def _event_id_in(line: bytes, *, parse: bool = True) -> str | None:
+    """The ``event_id`` of a record line, or as it reads in what is left of a damaged one
+    (``parse=False``: as it reads, without parsing the line)."""
+    found = _event_id_of(line) if parse else None
     if found is None and (m := _EVENT_ID.search(line)) is not None:
         found = m.group(1).decode("utf-8", "replace")
     return found
@@ -970,7 +971,7 @@ class _LogVerifier:
         for seg in self.listing.segments:
             where = str(seg.path)
             for _, line, complete in _read_lines(seg.path, []):
-                if not complete or not any(i.encode() in line for i in self._twice):
+                if not complete or _event_id_in(line, parse=False) not in self._twice:
                     continue
                 try:
                     obj = orjson.loads(line)
