@@ -462,6 +462,31 @@ def lp_chunk(content: str | None, finish: str | None, logprobs: bool) -> bytes:
     return b'data: %s,\ndata: "logprobs":%s,\ndata: "finish_reason":%s}]}\n\n' % (head, lp, tail)
 
 
+def hi_answer(streamed: bool) -> tuple[list[bytes], list[bytes], dict[str, str]]:
+    """A chat answer "Hi" (streamed or whole): its body as sent without logprobs and with them
+    (as asked on the client's behalf), and its headers."""
+    if streamed:
+        plain = [b"".join(lp_chunk(t, f, False) for t, f in (("Hi", None), (None, "stop")))]
+        asked = [b"".join(lp_chunk(t, f, True) for t, f in (("Hi", None), (None, "stop")))]
+        return plain, asked, dict(SSE)
+    answer = {
+        "id": "c1",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    plain = [orjson.dumps(answer)]
+    answer["choices"][0]["logprobs"] = logprobs_of("Hi")  # type: ignore[index]
+    return plain, [orjson.dumps(answer)], {"Content-Type": "application/json"}
+
+
 class TestSDKReadsTheSameStreams:
     """The SDK's audited openai client reads a stream from the bytes the library read, with the
     proxy's SSE reader: on the legal variations the record holds what the client was shown."""
@@ -574,28 +599,8 @@ class TestTokenDataHidden:
         compresses all the same has its answer relayed decoded, with the token data taken out."""
         name = f"lp-gzip-{streamed}"
         body = dict(CHAT, stream=streamed)
-        if streamed:
-            plain = [b"".join(lp_chunk(t, f, False) for t, f in (("Hi", None), (None, "stop")))]
-            asked = [b"".join(lp_chunk(t, f, True) for t, f in (("Hi", None), (None, "stop")))]
-            headers = {**SSE, "Content-Encoding": "gzip"}
-        else:
-            answer = {
-                "id": "c1",
-                "object": "chat.completion",
-                "model": "m",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "Hi"},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-            }
-            plain = [orjson.dumps(answer)]
-            answer["choices"][0]["logprobs"] = logprobs_of("Hi")  # type: ignore[index]
-            asked = [orjson.dumps(answer)]
-            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        plain, asked, headers = hi_answer(streamed)
+        headers = {**headers, "Content-Encoding": "gzip"}
         SCRIPTS[name] = Script(
             [gzip.compress(b"".join(plain))],
             headers=headers,
@@ -648,28 +653,7 @@ class TestTokenDataRefused:
     ) -> None:
         name = f"refuses-{member}-{streamed}"
         body = dict(CHAT, stream=streamed)
-        if streamed:
-            plain = [b"".join(lp_chunk(t, f, False) for t, f in (("Hi", None), (None, "stop")))]
-            asked = [b"".join(lp_chunk(t, f, True) for t, f in (("Hi", None), (None, "stop")))]
-            headers = SSE
-        else:
-            answer = {
-                "id": "c1",
-                "object": "chat.completion",
-                "model": "m",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "Hi"},
-                        "logprobs": None,
-                        "finish_reason": "stop",
-                    }
-                ],
-            }
-            plain = [orjson.dumps(answer)]
-            answer["choices"][0]["logprobs"] = logprobs_of("Hi")  # type: ignore[index]
-            asked = [orjson.dumps(answer)]
-            headers = {"Content-Type": "application/json"}
+        plain, asked, headers = hi_answer(streamed)
         script = Script(plain, headers=headers, with_logprobs=asked, refuses={member: refusal})
         SCRIPTS[name] = script
         direct = exchange(upstream, None, name, "/v1/chat/completions", body)
