@@ -12,6 +12,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -328,19 +329,52 @@ class TestSearch:
 
     def test_table_and_limit(self, small: Ledgers) -> None:
         """The table shows the hits and says when more matched."""
-        result = run("search", "--ledger", small.root, "--user", "user-3", "--limit", "5")
+        result = run("search", "--ledger", small.root, "--user", "user-3", "--limit", "5",
+                     "--public-key", small.pub)  # fmt: skip
         assert result.exit_code == 0
         assert result.output.count("user-3") == 5
-        assert "5 records, each re-checked against the ledger (more: raise --limit)" in (
-            result.output
-        )
+        assert (
+            "5 records, each re-checked against the ledger, each proven under its log's signed"
+            " checkpoint (more: raise --limit)"
+        ) in result.output
+
+    def test_a_record_forged_without_the_key_is_not_shown_as_fine(self, small: Ledgers) -> None:
+        """An answer rewritten with its text hash and every later ``prev_hash`` recomputed (no
+        key needed) reads as intact record by record: only the signed checkpoint's root tells.
+        ``search`` and ``session`` prove each record under it; they showed the forgery as
+        checked, exit 0 (the index, built from the forged log, agreed with it)."""
+        shutil.rmtree(small.root / "index", ignore_errors=True)
+        segment = sorted((small.root / "logs" / "log-0" / "segments").rglob("*.jsonl"))[0]
+        lines = segment.read_bytes().splitlines(keepends=True)
+        records = [json.loads(line) for line in lines]
+        target = next(i for i, r in enumerate(records) if r["user_id"] == "user-3")
+        records[target]["output_text"] = "I never said that."
+        records[target]["output_text_hash"] = hashlib.sha256(b"I never said that.").hexdigest()
+        out = []
+        for i, rec in enumerate(records):
+            if i > target:
+                rec["prev_hash"] = leaf_hash(out[-1]).hex()
+            out.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode())
+        segment.write_bytes(b"".join(line + b"\n" for line in out))
+        found = run("search", "--ledger", small.root, "--user", "user-3", "--limit", "0",
+                    "--public-key", small.pub)  # fmt: skip
+        assert found.exit_code == 1, found.output
+        assert "I never said" not in found.stdout
+        assert f"seq={target}" in found.stderr and "NOT PROVEN" in found.stderr
+        turns = run("session", records[target]["session_id"], "--ledger", small.root,
+                    "--public-key", small.pub)  # fmt: skip
+        assert turns.exit_code == 1, turns.output
+        assert "FAIL" in turns.stdout
 
     def test_no_update_on_an_empty_index_warns(self, small: Ledgers) -> None:
         """--no-update on a ledger never indexed finds nothing, and says why on stderr."""
         shutil.rmtree(small.root / "index", ignore_errors=True)
         result = run("search", "--ledger", small.root, "--user", "user-0", "--no-update")
         assert result.exit_code == 0
-        assert result.stdout.endswith("0 records, each re-checked against the ledger\n")
+        assert result.stdout.endswith(
+            "0 records, each re-checked against the ledger; none proven under a signed"
+            " checkpoint (no verifier key: --public-key)\n"
+        )
         assert result.stderr == (
             f"tokentrail: warning: the index of {small.root} is empty, so nothing is searched;"
             " run tokentrail index, or search without --no-update\n"

@@ -33,8 +33,8 @@ from ._export import build_export, write_package
 from ._index import Index, index_path
 from ._leaves import Checked, LeafReader
 from ._package import FORMATS
-from ._search import Filters, search
-from ._show import print_all, prove_included, render_session, render_show
+from ._search import Filters, SearchResult, search
+from ._show import LogProver, print_all, prove_included, render_session, render_show
 from ._verify_export import verify_export
 
 COLOR_OPTION = click.option(
@@ -215,6 +215,7 @@ def _short(value: object, width: int = 40) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--no-update", is_flag=True, help="Do not bring the index up to date first.")
 @KEYSTORE_OPTION
+@PUBLIC_KEY_OPTION
 def search_command(
     ledger: Path,
     user: str | None,
@@ -229,13 +230,17 @@ def search_command(
     as_json: bool,
     no_update: bool,
     keystore: Path | None,
+    public_keys: tuple[str, ...],
 ) -> None:
     """Find exchanges by user, session, model, time, stop reason or text.
 
     Every record shown has been re-read from the ledger and checked against the leaf hash the
-    index holds and its own content hashes; a record that fails is reported as MISMATCH (exit
-    status 1), never shown as if it were fine. Sealed content is shown opened with
-    --keystore; --text searches only content that is not sealed.
+    index holds and its own content hashes, and proven under its log's newest signed
+    checkpoint with the verifier key (the records of a log that do not lead to that
+    checkpoint's root are not proven); a record that fails is reported as MISMATCH (exit
+    status 1), never shown as if it were fine. Without a key nothing is proven, and the
+    summary says so. Sealed content is shown opened with --keystore; --text searches only
+    content that is not sealed.
 
     \b
     Examples:
@@ -256,11 +261,15 @@ def search_command(
         stop_reason=stop_reason,
         text=text,
     )
+    verifiers = _optional_verifiers(public_keys)
     with _open_index(ledger, update=not no_update) as index:
         result = search(ledger, index, filters, limit or None)
+        unproven = _prove_hits(ledger, index, result, verifiers)
     if as_json:
         for hit in result.hits:
-            click.echo(orjson.dumps(_hit_json(hit, keystore)).decode())
+            found = _hit_json(hit, keystore)
+            found["proven"] = (hit.row.log_id, hit.row.seq) not in unproven
+            click.echo(orjson.dumps(found).decode())
         for problem in result.problems:
             click.echo(orjson.dumps(_problem_json(problem)).decode())
     else:
@@ -283,7 +292,13 @@ def search_command(
         console = Console(highlight=False, width=max(Console().width, 160))
         console.print(table)
         more = " (more: raise --limit)" if result.truncated else ""
-        click.echo(f"{len(result.hits)} records, each re-checked against the ledger{more}")
+        if verifiers is None:
+            proof = "; none proven under a signed checkpoint (no verifier key: --public-key)"
+        elif unproven:
+            proof = f", {len(unproven)} of them not sealed yet (not proven)"
+        else:
+            proof = ", each proven under its log's signed checkpoint"
+        click.echo(f"{len(result.hits)} records, each re-checked against the ledger{proof}{more}")
         for problem in result.problems:
             click.echo(problem.problem_line(), err=True)
     if result.problems:
@@ -293,6 +308,27 @@ def search_command(
             err=True,
         )
         sys.exit(EXIT_INVALID)
+
+
+def _prove_hits(
+    ledger: Path, index: Index, result: SearchResult, verifiers: list[Verifier] | None
+) -> set[tuple[str, int]]:
+    """Prove each hit under its log's signed checkpoint: a hit whose proof fails becomes a
+    problem; returns the (log, seq) of the hits left that are not proven (not sealed yet, or
+    no key)."""
+    prover = LogProver(ledger, index, verifiers)
+    kept: list[Checked] = []
+    unproven: set[tuple[str, int]] = set()
+    for hit in result.hits:
+        inclusion = prover.check(hit)
+        if inclusion.failed:
+            result.problems.append(replace(hit, problem=inclusion.message))
+            continue
+        kept.append(hit)
+        if not inclusion.proven:
+            unproven.add((hit.row.log_id, hit.row.seq))
+    result.hits = kept
+    return unproven
 
 
 def _checked_event(ledger: Path, index: Index, event_id: str) -> Checked:
@@ -346,21 +382,30 @@ def show_command(
 @click.argument("session_id")
 @COLOR_OPTION
 @KEYSTORE_OPTION
+@PUBLIC_KEY_OPTION
 def session_command(
-    ledger: Path, session_id: str, color: bool | None, keystore: Path | None
+    ledger: Path,
+    session_id: str,
+    color: bool | None,
+    keystore: Path | None,
+    public_keys: tuple[str, ...],
 ) -> None:
     """Show a conversation turn by turn, with what the model saw at each turn.
 
     Each turn lists the messages (or prompt) the model was sent — '+' marks those new since
     the previous turn, and an assistant message that is not a reply recorded in the session
-    is flagged — then the model's reply. Every turn is re-checked against the ledger.
+    is flagged — then the model's reply. Every turn is re-checked against the ledger and
+    proven under its log's signed checkpoint with the verifier key; a turn that fails is
+    shown as FAIL (exit status 1).
 
     \b
     Example:
       tokentrail session 9f1c2d-support-chat --ledger /var/lib/tokentrail
     """
+    verifiers = _optional_verifiers(public_keys)
     with _open_index(ledger) as index:
         result = search(ledger, index, Filters(session=session_id), None)
+        unproven = _prove_hits(ledger, index, result, verifiers)
     turns = sorted(
         (_opened(c, keystore) for c in result.hits + result.problems),
         key=lambda c: (c.row.ts or 0, c.row.log_id, c.row.seq),
@@ -368,6 +413,10 @@ def session_command(
     if not turns:
         raise StoreError(f"no records of session {session_id} in {ledger}")
     print_all(_console(color), render_session(session_id, turns))
+    if verifiers is None:
+        click.echo("not proven under a signed checkpoint: no verifier key (pass --public-key)")
+    elif unproven:
+        click.echo(f"{len(unproven)} turns not sealed yet (not proven)")
     if result.problems:
         sys.exit(EXIT_INVALID)
 

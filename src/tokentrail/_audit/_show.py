@@ -25,7 +25,7 @@ from rich.text import Text
 from .._checkpoint import Verifier
 from .._errors import TokentrailError
 from .._layout import iter_lines, list_log
-from .._merkle import MerkleLevels, leaf_hash, verify_inclusion
+from .._merkle import MerkleLevels, leaf_hash, root_from_hashes, verify_inclusion
 from ._index import Index
 from ._leaves import Checked, latest_checkpoint
 
@@ -95,6 +95,61 @@ def prove_included(
         " (run tokentrail verify)",
         failed=True,
     )
+
+
+class LogProver:
+    """Whether records are proven under their logs' newest signed checkpoints, for many
+    records at once (``search``, ``session``): each log's leaf hashes, from the index (or,
+    when those do not lead to the signed root, from the log), are checked against its signed
+    root once; a record is then proven when its re-read leaf is the one at its place."""
+
+    def __init__(self, root: Path, index: Index, verifiers: list[Verifier] | None) -> None:
+        self.root = root
+        self.index = index
+        self.verifiers = verifiers
+        self._logs: dict[str, tuple[list[bytes] | None, str]] = {}
+
+    def check(self, checked: Checked) -> Inclusion:
+        if self.verifiers is None:
+            return Inclusion(False, "not checked: no verifier key (pass --public-key)")
+        if checked.leaf is None or not checked.ok:
+            return Inclusion(False, "not proven: the record fails its checks")
+        log_id, seq = checked.row.log_id, checked.row.seq
+        if log_id not in self._logs:
+            self._logs[log_id] = self._sealed(log_id, self.verifiers)
+        hashes, why = self._logs[log_id]
+        if hashes is None:
+            return Inclusion(False, why, failed=True)
+        if seq >= len(hashes):
+            return Inclusion(False, f"not yet sealed: seq {seq} is beyond {why}")
+        if hashes[seq] != leaf_hash(checked.leaf):
+            return Inclusion(
+                False,
+                f"NOT PROVEN: seq {seq} is not the record {why} covers (run tokentrail verify)",
+                failed=True,
+            )
+        return Inclusion(True, f"PROVEN: under {why}", len(hashes))
+
+    def _sealed(self, log_id: str, verifiers: list[Verifier]) -> tuple[list[bytes] | None, str]:
+        """The leaf hashes the log's newest signed checkpoint covers, and that checkpoint's
+        name; ``None`` and why when they cannot be proven."""
+        try:
+            head = latest_checkpoint(self.root, log_id, verifiers)
+        except TokentrailError as exc:
+            return None, f"NOT PROVEN: the newest checkpoint of {log_id} fails: {exc}"
+        if head is None:
+            return [], f"the newest checkpoint of {log_id} (none yet)"
+        size = head.checkpoint.size
+        name = f"the signed checkpoint of size {size} ({head.path.name})"
+        for hashes in (self.index.leaf_hashes(log_id, size), None):
+            if hashes is None:
+                hashes = _log_hashes(self.root, log_id, size)
+            if len(hashes) == size and root_from_hashes(hashes) == head.checkpoint.root:
+                return hashes, name
+        return None, (
+            f"NOT PROVEN: the records of {log_id} do not lead to the root of {name}"
+            " (run tokentrail verify)"
+        )
 
 
 def _log_hashes(root: Path, log_id: str, size: int) -> list[bytes]:
