@@ -366,6 +366,26 @@ class TestSearch:
         assert turns.exit_code == 1, turns.output
         assert "FAIL" in turns.stdout
 
+    def test_what_was_proven_is_kept_and_extended(self, small: Ledgers) -> None:
+        """The compact range a signed root was found to cover is kept in the index: the next
+        search hashes only the leaves sealed since."""
+        import sqlite3
+
+        def kept() -> dict[str, int]:
+            with sqlite3.connect(small.root / "index" / "audit.sqlite3") as conn:
+                rows = conn.execute("SELECT key, value FROM meta WHERE key LIKE 'proven:%'")
+                return {key: json.loads(value)["size"] for key, value in rows}
+
+        args = ("search", "--ledger", small.root, "--user", "user-3", "--public-key", small.pub)
+        assert run(*args).exit_code == 0
+        assert {"proven:log-0": 300, "proven:log-1": 300} == kept()
+        with Ledger.open(LedgerConfig(small.root, "log-0", small.signer)) as ledger:
+            for i in range(20):
+                ledger.append(small_exchange(600 + i, users=7))
+        result = run(*args)
+        assert result.exit_code == 0 and "each proven" in result.stdout, result.output
+        assert {"proven:log-0": 320, "proven:log-1": 300} == kept()
+
     def test_no_update_on_an_empty_index_warns(self, small: Ledgers) -> None:
         """--no-update on a ledger never indexed finds nothing, and says why on stderr."""
         shutil.rmtree(small.root / "index", ignore_errors=True)

@@ -33,9 +33,9 @@ from typing import Any
 
 import orjson
 
-from .._errors import StoreError
+from .._errors import StoreError, VerificationError
 from .._layout import SegmentRef, iter_lines, list_log, list_logs
-from .._merkle import leaf_hash
+from .._merkle import CompactRange, leaf_hash
 from .._record import ZERO_HASH
 
 INDEX_DIR = "index"
@@ -170,6 +170,10 @@ _ROW_SELECT = (
     " r.stop_reason, s.date, s.first_seq, r.offset, r.leaf_hash"
     " FROM records r JOIN segments s ON s.id = r.segment"
 )
+
+
+#: The ``meta`` key of a log's proven compact range (:meth:`Index.proven`).
+_PROVEN = "proven:"
 
 
 class _LogGone(Exception):
@@ -345,6 +349,7 @@ class Index:
             c.executemany("DELETE FROM texts WHERE rowid = ?", ((i,) for i in ids))
         c.execute("DELETE FROM records WHERE log_id = ?", (log_id,))
         c.execute("DELETE FROM logs WHERE log_id = ?", (log_id,))
+        c.execute("DELETE FROM meta WHERE key = ?", (_PROVEN + log_id,))
 
     def _segment_id(self, log_id: str, seg: SegmentRef) -> int:
         key = (log_id, seg.date, seg.first_seq)
@@ -485,13 +490,34 @@ class Index:
         """The rows with this event id (one, unless the ledger holds duplicates)."""
         return self.rows("r.event_id = ?", (event_id,), "ORDER BY r.log_id, r.seq")
 
-    def leaf_hashes(self, log_id: str, size: int) -> list[bytes]:
-        """The indexed leaf hashes of seq 0 .. size-1 of a log (fewer if not indexed)."""
+    def leaf_hashes(self, log_id: str, size: int, start: int = 0) -> list[bytes]:
+        """The indexed leaf hashes of seq start .. size-1 of a log (fewer if not indexed)."""
         cur = self.conn.execute(
-            "SELECT leaf_hash FROM records WHERE log_id = ? AND seq < ? ORDER BY seq",
-            (log_id, size),
+            "SELECT leaf_hash FROM records WHERE log_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+            (log_id, start, size),
         )
         return [r[0] for r in cur]
+
+    def proven(self, log_id: str) -> CompactRange | None:
+        """The compact range of the indexed leaves a signed root was last found to cover (kept
+        by :meth:`note_proven`; dropped when the log is indexed again from scratch)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_PROVEN + log_id,))
+        found = row.fetchone()
+        if found is None:
+            return None
+        try:
+            return CompactRange.from_json(orjson.loads(found[0]))
+        except (orjson.JSONDecodeError, VerificationError):
+            return None
+
+    def note_proven(self, log_id: str, proven: CompactRange) -> None:
+        """Keep ``proven`` for :meth:`proven` (not in an index this process cannot write)."""
+        if self.read_only:
+            return
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            (_PROVEN + log_id, orjson.dumps(proven.to_json()).decode()),
+        )
 
 
 def text_candidates_sql(needle: str) -> tuple[str, tuple[Any, ...]] | None:

@@ -25,7 +25,13 @@ from rich.text import Text
 from .._checkpoint import Verifier
 from .._errors import TokentrailError
 from .._layout import iter_lines, list_log
-from .._merkle import MerkleLevels, leaf_hash, root_from_hashes, verify_inclusion
+from .._merkle import (
+    CompactRange,
+    MerkleLevels,
+    leaf_hash,
+    root_from_hashes,
+    verify_inclusion,
+)
 from ._index import Index
 from ._leaves import Checked, latest_checkpoint
 
@@ -99,15 +105,22 @@ def prove_included(
 
 class LogProver:
     """Whether records are proven under their logs' newest signed checkpoints, for many
-    records at once (``search``, ``session``): each log's leaf hashes, from the index (or,
-    when those do not lead to the signed root, from the log), are checked against its signed
-    root once; a record is then proven when its re-read leaf is the one at its place."""
+    records at once (``search``, ``session``): each log's indexed leaf hashes are checked
+    against its signed root once, so a record whose re-read leaf is the indexed one is proven.
+
+    What the index's leaves were last proven to be (a compact range) is kept in the index, so
+    a later command hashes only the leaves indexed since; the index is rebuilt from scratch,
+    and that kept range dropped, when a log no longer continues what was indexed of it. (One
+    who can rewrite the index as well as the ledger can defeat this: ``verify``, with its
+    witness state kept apart, is the integrity check.)
+    """
 
     def __init__(self, root: Path, index: Index, verifiers: list[Verifier] | None) -> None:
         self.root = root
         self.index = index
         self.verifiers = verifiers
-        self._logs: dict[str, tuple[list[bytes] | None, str]] = {}
+        #: log -> (size proven, the log's own leaf hashes when the index's were not, name)
+        self._logs: dict[str, tuple[int | None, list[bytes] | None, str]] = {}
 
     def check(self, checked: Checked) -> Inclusion:
         if self.verifiers is None:
@@ -117,38 +130,51 @@ class LogProver:
         log_id, seq = checked.row.log_id, checked.row.seq
         if log_id not in self._logs:
             self._logs[log_id] = self._sealed(log_id, self.verifiers)
-        hashes, why = self._logs[log_id]
-        if hashes is None:
+        size, hashes, why = self._logs[log_id]
+        if size is None:
             return Inclusion(False, why, failed=True)
-        if seq >= len(hashes):
+        if seq >= size:
             return Inclusion(False, f"not yet sealed: seq {seq} is beyond {why}")
-        if hashes[seq] != leaf_hash(checked.leaf):
+        if hashes is not None and hashes[seq] != leaf_hash(checked.leaf):
             return Inclusion(
                 False,
                 f"NOT PROVEN: seq {seq} is not the record {why} covers (run tokentrail verify)",
                 failed=True,
             )
-        return Inclusion(True, f"PROVEN: under {why}", len(hashes))
+        return Inclusion(True, f"PROVEN: under {why}", size)
 
-    def _sealed(self, log_id: str, verifiers: list[Verifier]) -> tuple[list[bytes] | None, str]:
-        """The leaf hashes the log's newest signed checkpoint covers, and that checkpoint's
-        name; ``None`` and why when they cannot be proven."""
+    def _sealed(
+        self, log_id: str, verifiers: list[Verifier]
+    ) -> tuple[int | None, list[bytes] | None, str]:
+        """How many records the log's newest signed checkpoint covers, proven; the log's own
+        leaf hashes when the index's do not lead to the signed root; and that checkpoint's
+        name (``None`` and why, when nothing can be proven)."""
         try:
             head = latest_checkpoint(self.root, log_id, verifiers)
         except TokentrailError as exc:
-            return None, f"NOT PROVEN: the newest checkpoint of {log_id} fails: {exc}"
+            return None, None, f"NOT PROVEN: the newest checkpoint of {log_id} fails: {exc}"
         if head is None:
-            return [], f"the newest checkpoint of {log_id} (none yet)"
-        size = head.checkpoint.size
+            return 0, None, f"the newest checkpoint of {log_id} (none yet)"
+        size, signed = head.checkpoint.size, head.checkpoint.root
         name = f"the signed checkpoint of size {size} ({head.path.name})"
-        for hashes in (self.index.leaf_hashes(log_id, size), None):
-            if hashes is None:
-                hashes = _log_hashes(self.root, log_id, size)
-            if len(hashes) == size and root_from_hashes(hashes) == head.checkpoint.root:
-                return hashes, name
-        return None, (
-            f"NOT PROVEN: the records of {log_id} do not lead to the root of {name}"
-            " (run tokentrail verify)"
+        kept = self.index.proven(log_id)
+        proven = kept.copy() if kept is not None and kept.size <= size else CompactRange()
+        for lhash in self.index.leaf_hashes(log_id, size, proven.size):
+            proven.append(lhash)
+        if proven.size == size and proven.root() == signed:
+            if kept is None or kept.size != size:
+                self.index.note_proven(log_id, proven)
+            return size, None, name
+        hashes = _log_hashes(self.root, log_id, size)  # the index lags, or was rewritten
+        if len(hashes) == size and root_from_hashes(hashes) == signed:
+            return size, hashes, name
+        return (
+            None,
+            None,
+            (
+                f"NOT PROVEN: the records of {log_id} do not lead to the root of {name}"
+                " (run tokentrail verify)"
+            ),
         )
 
 
