@@ -366,6 +366,30 @@ class TestSearch:
         assert turns.exit_code == 1, turns.output
         assert "FAIL" in turns.stdout
 
+    def test_hostile_text_is_shown_not_obeyed(self, tmp_path: Path) -> None:
+        """A prompt is anyone's text: rich markup in it ("[/]" crashed the table with a
+        traceback; "[link=…]" became a live link) and terminal controls (ESC clears the
+        screen, a CR hides what comes before it) are shown as written, escaped."""
+        signer, _, pub = _keys(tmp_path)
+        root = tmp_path / "ledger"
+        texts = ["close [/] tag", "[link=https://e.x]c[/link] [bold]b",
+                 "\x1b[2Jcleared", "I agree\rI REFUSE", "abc\u202edef"]  # fmt: skip
+        with Ledger.open(LedgerConfig(root, "log-0", signer)) as ledger:
+            for text in texts:
+                ledger.append(Exchange(model="m", api="sdk", stop_reason="stop",
+                                       input_text=text, output_text=text, user_id="mallory",
+                                       session_id="weird"))  # fmt: skip
+        found = run("search", "--ledger", root, "--user", "mallory", "--public-key", pub)
+        assert found.exit_code == 0, found.output
+        for shown in ("close [/] tag", "[link=https://e.x]c[/link]", "[bold]b",
+                      "\\x1b[2Jcleared", "I agree\\rI REFUSE", "abc\\u202edef"):  # fmt: skip
+            assert shown in found.stdout, (shown, found.stdout)
+        assert "\x1b" not in found.stdout and "\r" not in found.stdout
+        turns = run("session", "weird", "--ledger", root, "--public-key", pub, "--no-color")
+        assert turns.exit_code == 0, turns.output
+        assert "close [/] tag" in turns.stdout and "I agree\\rI REFUSE" in turns.stdout
+        assert "\x1b" not in turns.stdout and "\r" not in turns.stdout
+
     def test_what_was_proven_is_kept_and_extended(self, small: Ledgers) -> None:
         """The compact range a signed root was found to cover is kept in the index: the next
         search hashes only the leaves sealed since."""

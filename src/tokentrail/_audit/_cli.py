@@ -15,6 +15,7 @@ import click
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .._checkpoint import Signer, Verifier
 from .._erasure import FileKeyStore, open_record
@@ -34,7 +35,7 @@ from ._index import Index, index_path
 from ._leaves import Checked, LeafReader
 from ._package import FORMATS
 from ._search import Filters, SearchResult, search
-from ._show import LogProver, print_all, prove_included, render_session, render_show
+from ._show import LogProver, print_all, prove_included, render_session, render_show, visible
 from ._verify_export import verify_export
 
 COLOR_OPTION = click.option(
@@ -186,9 +187,11 @@ def _opened(checked: Checked, keystore: Path | None) -> Checked:
     return replace(checked, record={**record, **opened.content})
 
 
-def _short(value: object, width: int = 40) -> str:
-    text = "" if value is None else str(value).replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _short(value: object, width: int = 40) -> Text:
+    """A table cell: one line, shortened, what a terminal would obey escaped, and no markup
+    (a prompt holding "[/]" or "[link=…]" is shown as written)."""
+    text = "" if value is None else visible(str(value).replace("\n", " "))
+    return Text(text if len(text) <= width else text[: width - 1] + "…")
 
 
 @click.command("search")
@@ -280,13 +283,13 @@ def search_command(
         for hit in result.hits:
             rec = _opened(hit, keystore).record or {}
             table.add_row(
-                str(rec.get("timestamp", ""))[:19].replace("T", " "),
+                _short(str(rec.get("timestamp", ""))[:19].replace("T", " ")),
                 _short(rec.get("user_id"), 16),
                 _short(rec.get("session_id"), 16),
                 _short(rec.get("model"), 20),
-                str(rec.get("stop_reason")),
-                f"{hit.row.log_id}/{hit.row.seq}",
-                str(rec.get("event_id")),
+                _short(rec.get("stop_reason"), 30),
+                _short(f"{hit.row.log_id}/{hit.row.seq}", 90),
+                _short(rec.get("event_id"), 40),
                 _short(rec.get("input_text")),
             )
         console = Console(highlight=False, width=max(Console().width, 160))

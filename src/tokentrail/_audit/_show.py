@@ -13,6 +13,7 @@ messages the client sent that are not a reply recorded in the session (a rewritt
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,7 @@ def token_table(tokens: Any, logprobs: Any = None) -> Table:
         if has_lp:
             value = logprobs[i]
             cells.append(f"{value:.4f}" if isinstance(value, int | float) else "")
-        table.add_row(*cells)
+        table.add_row(*(Text(cell) for cell in cells))  # (a token "[/]" is no markup)
     return table
 
 
@@ -241,8 +242,19 @@ def _ms(value: Any) -> str:
     return f"{value:.1f} ms" if isinstance(value, int | float) else "unknown"
 
 
+#: What a terminal would act on rather than show (C0 and C1 controls but LF and tab, DEL) and
+#: the bidirectional overrides that reorder what is shown ("Trojan source"): a record's text is
+#: shown with these escaped, never obeyed.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with what a terminal would obey instead of show escaped (``\\x1b``, ``\\r``)."""
+    return _UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else "(none)"
+    return visible(value) if isinstance(value, str) else "(none)"
 
 
 def render_show(checked: Checked, inclusion: Inclusion, *, color: bool, ids: bool) -> list[Any]:
@@ -281,8 +293,8 @@ def render_show(checked: Checked, inclusion: Inclusion, *, color: bool, ids: boo
     if rec.get("retry_of"):
         rows.append(("retry of", str(rec["retry_of"])))
     for key, value in rows:
-        meta.add_row(key, Text(value))
-    out: list[Any] = [Rule(f"exchange {rec.get('event_id')}"), meta]
+        meta.add_row(key, Text(visible(value)))
+    out: list[Any] = [Rule(Text(visible(f"exchange {rec.get('event_id')}"))), meta]
     messages = context_messages(rec)
     if messages:
         out.append(Rule("what the model saw (request)", style="dim"))
@@ -292,7 +304,7 @@ def render_show(checked: Checked, inclusion: Inclusion, *, color: bool, ids: boo
         tokens = rec.get(f"{side}_tokens")
         count = "?" if tokens is None else str(len(tokens))
         source = rec.get(f"{side}_token_source")
-        out.append(Rule(f"{side}: {count} tokens, source {source}", style="dim"))
+        out.append(Rule(Text(visible(f"{side}: {count} tokens, source {source}")), style="dim"))
         out.append(Text.assemble(("text: ", "bold"), _text(rec.get(f"{side}_text"))))
         if ids and tokens:
             out.append(
@@ -321,7 +333,12 @@ def _content(value: Any) -> str:
 
 
 def context_messages(rec: dict[str, Any]) -> list[tuple[str, str]]:
-    """What the model was sent, as ``(role, text)``: chat messages, or system and prompt."""
+    """What the model was sent, as ``(role, text)``: chat messages, or system and prompt (as
+    shown: :func:`visible`)."""
+    return [(visible(role), visible(text)) for role, text in _context(rec)]
+
+
+def _context(rec: dict[str, Any]) -> list[tuple[str, str]]:
     body = rec.get("request_body")
     if not isinstance(body, dict):
         text = rec.get("input_text")
@@ -349,7 +366,7 @@ def context_messages(rec: dict[str, Any]) -> list[tuple[str, str]]:
 
 def render_session(session_id: str, turns: list[Checked]) -> list[Any]:
     """The renderables of ``tokentrail session``: each turn's context and reply, in order."""
-    out: list[Any] = [Rule(f"session {session_id}: {len(turns)} turns")]
+    out: list[Any] = [Rule(Text(visible(f"session {session_id}: {len(turns)} turns")))]
     seen: list[tuple[str, str]] = []
     replies: set[str] = set()
     for n, turn in enumerate(turns, 1):
@@ -358,9 +375,9 @@ def render_session(session_id: str, turns: list[Checked]) -> list[Any]:
             f"turn {n} · {rec.get('timestamp')} · {rec.get('model')} · {rec.get('api')}"
             f" · stop_reason {rec.get('stop_reason')} · {_ms(rec.get('request_duration_ms'))}"
         )
-        out.append(Rule(head, style="bold"))
-        out.append(Text(f"event {rec.get('event_id')} (log {turn.row.log_id}, seq"
-                        f" {turn.row.seq}), user {rec.get('user_id')}", style="dim"))  # fmt: skip
+        out.append(Rule(Text(visible(head)), style="bold"))
+        out.append(Text(visible(f"event {rec.get('event_id')} (log {turn.row.log_id}, seq"
+                        f" {turn.row.seq}), user {rec.get('user_id')}"), style="dim"))  # fmt: skip
         if not turn.ok:
             out.append(Text(f"FAIL: {turn.problem}", style="bold red"))
             continue
@@ -375,9 +392,10 @@ def render_session(session_id: str, turns: list[Checked]) -> list[Any]:
             out.append(line)
         reply = rec.get("output_text")
         out.append(Text.assemble(("reply: ", "bold"), _text(reply)))
+        shown = visible(reply) if isinstance(reply, str) else ""
         if isinstance(reply, str):
-            replies.add(reply)
-        seen = [*context, ("assistant", reply if isinstance(reply, str) else "")]
+            replies.add(shown)
+        seen = [*context, ("assistant", shown)]
     return out
 
 
