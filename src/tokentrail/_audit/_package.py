@@ -175,8 +175,15 @@ def _count(value: Any) -> str:
     return str(len(value)) if isinstance(value, list) else ""
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP, "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> str:
-    return "" if value is None else str(value)
+    """A readable cell; one a spreadsheet would run as a formula (a prompt is anyone's text)
+    starts with an apostrophe, which shows it as text (the exact record is in ``record``)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def csv_row(item: Item, contents: Mapping[str, Any] | None = None) -> list[str]:
