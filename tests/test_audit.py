@@ -737,12 +737,34 @@ class TestExport:
         result = run("export", "--ledger", small.root, "--public-key", small.pub,
                      "--key", small.key, "--user", "user-3", "--out", out)  # fmt: skip
         assert (2, "") == (result.exit_code, result.stdout), result.output
-        assert result.stderr == (
+        assert result.stderr.splitlines()[-1] == (
             f"tokentrail: error: log {log} has {left} records, fewer than its signed checkpoint"
             " of size 300: records were deleted, so an export could miss some (run tokentrail"
-            " verify)\n"
+            " verify)"
         )
         assert not out.exists()
+
+    def test_without_a_witness_state_it_says_so(self, small: Ledgers, tmp_path: Path) -> None:
+        """An export made with no witness state of verify cannot notice a log deleted before
+        it (an outside audit deleted one and got a package signed as complete): a warning, and
+        the package's signed README says so; with the verifier's state, it says what it was
+        checked against."""
+        out = tmp_path / "u3"
+        result = _export(small, out, "--user", "user-3")
+        assert "warning: no witness state of tokentrail verify" in result.stderr
+        assert "No witness state of" in (out / "README.txt").read_text()
+        state = tmp_path / "state"
+        checked = CliRunner().invoke(main, ["verify", "--ledger", str(small.root),
+                                            "--public-key", str(small.pub), "--state",
+                                            str(state)])  # fmt: skip
+        assert checked.exit_code == 0, checked.output
+        out2 = tmp_path / "u3-witnessed"
+        result = _export(small, out2, "--user", "user-3", "--state", state)
+        assert "witness" not in result.stderr
+        assert "against the 2 logs tokentrail verify had proved" in " ".join(
+            (out2 / "README.txt").read_text().split()
+        )
+        assert _verify(out2, "--public-key", small.pub).exit_code == 0
 
     @pytest.mark.parametrize("tamper", ["log gone", "rolled back"])
     def test_what_verify_proved_bounds_the_export(
@@ -1026,7 +1048,7 @@ class TestExport:
         answer of "no records" is an answer a DSAR needs, signed like any other."""
         out = tmp_path / f"nobody-{fmt}"
         result = _export(small, out, "--user", "nobody", "--format", fmt)
-        assert result.output.startswith("exported 0 records of user nobody")
+        assert result.stdout.startswith("exported 0 records of user nobody")
         result = _verify(out, "--public-key", small.pub)
         assert result.exit_code == 0, result.output
         assert result.output.startswith(f"verify-export OK: {out}: 0 records of user nobody")

@@ -526,6 +526,15 @@ def export_command(
                 " (pass --key to sign it)",
                 err=True,
             )
+    state = state_dir or default_state_dir()
+    witnessed = witnessed_sizes(ledger, state, verifiers)
+    if not witnessed:
+        click.echo(
+            f"tokentrail: warning: no witness state of tokentrail verify for {ledger} in"
+            f" {state} (pass --state, the verifier's): a log deleted or cut short before this"
+            " export would not be noticed; the package's README says so",
+            err=True,
+        )
     package = build_export(
         ledger,
         user,
@@ -535,7 +544,7 @@ def export_command(
         since=start,
         until=end,
         keystore=FileKeyStore(keystore) if keystore is not None else None,
-        witnessed=witnessed_sizes(ledger, state_dir or default_state_dir(), verifiers),
+        witnessed=witnessed,
     )
     if package.sealed and keystore is None and not without_sealed_content:
         raise ConfigError(

@@ -210,7 +210,7 @@ def build_export(
     }
     files[README] = readme(
         user, range_, len(records), fmt, signed=signer is not None,
-        sealed=len(sealed), opened=CONTENT in files,
+        sealed=len(sealed), opened=CONTENT in files, witnessed=len(witnessed or {}),
     ).encode()  # fmt: skip
     manifest: dict[str, Any] = {
         "format": EXPORT_FORMAT,
@@ -294,7 +294,7 @@ def _private_file(path: Path) -> BinaryIO:
 
 def readme(
     user: str, range_: dict[str, Any], count: int, fmt: str, *, signed: bool, sealed: int = 0,
-    opened: bool = False,
+    opened: bool = False, witnessed: int | None = None,
 ) -> str:  # fmt: skip
     """The package's README: what is inside and how to check it."""
     since = range_["since"] or "the beginning of the ledger"
@@ -328,6 +328,17 @@ def readme(
         if sealed
         else ""
     )
+    if witnessed:
+        witness_line = (
+            f"The ledger was checked\nagainst the {witnessed} logs tokentrail verify had proved"
+            " (its witness state): none was\ngone or shorter than verify had seen it."
+        )
+    else:
+        witness_line = (
+            "No witness state of\ntokentrail verify was found for this ledger when it was"
+            " exported, so a log deleted\nor cut short before the export would not have been"
+            " noticed."
+        )
     return f"""\
 tokentrail data-subject access export
 =====================================
@@ -372,5 +383,5 @@ What this proves, and what it does not
 --------------------------------------
 Each record is proven genuine and part of the append-only log the operator signed. That the
 package holds every record of the subject cannot be proven without showing other people's
-records; it is stated by the operator's signature over the manifest.
+records; it is stated by the operator's signature over the manifest. {witness_line}
 """
