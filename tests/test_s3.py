@@ -8,6 +8,7 @@ boto3 calls and ``hashlib``, never with the code under test.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -576,6 +577,35 @@ class TestTamper:
         report = self.verify(s3, url, signer)
         assert not report.ok
         assert any("delete marker" in line for line in findings_at(report, key))
+
+    def test_bytes_that_do_not_match_their_checksum(
+        self, s3: MotoS3, client: Any, shipped: Any, signer: Signer
+    ):
+        """An object whose bytes are not those its checksum was taken of (one byte changed on
+        the way in: AWS refuses such a PUT, moto and other S3-compatible stores keep it): a
+        finding on its key (exit 1), and the other objects still verified; it stopped the
+        run with exit 2, "could not run", before."""
+        url, segments = shipped
+        key = segments[1]
+        head = client.head_object(Bucket=url.bucket, Key=key)
+        body = client.get_object(Bucket=url.bucket, Key=key)["Body"].read()
+        client.delete_object(
+            Bucket=url.bucket, Key=key, VersionId=head["VersionId"], BypassGovernanceRetention=True
+        )
+        flipped = bytearray(body)
+        flipped[len(flipped) // 2] ^= 1
+        client.put_object(
+            Bucket=url.bucket,
+            Key=key,
+            Body=bytes(flipped),
+            ChecksumAlgorithm="SHA256",
+            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+            ObjectLockMode="GOVERNANCE",
+            ObjectLockRetainUntilDate=head["ObjectLockRetainUntilDate"],
+        )
+        report = self.verify(s3, url, signer)
+        assert not report.ok
+        assert any("do not match the checksum" in line for line in findings_at(report, key))
 
     def test_rehashed_forgery(self, s3: MotoS3, client: Any, shipped: Any, signer: Signer):
         """A re-hashed forged last segment, re-put at its key after a bypass delete, is caught."""

@@ -987,6 +987,16 @@ class TestPlainAPI:
             with pytest.raises(ConfigError, match=f"{name} .* holds a lone surrogate or a"):
                 recorder.exchange(model="m", **{name: value})
 
+    def test_an_event_id_used_already_is_refused(self, recorder: Recorder, root: Path) -> None:
+        """A caller's ``event_id`` this recorder stored a record under already: a ConfigError,
+        not a second record under it (a caller's retry, or a mistake)."""
+        chosen = "0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e"
+        recorder.record(model="m", event_id=chosen)
+        with pytest.raises(ConfigError, match="recorded already"):
+            recorder.record(model="m", event_id=chosen)
+        recorder.flush()
+        assert [chosen] == [r["event_id"] for r in read_records(root)]
+
     @pytest.mark.parametrize(
         ("fields", "complaint"),
         [
@@ -1027,16 +1037,6 @@ class TestPlainAPI:
         ],
         ids=repr,
     )
-    def test_an_event_id_used_already_is_refused(self, recorder: Recorder, root: Path) -> None:
-        """A caller's ``event_id`` this recorder stored a record under already: a ConfigError,
-        not a second record under it (a caller's retry, or a mistake)."""
-        chosen = "0b6e2c9e-6a5e-4f7e-9d0e-3f1a2b4c5d6e"
-        recorder.record(model="m", event_id=chosen)
-        with pytest.raises(ConfigError, match="recorded already"):
-            recorder.record(model="m", event_id=chosen)
-        recorder.flush()
-        assert [chosen] == [r["event_id"] for r in read_records(root)]
-
     def test_values_outside_the_spec_are_refused(
         self, recorder: Recorder, fields: dict[str, Any], complaint: str
     ) -> None:

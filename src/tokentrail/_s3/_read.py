@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import orjson
+from botocore.exceptions import FlexibleChecksumError  # type: ignore[import-untyped]
 
 from .._errors import ConfigError, StoreError
 from .._layout import checkpoint_name, is_log_id, iter_lines, list_logs, write_atomic
@@ -313,6 +314,25 @@ class _Mirror:
     # ------------------------------------------------------------------ one object
 
     def _fetch(self, version: _Version) -> None:
+        try:
+            self._fetch_checked(version)
+        except _ChecksumMismatch as exc:
+            parsed = parse_key(self.url, version.key)
+            where: dict[str, Any] = {}
+            if isinstance(parsed, SegmentKey):
+                where = {"log_id": parsed.log_id, "seq": parsed.first}
+            elif isinstance(parsed, CheckpointKey):
+                where = {"log_id": parsed.log_id}
+            elif isinstance(parsed, RecordKey):
+                where = {"event_id": parsed.event_id}
+            self.finding(
+                f"object's bytes do not match the checksum S3 holds for them (edited in the"
+                f" bucket, or corrupted on the way in); its records are not verified: {exc}",
+                version.key,
+                **where,
+            )
+
+    def _fetch_checked(self, version: _Version) -> None:
         parsed = parse_key(self.url, version.key)
         params: dict[str, Any] = {"Bucket": self.url.bucket, "Key": version.key}
         if version.version_id and version.version_id != "null":
@@ -396,6 +416,9 @@ class _Mirror:
                     size += len(chunk)
         except OSError as exc:
             raise StoreError(f"cannot write {tmp}: {exc.strerror}") from exc
+        except FlexibleChecksumError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _ChecksumMismatch(str(exc)) from exc
         except Exception as exc:
             raise map_error(exc, f"GetObject {self.url.uri(version.key)}") from exc
         os.replace(tmp, path)
@@ -471,6 +494,8 @@ class _Mirror:
         where: dict[str, Any] = {"event_id": rk.event_id}
         try:
             leaf = body.read()
+        except FlexibleChecksumError as exc:
+            raise _ChecksumMismatch(str(exc)) from exc
         except Exception as exc:
             raise map_error(exc, f"GetObject {self.url.uri(rk.key)}") from exc
         with self._lock:
@@ -551,6 +576,10 @@ class _Mirror:
 
 
 _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class _ChecksumMismatch(Exception):
+    """An object's body does not match the checksum S3 returned with it (botocore checks)."""
 
 
 def _seq_and_event_id(line: bytes) -> tuple[int | None, str | None]:
