@@ -312,6 +312,25 @@ class TestShip:
         assert count_all(url, s3, days_of(tmp_path, records)) == 40
         assert set(versions(client, bucket).values()) == {1}
 
+    def test_a_log_begun_again_under_its_id_is_refused(
+        self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
+    ):
+        """A ledger lost and begun again under the same log id (a rebuilt host keeps its name,
+        so its default log id): its records went into the locked bucket as a second history
+        of the log, with other segment keys, found only at a checkpoint key later. Refused
+        before anything is shipped, naming the log and the way out."""
+        url = S3Url(bucket, "again")
+        write_log(tmp_path / "first", signer, 40)
+        ship_once(tmp_path / "first", url, client_options=options(s3))
+        before = versions(client, bucket)
+        write_log(tmp_path / "second", signer, 12)
+        with pytest.raises(ConfigError, match=f"holds a checkpoint of 40 records of log {LOG_ID}"):
+            ship_once(tmp_path / "second", url, client_options=options(s3))
+        assert before == versions(client, bucket)
+        # The first ledger, and a longer one, ship on.
+        write_log(tmp_path / "first", signer, 5)
+        ship_once(tmp_path / "first", url, client_options=options(s3))
+
     def test_batched_objects_hold_the_local_bytes(
         self, s3: MotoS3, bucket: str, client: Any, tmp_path: Path, signer: Signer
     ):

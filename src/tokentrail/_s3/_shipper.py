@@ -264,9 +264,42 @@ class Shipper:
         return self.unshipped_bytes >= self.config.max_spool_bytes
 
     def check(self) -> None:
-        """Refuse a bucket without versioning and Object Lock (ConfigError naming the fix)."""
+        """Refuse a bucket without versioning and Object Lock (ConfigError naming the fix), and
+        a log the bucket holds more of than the local ledger (batched layout)."""
         check_bucket(self.client, self.config.url, probe=False)
+        if self.config.layout == "batched":
+            for log_id in self._log_ids():
+                self._check_continues(log_id)
         self._checked = True
+
+    def _check_continues(self, log_id: str) -> None:
+        """Refuse to ship a log whose local records are fewer than a checkpoint in the bucket
+        covers: a ledger lost and begun again under the same log id (a rebuilt host keeps its
+        name), or another writer's log. Its records would go into the locked bucket as a second
+        history of one log, which nobody can take out again (the local ledger is never
+        pruned, so a genuine one always holds at least what it shipped)."""
+        prefix = checkpoint_key(self.config.url, log_id, 0).rsplit("/", 1)[0] + "/"
+        shipped = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.config.url.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"].rsplit("/", 1)[1]
+                    if name.endswith(".checkpoint") and name[:-11].isdigit():
+                        shipped = max(shipped, int(name[:-11]))
+        except Exception as exc:
+            raise map_error(exc, f"ListObjectsV2 {self.config.url.uri(prefix)}") from exc
+        local = max(list_log(self.config.root, log_id).checkpoints, default=0)
+        if shipped > local:
+            raise ConfigError(
+                f"{self.config.url} holds a checkpoint of {shipped} records of log {log_id}, but"
+                f" the local ledger {self.config.root} has {local} sealed: a ledger lost and"
+                " begun again under the same log id, or another writer's log; its records would"
+                " go into the locked bucket as a second history of the log. Use another log id"
+                " (--log-id), or restore the ledger"
+            )
 
     def ship_once(self) -> ShipReport:
         """One pass over every log; raises the first error after trying every log."""
