@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import orjson
-from botocore.exceptions import FlexibleChecksumError  # type: ignore[import-untyped]
 
 from .._errors import ConfigError, StoreError
 from .._layout import checkpoint_name, is_log_id, iter_lines, list_logs, write_atomic
@@ -416,10 +415,10 @@ class _Mirror:
                     size += len(chunk)
         except OSError as exc:
             raise StoreError(f"cannot write {tmp}: {exc.strerror}") from exc
-        except FlexibleChecksumError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _ChecksumMismatch(str(exc)) from exc
         except Exception as exc:
+            if _checksum_error(exc):
+                tmp.unlink(missing_ok=True)
+                raise _ChecksumMismatch(str(exc)) from exc
             raise map_error(exc, f"GetObject {self.url.uri(version.key)}") from exc
         os.replace(tmp, path)
         if version.last_modified is not None:
@@ -494,9 +493,9 @@ class _Mirror:
         where: dict[str, Any] = {"event_id": rk.event_id}
         try:
             leaf = body.read()
-        except FlexibleChecksumError as exc:
-            raise _ChecksumMismatch(str(exc)) from exc
         except Exception as exc:
+            if _checksum_error(exc):
+                raise _ChecksumMismatch(str(exc)) from exc
             raise map_error(exc, f"GetObject {self.url.uri(rk.key)}") from exc
         with self._lock:
             self.result.objects += 1
@@ -580,6 +579,12 @@ _DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 class _ChecksumMismatch(Exception):
     """An object's body does not match the checksum S3 returned with it (botocore checks)."""
+
+
+def _checksum_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's ``FlexibleChecksumError`` (botocore, an optional
+    dependency, is imported only where S3 is used)."""
+    return type(exc).__name__ == "FlexibleChecksumError"
 
 
 def _seq_and_event_id(line: bytes) -> tuple[int | None, str | None]:
