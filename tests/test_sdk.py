@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -438,6 +439,32 @@ class TestOpenAI:
             "return_token_ids": True,
         }
         assert rec["input_token_source"] == "upstream-ids"
+
+    @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+    def test_a_body_the_library_cannot_encode_leaves_no_record(
+        self, sims: dict[str, str], recorder: Recorder, asynchronous: bool
+    ) -> None:
+        """A UUID in the body: the library's own TypeError, and no record (nothing was sent).
+        A datetime, which the library encodes its own way, is recorded as it was sent."""
+        url = sims["openai"] + "/v1"
+        cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        bare = cls(base_url=url, api_key="k", max_retries=0)
+        wrapped = audit(cls(base_url=url, api_key="k", max_retries=0), ledger=recorder)
+        at = datetime(2026, 1, 31, 12, 0, 1, 5)
+
+        def create(client: Any, metadata: dict[str, Any]) -> Any:
+            made = client.chat.completions.create(model=MODEL, messages=MSGS, metadata=metadata)
+            return asyncio.run(made) if asynchronous else made
+
+        with pytest.raises(TypeError) as unwrapped:
+            create(bare, {"id": uuid.uuid4()})
+        with pytest.raises(TypeError) as kept:
+            create(wrapped, {"id": uuid.uuid4()})
+        assert str(kept.value) == str(unwrapped.value)
+        create(wrapped, {"at": at})
+        recorder.flush()
+        (rec,) = read_records(recorder.writer.config.root)
+        assert rec["request_body"]["metadata"] == {"at": at.isoformat()}
 
     @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
     def test_a_stream_leaves_no_cycle(
@@ -1385,10 +1412,23 @@ class TestLazyCalls:
         '"done":true,"done_reason":"stop","prompt_eval_count":3,"eval_count":2}'
     )
 
+    @pytest.mark.parametrize("via", ["feed_raw", "feed_line"])
     @pytest.mark.parametrize(
-        "case", ["complete", "error line", "not json", "cut", "raised", "http 500", "whole body"]
+        "case",
+        [
+            "complete",
+            "error line",
+            "not json",
+            "cut",
+            "raised",
+            "http 500",
+            "whole body",
+            "string chunk",
+        ],
     )
-    def test_same_record(self, tmp_path: Path, signer: Signer, case: str) -> None:
+    def test_same_record(self, tmp_path: Path, signer: Signer, case: str, via: str) -> None:
+        """``via``: how each line is fed, as the tests here do or as the wrappers' streamed
+        readers do (one call a line). A parsed chunk that is a JSON string is not a line."""
         body = {"model": "m", "messages": MSGS, "stream": case != "whole body"}
         records = []
         for durability in ("strict", "async"):
@@ -1413,10 +1453,15 @@ class TestLazyCalls:
                 elif case == "not json":
                     lines += ["<html>oops</html>", self.FINAL]
                 call.status = 500 if case == "http 500" else 200
+                if case == "string chunk":
+                    call.feed("a JSON string")
                 for line in lines:
-                    call.feed_raw(line)
-                    ends.append(call.ended)
-                    if call.ended:
+                    if via == "feed_line":
+                        ends.append(call.feed_line(line))
+                    else:
+                        call.feed_raw(line)
+                        ends.append(call.ended)
+                    if ends[-1]:
                         call.record()
                 if case == "raised":
                     call.fail(RuntimeError("connection reset"))

@@ -93,8 +93,8 @@ class _SyncTap(_Tapped):
     def _begin(self, api: str, kwargs: dict[str, Any]) -> Call:
         call = self.auditor.begin(api, wire_copy(kwargs.get("json") or {}))
         d = self.digests
-        call.model_version = d.find(call.capture.model)
-        if d.due(call.capture.model) and d.done.is_set():
+        call.model_version = d.find(call.model)
+        if d.due(call.model) and d.done.is_set():
             with d.lock:
                 if d.done.is_set():
                     d.done.clear()
@@ -122,7 +122,7 @@ class _SyncTap(_Tapped):
             return
         if not d.done.is_set():
             d.done.wait(d.wait_left())
-        call.model_version = d.find(call.capture.model)
+        call.model_version = d.find(call.model)
 
     def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
         """A non-streamed request: audited paths are recorded before the body is returned."""
@@ -206,11 +206,9 @@ class _SyncStream(_Stream):
         assert self.resp is not None
         call = self.call
         for line in self.resp.iter_lines():
-            if line.strip():
-                call.feed_raw(line)
-                if call.ended:
-                    self.tap._version(call)
-                    call.record()
+            if line and not line.isspace() and call.feed_line(line):
+                self.tap._version(call)
+                call.record()
             yield line
 
     def __exit__(
@@ -247,8 +245,8 @@ class _AsyncTap(_Tapped):
     def _begin(self, api: str, kwargs: dict[str, Any]) -> Call:
         call = self.auditor.begin(api, wire_copy(kwargs.get("json") or {}))
         d = self.digests
-        call.model_version = d.find(call.capture.model)
-        if d.due(call.capture.model) and (d.task is None or d.task.done()):
+        call.model_version = d.find(call.model)
+        if d.due(call.model) and (d.task is None or d.task.done()):
             d.begin()
             d.task = asyncio.ensure_future(self._refresh())
         return call
@@ -273,7 +271,7 @@ class _AsyncTap(_Tapped):
         if task is not None and not task.done() and (left := d.wait_left()) > 0:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):  # as before
                 await asyncio.wait_for(asyncio.shield(task), left)
-        call.model_version = d.find(call.capture.model)
+        call.model_version = d.find(call.model)
 
     async def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
         """A non-streamed request: audited paths are recorded before the body is returned."""
@@ -339,11 +337,9 @@ class _AsyncStream(_Stream):
         assert self.resp is not None
         call = self.call
         async for line in self.resp.aiter_lines():
-            if line.strip():
-                call.feed_raw(line)
-                if call.ended:
-                    await self.tap._version(call)
-                    await call.arecord()
+            if line and not line.isspace() and call.feed_line(line):
+                await self.tap._version(call)
+                await call.arecord()
             yield line
 
     async def __aexit__(

@@ -133,11 +133,24 @@ def _request_failed(call: Call, exc: BaseException) -> bool:
             call.feed({"error": exc.body})
         call.note_error(exc.message)
         return True
-    if isinstance(exc, openai.APIConnectionError) and _not_sent(exc):
+    if (isinstance(exc, openai.APIConnectionError) and _not_sent(exc)) or _raised_building(exc):
         call.unsent()
-        return False  # refused, no route: nothing was sent
+        return False  # refused, no route, a body the library cannot encode: nothing was sent
     call.fail(exc)
     return True
+
+
+def _raised_building(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the library building the request (``_build_request``): a
+    body it cannot encode, say a UUID, which the request body's copy (:func:`_body`) lets by."""
+    if isinstance(exc, openai.OpenAIError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_build_request":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _Transparent:
