@@ -39,6 +39,7 @@ import asyncio
 import contextvars
 import copy
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -507,16 +508,23 @@ def _audited_stream(stream: Any, call: Call) -> Any:
 
 
 def _fed(reads: Iterator[bytes], call: Call) -> Iterator[bytes]:
-    """The body's reads, each kept for the record (:meth:`Call.feed_sse`) as it passes."""
+    """The body's reads, each kept for the record as it passes (:meth:`Call.feed_sse`,
+    inline: this runs once a read, on the caller's thread)."""
+    clock = time.perf_counter
     for data in reads:
-        call.feed_sse(data)
+        if not call.recorded:
+            call.pending.append(data)
+            call.times.append(clock())
         yield data
 
 
 async def _afed(reads: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
     """:func:`_fed` for an async body."""
+    clock = time.perf_counter
     async for data in reads:
-        call.feed_sse(data)
+        if not call.recorded:
+            call.pending.append(data)
+            call.times.append(clock())
         yield data
 
 
