@@ -563,6 +563,8 @@ class TestProve:
             "checkpoint-other-key",
             "format",
             "missing-field",
+            "log-id",
+            "log-id-not-text",
         ],
     )
     def test_edited_bundle(self, edit: str, bundle: Path, signer: Signer) -> None:
@@ -601,6 +603,10 @@ class TestProve:
             obj["checkpoint"] = Signer.generate("test-key").sign_note(body.encode()).decode()
         elif edit == "format":
             obj["format"] = "something-else/v1"
+        elif edit == "log-id":  # the bundle names another log than its record and checkpoint
+            obj["log_id"] = obj["log_id"] + "-other"
+        elif edit == "log-id-not-text":
+            obj["log_id"] = ["proxy"]
         else:
             del obj["proof"]
         assert json.loads(bundle.read_text()) != obj

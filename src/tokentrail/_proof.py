@@ -120,6 +120,9 @@ def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
         raise VerificationError(f"not a {BUNDLE_FORMAT} bundle")
     try:
         leaf = bundle["record"].encode("utf-8")
+        log_id = bundle["log_id"]
+        if type(log_id) is not str:
+            raise TypeError("log_id must be a string")
         index, size = bundle["index"], bundle["tree_size"]
         if not all(type(n) is int for n in (index, size)):  # not "5", 5.9 or true
             raise TypeError("index and tree_size must be integers")
@@ -129,8 +132,8 @@ def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
         raise VerificationError(f"malformed proof bundle: no {exc.args[0]!r} member") from exc
     except (AttributeError, TypeError, ValueError, binascii.Error) as exc:
         raise VerificationError(
-            "malformed proof bundle: record and checkpoint must be strings, index and"
-            " tree_size integers, proof a list of base64 hashes"
+            "malformed proof bundle: log_id, record and checkpoint must be strings, index"
+            " and tree_size integers, proof a list of base64 hashes"
         ) from exc
     text, _ = open_note(note, verifiers)
     checkpoint = Checkpoint.from_text(text)
@@ -142,8 +145,10 @@ def check_bundle(bundle: Any, verifiers: list[Verifier]) -> dict[str, Any]:
         raise VerificationError("the bundle's record is not JSON") from exc
     if not isinstance(record, dict):
         raise VerificationError("the bundle's record is not a JSON object")
-    if record.get("seq") != index or not checkpoint.origin.endswith(
-        "/" + str(record.get("log_id"))
+    if (
+        record.get("seq") != index
+        or record.get("log_id") != log_id
+        or not checkpoint.origin.endswith("/" + log_id)
     ):
         raise VerificationError("record's log and seq do not match the proof")
     verify_inclusion(index, size, leaf_hash(leaf), proof, checkpoint.root)
