@@ -814,11 +814,18 @@ class TestExport:
         assert "NOTE: verifier key taken from the package itself (not pinned)" in result.output
 
     def test_wrong_pinned_key_fails(self, user7: Path, tmp_path: Path) -> None:
-        """A package signed by another key fails under the pinned key."""
+        """A package signed by another key fails under the pinned key: the manifest, each
+        log's checkpoint, and each log's records once (not a line for each of 2,000)."""
         other = Signer.generate("someone-else").verifier.to_text()
         result = _verify(user7, "--public-key", other)
         assert result.exit_code == 1
         assert "no signature by a trusted key" in result.output
+        fails = [ln for ln in result.output.splitlines() if ln.startswith("FAIL: ")]
+        unproven = [ln for ln in fails if "no valid checkpoint of the log" in ln]
+        logs = {ln.split(" of log ")[1].split(" ")[0] for ln in unproven}
+        assert len(unproven) == len(logs) >= 1
+        assert sum(int(ln.split()[1]) for ln in unproven) == 2000
+        assert len(fails) < 10, fails
 
     def test_each_line_is_a_proof_bundle(self, big: Ledgers, user7: Path) -> None:
         """A records.jsonl line is a tokentrail.inclusion-proof/v1 bundle."""

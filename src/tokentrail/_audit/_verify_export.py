@@ -220,6 +220,7 @@ def verify_export(path: Path, pinned: list[Verifier] | None) -> ExportReport:
     items, read_problems = _read_items(fmt, files[data_name])
     report.problems.extend(read_problems)
     seen: set[str] = set()
+    unchecked: dict[str, list[str]] = {}  # log -> its records with no valid checkpoint
     lo, hi = _bound(rng.get("since")), _bound(rng.get("until"))
     for item in items:
         rec = item.parsed()
@@ -229,8 +230,8 @@ def verify_export(path: Path, pinned: list[Verifier] | None) -> ExportReport:
         if event in seen:
             fail(f"{name}: appears more than once")
         seen.add(event)
-        if cp_note is None:
-            fail(f"{name}: no valid checkpoint of its log in the package")
+        if cp_note is None:  # named once per log below, not once per record
+            unchecked.setdefault(item.log_id, []).append(name)
             continue
         try:
             check_bundle(item.bundle(cp_note), verifiers)
@@ -253,6 +254,12 @@ def verify_export(path: Path, pinned: list[Verifier] | None) -> ExportReport:
             sha256_hex(b"\x00" + item.record.encode("utf-8")),
         ):
             fail(f"{name}: differs from its manifest entry")
+    for log_id, names in sorted(unchecked.items()):
+        fail(
+            f"{len(names)} record{'s' if len(names) > 1 else ''} of log {log_id} (the first:"
+            f" {names[0]}): no valid checkpoint of the log in the package to prove"
+            f" {'them' if len(names) > 1 else 'it'} against"
+        )
     # 6. completeness against the manifest
     for event, entry in listed.items():
         if event not in seen:
