@@ -1398,6 +1398,13 @@ class TestDurability:
         assert len(proxy.records()) == 3
         cps = sorted((proxy.ledger / "logs" / proxy.log_id / "checkpoints").glob("*.checkpoint"))
         assert cps and cps[-1].name == f"{3:020d}.checkpoint"
+        # The operator is told the stop was seen, and what the log holds at the end.
+        deadline = time.monotonic() + 5
+        while not any("stopped;" in ln for ln in proxy.stderr) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said = "\n".join(proxy.stderr)
+        assert "tokentrail: SIGTERM received: stopping; 0 requests in flight" in said, said
+        assert f"tokentrail: stopped; log {proxy.log_id} holds 3 records, 3 sealed" in said, said
 
 
 async def test_a_slow_digest_lookup_holds_no_exchange_up(

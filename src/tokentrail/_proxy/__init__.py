@@ -336,10 +336,16 @@ async def running_proxy(
 async def serve(config: ProxyConfig, *, announce: bool = True) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def stopping(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping, sig)
     proxy = Proxy(config)
     await proxy.start()
     try:
@@ -359,7 +365,22 @@ async def serve(config: ProxyConfig, *, announce: bool = True) -> None:
             click.echo(f"tokentrail: listening on {proxy.url}", err=True)
         await stop.wait()
     finally:
+        writer = proxy.ledger.writer if proxy.ledger is not None else None
+        if announce and received:
+            running = len(proxy.app.in_flight) if proxy.app is not None else 0
+            click.echo(
+                f"tokentrail: {received[0].name} received: stopping; {running} request"
+                f"{'' if running == 1 else 's'} in flight (up to {config.shutdown_grace_s:g}s"
+                " to finish, then recorded as interrupted)",
+                err=True,
+            )
         await proxy.close()
+        if announce and writer is not None:
+            click.echo(
+                f"tokentrail: stopped; log {writer.config.log_id} holds {writer.size} records,"
+                f" {writer.signed_size} sealed",
+                err=True,
+            )
 
 
 def run(config: ProxyConfig) -> None:
