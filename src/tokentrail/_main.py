@@ -23,6 +23,20 @@ def terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def log_to_stderr() -> None:
+    """For the long-running commands (serve, ship): log lines on stderr with their time and
+    level, unless the program embedding them set up logging itself."""
+    import logging
+
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for chatty in ("botocore", "boto3", "urllib3", "aiohttp.access"):  # one line a request
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def run() -> None:
     """Load the command group and run it."""
     if threading.current_thread() is threading.main_thread():

@@ -33,6 +33,7 @@ from .._erasure import FileKeyStore, Sealer
 from .._errors import ConfigError, StoreError, TokentrailError
 from .._layout import iter_lines, list_log
 from .._ledger import AsyncLedger, LedgerConfig
+from .._main import log_to_stderr
 from .._metrics import Metrics
 from .._options import S3_ENDPOINT_ENV, FiniteFloatRange, retention_options
 from .._s3._bucket import DEFAULT_DAYS
@@ -216,7 +217,7 @@ class Proxy:
                 await asyncio.to_thread(shipper.stop, grace)
                 if shipper.running:
                     log.warning(
-                        "tokentrail: warning: S3 did not take the last records within %.0fs;"
+                        "S3 did not take the last records within %.0fs;"
                         " they are sealed in the local spool and ship at the next start (or"
                         " with tokentrail ship)",
                         grace,
@@ -235,7 +236,7 @@ class Proxy:
         except (TokentrailError, TimeoutError) as exc:
             reason = str(exc) or f"no answer in {S3_STARTUP_CHECK_S:.0f}s"
             log.warning(
-                "tokentrail: warning: cannot check %s yet (%s): serving, with records kept in"
+                "cannot check %s yet (%s): serving, with records kept in"
                 " the local spool; the shipper checks the bucket and ships once S3 answers",
                 self.config.s3_url,
                 reason,
@@ -290,7 +291,7 @@ def keyed_records(
                     if isinstance(record, dict):
                         yield record
         except StoreError as exc:  # verify names the damage; the proxy serves all the same
-            log.warning("tokentrail: warning: retries not linked past %s", exc)
+            log.warning("retries not linked past %s", exc)
 
 
 def _check_free(host: str, port: int, option: str) -> None:
@@ -664,6 +665,7 @@ def serve_command(ctx: click.Context, /, **options: Any) -> None:
     """
     try:
         config = build_config(options, ctx.meta.get("tokentrail.api_key_table"))
+        log_to_stderr()
         run(config)
     except TokentrailError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from .._errors import ConfigError, StoreError
+from .._main import log_to_stderr
 from .._options import S3_ENDPOINT_ENV, FiniteFloatRange, retention_options
 from .._paths import DEFAULT_LEDGER
 from ._bucket import DEFAULT_DAYS, Retention, init_bucket, read_status
@@ -192,12 +193,7 @@ def ship_command(
       tokentrail ship --once --layout per-record --s3 s3://audit-logs
     Each object is written once (If-None-Match), checksummed and locked; rerunning is safe.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        for chatty in ("botocore", "boto3", "urllib3"):  # "Found credentials in ...", each run
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    log_to_stderr()
     config = ShipperConfig(
         root=ledger,
         url=S3Url.parse(s3_url),
