@@ -8,6 +8,7 @@ goes through the real proxy (a subprocess) in front of the simulator, driven by 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import csv
 import hashlib
@@ -285,6 +286,48 @@ class TestSearch:
             result = search(small.root, index, Filters(**filters), None)
         assert expected == {h.row.event_id for h in result.hits}
         assert result.problems == []
+
+    @pytest.mark.parametrize(
+        ("key", "field", "filters"),
+        [
+            ("user", "user_id", []),
+            ("model", "model", ["--stop-reason", "length"]),
+            ("stop-reason", "stop_reason", ["--user", "user-3"]),
+            ("session", "session_id", ["--model", "qwen2.5:0.5b"]),
+            ("log", "log_id", []),
+            ("day", "timestamp", []),
+        ],
+    )
+    def test_count_by(self, small: Ledgers, key: str, field: str, filters: list[str]) -> None:
+        """--count-by gives the count of matching records of each value, most first, as a
+        scan of the ledger counts them."""
+        names = {"--stop-reason": "stop_reason", "--user": "user_id", "--model": "model"}
+        wanted = dict(zip([names[f] for f in filters[::2]], filters[1::2], strict=True))
+        scan = collections.Counter(
+            rec[field][:10] if key == "day" else rec[field]
+            for rec in records_of(small.root)
+            if all(rec[k] == v for k, v in wanted.items())
+        )
+        args = ("search", "--ledger", small.root, "--count-by", key, *filters)
+        result = run(*args, "--json")
+        assert result.exit_code == 0, result.output
+        rows = [orjson.loads(line) for line in result.stdout.splitlines()]
+        name = "day" if key == "day" else field
+        assert {r[name]: r["records"] for r in rows} == dict(scan)
+        assert [r["records"] for r in rows] == sorted(scan.values(), reverse=True)
+        table = run(*args)
+        assert table.exit_code == 0, table.output
+        assert table.stdout.splitlines()[-1] == (
+            f"{sum(scan.values()):,} records in {len(scan):,} group"
+            f"{'' if len(scan) == 1 else 's'} by {name}, counted from the search index (not"
+            " re-read: tokentrail verify checks the ledger)"
+        )
+
+    def test_count_by_refuses_text(self, small: Ledgers) -> None:
+        """--count-by with --text: one error line, exit 2 (the index holds no text)."""
+        result = run("search", "--ledger", small.root, "--count-by", "user", "--text", "x")
+        assert result.exit_code == 2
+        assert "--count-by counts the index's rows, which hold no text" in result.stderr
 
     def test_anonymous(self, tmp_path: Path, signer: Signer) -> None:
         """--anonymous finds the records with no user_id (null or empty), and only those;

@@ -329,8 +329,8 @@ def count(
     A quick count that reads no record: the stored lines of that day's segments (with --s3,
     the key names alone). It does not check what it counts; verify does that. The day is the
     one a segment was started on, not the records' own timestamps (a record given an earlier
-    time through the SDK counts on the day it was appended); to count by timestamp, use
-    search --since/--until --limit 0 --json.
+    time through the SDK counts on the day it was appended); to count by timestamp, and by
+    user, model or stop reason, use search --since/--until --count-by day (or user, …).
 
     \b
     Example:

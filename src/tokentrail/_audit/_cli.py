@@ -194,6 +194,17 @@ def _short(value: object, width: int = 40) -> Text:
     return Text(text if len(text) <= width else text[: width - 1] + "…")
 
 
+#: ``search --count-by`` keys: the record field each counts by, and its SQL over the index.
+COUNT_KEYS = {
+    "user": ("user_id", "r.user_id"),
+    "session": ("session_id", "r.session_id"),
+    "model": ("model", "r.model"),
+    "stop-reason": ("stop_reason", "r.stop_reason"),
+    "day": ("day", "strftime('%Y-%m-%d', r.ts / 1000000, 'unixepoch')"),
+    "log": ("log_id", "r.log_id"),
+}
+
+
 @click.command("search")
 @LEDGER_OPTION
 @click.option("--user", help="Only this user_id.")
@@ -215,6 +226,12 @@ def _short(value: object, width: int = 40) -> Text:
     show_default=True,
     help="Show at most this many records (0: all).",
 )
+@click.option(
+    "--count-by",
+    type=click.Choice(sorted(COUNT_KEYS)),
+    help="Show how many records match per user, model, … instead of the records (from the"
+    " index: not re-read; tokentrail verify checks the ledger).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--no-update", is_flag=True, help="Do not bring the index up to date first.")
 @KEYSTORE_OPTION
@@ -230,6 +247,7 @@ def search_command(
     stop_reason: str | None,
     text: str | None,
     limit: int,
+    count_by: str | None,
     as_json: bool,
     no_update: bool,
     keystore: Path | None,
@@ -250,9 +268,15 @@ def search_command(
       tokentrail search --user alice --since 2025-01-01
       tokentrail search --text "refund" --model llama3.2:1b --json
       tokentrail search --anonymous --since 2025-01-01
+      tokentrail search --since 2025-07-01 --until 2025-10-01 --count-by model
     """
     if anonymous and user is not None:
         raise ConfigError("--anonymous and --user exclude each other: give one")
+    if count_by is not None and text is not None:
+        raise ConfigError(
+            "--count-by counts the index's rows, which hold no text: it cannot apply --text"
+            " (search --text --limit 0 --json lists every match)"
+        )
     start, end = parse_range(since, until)
     filters = Filters(
         user=user,
@@ -264,6 +288,10 @@ def search_command(
         stop_reason=stop_reason,
         text=text,
     )
+    if count_by is not None:
+        with _open_index(ledger, update=not no_update) as index:
+            _show_counts(index, filters, count_by, as_json)
+        return
     verifiers = _optional_verifiers(public_keys)
     with _open_index(ledger, update=not no_update) as index:
         result = search(ledger, index, filters, limit or None)
@@ -311,6 +339,29 @@ def search_command(
             err=True,
         )
         sys.exit(EXIT_INVALID)
+
+
+def _show_counts(index: Index, filters: Filters, count_by: str, as_json: bool) -> None:
+    """``search --count-by``: matching records per value of one field, from the index."""
+    field_name, key_sql = COUNT_KEYS[count_by]
+    where, params = filters.sql()
+    counts = index.counts(key_sql, where, params)
+    total = sum(n for _, n in counts)
+    if as_json:
+        for value, n in counts:
+            click.echo(orjson.dumps({field_name: value, "records": n}).decode())
+        return
+    table = Table(show_lines=False)
+    table.add_column(field_name, overflow="fold")
+    table.add_column("records", justify="right")
+    for value, n in counts:
+        table.add_row(_short("(none)" if value is None else value, 90), f"{n:,}")
+    Console(highlight=False).print(table)
+    click.echo(
+        f"{total:,} records in {len(counts):,} group{'' if len(counts) == 1 else 's'} by"
+        f" {field_name}, counted from the search index (not re-read: tokentrail verify checks"
+        " the ledger)"
+    )
 
 
 def _prove_hits(

@@ -486,6 +486,18 @@ class Index:
         sql = "SELECT count(*) FROM records r" + (f" WHERE {where}" if where else "")
         return int(self.conn.execute(sql, params).fetchone()[0])
 
+    def counts(
+        self, key_sql: str, where: str = "", params: tuple[Any, ...] = ()
+    ) -> list[tuple[Any, int]]:
+        """(value of ``key_sql`` over ``records r``, how many rows) for the rows matching a
+        condition, the most rows first."""
+        sql = (
+            f"SELECT {key_sql} AS k, count(*) AS n FROM records r"
+            + (f" WHERE {where}" if where else "")
+            + " GROUP BY k ORDER BY n DESC, k"
+        )
+        return [(k, int(n)) for k, n in self.conn.execute(sql, params)]
+
     def by_event(self, event_id: str) -> list[Row]:
         """The rows with this event id (one, unless the ledger holds duplicates)."""
         return self.rows("r.event_id = ?", (event_id,), "ORDER BY r.log_id, r.seq")
