@@ -323,6 +323,34 @@ class TestSearch:
             " re-read: tokentrail verify checks the ledger)"
         )
 
+    def test_json_carries_what_an_auditor_reads(self, tmp_path: Path, signer: Signer) -> None:
+        """search --json gives the api, version, duration, token sources and counts, usage and
+        a retry's link, as the record holds them."""
+        root = tmp_path / "ledger"
+        with Ledger.open(LedgerConfig(root, "log-0", signer)) as ledger:
+            first = ledger.append(small_exchange(1))
+            extra = {"gen_ai.usage.input_tokens": 2, "gen_ai.usage.output_tokens": 2}
+            ledger.append(
+                replace(
+                    small_exchange(4),
+                    model_version="llama3.2:1b@sha256:abc",
+                    request_duration_ms=12.5,
+                    extra={**extra, "retry_of": first.event_id},
+                )
+            )
+        result = run("search", "--ledger", root, "--json", "--limit", "0")
+        assert result.exit_code == 0, result.output
+        one, two = (orjson.loads(line) for line in result.stdout.splitlines())
+        assert (one["retry_of"], two["retry_of"]) == (None, first.event_id)
+        assert two["model_version"] == "llama3.2:1b@sha256:abc"
+        assert (two["api"], two["request_duration_ms"]) == ("sdk", 12.5)
+        assert (two["input_token_source"], two["output_token_source"]) == (
+            "upstream-ids",
+            "upstream-pieces",
+        )
+        assert (two["input_tokens_count"], two["output_tokens_count"]) == (2, 2)
+        assert (two["usage_input_tokens"], two["usage_output_tokens"]) == (2, 2)
+
     def test_count_by_refuses_text(self, small: Ledgers) -> None:
         """--count-by with --text: one error line, exit 2 (the index holds no text)."""
         result = run("search", "--ledger", small.root, "--count-by", "user", "--text", "x")

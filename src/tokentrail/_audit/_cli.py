@@ -124,6 +124,11 @@ def index_command(ledger: Path, rebuild: bool) -> None:
     )
 
 
+def _count_of(tokens: object) -> int | None:
+    """How many tokens a record's token list holds (None when it has none)."""
+    return len(tokens) if isinstance(tokens, list) else None
+
+
 def _hit_json(hit: Checked, keystore: Path | None) -> dict[str, object]:
     rec = hit.record or {}
     found: dict[str, object] = {
@@ -132,7 +137,17 @@ def _hit_json(hit: Checked, keystore: Path | None) -> dict[str, object]:
         "user_id": rec.get("user_id"),
         "session_id": rec.get("session_id"),
         "model": rec.get("model"),
+        "model_version": rec.get("model_version"),
+        "api": rec.get("api"),
         "stop_reason": rec.get("stop_reason"),
+        "request_duration_ms": rec.get("request_duration_ms"),
+        "input_token_source": rec.get("input_token_source"),
+        "output_token_source": rec.get("output_token_source"),
+        "input_tokens_count": _count_of(rec.get("input_tokens")),
+        "output_tokens_count": _count_of(rec.get("output_tokens")),
+        "usage_input_tokens": rec.get("gen_ai.usage.input_tokens"),
+        "usage_output_tokens": rec.get("gen_ai.usage.output_tokens"),
+        "retry_of": rec.get("retry_of"),
         "log_id": hit.row.log_id,
         "seq": hit.row.seq,
         "input_text": rec.get("input_text"),
