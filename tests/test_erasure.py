@@ -445,6 +445,14 @@ def test_search_opens_sealed_content_with_the_keystore(tmp_path: Path) -> None:
     assert [("alice", None, True, None), ("bob", None, True, None)] == texts()
     table = runner.invoke(main, ["search", "--ledger", str(ledger), "--user", "bob", *keys])
     assert "bob asks something private" in table.output
+    # --text cannot look into sealed content: it says so rather than find nothing silently.
+    found = runner.invoke(main, ["search", "--ledger", str(ledger), "--text", "private", *keys])
+    assert 0 == found.exit_code, found.output
+    assert found.stderr.startswith(
+        "tokentrail: warning: log sdk seals records' content: --text searches only content"
+        " that is not sealed"
+    ), found.stderr
+    assert found.stdout.splitlines()[-1].startswith("0 records")
     when = forget(FileKeyStore(keystore), "alice", ledger)
     assert [
         ("alice", None, True, when),

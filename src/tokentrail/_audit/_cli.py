@@ -124,6 +124,20 @@ def index_command(ledger: Path, rebuild: bool) -> None:
     )
 
 
+def _sealing_logs(ledger: Path, index: Index) -> list[str]:
+    """The logs whose newest indexed record has its content sealed (``serve --keystore``)."""
+    newest = index.rows("r.seq = (SELECT max(seq) FROM records m WHERE m.log_id = r.log_id)")
+    reader = LeafReader(ledger)
+    try:
+        return sorted(
+            row.log_id
+            for row in newest
+            if (record := reader.check(row).record) is not None and record.get("content_sealed")
+        )
+    finally:
+        reader.close()
+
+
 def _count_of(tokens: object) -> int | None:
     """How many tokens a record's token list holds (None when it has none)."""
     return len(tokens) if isinstance(tokens, list) else None
@@ -309,6 +323,13 @@ def search_command(
         return
     verifiers = _optional_verifiers(public_keys)
     with _open_index(ledger, update=not no_update) as index:
+        if text is not None and (sealing := _sealing_logs(ledger, index)):
+            click.echo(
+                f"tokentrail: warning: log{'s' if len(sealing) > 1 else ''}"
+                f" {', '.join(sealing)} seal{'' if len(sealing) > 1 else 's'} records' content:"
+                " --text searches only content that is not sealed",
+                err=True,
+            )
         result = search(ledger, index, filters, limit or None)
         unproven = _prove_hits(ledger, index, result, verifiers)
     if as_json:
