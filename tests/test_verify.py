@@ -31,7 +31,7 @@ from tokentrail._checkpoint import Signer
 from tokentrail._cli import main
 from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._record import Exchange, rfc3339
-from tokentrail._verify import NO_LOG, Report, VerifyOptions, verify_local
+from tokentrail._verify import NO_LOG, Report, VerifyOptions, segment_bytes, verify_local
 
 LOG_ID = "test-log"
 N = 50
@@ -450,6 +450,17 @@ class TestFixture:
         assert N == report.logs[0].verified_size
         result = cli_verify(scene.root, scene.signer, tmp_path / "cli-state")
         assert 0 == result.exit_code, result.output
+
+    def test_progress_reaches_every_segment(self, scene: Scene, tmp_path: Path) -> None:
+        """The progress callback is given each segment's size: a full run and a daily one
+        (segments below the remembered state skipped) both add up to the segments' bytes."""
+        total = segment_bytes(scene.root)
+        assert total == sum(p.stat().st_size for p in segment_files(scene.root))
+        for _ in range(2):  # the second run starts from the state the first one left
+            steps: list[int] = []
+            report = run_verify(scene.root, scene.signer, tmp_path / "state", progress=steps.append)
+            assert report.ok, describe(report)
+            assert (len(steps), sum(steps)) == (len(segment_files(scene.root)), total)
 
 
 class TestTamperMatrix:

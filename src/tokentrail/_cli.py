@@ -6,11 +6,13 @@ stderr. Exit status: 0 success or a valid ledger, 1 an integrity violation, 2 co
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,7 +54,7 @@ from ._proof import build_bundle, check_bundle
 from ._proxy import serve_command
 from ._s3._cli import cost_command, s3_group, ship_command
 from ._sim import sim_command
-from ._verify import VerifyOptions, default_state_dir, verify_local
+from ._verify import VerifyOptions, default_state_dir, segment_bytes, verify_local
 
 
 def s3_options(func: Any) -> Any:
@@ -286,7 +288,8 @@ def verify(
             retention=Retention(retention_mode, retention_days),  # type: ignore[arg-type]
         )
     else:
-        report = verify_local(ledger, options)
+        with _progress_bar("verifying", segment_bytes(ledger) if ledger.is_dir() else 0) as step:
+            report = verify_local(ledger, dataclasses.replace(options, progress=step))
     # Done, its outcome noted in the state: a SIGTERM now would print "terminated" and exit 143
     # after (or instead of) the verdict, for a run that finished; let it print the verdict.
     if threading.current_thread() is threading.main_thread():
@@ -402,6 +405,22 @@ def prove(
         except OSError as exc:
             raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from exc
         click.echo(f"wrote inclusion proof of {event_id} to {out}", err=True)
+
+
+@contextlib.contextmanager
+def _progress_bar(what: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A transient progress bar in bytes on stderr, when stderr is a terminal (never in a cron
+    log) and there is something to read; yields its ``advance`` (or None)."""
+    if total <= 0 or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 @main.command("verify-proof")

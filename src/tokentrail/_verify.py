@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from itertools import zip_longest
@@ -122,6 +122,9 @@ class VerifyOptions:
     #: reads a temporary mirror and gives its ``s3://`` URL here, so that the next run finds
     #: what this one verified (a log deleted since is a finding).
     store: str | None = None
+    #: Called with each segment's size in bytes as the run reaches it, read or skipped (a
+    #: progress bar's advance; the CLI's total is the segments' sizes).
+    progress: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -531,6 +534,19 @@ def check_record(obj: Any, log_id: str) -> list[str]:
 # ---------------------------------------------------------------------- one log
 
 
+def _size(path: Path) -> int:
+    """A file's size in bytes (0 if it cannot be read: the reading names that)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def segment_bytes(root: Path) -> int:
+    """The bytes of every segment of every log under ``root`` (a progress bar's total)."""
+    return sum(_size(p) for p in root.glob("logs/*/segments/*/*.jsonl*"))
+
+
 def _read_lines(path: Path, failed: list[StoreError]) -> Iterator[tuple[int, bytes, bool]]:
     """:func:`iter_lines`, ending at an error reading the file (a zstd file cut short, say),
     which goes in ``failed`` for the caller to name the file."""
@@ -703,7 +719,10 @@ class _LogVerifier:
         since, until = self.options.since, self.options.until
         segments = self.listing.segments
         newest = max(self.checkpoints, default=0)
+        progress = self.options.progress
         for idx, seg in enumerate(segments):
+            if progress is not None:
+                progress(_size(seg.path))
             next_first = segments[idx + 1].first_seq if idx + 1 < len(segments) else None
             if start > 0 and next_first is not None and next_first <= start - 1:
                 continue
