@@ -47,6 +47,7 @@ from tokentrail._audit import (
 )
 from tokentrail._checkpoint import Signer
 from tokentrail._cli import _Main, main
+from tokentrail._layout import segment_bytes
 from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._merkle import MerkleLevels, inclusion_proof, leaf_hash
 from tokentrail._record import Exchange
@@ -196,6 +197,17 @@ class TestIndex:
         assert "indexed 600 new records (600 in all, 2 logs)" in result.output
         assert (small.root / "index" / "audit.sqlite3").exists()
         assert not list((small.root / "logs").rglob("*.sqlite3"))
+
+    def test_progress_adds_up_to_the_segments(self, small: Ledgers) -> None:
+        """An update's progress steps add up to the ledger's segment bytes, the first update
+        and a later one (what was indexed before given at once) alike."""
+        for more in (0, 10):
+            if more:
+                write_ledger(small.root, small.signer, more, logs=1, start=5000)
+            steps: list[int] = []
+            with Index.open(small.root) as index:
+                index.update(steps.append)
+            assert sum(steps) == segment_bytes(small.root)
 
     def test_incremental(self, small: Ledgers) -> None:
         """A second update reads only what was appended since."""

@@ -29,9 +29,10 @@ from click.testing import CliRunner
 
 from tokentrail._checkpoint import Signer
 from tokentrail._cli import main
+from tokentrail._layout import segment_bytes
 from tokentrail._ledger import Ledger, LedgerConfig
 from tokentrail._record import Exchange, rfc3339
-from tokentrail._verify import NO_LOG, Report, VerifyOptions, segment_bytes, verify_local
+from tokentrail._verify import NO_LOG, Report, VerifyOptions, verify_local
 
 LOG_ID = "test-log"
 N = 50

@@ -6,13 +6,12 @@ stderr. Exit status: 0 success or a valid ledger, 1 an integrity violation, 2 co
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,7 +31,7 @@ from ._audit import (
 )
 from ._checkpoint import Signer, propose_key_name
 from ._errors import ConfigError, KeyError_, StoreError, TokentrailError, VerificationError
-from ._layout import list_log, list_logs, read_bytes
+from ._layout import list_log, list_logs, read_bytes, segment_bytes
 from ._main import TERMINATED, Terminated, terminate
 from ._options import (
     EARLIEST,
@@ -44,6 +43,7 @@ from ._options import (
     S3_ENDPOINT_ENV,
     FiniteFloatRange,
     parse_range,
+    progress_bar,
     resolve_verifiers,
     retention_options,
     silence,
@@ -54,7 +54,7 @@ from ._proof import build_bundle, check_bundle
 from ._proxy import serve_command
 from ._s3._cli import cost_command, s3_group, ship_command
 from ._sim import sim_command
-from ._verify import VerifyOptions, default_state_dir, segment_bytes, verify_local
+from ._verify import VerifyOptions, default_state_dir, verify_local
 
 
 def s3_options(func: Any) -> Any:
@@ -288,7 +288,7 @@ def verify(
             retention=Retention(retention_mode, retention_days),  # type: ignore[arg-type]
         )
     else:
-        with _progress_bar("verifying", segment_bytes(ledger) if ledger.is_dir() else 0) as step:
+        with progress_bar("verifying", segment_bytes(ledger) if ledger.is_dir() else 0) as step:
             report = verify_local(ledger, dataclasses.replace(options, progress=step))
     # Done, its outcome noted in the state: a SIGTERM now would print "terminated" and exit 143
     # after (or instead of) the verdict, for a run that finished; let it print the verdict.
@@ -405,22 +405,6 @@ def prove(
         except OSError as exc:
             raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from exc
         click.echo(f"wrote inclusion proof of {event_id} to {out}", err=True)
-
-
-@contextlib.contextmanager
-def _progress_bar(what: str, total: int) -> Iterator[Callable[[int], None] | None]:
-    """A transient progress bar in bytes on stderr, when stderr is a terminal (never in a cron
-    log) and there is something to read; yields its ``advance`` (or None)."""
-    if total <= 0 or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    columns = ("{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 @main.command("verify-proof")

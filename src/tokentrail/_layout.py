@@ -283,3 +283,16 @@ def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def file_size(path: Path) -> int:
+    """A file's size in bytes (0 if it cannot be read: reading it names that)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def segment_bytes(root: Path) -> int:
+    """The bytes of every segment of every log under ``root`` (a progress bar's total)."""
+    return sum(file_size(p) for p in root.glob("logs/*/segments/*/*.jsonl*"))

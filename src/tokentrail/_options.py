@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -164,3 +164,19 @@ def parse_range(since: str | None, until: str | None) -> tuple[datetime | None, 
     if start is not None and end is not None and start >= end:
         raise ConfigError(f"--since {since} is not before --until {until}: the range is empty")
     return start, end
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A transient progress bar in bytes on stderr, when stderr is a terminal (never in a cron
+    log) and there is something to read; yields its ``advance`` (or None)."""
+    if total <= 0 or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -36,6 +36,7 @@ from ._errors import StoreError, TokentrailError, VerificationError
 from ._layout import (
     Listing,
     SegmentRef,
+    file_size,
     is_log_id,
     iter_lines,
     list_log,
@@ -534,19 +535,6 @@ def check_record(obj: Any, log_id: str) -> list[str]:
 # ---------------------------------------------------------------------- one log
 
 
-def _size(path: Path) -> int:
-    """A file's size in bytes (0 if it cannot be read: the reading names that)."""
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def segment_bytes(root: Path) -> int:
-    """The bytes of every segment of every log under ``root`` (a progress bar's total)."""
-    return sum(_size(p) for p in root.glob("logs/*/segments/*/*.jsonl*"))
-
-
 def _read_lines(path: Path, failed: list[StoreError]) -> Iterator[tuple[int, bytes, bool]]:
     """:func:`iter_lines`, ending at an error reading the file (a zstd file cut short, say),
     which goes in ``failed`` for the caller to name the file."""
@@ -722,7 +710,7 @@ class _LogVerifier:
         progress = self.options.progress
         for idx, seg in enumerate(segments):
             if progress is not None:
-                progress(_size(seg.path))
+                progress(file_size(seg.path))
             next_first = segments[idx + 1].first_seq if idx + 1 < len(segments) else None
             if start > 0 and next_first is not None and next_first <= start - 1:
                 continue

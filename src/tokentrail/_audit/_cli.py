@@ -20,12 +20,14 @@ from rich.text import Text
 from .._checkpoint import Signer, Verifier
 from .._erasure import FileKeyStore, open_record
 from .._errors import ConfigError, StoreError
+from .._layout import segment_bytes
 from .._options import (
     EVENT_ID_ARGUMENT,
     EXIT_INVALID,
     LEDGER_OPTION,
     PUBLIC_KEY_OPTION,
     parse_range,
+    progress_bar,
     resolve_verifiers,
 )
 from .._paths import default_signing_key
@@ -76,7 +78,8 @@ def _open_index(ledger: Path, *, update: bool = True) -> Index:
             err=True,
         )
     elif update:
-        stats = index.update()
+        with progress_bar("indexing", segment_bytes(ledger)) as step:
+            stats = index.update(step)
         for warning in stats.warnings:
             click.echo(f"tokentrail: warning: {warning}", err=True)
     elif index.count() == 0:
@@ -113,8 +116,11 @@ def index_command(ledger: Path, rebuild: bool) -> None:
       tokentrail index --ledger /var/lib/tokentrail
       tokentrail index --rebuild
     """
-    with Index.open(ledger, rebuild=rebuild) as index:
-        stats = index.update()
+    with (
+        Index.open(ledger, rebuild=rebuild) as index,
+        progress_bar("indexing", segment_bytes(ledger)) as step,
+    ):
+        stats = index.update(step)
     for warning in stats.warnings:
         click.echo(f"tokentrail: warning: {warning}", err=True)
     rate = stats.added / stats.seconds if stats.seconds > 0 else 0.0

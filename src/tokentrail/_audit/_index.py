@@ -25,7 +25,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from .._errors import StoreError, VerificationError
-from .._layout import SegmentRef, iter_lines, list_log, list_logs
+from .._layout import SegmentRef, file_size, iter_lines, list_log, list_logs
 from .._merkle import CompactRange, leaf_hash
 from .._record import ZERO_HASH
 
@@ -295,8 +295,12 @@ class Index:
 
     # ------------------------------------------------------------------ update
 
-    def update(self) -> UpdateStats:
-        """Index every complete line appended since the last update, in one transaction."""
+    def update(self, progress: Callable[[int], None] | None = None) -> UpdateStats:
+        """Index every complete line appended since the last update, in one transaction.
+
+        ``progress`` is given each segment's size in bytes as the update reaches it (those
+        indexed before at once): its total is :func:`segment_bytes` of the ledger.
+        """
         import time
 
         if self.read_only:
@@ -319,7 +323,7 @@ class Index:
             for log_id in list_logs(self.root):
                 stats.logs += 1
                 try:
-                    stats.added += self._update_log(log_id, stats)
+                    stats.added += self._update_log(log_id, stats, progress)
                 except _LogGone as exc:
                     stats.warnings.append(
                         f"log {log_id}: {exc}; the ledger changed under the index, re-indexing"
@@ -362,7 +366,9 @@ class Index:
             self._seg_ids[key] = found
         return found
 
-    def _update_log(self, log_id: str, stats: UpdateStats) -> int:
+    def _update_log(
+        self, log_id: str, stats: UpdateStats, progress: Callable[[int], None] | None = None
+    ) -> int:
         c = self.conn
         state = c.execute(
             "SELECT l.next_seq, s.date, s.first_seq, l.offset, l.last_leaf_hash"
@@ -382,7 +388,11 @@ class Index:
                 raise _LogGone(f"segment {date}/{first_seq:020d} is gone")
         added = 0
         seg_id, end = -1, offset
+        if progress is not None:
+            progress(sum(file_size(seg.path) for seg in segments[:start]))
         for seg in segments[start:]:
+            if progress is not None:
+                progress(file_size(seg.path))
             seg_id = self._segment_id(log_id, seg)
             begin = offset if (state is not None and seg is segments[start]) else 0
             rows: list[tuple[Any, ...]] = []
