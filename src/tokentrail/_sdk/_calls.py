@@ -27,15 +27,15 @@ from ._recorder import VIA_FIELD, VIA_SDK, Recorder
 #: The SDK's own provenance fields: which client library made the call.
 CLIENT_FIELD = "tokentrail.sdk.client"
 NOT_JSON = "upstream sent a body that is not JSON"
-# What may end an NDJSON exchange, found in a line's text without parsing it: a "done" key set to
-# true, or an "error" key. In JSON text a quote inside a string is escaped, so neither can come
-# from the text of an answer; a line with "done": false (every other ollama line) is not parsed.
 #: orjson options that make it refuse what a client library's encoder may write its own way.
 _PLAIN_ONLY = (
     orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
+# What may end an NDJSON exchange, found in a line's text without parsing it: a "done" key set to
+# true, or an "error" key. In JSON text a quote inside a string is escaped, so neither can come
+# from the text of an answer; a line with "done": false (every other ollama line) is not parsed.
 _MAY_END = re.compile(r'"done"\s*:\s*true|"error"')
 
 
@@ -48,7 +48,7 @@ def wire_copy(body: Any, dumps: Callable[[Any], bytes] | None = None) -> dict[st
     if dumps is not None:
         # orjson gives the same JSON for plain values at a fraction of the cost; the library's
         # own encoder for anything else (dates, models, subclasses) and for NaN and infinities,
-        # which orjson writes as null (so any null falls back).
+        # which orjson writes as null (so any "null" in its output falls back).
         try:
             raw = orjson.dumps(body, option=_PLAIN_ONLY)
         except TypeError:
