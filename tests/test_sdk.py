@@ -445,7 +445,8 @@ class TestOpenAI:
         self, sims: dict[str, str], recorder: Recorder, asynchronous: bool
     ) -> None:
         """A UUID in the body: the library's own TypeError, and no record (nothing was sent).
-        A datetime, which the library encodes its own way, is recorded as it was sent."""
+        A datetime, which the library encodes its own way (since openai 1.x's openapi_dumps;
+        1.40 refuses it too), is recorded as it was sent."""
         url = sims["openai"] + "/v1"
         cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
         bare = cls(base_url=url, api_key="k", max_retries=0)
@@ -453,7 +454,8 @@ class TestOpenAI:
         at = datetime(2026, 1, 31, 12, 0, 1, 5)
 
         def create(client: Any, metadata: dict[str, Any]) -> Any:
-            made = client.chat.completions.create(model=MODEL, messages=MSGS, metadata=metadata)
+            extra = {"metadata": metadata}  # (through extra_body: openai 1.40 has no metadata)
+            made = client.chat.completions.create(model=MODEL, messages=MSGS, extra_body=extra)
             return asyncio.run(made) if asynchronous else made
 
         with pytest.raises(TypeError) as unwrapped:
@@ -461,6 +463,14 @@ class TestOpenAI:
         with pytest.raises(TypeError) as kept:
             create(wrapped, {"id": uuid.uuid4()})
         assert str(kept.value) == str(unwrapped.value)
+        try:
+            create(bare, {"at": at})
+        except TypeError as refused:
+            with pytest.raises(TypeError, match=re.escape(str(refused))):
+                create(wrapped, {"at": at})
+            recorder.flush()
+            assert read_records(recorder.writer.config.root) == []
+            return
         create(wrapped, {"at": at})
         recorder.flush()
         (rec,) = read_records(recorder.writer.config.root)
