@@ -39,7 +39,6 @@ import asyncio
 import contextvars
 import copy
 import inspect
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -508,23 +507,16 @@ def _audited_stream(stream: Any, call: Call) -> Any:
 
 
 def _fed(reads: Iterator[bytes], call: Call) -> Iterator[bytes]:
-    """The body's reads, each kept for the record as it passes (:meth:`Call.feed_sse`,
-    inline: this runs once a read, on the caller's thread)."""
-    clock = time.perf_counter
+    """The body's reads, each kept for the record (:meth:`Call.feed_sse`) as it passes."""
     for data in reads:
-        if not call.recorded:
-            call.pending.append(data)
-            call.times.append(clock())
+        call.feed_sse(data)
         yield data
 
 
 async def _afed(reads: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
     """:func:`_fed` for an async body."""
-    clock = time.perf_counter
     async for data in reads:
-        if not call.recorded:
-            call.pending.append(data)
-            call.times.append(clock())
+        call.feed_sse(data)
         yield data
 
 
