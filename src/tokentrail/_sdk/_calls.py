@@ -99,11 +99,12 @@ class Auditor:
 
 
 class _Text:
-    """A chunk's JSON text, kept as received until a lazy call is built."""
+    """A whole body's JSON text (or a parsed chunk's, re-encoded), kept until a lazy call is
+    built (an NDJSON line is kept as its ``str``)."""
 
     __slots__ = ("raw",)
 
-    def __init__(self, raw: bytes | str) -> None:
+    def __init__(self, raw: bytes) -> None:
         self.raw = raw
 
 
@@ -243,16 +244,12 @@ class Call:
                 return
             self.feed(chunk)
             return
-        self.fed += 1
-        self.pending.append(_Text(raw))
-        self.times.append(time.perf_counter())
-        if self.last_seen or not isinstance(raw, str):  # a whole body: nothing follows it
+        if isinstance(raw, str):
+            self.feed_line(raw)
             return
-        if _MAY_END.search(raw) is not None:
-            try:
-                self.last_seen = self.capture.is_last(loads(raw))
-            except ValueError:
-                self.last_seen = True  # the replay notes it, and nothing after it counts
+        self.fed += 1
+        self.pending.append(_Text(raw))  # a whole body: nothing follows it
+        self.times.append(time.perf_counter())
 
     def feed_line(self, line: str) -> bool:
         """Take one NDJSON line (not blank) and say whether the exchange has ended: the
