@@ -288,7 +288,7 @@ def verify(
             retention=Retention(retention_mode, retention_days),  # type: ignore[arg-type]
         )
     else:
-        with progress_bar("verifying", segment_bytes(ledger) if ledger.is_dir() else 0) as step:
+        with progress_bar("verifying", segment_bytes(ledger)) as step:
             report = verify_local(ledger, dataclasses.replace(options, progress=step))
     # Done, its outcome noted in the state: a SIGTERM now would print "terminated" and exit 143
     # after (or instead of) the verdict, for a run that finished; let it print the verdict.

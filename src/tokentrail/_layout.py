@@ -12,6 +12,7 @@ by a crash to ``<root>/logs/<log_id>/torn/``. Verifiers need neither.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -285,14 +286,21 @@ def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     fsync_dir(path.parent)
 
 
-def file_size(path: Path) -> int:
-    """A file's size in bytes (0 if it cannot be read: reading it names that)."""
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+def segment_size(seg: SegmentRef) -> int:
+    """A segment's size in bytes, as stored (the plain file when present), or 0 when neither
+    file can be read (reading it names that)."""
+    for path in (seg.plain, seg.packed):
+        if path is not None:
+            with contextlib.suppress(OSError):
+                return path.stat().st_size
+    return 0
 
 
 def segment_bytes(root: Path) -> int:
-    """The bytes of every segment of every log under ``root`` (a progress bar's total)."""
-    return sum(file_size(p) for p in root.glob("logs/*/segments/*/*.jsonl*"))
+    """The bytes of every segment of every log of the ledger at ``root`` (0 when it is none):
+    a progress bar's total, whose steps are :func:`segment_size`."""
+    try:
+        logs = list_logs(root)
+    except StoreError:
+        return 0
+    return sum(segment_size(seg) for log_id in logs for seg in list_log(root, log_id).segments)

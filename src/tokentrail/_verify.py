@@ -36,12 +36,12 @@ from ._errors import StoreError, TokentrailError, VerificationError
 from ._layout import (
     Listing,
     SegmentRef,
-    file_size,
     is_log_id,
     iter_lines,
     list_log,
     log_folders,
     mtime,
+    segment_size,
     write_atomic,
 )
 from ._merkle import CompactRange, leaf_hash
@@ -710,7 +710,7 @@ class _LogVerifier:
         progress = self.options.progress
         for idx, seg in enumerate(segments):
             if progress is not None:
-                progress(file_size(seg.path))
+                progress(segment_size(seg))
             next_first = segments[idx + 1].first_seq if idx + 1 < len(segments) else None
             if start > 0 and next_first is not None and next_first <= start - 1:
                 continue

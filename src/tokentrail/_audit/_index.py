@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from .._errors import StoreError, VerificationError
-from .._layout import SegmentRef, file_size, iter_lines, list_log, list_logs
+from .._layout import SegmentRef, iter_lines, list_log, list_logs, segment_size
 from .._merkle import CompactRange, leaf_hash
 from .._record import ZERO_HASH
 
@@ -389,10 +389,10 @@ class Index:
         added = 0
         seg_id, end = -1, offset
         if progress is not None:
-            progress(sum(file_size(seg.path) for seg in segments[:start]))
+            progress(sum(segment_size(seg) for seg in segments[:start]))
         for seg in segments[start:]:
             if progress is not None:
-                progress(file_size(seg.path))
+                progress(segment_size(seg))
             seg_id = self._segment_id(log_id, seg)
             begin = offset if (state is not None and seg is segments[start]) else 0
             rows: list[tuple[Any, ...]] = []

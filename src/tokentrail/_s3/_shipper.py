@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import contextlib
 import hashlib
 import logging
 import random
@@ -51,7 +50,15 @@ import orjson
 import zstandard
 
 from .._errors import ConfigError, StoreError, TokentrailError
-from .._layout import SegmentRef, iter_lines, list_log, list_logs, log_dir, write_atomic
+from .._layout import (
+    SegmentRef,
+    iter_lines,
+    list_log,
+    list_logs,
+    log_dir,
+    segment_size,
+    write_atomic,
+)
 from .._ledger import OPEN_SEGMENT_FILE, writer_is_live
 from ._bucket import Retention, check_bucket
 from ._client import (
@@ -156,14 +163,6 @@ def _open_marker(log_folder: Path) -> str | None:
 
 def _seg_id(seg: SegmentRef) -> str:
     return f"{seg.date}/{seg.first_seq:020d}"
-
-
-def _seg_size(seg: SegmentRef) -> int:
-    for path in (seg.plain, seg.packed):
-        if path is not None:
-            with contextlib.suppress(OSError):
-                return path.stat().st_size
-    return 0
 
 
 def _segment_lines(seg: SegmentRef) -> Iterator[tuple[int, bytes, bool]]:
@@ -398,7 +397,7 @@ class Shipper:
         progress = _Progress.load(progress_path, self._target)
         listing = list_log(self.config.root, log_id)
         pending = [seg for seg in listing.segments if _seg_id(seg) not in progress.segments]
-        sizes = {_seg_id(seg): _seg_size(seg) for seg in pending}
+        sizes = {_seg_id(seg): segment_size(seg) for seg in pending}
         # Read the marker after the listing and the sizes: a segment with data that the marker
         # does not name now was closed before we looked, and never changes again.
         live = writer_is_live(folder)
@@ -647,7 +646,7 @@ class Shipper:
             progress = _Progress.load(folder / PROGRESS_FILE, self._target)
             for seg in list_log(self.config.root, log_id).segments:
                 if _seg_id(seg) not in progress.segments:
-                    total += _seg_size(seg)
+                    total += segment_size(seg)
         self.unshipped_bytes = total
         budget = self.config.max_spool_bytes
         if total >= budget:
